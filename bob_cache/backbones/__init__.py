@@ -1,0 +1,19 @@
+"""Backbones: the registry of the BoB field and the factory that builds them.
+
+This is the only package that constructs models (timm or torchvision).
+"""
+
+from bob_cache.backbones.backbone import Backbone, Output, WeightsChoice
+from bob_cache.backbones.factory import create_backbone, resolve_backbone_name
+from bob_cache.backbones.registry import BackboneEntry, get_backbone_entry, list_backbones
+
+__all__ = [
+    "Backbone",
+    "BackboneEntry",
+    "Output",
+    "WeightsChoice",
+    "create_backbone",
+    "get_backbone_entry",
+    "list_backbones",
+    "resolve_backbone_name",
+]

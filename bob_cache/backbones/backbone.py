@@ -1,0 +1,142 @@
+"""The Backbone: a frozen feature extractor with its identity and preprocessing.
+
+A Backbone maps a batch of preprocessed images to one ``(N, D)`` tensor per requested
+output (layer + pooling) in a single forward pass. Its :meth:`identity` and
+:attr:`data_config` are everything about the model that changes the numbers, and go into
+the feature key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from bob_cache.backbones.weights import WeightsFile
+
+
+@dataclass(frozen=True)
+class WeightsChoice:
+    """Where the parameters come from: the provider's pretrained tag, a file, or a seed."""
+
+    kind: str  # "pretrained" | "file" | "random"
+    file: WeightsFile | None = None
+    seed: int | None = None
+
+    def tag(self, pretrained_tag: str | None) -> str:
+        """Label for group paths: pretrained tag, ``file-<sha8>`` or ``random-s<seed>``."""
+        if self.kind == "file" and self.file is not None:
+            return self.file.tag
+        if self.kind == "random":
+            return f"random-s{self.seed}"
+        return pretrained_tag or "pretrained"
+
+    def identity(self, pretrained_tag: str | None) -> dict[str, Any]:
+        ident: dict[str, Any] = {"kind": self.kind, "tag": self.tag(pretrained_tag)}
+        if self.file is not None:
+            ident["sha256"] = self.file.sha256
+        if self.seed is not None:
+            ident["seed"] = self.seed
+        return ident
+
+    def describe(self, pretrained_tag: str | None) -> dict[str, Any]:
+        info = self.identity(pretrained_tag)
+        if self.file is not None:
+            info["file"] = self.file.path.as_posix()
+        return info
+
+
+@dataclass(frozen=True)
+class Output:
+    """One requested output: a layer and how it is pooled.
+
+    ``layer`` is ``final`` (the model's head, pre-logits) or a module name from the
+    model's feature info (``layer3``, ``blocks.11``); ``index`` is its position there.
+    """
+
+    layer: str
+    pool: str
+    index: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.layer if self.pool == "head" else f"{self.layer}:{self.pool}"
+
+
+class Backbone(nn.Module):
+    """Base class: subclasses implement :meth:`forward` for one provider."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        name: str,
+        provider: str,
+        arch: str,
+        pretrained_tag: str | None,
+        weights: WeightsChoice,
+        data_config: dict[str, Any],
+        outputs: list[Output],
+    ) -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.name = name
+        self.provider = provider
+        self.arch = arch
+        self.pretrained_tag = pretrained_tag
+        self.weights = weights
+        self.data_config = data_config
+        self.outputs = outputs
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    @property
+    def head(self) -> nn.Module | None:
+        """The classifier that maps the ``final`` output to logits, when the model has one."""
+        return None
+
+    @property
+    def slug(self) -> str:
+        """Filesystem-safe label of architecture and weights, e.g. ``resnet50.tv_in1k``."""
+        prefix = "" if self.provider == "timm" else f"{self.provider}-"
+        return f"{prefix}{self.arch}.{self.weights.tag(self.pretrained_tag)}"
+
+    def identity(self) -> dict[str, Any]:
+        """Everything about the model itself that changes the numbers."""
+        return {
+            "provider": self.provider,
+            "arch": self.arch,
+            "weights": self.weights.identity(self.pretrained_tag),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance: identity plus human-facing details."""
+        return {
+            "name": self.name,
+            "provider": self.provider,
+            "arch": self.arch,
+            "model": f"{self.arch}.{self.pretrained_tag}" if self.pretrained_tag else self.arch,
+            "weights": self.weights.describe(self.pretrained_tag),
+            "params": self.num_params(),
+        }
+
+    def num_params(self) -> int:
+        """Parameters of the feature extractor (the classifier head excluded)."""
+        head = {id(p) for p in self.head.parameters()} if self.head is not None else set()
+        return sum(p.numel() for p in self.model.parameters() if id(p) not in head)
+
+    def transform(self) -> Callable[[Any], torch.Tensor]:
+        """The evaluation transform (PIL image to normalized tensor) of :attr:`data_config`."""
+        from timm.data import create_transform
+
+        return create_transform(**self.data_config, is_training=False)
+
+    @torch.no_grad()
+    def output_dims(self, device: torch.device | str = "cpu") -> dict[str, int]:
+        """Feature dimension of each output, from one forward pass on a blank image."""
+        x = torch.zeros(1, *self.data_config["input_size"], device=device)
+        return {name: int(t.shape[-1]) for name, t in self(x).items()}

@@ -1,0 +1,121 @@
+"""``create_backbone``: the one place that turns a name and options into a Backbone."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from bob_cache.backbones.backbone import Backbone, WeightsChoice
+from bob_cache.backbones.pooling import POOL_CHOICES
+from bob_cache.backbones.registry import get_backbone_entry, list_backbones
+from bob_cache.backbones.timm_provider import TimmProvider
+from bob_cache.backbones.torchvision_provider import TorchvisionProvider
+from bob_cache.backbones.weights import parse_weights_file
+from bob_cache.errors import BackboneUnavailableError, SpecError, UnknownBackboneError, did_you_mean
+
+
+class Provider(Protocol):
+    """Something that builds backbones for a family of model names."""
+
+    name: str
+
+    def model_names(self) -> list[str]: ...
+
+    def has_model(self, model: str) -> bool: ...
+
+    def create(
+        self,
+        model: str,
+        *,
+        name: str,
+        weights: WeightsChoice,
+        layers: list[str],
+        pool: str,
+        image_size: int | None,
+    ) -> Backbone: ...
+
+
+_PROVIDERS: dict[str, Provider] = {}
+_PREFIXES: dict[str, str] = {}
+
+
+def register_provider(provider: Provider, *prefixes: str) -> None:
+    """Register ``provider``; names written ``prefix:model`` go to it."""
+    _PROVIDERS[provider.name] = provider
+    for prefix in (provider.name, *prefixes):
+        _PREFIXES[prefix] = provider.name
+
+
+register_provider(TimmProvider())
+register_provider(TorchvisionProvider(), "tv")
+
+
+def resolve_backbone_name(name: str) -> tuple[Provider, str]:
+    """Map a user-facing name to ``(provider, model id)``.
+
+    Registry names come first (``resnet50`` is BoB's torchvision-weights ResNet-50), then
+    ``provider:model`` names, then any timm ``arch`` or ``arch.tag``.
+    """
+    entry = get_backbone_entry(name)
+    if entry is not None:
+        if entry.model is None:
+            raise BackboneUnavailableError(
+                f"Backbone '{name}' ({entry.method}, {entry.family}) is in the BoB study but "
+                f"timm has no weights for it. Fix: convert its checkpoint to the matching timm "
+                f"architecture and run with --backbone ARCH --weights FILE."
+            )
+        return _PROVIDERS[entry.provider], entry.model
+    prefix, sep, model = name.partition(":")
+    provider = _PROVIDERS[_PREFIXES[prefix]] if sep and prefix in _PREFIXES else _PROVIDERS["timm"]
+    model = model if sep and prefix in _PREFIXES else name
+    if not provider.has_model(model):
+        pool = [e.name for e in list_backbones()] + provider.model_names()
+        hint = did_you_mean(model, pool) or did_you_mean(model.partition(".")[0], pool)
+        raise UnknownBackboneError(
+            f"Unknown backbone '{name}'.{hint} See `bob-cache backbones` for the BoB field; "
+            f"any {provider.name} model name (with an optional .tag) works too."
+        )
+    return provider, model
+
+
+def create_backbone(
+    name: str,
+    *,
+    weights: str | Path | None = None,
+    random_init: bool = False,
+    seed: int = 0,
+    layers: Sequence[str] = ("final",),
+    pool: str = "default",
+    image_size: int | None = None,
+) -> Backbone:
+    """Build a frozen, eval-mode backbone.
+
+    Args:
+        name: registry name (``resnet50``), timm name (``convnext_tiny.fb_in22k``) or
+            ``tv:<torchvision model>``.
+        weights: local ``.safetensors``/``.pth`` checkpoint (loaded with ``weights_only``).
+        random_init: skip pretrained weights; parameters are drawn with ``seed``.
+        seed: seed of the random initialization.
+        layers: ``final`` and/or intermediate layers (module names or indices).
+        pool: ``default`` (the model's own head), ``avg`` or ``token``.
+        image_size: square input size overriding the pretrained config.
+    """
+    if weights is not None and random_init:
+        raise SpecError("--weights and --random-init exclude each other; pass one of them.")
+    if pool not in POOL_CHOICES:
+        raise SpecError(f"Unknown pooling '{pool}'. Expected one of: {', '.join(POOL_CHOICES)}.")
+    if not layers:
+        raise SpecError("No layers requested. Pass --layers final (the default) or layer names.")
+    if image_size is not None and image_size < 16:
+        raise SpecError(f"--image-size {image_size} is too small; expected at least 16 pixels.")
+    provider, model = resolve_backbone_name(name)
+    if weights is not None:
+        choice = WeightsChoice("file", file=parse_weights_file(weights))
+    elif random_init:
+        choice = WeightsChoice("random", seed=seed)
+    else:
+        choice = WeightsChoice("pretrained")
+    return provider.create(
+        model, name=name, weights=choice, layers=list(layers), pool=pool, image_size=image_size
+    )

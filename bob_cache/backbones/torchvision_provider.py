@@ -1,0 +1,159 @@
+"""Backbones built by torchvision (``tv:resnet50``, ``tv:mobilenet_v2``).
+
+The final output is the input of the model's last ``nn.Linear`` (its pre-logits); other
+layers are graph nodes of ``torchvision.models.feature_extraction``, average-pooled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from bob_cache.backbones.backbone import Backbone, Output, WeightsChoice
+from bob_cache.backbones.pooling import get_pool
+from bob_cache.backbones.weights import fit_state_dict, load_state_dict
+from bob_cache.errors import BackboneUnavailableError, SpecError
+
+
+class TorchvisionBackbone(Backbone):
+    """A torchvision classifier with its last Linear layer split off as :attr:`head`."""
+
+    def __init__(self, model: nn.Module, *, head_name: str, **kwargs: Any) -> None:
+        from torchvision.models.feature_extraction import create_feature_extractor
+
+        super().__init__(model, **kwargs)
+        self._head = model.get_submodule(head_name)
+        _set_module(model, head_name, nn.Identity())
+        self._nodes = {o.name: o.layer for o in self.outputs if o.pool != "head"}
+        self._head_node = head_name
+        if self._nodes:
+            nodes = {**{layer: layer for layer in self._nodes.values()}, head_name: head_name}
+            self._extractor = create_feature_extractor(self.model, return_nodes=nodes)
+        for o in self.outputs:
+            if o.pool != "head":
+                get_pool(o.pool, has_class_token=False, model=self.arch)
+
+    @property
+    def head(self) -> nn.Module:
+        return self._head
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self._nodes:
+            return {"final": self.model(x)}
+        found = self._extractor(x)
+        out = {}
+        for o in self.outputs:
+            t = found[self._head_node if o.pool == "head" else o.layer]
+            out[o.name] = t if t.ndim == 2 else (t.flatten(2).mean(2) if t.ndim == 4 else t.mean(1))
+        return out
+
+
+class TorchvisionProvider:
+    """Builds :class:`TorchvisionBackbone` objects from ``torchvision.models``."""
+
+    name = "torchvision"
+
+    def model_names(self) -> list[str]:
+        from torchvision.models import list_models
+
+        return sorted(list_models(module=_classification()))
+
+    def has_model(self, model: str) -> bool:
+        return model in self.model_names()
+
+    def create(
+        self,
+        model: str,
+        *,
+        name: str,
+        weights: WeightsChoice,
+        layers: list[str],
+        pool: str,
+        image_size: int | None,
+    ) -> TorchvisionBackbone:
+        from torchvision.models import get_model, get_model_weights
+
+        default = get_model_weights(model).DEFAULT
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(weights.seed or 0)
+                net = get_model(model, weights=default if weights.kind == "pretrained" else None)
+        except Exception as exc:
+            raise BackboneUnavailableError(
+                f"Could not load torchvision's pretrained weights for '{model}' ({exc}). "
+                "Fix: run once with network access, or pass --weights FILE or --random-init."
+            ) from exc
+        head_name = _last_linear(net, model)
+        if weights.kind == "file" and weights.file is not None:
+            state = load_state_dict(weights.file)
+            fit_state_dict(net, state, name=f"tv:{model}", optional_prefixes=(head_name,))
+        return TorchvisionBackbone(
+            net,
+            head_name=head_name,
+            name=name,
+            provider=self.name,
+            arch=model,
+            pretrained_tag=default.name,
+            weights=weights,
+            data_config=_data_config(default, image_size),
+            outputs=_outputs(net, model, layers, pool),
+        )
+
+
+def _outputs(net: nn.Module, model: str, layers: list[str], pool: str) -> list[Output]:
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    outputs: list[Output] = []
+    nodes: list[str] | None = None
+    for layer in layers:
+        if layer == "final" and pool == "default":
+            out = Output("final", "head")
+        else:
+            nodes = nodes or get_graph_node_names(net.eval())[1]
+            if layer not in nodes:
+                raise SpecError(
+                    f"Unknown layer '{layer}' for 'tv:{model}'. torchvision backbones take "
+                    f"'final' (with --pool default) or graph node names, such as: "
+                    f"{', '.join(nodes[-6:-1])}."
+                )
+            out = Output(layer, "avg" if pool == "default" else pool)
+        if out not in outputs:
+            outputs.append(out)
+    return outputs
+
+
+def _data_config(weights: Any, image_size: int | None) -> dict[str, Any]:
+    tf = weights.transforms()
+    crop, resize = tf.crop_size[0], tf.resize_size[0]
+    size = image_size or crop
+    return {
+        "input_size": [3, size, size],
+        "interpolation": tf.interpolation.value,
+        "mean": [float(v) for v in tf.mean],
+        "std": [float(v) for v in tf.std],
+        "crop_pct": crop / resize,
+        "crop_mode": "center",
+    }
+
+
+def _last_linear(net: nn.Module, model: str) -> str:
+    names = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise BackboneUnavailableError(
+            f"torchvision model '{model}' has no Linear classifier to split off; "
+            "bob-cache supports torchvision classification models."
+        )
+    return names[-1]
+
+
+def _classification() -> Any:
+    import torchvision.models as models
+
+    return models
+
+
+def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)

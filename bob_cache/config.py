@@ -1,0 +1,93 @@
+"""Stage configurations: plain dataclasses built by the CLI or by Python callers.
+
+``parse_*`` helpers validate loose option strings once, at the boundary.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from bob_cache.errors import SpecError
+
+DEFAULT_STORE = "bob-store"
+
+
+@dataclass
+class ExtractConfig:
+    """Options of ``bob-cache extract`` (see ``bob-cache extract --help``)."""
+
+    data: str
+    backbone: str
+    store: str = DEFAULT_STORE
+    name: str | None = None
+    split: str = "all"
+    weights: str | None = None
+    random_init: bool = False
+    seed: int = 0
+    layers: tuple[str, ...] = ("final",)
+    pool: str = "default"
+    image_size: int | None = None
+    dtype: str = "float16"
+    precision: str = "auto"
+    device: str = "auto"
+    batch_size: int = 64
+    workers: int | None = None
+    limit: int | None = None
+    strict: bool = False
+    chunk_rows: int | None = None
+    shard_rows: int | None = None
+    compression: str = "zstd:3"
+    part: tuple[int, int] | None = None
+    overwrite: bool = False
+    quiet: bool = False
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    command: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise SpecError(f"--batch-size must be at least 1, got {self.batch_size}.")
+        if self.limit is not None and self.limit < 1:
+            raise SpecError(f"--limit must be at least 1, got {self.limit}.")
+        if self.workers is not None and self.workers < 0:
+            raise SpecError(f"--workers must be 0 or more, got {self.workers}.")
+        if self.part is not None and self.overwrite:
+            raise SpecError(
+                "--overwrite cannot be combined with --part: it would delete shards other "
+                "parts wrote. Overwrite once without --part, then run the parts."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_layers(text: str) -> tuple[str, ...]:
+    """``final,-2,layer3`` → ``('final', '-2', 'layer3')``."""
+    layers = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not layers:
+        raise SpecError(
+            "--layers is empty. Pass 'final' or a comma-separated list such as final,-2."
+        )
+    return layers
+
+
+def parse_part(text: str | None) -> tuple[int, int] | None:
+    """``K/N`` → ``(K, N)`` with ``0 <= K < N``."""
+    if text is None:
+        return None
+    k, sep, n = text.partition("/")
+    try:
+        part = (int(k), int(n))
+    except ValueError:
+        part = None
+    if not sep or part is None or not 0 <= part[0] < part[1]:
+        raise SpecError(f"--part '{text}' is not K/N with 0 <= K < N (e.g. --part 0/4).")
+    return part
+
+
+def resolve_workers(workers: int | None) -> int:
+    """Default loader processes: one per spare core, at most 8."""
+    if workers is not None:
+        return workers
+    return max(1, min(8, (os.cpu_count() or 2) - 1))

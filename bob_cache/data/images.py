@@ -1,0 +1,77 @@
+"""Image files and the torch Dataset that decodes them for extraction."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from bob_cache.data.source import DataSource, Sample
+
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".ppm",
+    ".bmp",
+    ".pgm",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".gif",
+)
+
+
+def is_image_file(path: str | Path) -> bool:
+    """True for a non-hidden file with a known image extension."""
+    name = os.path.basename(str(path))
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def open_image_file(path: str | Path) -> Image.Image:
+    """Decode an image file fully (truncated files raise) and convert it to RGB."""
+    with Image.open(path) as img:
+        img.load()
+        return img.convert("RGB")
+
+
+class ImageDataset(Dataset):
+    """Rows of one split: returns ``(image tensor, row index, error message)``.
+
+    An image that cannot be decoded yields a blank tensor and a non-empty error, so one bad
+    file never stops a run; the extraction stage records it as an invalid row.
+    """
+
+    def __init__(
+        self,
+        source: DataSource,
+        samples: Sequence[Sample],
+        transform: Callable[[Image.Image], torch.Tensor],
+        input_size: Sequence[int],
+    ) -> None:
+        self.source = source
+        self.samples = samples
+        self.transform = transform
+        self.input_size = tuple(input_size)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
+        try:
+            image = self.source.open_image(self.samples[index])
+            return self.transform(image), index, ""
+        except Exception as exc:  # any decode failure becomes a recorded invalid row
+            reason = f"{type(exc).__name__}: {exc}".strip()
+            return torch.zeros(self.input_size), index, reason or type(exc).__name__
+
+
+def collate_rows(batch: list[tuple[torch.Tensor, int, str]]) -> tuple[torch.Tensor, Any, list[str]]:
+    """Stack images; keep row indices as a tensor and errors as a list of strings."""
+    images, rows, errors = zip(*batch, strict=True)
+    return torch.stack(images), torch.as_tensor(rows), list(errors)

@@ -1,0 +1,111 @@
+"""CSV and JSON-lines manifests with ``path,label[,split][,id]`` columns.
+
+Relative paths resolve against the manifest's folder. Labels may be class names (mapped to
+sorted indices) or integers (kept); an empty label means unlabeled (-1). Without a ``split``
+column every row forms one split, ``train`` unless ``--split`` names another.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from bob_cache.data.folder import FolderSource
+from bob_cache.data.source import DEFAULT_SPLIT, Sample, register_source
+from bob_cache.errors import DataNotFoundError, ManifestError
+
+REQUIRED = ("path", "label")
+_SUFFIXES = (".csv", ".jsonl")
+
+
+class ManifestSource(FolderSource):
+    """Files listed by a manifest (decoded and fingerprinted like a folder)."""
+
+    kind = "manifest"
+
+
+def _is_manifest(spec: str) -> bool:
+    return spec.lower().endswith(_SUFFIXES)
+
+
+@register_source("manifest", _is_manifest)
+def load_manifest(spec: str, *, name: str | None = None, split: str = "all") -> ManifestSource:
+    """Read and validate a manifest; every listed file must exist."""
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise DataNotFoundError(
+            f"Manifest '{spec}' does not exist. Check the path passed to --data."
+        )
+    table = _read(path)
+    missing_cols = [c for c in REQUIRED if c not in table.columns]
+    if missing_cols:
+        raise ManifestError(
+            f"Manifest '{spec}' lacks column(s) {', '.join(missing_cols)}; it has "
+            f"{', '.join(map(str, table.columns)) or 'none'}. Expected path,label[,split][,id] "
+            "(label may be empty for unlabeled images)."
+        )
+    if table.empty:
+        raise ManifestError(f"Manifest '{spec}' has no rows. Add one row per image.")
+    base = path.resolve().parent
+    files = [str(base / p) if not os.path.isabs(p) else p for p in table["path"].astype(str)]
+    absent = [f for f in files if not os.path.isfile(f)]
+    if absent:
+        raise ManifestError(
+            f"{len(absent)} of {len(files)} files listed in '{spec}' do not exist, e.g. "
+            f"{', '.join(absent[:3])}. Relative paths resolve against the manifest's folder "
+            f"({base}); fix the paths or move the manifest."
+        )
+    labels, class_names = _labels(table["label"], spec)
+    ids = (
+        table["id"].astype(str).tolist()
+        if "id" in table.columns
+        else table["path"].astype(str).tolist()
+    )
+    duplicated = pd.Series(ids)[pd.Series(ids).duplicated()].tolist()
+    if duplicated:
+        raise ManifestError(
+            f"Manifest '{spec}' repeats ids, e.g. {', '.join(duplicated[:3])}. Each row needs a "
+            "unique id (or path, when there is no id column)."
+        )
+    default = DEFAULT_SPLIT if split == "all" else split
+    split_col = table["split"].fillna("").astype(str) if "split" in table.columns else None
+    splits: dict[str, list[Sample]] = {}
+    for i, (sid, label, file) in enumerate(zip(ids, labels, files, strict=True)):
+        row_split = split_col.iat[i] if split_col is not None else default
+        if not row_split:
+            raise ManifestError(
+                f"Row {i + 2} of '{spec}' has an empty split. Fill in train, val or test."
+            )
+        splits.setdefault(row_split, []).append(Sample(sid, label, file))
+    return ManifestSource(
+        name=name or path.stem, origin=str(path.resolve()), splits=splits, class_names=class_names
+    )
+
+
+def _read(path: Path) -> pd.DataFrame:
+    try:
+        if path.suffix.lower() == ".csv":
+            return pd.read_csv(path, dtype=str, keep_default_na=False)
+        return pd.read_json(path, lines=True, dtype=False)
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ManifestError(
+            f"Cannot parse manifest '{path}' ({str(exc).splitlines()[0]}). Expected a CSV with a "
+            "header row, or one JSON object per line."
+        ) from exc
+
+
+def _labels(column: pd.Series, spec: str) -> tuple[list[int], list[str]]:
+    text = column.map(lambda v: "" if v is None or (isinstance(v, float) and v != v) else str(v))
+    named = sorted({t for t in text if t})
+    if all(t.lstrip("-").isdigit() for t in named):
+        values = [int(t) if t else -1 for t in text]
+        if any(v < -1 for v in values):
+            raise ManifestError(
+                f"Manifest '{spec}' has negative labels; use -1 or empty for unlabeled."
+            )
+        top = max(values, default=-1)
+        return values, [str(i) for i in range(top + 1)]
+    index = {c: i for i, c in enumerate(named)}
+    return [index[t] if t else -1 for t in text], named

@@ -1,0 +1,118 @@
+"""Data sources: what ``--data`` can name, and the registry that parses it.
+
+A source lists its samples per split (id, label, location) and opens one image at a time;
+it never decodes images while listing. Kinds register with :func:`register_source` and
+:func:`parse_source` tries them in order.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from PIL import Image
+
+from bob_cache.errors import DataNotFoundError, DataSourceError, did_you_mean
+from bob_cache.hashing import stable_hash
+
+SPLIT_NAMES = ("train", "val", "test")
+DEFAULT_SPLIT = "train"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image: its id (relative path or manifest id), label (-1 unlabeled) and location."""
+
+    id: str
+    label: int
+    location: Any
+
+
+@dataclass
+class DataSource(ABC):
+    """A listed dataset: samples per split plus class names."""
+
+    name: str
+    origin: str
+    splits: dict[str, list[Sample]]
+    class_names: list[str] = field(default_factory=list)
+
+    kind: ClassVar[str] = "abstract"
+
+    @abstractmethod
+    def open_image(self, sample: Sample) -> Image.Image:
+        """Decode ``sample`` as an RGB image (raises on unreadable data)."""
+
+    def fingerprint_rows(self) -> list[Any]:
+        """Per-sample facts that identify the data (overridden to add file sizes)."""
+        return [(split, s.id, s.label) for split, rows in self.splits.items() for s in rows]
+
+    def fingerprint(self) -> str:
+        """Hash of the kind, class names and every split's rows."""
+        return stable_hash([self.kind, self.class_names, self.fingerprint_rows()], length=32)
+
+    def select(self, split: str) -> dict[str, list[Sample]]:
+        """The requested split (or every split for ``all``), checked to exist and be non-empty."""
+        if split == "all":
+            chosen = self.splits
+        elif split in self.splits:
+            chosen = {split: self.splits[split]}
+        else:
+            raise DataSourceError(
+                f"Split '{split}' is not in dataset '{self.name}'."
+                f"{did_you_mean(split, self.splits)} "
+                f"Available: {', '.join(self.splits)} (or --split all)."
+            )
+        if not any(chosen.values()):
+            raise DataSourceError(
+                f"Dataset '{self.name}' has no images in split(s) {list(chosen)}."
+            )
+        return chosen
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "origin": self.origin,
+            "fingerprint": self.fingerprint(),
+            "class_names": self.class_names,
+            "splits": {k: len(v) for k, v in self.splits.items()},
+        }
+
+
+SourceLoader = Callable[..., DataSource]
+_KINDS: list[tuple[str, Callable[[str], bool], SourceLoader]] = []
+
+
+def register_source(
+    kind: str, matches: Callable[[str], bool]
+) -> Callable[[SourceLoader], SourceLoader]:
+    """Decorator: register a loader for data specs that ``matches`` accepts."""
+
+    def wrap(loader: SourceLoader) -> SourceLoader:
+        _KINDS.append((kind, matches, loader))
+        return loader
+
+    return wrap
+
+
+def parse_source(spec: str, *, name: str | None = None, split: str = "all") -> DataSource:
+    """Turn a ``--data`` value into a listed :class:`DataSource`.
+
+    Args:
+        spec: a folder, a ``.csv``/``.jsonl`` manifest, or ``builtin:<name>``.
+        name: dataset name (defaults to the folder or manifest stem).
+        split: for a folder without split sub-folders, the split its images form.
+    """
+    from bob_cache.data import builtin, folder, manifest  # noqa: F401  (register kinds)
+
+    for _kind, matches, loader in _KINDS:
+        if matches(spec):
+            return loader(spec, name=name, split=split)
+    raise DataNotFoundError(
+        f"Data source '{spec}' does not exist. Expected a folder of images (class "
+        "sub-folders, optionally under train/ val/ test/), a .csv or .jsonl manifest with "
+        "path,label[,split] columns, or builtin:digits."
+    )

@@ -1,0 +1,95 @@
+"""The error hierarchy.
+
+Every error a user can cause derives from :class:`BobCacheError` and from the builtin
+it resembles, so ``except FileNotFoundError`` keeps working for library users while the
+CLI turns any ``BobCacheError`` into a one-paragraph message and exit code 1.
+Messages say what was expected, what came, and how to fix it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class BobCacheError(Exception):
+    """Base class of every user-facing bob-cache error."""
+
+
+class UnknownBackboneError(BobCacheError, KeyError):
+    """A backbone name that neither the registry nor timm knows."""
+
+    def __str__(self) -> str:  # KeyError would wrap the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class BackboneUnavailableError(BobCacheError, LookupError):
+    """A known backbone that cannot be built here (no timm weights, no network, ...)."""
+
+
+class WeightsError(BobCacheError, ValueError):
+    """A weights file that cannot be read or does not fit the architecture."""
+
+
+class SpecError(BobCacheError, ValueError):
+    """An option value that cannot be turned into a feature spec (pooling, layers, ...)."""
+
+
+class DataSourceError(BobCacheError, ValueError):
+    """A data source that exists but cannot be used as given."""
+
+
+class DataNotFoundError(BobCacheError, FileNotFoundError):
+    """A data folder, manifest or image file that does not exist."""
+
+
+class ManifestError(DataSourceError):
+    """A CSV/JSONL manifest with missing columns, bad rows or missing files."""
+
+
+class InvalidImageError(BobCacheError, ValueError):
+    """An image that cannot be decoded (raised only in ``--strict`` mode)."""
+
+
+class StoreError(BobCacheError, OSError):
+    """A feature store that cannot be opened, read or written."""
+
+
+class StoreNotFoundError(StoreError, FileNotFoundError):
+    """No feature store at the given location."""
+
+
+class StoreNotWritableError(StoreError, PermissionError):
+    """The store location exists but cannot be written to."""
+
+
+class StoreFullError(StoreError):
+    """The store ran out of space (or hit a file-size limit) during a write."""
+
+
+class FeatureSetNotFoundError(StoreError, KeyError):
+    """No feature set matches the requested group, key or filter."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class SpecMismatchError(StoreError, ValueError):
+    """An existing feature set was written with a different spec or layout."""
+
+
+class DeviceError(BobCacheError, RuntimeError):
+    """A requested device (or precision) that this machine does not have."""
+
+
+class FeatureOverflowError(BobCacheError, OverflowError):
+    """Feature values do not fit the storage dtype (would be stored as inf)."""
+
+
+def did_you_mean(name: str, candidates: Iterable[str], *, n: int = 3) -> str:
+    """Return ' Did you mean 'a', 'b'?' for close matches, or '' when there are none."""
+    matches = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.6)
+    if not matches:
+        return ""
+    quoted = ", ".join(f"'{m}'" for m in matches)
+    return f" Did you mean {quoted}?"

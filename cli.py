@@ -1,0 +1,308 @@
+"""The ``bob-cache`` command line: parse options, build a config, call a stage, print.
+
+Every command has ``--help`` with an example and ``--json`` where it prints results. Exit
+codes: 0 success, 1 user error (one-paragraph message, no traceback), 2 usage error,
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from bob_cache.errors import BobCacheError
+
+app = typer.Typer(
+    name="bob-cache",
+    help="Battle of the Backbones as a tool: extract backbone features once into a Zarr "
+    "store, then evaluate them anywhere.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+# Terminals get their own width; logs and pipes get wide, unwrapped tables.
+out = Console(width=None if sys.stdout.isatty() else 250)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 250)
+F = TypeVar("F", bound=Callable[..., Any])
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+StoreArg = Annotated[
+    str, typer.Argument(help="Store: a directory or an fsspec URL (s3://bucket/prefix).")
+]
+
+
+def user_errors(fn: F) -> F:
+    """Turn bob-cache errors into a message and exit 1; Ctrl-C into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BobCacheError as exc:
+            err.print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("Interrupted. Committed shards are kept; rerun the same command to resume.")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def print_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str], *, title: str | None = None
+) -> None:
+    table = Table(title=title, show_edge=False, header_style="bold")
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*("—" if row.get(c) is None else str(row.get(c)) for c in columns))
+    out.print(table)
+
+
+LISTING = ("group", "split", "backbone", "layer", "pool", "rows", "dim", "invalid", "complete")
+
+
+@app.command(epilog="Example: bob-cache extract --data builtin:digits --backbone resnet18")
+@user_errors
+def extract(
+    data: Annotated[
+        str, typer.Option(help="Image folder, .csv/.jsonl manifest, or builtin:digits.")
+    ],
+    backbone: Annotated[
+        str,
+        typer.Option(
+            help="Registry name (see `bob-cache backbones`), timm name, or tv:<torchvision model>."
+        ),
+    ],
+    store: Annotated[
+        str, typer.Option(envvar="BOB_CACHE_STORE", help="Feature store directory or fsspec URL.")
+    ] = "bob-store",
+    name: Annotated[
+        str | None, typer.Option(help="Dataset name (default: folder or manifest stem).")
+    ] = None,
+    split: Annotated[str, typer.Option(help="Split to extract, or 'all'.")] = "all",
+    weights: Annotated[
+        str | None,
+        typer.Option(help="Local .safetensors/.pth checkpoint (loaded with weights_only)."),
+    ] = None,
+    random_init: Annotated[
+        bool,
+        typer.Option("--random-init", help="Random weights drawn with --seed (a BoB baseline)."),
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed of --random-init.")] = 0,
+    layers: Annotated[
+        str,
+        typer.Option(
+            help="'final' and/or layer names or indices, comma-separated (e.g. final,-2)."
+        ),
+    ] = "final",
+    pool: Annotated[
+        str, typer.Option(help="default (the model's own head), avg or token.")
+    ] = "default",
+    image_size: Annotated[
+        int | None, typer.Option(help="Square input size (default: the model's pretrained config).")
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="Storage dtype: float16 or float32.")] = "float16",
+    precision: Annotated[
+        str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16.")
+    ] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Image-decoding processes (default: spare cores, at most 8; 0 decodes in-process)."
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="Only the first N images of each split.")
+    ] = None,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict", help="Stop at the first unreadable image instead of recording it."
+        ),
+    ] = False,
+    chunk_rows: Annotated[
+        int | None, typer.Option(help="Rows per inner chunk (default: shard rows / 8).")
+    ] = None,
+    shard_rows: Annotated[
+        int | None,
+        typer.Option(help="Rows per shard, the unit of commit and resume (default 4096)."),
+    ] = None,
+    compression: Annotated[
+        str, typer.Option(help="zstd[:level], blosc, lz4, gzip or none.")
+    ] = "zstd:3",
+    part: Annotated[
+        str | None,
+        typer.Option(
+            help="K/N: compute every N-th shard from K (N processes share one feature set)."
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Delete and recompute existing feature sets with this key."
+        ),
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a backbone over a dataset once and store its features (resumable)."""
+    from bob_cache.config import ExtractConfig, parse_layers, parse_part
+    from bob_cache.pipelines import get_stage
+
+    config = ExtractConfig(
+        data=data, backbone=backbone, store=store, name=name, split=split, weights=weights,
+        random_init=random_init, seed=seed, layers=parse_layers(layers), pool=pool,
+        image_size=image_size, dtype=dtype, precision=precision, device=device,
+        batch_size=batch_size, workers=workers, limit=limit, strict=strict,
+        chunk_rows=chunk_rows, shard_rows=shard_rows, compression=compression,
+        part=parse_part(part), overwrite=overwrite, quiet=quiet or as_json,
+        command=shlex.join(["bob-cache", *sys.argv[1:]]),
+    )  # fmt: skip
+    summary = get_stage("extract")(config)
+    if as_json:
+        print_json(summary.to_dict())
+        return
+    s = summary
+    out.print(
+        f"Extracted [bold]{s.dataset}[/] with [bold]{s.backbone}[/] on {s.device} ({s.precision}): "
+        f"{s.rows} rows, {s.rows_computed} computed ({s.images_per_second:.1f} img/s, "
+        f"{s.seconds:.1f} s), {s.shards_skipped} shard(s) already done, {s.invalid_rows} invalid.",
+        highlight=False,
+    )
+    for example in s.invalid_examples:
+        err.print(
+            f"  invalid: {example['split']}/{example['id']}: {example['reason']}", highlight=False
+        )
+    print_table(s.feature_sets, LISTING, title=f"store: {s.store}")
+
+
+@app.command(epilog="Example: bob-cache backbones --method DINO")
+@user_errors
+def backbones(
+    family: Annotated[str | None, typer.Option(help="Only this family (ResNet, ViT, ...).")] = None,
+    method: Annotated[
+        str | None, typer.Option(help="Only this pretraining method (supervised, DINO, CLIP, ...).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the Battle-of-the-Backbones field and its timm weights (any timm name works too)."""
+    from bob_cache.backbones import list_backbones
+
+    rows = [
+        e.to_dict()
+        for e in list_backbones()
+        if (family is None or e.family.lower() == family.lower())
+        and (method is None or e.method.lower() == method.lower())
+    ]
+    if as_json:
+        print_json(rows)
+        return
+    for row in rows:
+        row["params"] = f"{row['params'] / 1e6:.1f}M" if row["params"] else None
+        row["model"] = row["model"] or f"[dim]{row['note']}[/]"
+    print_table(rows, ("name", "family", "method", "data", "params", "feature_dim", "model"))
+
+
+@app.command(name="ls", epilog="Example: bob-cache ls ./bob-store --json")
+@user_errors
+def list_sets(store: StoreArg, as_json: JsonOpt = False) -> None:
+    """List the feature sets in a store."""
+    from bob_cache.stores import open_store
+
+    rows = open_store(store).list()
+    if as_json:
+        print_json(rows)
+    elif not rows:
+        out.print(f"Store '{store}' holds no feature sets yet.")
+    else:
+        print_table(rows, (*LISTING[:1], "dataset", *LISTING[1:]))
+
+
+@app.command(
+    epilog="Example: bob-cache info ./bob-store digits/train/resnet18.tv_in1k/3f2a9c1b7d4e"
+)
+@user_errors
+def info(
+    store: StoreArg,
+    group: Annotated[
+        str, typer.Argument(help="Group path, or a unique prefix of the feature key.")
+    ],
+    as_json: JsonOpt = False,
+) -> None:
+    """Print a feature set's full provenance."""
+    from bob_cache.stores import open_store
+
+    fs = open_store(store).get(group)
+    data = {"group": fs.path, **fs.info(), "attributes": fs.attrs}
+    if as_json:
+        print_json(data)
+        return
+    for k, v in fs.info().items():
+        out.print(f"[bold]{k}[/]: {v}", highlight=False)
+    out.print_json(json.dumps(fs.attrs, default=str))
+
+
+@app.command(epilog="Example: bob-cache verify ./bob-store --repair")
+@user_errors
+def verify(
+    store: StoreArg,
+    group: Annotated[
+        str | None, typer.Option(help="Only this feature set (group path or key prefix).")
+    ] = None,
+    repair: Annotated[
+        bool,
+        typer.Option("--repair", help="Un-commit damaged shards so `extract` recomputes them."),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Read every chunk of every feature set and report damage (exit 1 if any)."""
+    from bob_cache.stores import open_store, verify_store
+
+    reports = verify_store(
+        open_store(store, mode="a" if repair else "r"), group=group, repair=repair
+    )
+    damaged = [r for r in reports if not r.ok]
+    if as_json:
+        print_json([r.to_dict() for r in reports])
+    else:
+        for r in reports:
+            state = "ok" if r.ok else "[bold red]DAMAGED[/]"
+            done = "complete" if r.complete else f"incomplete ({r.committed}/{r.shards} shards)"
+            out.print(f"{state}  {r.group}  {r.rows} rows, {done}")
+            for problem in r.problems:
+                out.print(f"    {problem}", highlight=False)
+        if damaged:
+            fix = "`bob-cache verify --repair`, then the `extract` command `bob-cache info` shows"
+            hint = (
+                "repaired: rerun the same `bob-cache extract` command" if repair else f"run {fix}"
+            )
+            count = f"{len(damaged)} of {len(reports)} feature set(s) damaged"
+            err.print(f"{count}; {hint} to recompute them.")
+    if damaged:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

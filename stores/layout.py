@@ -1,0 +1,89 @@
+"""How a feature set is laid out: chunk and shard sizes along samples, and compression.
+
+Rows are chunked along the sample axis; ``shard_rows`` rows form one stored object (a
+shard), which is the unit of atomic writes, commits and resume. Features keep whole rows
+in each inner chunk so one row is never split across objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from zarr.codecs import BloscCodec, BloscShuffle, GzipCodec, ZstdCodec
+
+from bob_cache.errors import SpecError
+
+DEFAULT_SHARD_ROWS = 4096
+CHUNKS_PER_SHARD = 8
+DEFAULT_COMPRESSION = "zstd:3"
+
+_COMPRESSORS: dict[str, tuple[Callable[[int], Any], int]] = {
+    "zstd": (lambda level: ZstdCodec(level=level), 3),
+    "blosc": (
+        lambda level: BloscCodec(cname="zstd", clevel=level, shuffle=BloscShuffle.shuffle),
+        3,
+    ),
+    "lz4": (lambda level: BloscCodec(cname="lz4", clevel=level, shuffle=BloscShuffle.shuffle), 5),
+    "gzip": (lambda level: GzipCodec(level=level), 5),
+    "none": (lambda level: None, 0),
+}
+
+
+@dataclass(frozen=True)
+class StorageLayout:
+    """Chunking, sharding and compression of one feature set."""
+
+    chunk_rows: int
+    shard_rows: int
+    compression: str
+
+    def compressors(self) -> list[Any]:
+        name, level = parse_compression(self.compression)
+        codec = _COMPRESSORS[name][0](level)
+        return [codec] if codec is not None else []
+
+    def n_shards(self, n_rows: int) -> int:
+        return max(1, -(-n_rows // self.shard_rows))
+
+    def shard_bounds(self, shard: int, n_rows: int) -> tuple[int, int]:
+        start = shard * self.shard_rows
+        return start, min(start + self.shard_rows, n_rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_compression(text: str) -> tuple[str, int]:
+    """Parse ``name`` or ``name:level`` (``zstd:3``, ``lz4``, ``none``)."""
+    name, _, level = text.partition(":")
+    if name not in _COMPRESSORS:
+        raise SpecError(
+            f"Unknown compression '{text}'. Expected one of {', '.join(_COMPRESSORS)}, "
+            "optionally with a level (zstd:5)."
+        )
+    try:
+        return name, int(level) if level else _COMPRESSORS[name][1]
+    except ValueError:
+        raise SpecError(f"Compression level in '{text}' is not an integer (e.g. zstd:5).") from None
+
+
+def resolve_layout(
+    *,
+    chunk_rows: int | None = None,
+    shard_rows: int | None = None,
+    compression: str = DEFAULT_COMPRESSION,
+) -> StorageLayout:
+    """Fill in defaults and check that chunks tile shards exactly."""
+    shard = shard_rows or (chunk_rows * CHUNKS_PER_SHARD if chunk_rows else DEFAULT_SHARD_ROWS)
+    chunk = chunk_rows or max(1, shard // CHUNKS_PER_SHARD)
+    if chunk < 1 or shard < 1:
+        raise SpecError(f"--chunk-rows ({chunk}) and --shard-rows ({shard}) must be positive.")
+    if shard % chunk:
+        raise SpecError(
+            f"--shard-rows ({shard}) must be a multiple of --chunk-rows ({chunk}); for example "
+            f"--shard-rows {chunk * CHUNKS_PER_SHARD}."
+        )
+    name, level = parse_compression(compression)
+    return StorageLayout(chunk_rows=chunk, shard_rows=shard, compression=f"{name}:{level}")

@@ -1,0 +1,104 @@
+"""Where a store lives: local directory (the default), any fsspec URL, or a zarr Store.
+
+Loose inputs are converted once here; everything else receives a zarr ``Store``. OS errors
+from writes are translated into bob-cache errors that say how to recover.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from zarr.abc.store import Store
+from zarr.storage import FsspecStore, LocalStore
+
+from bob_cache.errors import StoreError, StoreFullError, StoreNotFoundError, StoreNotWritableError
+
+StoreLike = str | Path | Store
+
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST}
+
+
+def is_url(location: StoreLike) -> bool:
+    return isinstance(location, str) and "://" in location and not location.startswith("file://")
+
+
+def open_zarr_store(
+    location: StoreLike, *, mode: str = "r", storage_options: dict[str, Any] | None = None
+) -> Store:
+    """Return a zarr Store for ``location``.
+
+    Args:
+        location: local path, ``file://`` path, fsspec URL (``s3://bucket/prefix``,
+            ``memory://name``) or an existing zarr Store.
+        mode: ``r`` (must exist, read-only) or ``a`` (created if missing, must be writable).
+        storage_options: passed to fsspec for URLs (credentials, endpoint_url, ...).
+    """
+    if isinstance(location, Store):
+        return location
+    read_only = mode == "r"
+    if is_url(location):
+        try:
+            return FsspecStore.from_url(
+                location, storage_options=storage_options, read_only=read_only
+            )
+        except (ImportError, ValueError) as exc:
+            raise StoreError(
+                f"Cannot open store URL '{location}': {exc}. For s3:// install the s3 extra "
+                "(pip install 'bob-cache[s3]'); pass credentials via storage options or the "
+                "usual environment variables."
+            ) from exc
+    path = Path(str(location).removeprefix("file://")).expanduser()
+    if read_only:
+        if not path.is_dir():
+            raise StoreNotFoundError(
+                f"No feature store at '{location}'. Create one with `bob-cache extract --store "
+                f"{location} ...`, or check the path."
+            )
+    else:
+        _check_writable(path, location)
+    return LocalStore(path, read_only=read_only)
+
+
+def _check_writable(path: Path, location: StoreLike) -> None:
+    probe = path / f".bob-cache-write-test-{uuid.uuid4().hex}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StoreNotWritableError(
+            f"Store location '{location}' is not writable ({os.strerror(exc.errno or 0) or exc}). "
+            "Pass --store with a directory you can write to (it is created if missing), or "
+            "fix its permissions."
+        ) from exc
+
+
+@contextlib.contextmanager
+def translate_write_errors(location: str, what: str) -> Iterator[None]:
+    """Turn OS errors raised while writing ``what`` into errors that name the recovery."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, StoreError):
+            raise
+        code = exc.errno
+        if code in _FULL:
+            raise StoreFullError(
+                f"The store at '{location}' ran out of space while writing {what} "
+                f"({os.strerror(code)}). Everything committed before it is intact. Free some "
+                "space (or raise the quota), then rerun the same command: it resumes from the "
+                "first uncommitted shard."
+            ) from exc
+        if code in _DENIED:
+            raise StoreNotWritableError(
+                f"The store at '{location}' refused a write of {what} ({os.strerror(code)}). "
+                "Fix the permissions or pass a writable --store; rerun to resume."
+            ) from exc
+        raise StoreError(f"Writing {what} to the store at '{location}' failed: {exc}.") from exc

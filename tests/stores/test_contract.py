@@ -1,0 +1,258 @@
+"""The feature-store contract, run against every backend.
+
+Backends: a local directory (the default), zarr's in-memory store, an fsspec ``memory://``
+URL, and S3 through a real moto server on loopback. Each test states one promise the
+store makes to the stages and users that read it.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import xarray as xr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import MemoryStore
+
+from bob_cache.errors import FeatureOverflowError, FeatureSetNotFoundError, SpecMismatchError
+from bob_cache.stores import (
+    FeatureSetRequest,
+    FeatureStore,
+    open_store,
+    resolve_layout,
+    verify_store,
+)
+
+N, D = 10, 4
+LAYOUT = resolve_layout(chunk_rows=2, shard_rows=4)  # 3 shards: rows 0-3, 4-7, 8-9
+IDS = [f"img/{i:02d}.png" for i in range(N)]
+LABELS = np.arange(N) % 3
+
+
+@dataclass
+class Backend:
+    name: str
+    open: Callable[..., FeatureStore]
+
+
+@pytest.fixture(scope="module")
+def s3_server() -> Iterator[dict[str, Any]]:
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    boto3.client(
+        "s3",
+        endpoint_url=url,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    ).create_bucket(Bucket="bob")
+    yield {
+        "endpoint_url": url,
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"region_name": "us-east-1"},
+    }
+    server.stop()
+
+
+@pytest.fixture(params=["local", "memory-store", "memory-url", "s3"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    kind = request.param
+    if kind == "local":
+        return Backend(kind, lambda mode="a": open_store(tmp_path / "store", mode=mode))
+    if kind == "memory-store":
+        store = MemoryStore()
+        return Backend(kind, lambda mode="a": open_store(store, mode=mode))
+    if kind == "memory-url":
+        url = f"memory://bob-{uuid.uuid4().hex}"
+        return Backend(kind, lambda mode="a": open_store(url, mode=mode))
+    options = request.getfixturevalue("s3_server")
+    url = f"s3://bob/{uuid.uuid4().hex}"
+    return Backend(kind, lambda mode="a": open_store(url, mode=mode, storage_options=options))
+
+
+def request_for(
+    key: str = "k0", *, spec: dict[str, Any] | None = None, dim: int = D, dtype: str = "float16"
+) -> FeatureSetRequest:
+    return FeatureSetRequest(
+        path=f"toy/train/model.tag/{key}",
+        key=key,
+        spec=spec or {"layer": "final", "pool": "head", "dtype": dtype},
+        provenance={
+            "dataset": {"name": "toy", "class_names": ["a", "b", "c"]},
+            "split": "train",
+            "backbone": {"slug": "model.tag"},
+        },
+        n_rows=N,
+        dim=dim,
+        dtype=dtype,
+    )
+
+
+def create(store: FeatureStore, **kwargs: Any):
+    return store.require(request_for(**kwargs), LAYOUT, labels=LABELS, ids=IDS)
+
+
+def rows(shard: int) -> np.ndarray:
+    start, stop = LAYOUT.shard_bounds(shard, N)
+    return np.arange(start, stop, dtype=np.float32)[:, None] * np.ones((1, D), np.float32) + 0.5
+
+
+def test_new_feature_set_has_the_documented_arrays_and_attributes(backend: Backend) -> None:
+    fs = create(backend.open())
+    assert fs.features.shape == (N, D) and fs.features.dtype == np.float16
+    assert fs.features.metadata.dimension_names == ("sample", "feature")
+    assert fs.features.shards == (4, D) and fs.features.chunks == (2, D)
+    assert list(fs.array("ids")[:]) == IDS
+    assert fs.array("labels")[:].tolist() == LABELS.tolist()
+    assert fs.attrs["storage"] == {"chunk_rows": 2, "shard_rows": 4, "compression": "zstd:3"}
+    assert fs.attrs["bob_cache"]["format"] == 1 and fs.complete is False
+    assert fs.missing_shards() == [0, 1, 2]
+
+
+def test_shards_commit_one_by_one_and_a_reopened_store_resumes(backend: Backend) -> None:
+    fs = create(backend.open())
+    fs.write_shard(1, rows(1), [""] * 4)
+    again = create(backend.open())  # a new process reopening the same set
+    assert again.missing_shards() == [0, 2]
+    assert again.finalize() is False
+    again.write_shard(0, rows(0), [""] * 4)
+    again.write_shard(2, rows(2), [""] * 2)
+    assert again.finalize() is True
+    reread = backend.open(mode="r").get("k0")
+    assert reread.complete and reread.attrs["n_invalid"] == 0
+    np.testing.assert_array_equal(
+        reread.features[:], np.concatenate([rows(s) for s in range(3)]).astype(np.float16)
+    )
+
+
+def test_invalid_rows_are_nan_with_their_reason(backend: Backend) -> None:
+    fs = create(backend.open())
+    fs.write_shard(0, rows(0), ["", "OSError: image file is truncated", "", ""])
+    assert np.isnan(fs.features[1]).all() and np.isfinite(fs.features[0]).all()
+    assert fs.array("valid")[:4].tolist() == [True, False, True, True]
+    assert fs.invalid_rows() == [("img/01.png", "OSError: image file is truncated")]
+
+
+def test_overflowing_float16_is_refused_and_earlier_shards_survive(backend: Backend) -> None:
+    fs = create(backend.open())
+    fs.write_shard(0, rows(0), [""] * 4)
+    huge = rows(1)
+    huge[2, 1] = 1e6
+    with pytest.raises(
+        FeatureOverflowError, match=r"'img/06.png'.*float16's range.*--dtype float32"
+    ):
+        fs.write_shard(1, huge, [""] * 4)
+    assert fs.missing_shards() == [1, 2]
+    np.testing.assert_array_equal(fs.features[:4], rows(0).astype(np.float16))
+
+
+def test_float32_storage_keeps_large_values(backend: Backend) -> None:
+    fs = create(backend.open(), dtype="float32")
+    big = rows(0) * 1e6
+    fs.write_shard(0, big, [""] * 4)
+    np.testing.assert_array_equal(fs.features[:4], big)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [({"spec": {"layer": "other"}}, "spec.layer"), ({"dim": 8}, "dim")],
+)
+def test_a_different_spec_is_refused_and_nothing_changes(
+    backend: Backend, change: dict, field: str
+) -> None:
+    store = backend.open()
+    fs = create(store)
+    fs.write_shard(0, rows(0), [""] * 4)
+    with pytest.raises(SpecMismatchError, match=rf"{field}: stored .*--overwrite"):
+        create(store, **change)
+    assert create(store).missing_shards() == [1, 2]
+
+
+def test_a_different_layout_is_refused(backend: Backend) -> None:
+    store = backend.open()
+    create(store)
+    other = resolve_layout(chunk_rows=1, shard_rows=4)
+    with pytest.raises(SpecMismatchError, match="storage.chunk_rows: stored 2, requested 1"):
+        store.require(request_for(), other, labels=LABELS, ids=IDS)
+
+
+def test_overwrite_replaces_the_set(backend: Backend) -> None:
+    store = backend.open()
+    create(store).write_shard(0, rows(0), [""] * 4)
+    fresh = store.require(request_for(), LAYOUT, labels=LABELS, ids=IDS, overwrite=True)
+    assert fresh.missing_shards() == [0, 1, 2]
+
+
+def test_listing_and_lookup_by_path_or_key_prefix(backend: Backend) -> None:
+    store = backend.open()
+    create(store, key="abc111")
+    create(store, key="abc222")
+    listing = store.list()
+    assert [r["key"] for r in listing] == ["abc111", "abc222"]
+    assert set(listing[0]) >= {
+        "group",
+        "dataset",
+        "split",
+        "backbone",
+        "key",
+        "rows",
+        "dim",
+        "invalid",
+        "complete",
+    }
+    assert store.get("abc2").key == "abc222"
+    assert store.get("toy/train/model.tag/abc111").key == "abc111"
+    with pytest.raises(FeatureSetNotFoundError, match="matches several feature sets.*longer key"):
+        store.get("abc")
+    with pytest.raises(FeatureSetNotFoundError, match="matches no feature set.*holds: toy/train"):
+        store.get("zzz")
+
+
+def _chunk_key(fs: Any, array: str, shard: int) -> str:
+    suffix = f"c/{shard}/0" if array == "features" else f"c/{shard}"
+    return f"{fs.path}/{array}/{suffix}"
+
+
+def test_verify_finds_corrupt_and_missing_objects_and_repair_uncommits(backend: Backend) -> None:
+    store = backend.open()
+    fs = create(store)
+    for shard in range(3):
+        fs.write_shard(shard, rows(shard), [""] * (4 if shard < 2 else 2))
+    fs.finalize()
+    assert all(r.ok for r in verify_store(store))
+    zstore = store.store
+    sync(
+        zstore.set(
+            _chunk_key(fs, "features", 0), default_buffer_prototype().buffer.from_bytes(b"garbage")
+        )
+    )
+    sync(zstore.delete(_chunk_key(fs, "features", 2)))
+    (report,) = verify_store(backend.open(mode="r"))
+    assert report.damaged_shards == [0, 2]
+    assert "unreadable" in report.problems[0] and "missing or corrupt" in report.problems[1]
+    verify_store(backend.open(), repair=True)
+    reopened = backend.open().get("k0")
+    assert reopened.missing_shards() == [0, 2] and not reopened.complete
+
+
+def test_xarray_opens_a_feature_set(tmp_path: Path) -> None:
+    fs = create(open_store(tmp_path / "store", mode="a"))
+    fs.write_shard(0, rows(0), [""] * 4)
+    ds = xr.open_zarr(tmp_path / "store", group=fs.path, consolidated=False)
+    assert ds["features"].dims == ("sample", "feature")
+    assert ds["ids"].dims == ("sample",) and str(ds["ids"].values[3]) == "img/03.png"
+    assert ds.attrs["dataset"]["class_names"] == ["a", "b", "c"]
