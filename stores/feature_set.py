@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync
 
 from bob_cache.errors import FeatureOverflowError, SpecError, SpecMismatchError
 from bob_cache.hashing import canonical_json
@@ -215,11 +216,19 @@ class FeatureSet:
         return True
 
     def uncommit(self, shards: Sequence[int]) -> None:
-        """Clear commit markers so the next extraction recomputes ``shards``."""
-        with translate_write_errors(self.location, f"commit markers of '{self.path}'"):
+        """Forget ``shards`` so the next extraction recomputes them.
+
+        Their stored objects are deleted (zarr reads an existing shard before rewriting it,
+        so a corrupt one would block its own repair) and labels/ids are listed again.
+        """
+        with translate_write_errors(self.location, f"shards {list(shards)} of '{self.path}'"):
             for shard in shards:
                 self.group["shard_committed"][shard] = False
-            self._update_attrs(complete=False, n_invalid=None, completed=None)
+                for name in ("features", *_ROW_ARRAYS):
+                    arr = self.group[name]
+                    key = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
+                    sync(arr.store.delete(f"{arr.path}/{key}"))
+            self._update_attrs(complete=False, n_invalid=None, completed=None, rows_listed=False)
 
     def _update_attrs(self, **values: Any) -> None:
         self.group.attrs.update(values)

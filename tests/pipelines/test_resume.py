@@ -1,0 +1,159 @@
+"""Crash safety: SIGKILL mid-run, disk full mid-run; both resume to the uninterrupted result.
+
+These run the real CLI in subprocesses on the built-in digits with a tiny random-init model,
+small shards, and compare every array of the resumed store with an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bob_cache.stores import open_store
+
+ARGS = [
+    "extract", "--data", "builtin:digits", "--split", "train", "--backbone", "test_resnet",
+    "--random-init", "--image-size", "32", "--batch-size", "16", "--shard-rows", "64",
+    "--chunk-rows", "32", "--workers", "0", "--quiet",
+]  # fmt: skip
+N_ROWS, SHARD_ROWS = 1078, 64
+N_SHARDS = -(-N_ROWS // SHARD_ROWS)
+
+
+def cmd(store: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "bob_cache.cli", *ARGS, "--store", str(store), *extra]
+
+
+def committed(store: Path) -> int:
+    return len(list(store.glob("digits/train/*/*/shard_committed/c/*")))
+
+
+def assert_same_arrays(a: Path, b: Path) -> None:
+    (fa,), (fb,) = open_store(a).feature_sets(), open_store(b).feature_sets()
+    assert fa.path == fb.path and fa.complete and fb.complete
+    for name in ("features", "labels", "ids", "valid", "error"):
+        np.testing.assert_array_equal(fa.array(name)[:], fb.array(name)[:], err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run with the same options."""
+    store = tmp_path_factory.mktemp("reference") / "store"
+    subprocess.run(cmd(store), check=True, capture_output=True, timeout=300)
+    return store
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_recomputes_only_missing_shards(reference: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    proc = subprocess.Popen(cmd(store), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while committed(store) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    done = committed(store)
+    assert 3 <= done < N_SHARDS, f"killed too late ({done} of {N_SHARDS} shards committed)"
+
+    resumed = subprocess.run([*cmd(store), "--json"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout)
+    assert summary["shards_skipped"] == done
+    assert summary["rows_computed"] == N_ROWS - done * SHARD_ROWS  # the last shard is partial
+    assert_same_arrays(reference, store)
+
+
+def _namespaces_work() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs $d && umount $d"
+    try:
+        ok = subprocess.run(
+            ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", probe],
+            capture_output=True,
+            timeout=20,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return ok.returncode == 0
+
+
+def _disk_usage(path: Path) -> int:
+    return int(
+        subprocess.run(
+            ["du", "-sk", str(path)], capture_output=True, text=True, check=True
+        ).stdout.split()[0]
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not _namespaces_work(), reason="needs unprivileged user+mount namespaces (unshare)"
+)
+def test_disk_full_stops_cleanly_and_resumes_after_space_is_freed(
+    reference: Path, tmp_path: Path
+) -> None:
+    """A real ENOSPC: the store sits on a size-limited tmpfs in a private mount namespace."""
+    mount, after_full, final = tmp_path / "mnt", tmp_path / "after_full", tmp_path / "final"
+    mount.mkdir()
+    size_kb = max(64, _disk_usage(reference) // 2)
+    script = f"""
+        mount -t tmpfs -o size={size_kb}k tmpfs {mount}
+        {" ".join(cmd(mount / "store"))} > {tmp_path}/full.out 2> {tmp_path}/full.err
+        echo $? > {tmp_path}/full.rc
+        cp -a {mount}/store {after_full}
+        mount -o remount,size=64m {mount}
+        {" ".join(cmd(mount / "store", "--json"))} > {tmp_path}/resume.out 2> {tmp_path}/resume.err
+        echo $? > {tmp_path}/resume.rc
+        cp -a {mount}/store {final}
+    """
+    subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+        check=True,
+        timeout=600,
+    )
+    message = (tmp_path / "full.err").read_text()
+    assert (tmp_path / "full.rc").read_text().strip() == "1", message
+    assert "ran out of space" in message and "rerun the same command" in message
+    assert "Traceback" not in message
+    kept = committed(after_full)
+    assert 1 <= kept < N_SHARDS
+    assert (tmp_path / "resume.rc").read_text().strip() == "0", (
+        tmp_path / "resume.err"
+    ).read_text()
+    assert json.loads((tmp_path / "resume.out").read_text())["shards_skipped"] == kept
+    assert_same_arrays(reference, final)
+
+
+@pytest.mark.slow
+def test_write_failure_from_a_file_size_limit_stops_cleanly_and_resumes(
+    reference: Path, tmp_path: Path
+) -> None:
+    """The same recovery without namespaces: a file-size rlimit fails shard writes (EFBIG)."""
+    store = tmp_path / "store"
+    metadata = max(p.stat().st_size for p in reference.rglob("zarr.json"))
+    shards = min(p.stat().st_size for p in reference.rglob("features/c/*/*"))
+    limit = metadata + 1024  # every metadata file fits, no feature shard does
+    assert limit < shards
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    failed = subprocess.run(
+        cmd(store), capture_output=True, text=True, timeout=300, preexec_fn=small_files
+    )
+    assert failed.returncode == 1, failed.stderr
+    assert "ran out of space" in failed.stderr and "Traceback" not in failed.stderr
+    assert committed(store) == 0
+    resumed = subprocess.run(cmd(store), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_arrays(reference, store)
