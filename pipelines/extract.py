@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from bob_cache.backbones import Backbone, create_backbone
+from bob_cache.backbones import Backbone, Output, create_backbone
 from bob_cache.config import ExtractConfig, resolve_workers
 from bob_cache.data import DataSource, ImageDataset, Sample, collate_rows, parse_source
 from bob_cache.device import autocast, resolve_device, resolve_precision
@@ -79,39 +79,177 @@ class ExtractSummary:
 def extract(config: ExtractConfig) -> ExtractSummary:
     """Run one extraction described by ``config``; returns its summary."""
     started = time.perf_counter()
-    source = parse_source(config.data, name=config.name, split=config.split)
-    splits = {s: rows[: config.limit] for s, rows in source.select(config.split).items()}
-    device = resolve_device(config.device)
-    precision = resolve_precision(config.precision, device)
-    layout = resolve_layout(
-        chunk_rows=config.chunk_rows, shard_rows=config.shard_rows, compression=config.compression
-    )
-    store = open_store(config.store, mode="a", storage_options=config.storage_options or None)
-    backbone = _load_backbone(config, device)
-    dims = backbone.output_dims(device)
-    plans = [
-        _plan_split(store, source, split, samples, backbone, dims, layout, precision, config)
-        for split, samples in splits.items()
-    ]
-    summary = ExtractSummary(store.location, source.name, backbone.slug, str(device), precision)
-    summary.rows = sum(len(p.samples) for p in plans)
-    summary.shards_skipped = sum(p.shards_skipped for p in plans)
-    loop_started = time.perf_counter()
-    with progress_bar(
-        sum(_rows_in(p, layout) for p in plans),
-        desc=f"{source.name} {backbone.slug}",
-        quiet=config.quiet,
-    ) as bar:
-        for plan in plans:
-            summary.rows_computed += _run_split(
-                plan, source, backbone, device, precision, config, bar
-            )
-            summary.shards_computed += len(plan.shards)
-    summary.seconds = time.perf_counter() - loop_started
-    summary.images_per_second = summary.rows_computed / summary.seconds if summary.seconds else 0.0
-    _finish(plans, summary)
+    run = Extraction.prepare(config)
+    summary = run.execute()
     summary.total_seconds = time.perf_counter() - started
     return summary
+
+
+@dataclass
+class Extraction:
+    """One extraction run: the resolved inputs every step needs."""
+
+    config: ExtractConfig
+    source: DataSource
+    dataset: dict[str, Any]
+    device: torch.device
+    precision: str
+    layout: StorageLayout
+    store: FeatureStore
+    backbone: Backbone
+
+    @classmethod
+    def prepare(cls, config: ExtractConfig) -> Extraction:
+        """Resolve inputs cheapest first: bad data or store fail before a model loads."""
+        source = parse_source(config.data, name=config.name, split=config.split)
+        source.select(config.split)
+        device = resolve_device(config.device)
+        layout = resolve_layout(
+            chunk_rows=config.chunk_rows,
+            shard_rows=config.shard_rows,
+            compression=config.compression,
+        )
+        store = open_store(config.store, mode="a", storage_options=config.storage_options or None)
+        dataset = {k: v for k, v in source.describe().items() if k != "splits"}
+        return cls(
+            config=config,
+            source=source,
+            dataset={**dataset, "limit": config.limit},
+            device=device,
+            precision=resolve_precision(config.precision, device),
+            layout=layout,
+            store=store,
+            backbone=_load_backbone(config, device),
+        )
+
+    def execute(self) -> ExtractSummary:
+        """Plan every split, compute the missing shards, and finalize the feature sets."""
+        dims = self.backbone.output_dims(self.device)
+        selected = self.source.select(self.config.split)
+        plans = [
+            self.plan(split, rows[: self.config.limit], dims) for split, rows in selected.items()
+        ]
+        summary = ExtractSummary(
+            self.store.location,
+            self.source.name,
+            self.backbone.slug,
+            str(self.device),
+            self.precision,
+        )
+        summary.rows = sum(len(p.samples) for p in plans)
+        summary.shards_skipped = sum(p.shards_skipped for p in plans)
+        started = time.perf_counter()
+        todo = sum(self._rows_in(p) for p in plans)
+        desc = f"{self.source.name} {self.backbone.slug}"
+        with progress_bar(todo, desc=desc, quiet=self.config.quiet) as bar:
+            for plan in plans:
+                summary.rows_computed += self.run(plan, bar)
+                summary.shards_computed += len(plan.shards)
+        summary.seconds = time.perf_counter() - started
+        summary.images_per_second = (
+            summary.rows_computed / summary.seconds if summary.seconds else 0.0
+        )
+        _finish(plans, summary)
+        return summary
+
+    def plan(self, split: str, samples: list[Sample], dims: dict[str, int]) -> SplitPlan:
+        """Require one feature set per output and list the shards this run must compute."""
+        labels = np.array([s.label for s in samples], dtype=np.int64)
+        ids = [s.id for s in samples]
+        targets = {
+            output.name: self.store.require(
+                self._request(split, output, len(samples), dims[output.name]),
+                self.layout,
+                labels=labels,
+                ids=ids,
+                overwrite=self.config.overwrite,
+            )
+            for output in self.backbone.outputs
+        }
+        mine = set(range(self.layout.n_shards(len(samples))))
+        if self.config.part is not None:
+            k, n = self.config.part
+            mine = {s for s in mine if s % n == k}
+        missing = set().union(*(fs.missing_shards() for fs in targets.values())) & mine
+        return SplitPlan(split, samples, targets, sorted(missing), len(mine - missing))
+
+    def _request(self, split: str, output: Output, n_rows: int, dim: int) -> FeatureSetRequest:
+        spec = feature_spec(
+            self.backbone,
+            output,
+            precision=self.precision,
+            dtype=self.config.dtype,
+            dataset_fingerprint=self.dataset["fingerprint"],
+            limit=self.config.limit,
+        )
+        key = feature_key(spec)
+        provenance = {
+            "dataset": self.dataset,
+            "split": split,
+            "backbone": {
+                **self.backbone.describe(),
+                "slug": self.backbone.slug,
+                "output": output.name,
+            },
+            "versions": library_versions(),
+            "command": self.config.command,
+        }
+        return FeatureSetRequest(
+            path=feature_set_path(self.source.name, split, self.backbone.slug, key),
+            key=key,
+            spec=spec,
+            provenance=provenance,
+            n_rows=n_rows,
+            dim=dim,
+            dtype=self.config.dtype,
+        )
+
+    def run(self, plan: SplitPlan, bar: Any) -> int:
+        """Compute ``plan``'s shards; returns the number of rows computed."""
+        if not plan.shards:
+            return 0
+        cfg = self.config
+        sampler = ShardBatchSampler(
+            plan.shards,
+            shard_rows=self.layout.shard_rows,
+            n_rows=len(plan.samples),
+            batch_size=cfg.batch_size,
+        )
+        workers = min(resolve_workers(cfg.workers), len(sampler))
+        dataset = ImageDataset(
+            self.source,
+            plan.samples,
+            self.backbone.transform(),
+            self.backbone.data_config["input_size"],
+        )
+        loader = DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            collate_fn=collate_rows,
+            prefetch_factor=4 if workers else None,
+        )
+        with ShardWriter(plan.targets) as writer:
+            for images, rows, errors in loader:
+                if cfg.strict and any(errors):
+                    raise _strict_error(plan, rows, errors)
+                writer.put(rows.numpy(), self._forward(images), errors)
+                bar.update(len(rows))
+        return sampler.n_selected_rows
+
+    @torch.inference_mode()
+    def _forward(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        x = images.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.precision):
+            out = self.backbone(x)
+        return {name: t.float().cpu().numpy() for name, t in out.items()}
+
+    def _rows_in(self, plan: SplitPlan) -> int:
+        bounds = (self.layout.shard_bounds(s, len(plan.samples)) for s in plan.shards)
+        return sum(b - a for a, b in bounds)
 
 
 def _load_backbone(config: ExtractConfig, device: torch.device) -> Backbone:
@@ -130,115 +268,13 @@ def _load_backbone(config: ExtractConfig, device: torch.device) -> Backbone:
     return backbone
 
 
-def _plan_split(
-    store: FeatureStore,
-    source: DataSource,
-    split: str,
-    samples: list[Sample],
-    backbone: Backbone,
-    dims: dict[str, int],
-    layout: StorageLayout,
-    precision: str,
-    config: ExtractConfig,
-) -> SplitPlan:
-    dataset = {k: v for k, v in source.describe().items() if k != "splits"}
-    labels = np.array([s.label for s in samples], dtype=np.int64)
-    ids = [s.id for s in samples]
-    targets = {}
-    for output in backbone.outputs:
-        spec = feature_spec(
-            backbone,
-            output,
-            precision=precision,
-            dtype=config.dtype,
-            dataset_fingerprint=dataset["fingerprint"],
-            limit=config.limit,
-        )
-        key = feature_key(spec)
-        request = FeatureSetRequest(
-            path=feature_set_path(source.name, split, backbone.slug, key),
-            key=key,
-            spec=spec,
-            provenance={
-                "dataset": {**dataset, "limit": config.limit},
-                "split": split,
-                "backbone": {**backbone.describe(), "slug": backbone.slug, "output": output.name},
-                "versions": library_versions(),
-                "command": config.command,
-            },
-            n_rows=len(samples),
-            dim=dims[output.name],
-            dtype=config.dtype,
-        )
-        targets[output.name] = store.require(
-            request, layout, labels=labels, ids=ids, overwrite=config.overwrite
-        )
-    mine = set(range(layout.n_shards(len(samples))))
-    if config.part is not None:
-        k, n = config.part
-        mine = {s for s in mine if s % n == k}
-    missing = set().union(*(fs.missing_shards() for fs in targets.values())) & mine
-    return SplitPlan(split, samples, targets, sorted(missing), len(mine - missing))
-
-
-def _rows_in(plan: SplitPlan, layout: StorageLayout) -> int:
-    return sum(b - a for a, b in (layout.shard_bounds(s, len(plan.samples)) for s in plan.shards))
-
-
-def _run_split(
-    plan: SplitPlan,
-    source: DataSource,
-    backbone: Backbone,
-    device: torch.device,
-    precision: str,
-    config: ExtractConfig,
-    bar: Any,
-) -> int:
-    if not plan.shards:
-        return 0
-    layout = next(iter(plan.targets.values())).layout
-    sampler = ShardBatchSampler(
-        plan.shards,
-        shard_rows=layout.shard_rows,
-        n_rows=len(plan.samples),
-        batch_size=config.batch_size,
+def _strict_error(plan: SplitPlan, rows: torch.Tensor, errors: list[str]) -> InvalidImageError:
+    bad = next(i for i, e in enumerate(errors) if e)
+    return InvalidImageError(
+        f"Image '{plan.samples[int(rows[bad])].id}' of split '{plan.split}' cannot be used "
+        f"({errors[bad]}). --strict makes this fatal; shards committed before it are kept. "
+        "Fix or remove the file, or drop --strict to record it as an invalid row."
     )
-    workers = min(resolve_workers(config.workers), len(sampler))
-    loader = DataLoader(
-        ImageDataset(
-            source, plan.samples, backbone.transform(), backbone.data_config["input_size"]
-        ),
-        batch_sampler=sampler,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        collate_fn=collate_rows,
-        prefetch_factor=4 if workers else None,
-    )
-    with ShardWriter(plan.targets) as writer:
-        for images, rows, errors in loader:
-            if config.strict and any(errors):
-                bad = next(i for i, e in enumerate(errors) if e)
-                raise InvalidImageError(
-                    f"Image '{plan.samples[int(rows[bad])].id}' of split '{plan.split}' cannot be "
-                    f"used ({errors[bad]}). --strict makes this fatal; shards committed before it "
-                    "are kept. Fix or remove the file, or drop --strict to record it as an "
-                    "invalid row."
-                )
-            writer.put(rows.numpy(), _forward(backbone, images, device, precision), errors)
-            bar.update(len(rows))
-    return sampler.n_selected_rows
-
-
-@torch.inference_mode()
-def _forward(
-    backbone: Backbone, images: torch.Tensor, device: torch.device, precision: str
-) -> dict[str, np.ndarray]:
-    x = images.to(device, non_blocking=True)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    with autocast(device, precision):
-        out = backbone(x)
-    return {name: t.float().cpu().numpy() for name, t in out.items()}
 
 
 def _finish(plans: list[SplitPlan], summary: ExtractSummary) -> None:

@@ -241,9 +241,9 @@ class FeatureSet:
     def info(self) -> dict[str, Any]:
         """One listing row: where it is, what it holds, and whether it is complete."""
         a = self.attrs
-        committed = (
-            self.group["shard_committed"][:] if "shard_committed" in self.group else np.zeros(0)
-        )
+        n_shards = self.layout.n_shards(self.n_rows)
+        # A complete set has every marker set: skip reading them (one object per shard).
+        committed = n_shards if a.get("complete") else int(self.group["shard_committed"][:].sum())
         return {
             "group": self.path,
             "dataset": a["dataset"]["name"],
@@ -257,8 +257,8 @@ class FeatureSet:
             "dtype": a["spec"]["dtype"],
             "invalid": a.get("n_invalid"),
             "complete": bool(a.get("complete")),
-            "shards_committed": int(committed.sum()),
-            "shards": len(committed),
+            "shards_committed": committed,
+            "shards": n_shards,
         }
 
     def invalid_rows(self) -> list[tuple[str, str]]:

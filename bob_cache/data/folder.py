@@ -15,7 +15,14 @@ from typing import Any
 from PIL import Image
 
 from bob_cache.data.images import IMAGE_EXTENSIONS, is_image_file, open_image_file
-from bob_cache.data.source import DEFAULT_SPLIT, SPLIT_NAMES, DataSource, Sample, register_source
+from bob_cache.data.source import (
+    DEFAULT_SPLIT,
+    SPLIT_NAMES,
+    DataSource,
+    Sample,
+    default_name,
+    register_source,
+)
 from bob_cache.errors import DataSourceError
 
 
@@ -70,7 +77,10 @@ def load_folder(spec: str, *, name: str | None = None, split: str = "all") -> Fo
             "train/, val/ and test/."
         )
     return FolderSource(
-        name=name or root.name, origin=str(root), splits=splits, class_names=class_names
+        name=name or default_name(root.name),
+        origin=str(root),
+        splits=splits,
+        class_names=class_names,
     )
 
 

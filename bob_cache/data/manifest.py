@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from bob_cache.data.folder import FolderSource
-from bob_cache.data.source import DEFAULT_SPLIT, Sample, register_source
+from bob_cache.data.source import DEFAULT_SPLIT, Sample, default_name, register_source
 from bob_cache.errors import DataNotFoundError, ManifestError
 
 REQUIRED = ("path", "label")
@@ -80,7 +80,10 @@ def load_manifest(spec: str, *, name: str | None = None, split: str = "all") -> 
             )
         splits.setdefault(row_split, []).append(Sample(sid, label, file))
     return ManifestSource(
-        name=name or path.stem, origin=str(path.resolve()), splits=splits, class_names=class_names
+        name=name or default_name(path.stem),
+        origin=str(path.resolve()),
+        splits=splits,
+        class_names=class_names,
     )
 
 

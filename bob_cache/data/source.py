@@ -7,6 +7,7 @@ it never decodes images while listing. Kinds register with :func:`register_sourc
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from bob_cache.errors import DataNotFoundError, DataSourceError, did_you_mean
 from bob_cache.hashing import stable_hash
 
 SPLIT_NAMES = ("train", "val", "test")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 DEFAULT_SPLIT = "train"
 
 
@@ -80,6 +82,11 @@ class DataSource(ABC):
             "class_names": self.class_names,
             "splits": {k: len(v) for k, v in self.splits.items()},
         }
+
+
+def default_name(stem: str) -> str:
+    """A store-safe dataset name from a folder or file stem (``My Photos`` → ``My-Photos``)."""
+    return _UNSAFE.sub("-", stem).strip("-.") or "dataset"
 
 
 SourceLoader = Callable[..., DataSource]

