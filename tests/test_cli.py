@@ -177,3 +177,56 @@ def test_backbones_listing(cli) -> None:
     } == {"CLIP"}
     human = cli("backbones").stdout
     assert "not in timm" in human and "85.8M" in human
+
+
+def test_data_and_weights_errors_exit_1_through_the_cli(
+    cli, tmp_path: Path, image_folder: Path, mobilenet_weights: Path
+) -> None:
+    store = tmp_path / "s"
+    empty = tmp_path / "empty"
+    (empty / "cls").mkdir(parents=True)
+    no_cols = tmp_path / "cols.csv"
+    no_cols.write_text("file,class\na.png,cat\n")
+    no_files = tmp_path / "files.csv"
+    no_files.write_text("path,label\nmissing.png,cat\n")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"nope")
+    cases = [
+        (["--data", empty, "--random-init"], "holds no images"),
+        (["--data", no_cols, "--random-init"], "lacks column(s) path, label"),
+        (["--data", no_files, "--random-init"], "1 of 1 files listed"),
+        (
+            ["--data", image_folder, "--weights", mobilenet_weights],
+            "does not fit architecture 'test_resnet'",
+        ),
+        (["--data", image_folder, "--weights", garbage], "Cannot read weights file"),
+    ]
+    for args, message in cases:
+        result = cli("extract", *args, "--backbone", "test_resnet", "--store", store, "-q")
+        assert result.exit_code == 1, (args, result.output)
+        assert message in result.output, (args, result.output)
+
+
+def test_layout_mismatch_through_the_cli_keeps_committed_data(cli, tmp_path: Path) -> None:
+    args = [
+        "extract",
+        "--data",
+        "builtin:digits",
+        "--split",
+        "val",
+        "--limit",
+        "16",
+        *TINY,
+        "--store",
+        tmp_path / "s",
+    ]
+    assert cli(*args, "--shard-rows", "8").exit_code == 0
+    (features,) = (tmp_path / "s").glob("digits/val/*/*/features")
+    before = {p: p.read_bytes() for p in features.rglob("*") if p.is_file()}
+    result = cli(*args, "--shard-rows", "16")
+    assert result.exit_code == 1
+    assert (
+        "already exists with a different spec or layout" in result.output
+        and "--overwrite" in result.output
+    )
+    assert {p: p.read_bytes() for p in features.rglob("*") if p.is_file()} == before
