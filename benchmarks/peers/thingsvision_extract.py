@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -60,6 +61,8 @@ def make_loader(dataset: Any, batch_size: int, workers: int) -> Iterable[Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if not os.path.isdir(args.folder):
+        raise SystemExit(f"not a directory: {args.folder}")
     import torch
 
     torch.set_num_threads(args.threads)
