@@ -63,7 +63,7 @@ def bare_forward(model: str, *, batch: int, threads: int, seconds: float) -> flo
     from bob_cache.backbones import create_backbone
 
     torch.set_num_threads(threads)
-    bb = create_backbone(model, random_init=True)
+    bb = create_backbone(f"timm:{model}", random_init=True)
     x = torch.randn(batch, *bb.data_config["input_size"])
     with torch.inference_mode():
         bb(x)
@@ -87,7 +87,7 @@ def bob_extract(
 ) -> dict[str, Any]:
     cmd = [
         sys.executable, "-m", "bob_cache.cli", "extract", "--data", str(folder),
-        "--backbone", model, "--random-init", "--batch-size", str(batch),
+        "--backbone", f"timm:{model}", "--random-init", "--batch-size", str(batch),
         "--workers", str(workers), "--store", str(store), "--precision", "fp32",
         "--overwrite", "--json",
     ]  # fmt: skip
@@ -106,34 +106,40 @@ def thingsvision(
 
 
 def throughput(args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
+    """Interleaved rounds (bare, bob-cache per worker count, thingsvision per worker count);
+    ratios are medians over rounds of each run against the mean of the bare runs around it."""
     rows = []
+    workers = [int(w) for w in args.workers.split(",")]
     for model in args.models.split(","):
-        bare_before = bare_forward(
-            model, batch=args.batch_size, threads=args.threads, seconds=args.bare_seconds
-        )
-        row: dict[str, Any] = {"model": model, "bare_before": bare_before}
-        for w in map(int, args.workers.split(",")):
-            store = args.out / f"store-{model}"
-            summary = bob_extract(
-                folder, store, model, batch=args.batch_size, threads=args.threads, workers=w
+        runs: dict[str, list[float]] = {"bare": []}
+        ratios: dict[str, list[float]] = {}
+        for _ in range(args.rounds):
+            bare = bare_forward(
+                model, batch=args.batch_size, threads=args.threads, seconds=args.bare_seconds
             )
-            row[f"bob_w{w}"] = summary["images_per_second"]
-            if args.thingsvision_python:
-                tv = thingsvision(
-                    args.thingsvision_python,
-                    folder,
-                    model,
-                    batch=args.batch_size,
-                    threads=args.threads,
-                    workers=w,
-                )
-                row[f"thingsvision_w{w}"] = tv["images_per_second"]
-        row["bare_after"] = bare_forward(
-            model, batch=args.batch_size, threads=args.threads, seconds=args.bare_seconds
-        )
-        row["bare"] = (row["bare_before"] + row["bare_after"]) / 2
-        for key in [k for k in row if k.startswith(("bob_", "thingsvision_"))]:
-            row[f"ratio_{key}"] = row[key] / row["bare"]
+            runs["bare"].append(bare)
+            this_round = {}
+            for w in workers:
+                store = args.out / f"store-{model}"
+                this_round[f"bob_w{w}"] = bob_extract(
+                    folder, store, model, batch=args.batch_size, threads=args.threads, workers=w
+                )["images_per_second"]
+                if args.thingsvision_python:
+                    this_round[f"thingsvision_w{w}"] = thingsvision(
+                        args.thingsvision_python, folder, model,
+                        batch=args.batch_size, threads=args.threads, workers=w,
+                    )["images_per_second"]  # fmt: skip
+            after = bare_forward(
+                model, batch=args.batch_size, threads=args.threads, seconds=args.bare_seconds
+            )
+            runs["bare"].append(after)
+            for key, value in this_round.items():
+                runs.setdefault(key, []).append(value)
+                ratios.setdefault(key, []).append(value / ((bare + after) / 2))
+        row: dict[str, Any] = {"model": model, "images": args.images}
+        row.update({f"{k}_img_s": float(np.median(v)) for k, v in runs.items()})
+        row.update({f"ratio_{k}": float(np.median(v)) for k, v in ratios.items()})
+        row["runs"] = runs
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -239,6 +245,23 @@ def store_size_and_scan(
     return results
 
 
+def machine() -> str:
+    """CPU model, core count, and library versions."""
+    import torch
+
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in cpuinfo.read_text().splitlines()
+            if ln.startswith("model name")
+        ]
+        model = names[0] if names else model
+    versions = f"torch {torch.__version__}, Python {platform.python_version()}"
+    return f"{model}, {os.cpu_count()} cores, {versions}"
+
+
 def _timed(fn: Any) -> float:
     t = time.perf_counter()
     fn()
@@ -255,6 +278,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--workers", default="0,1", help="comma-separated loader worker counts")
     p.add_argument("--bare-seconds", type=float, default=15.0)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (medians)")
     p.add_argument("--thingsvision-python", default=None)
     p.add_argument("--scan-rows", type=int, default=200_000)
     p.add_argument("--compressions", default="zstd:3,blosc:3,lz4:5,none")

@@ -240,7 +240,7 @@ class Extraction:
 
     @torch.inference_mode()
     def _forward(self, images: torch.Tensor) -> dict[str, np.ndarray]:
-        x = images.to(self.device, non_blocking=True)
+        x = self.backbone.normalize(images.to(self.device, non_blocking=True))
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.precision):

@@ -41,7 +41,7 @@ def open_image_file(path: str | Path) -> Image.Image:
 
 
 class ImageDataset(Dataset):
-    """Rows of one split: returns ``(image tensor, row index, error message)``.
+    """Rows of one split: returns ``(uint8 image tensor, row index, error message)``.
 
     An image that cannot be decoded yields a blank tensor and a non-empty error, so one bad
     file never stops a run; the extraction stage records it as an invalid row.
@@ -68,7 +68,8 @@ class ImageDataset(Dataset):
             return self.transform(image), index, ""
         except Exception as exc:  # any decode failure becomes a recorded invalid row
             reason = f"{type(exc).__name__}: {exc}".strip()
-            return torch.zeros(self.input_size), index, reason or type(exc).__name__
+            blank = torch.zeros(self.input_size, dtype=torch.uint8)
+            return blank, index, reason or type(exc).__name__
 
 
 def collate_rows(batch: list[tuple[torch.Tensor, int, str]]) -> tuple[torch.Tensor, Any, list[str]]:

@@ -149,3 +149,17 @@ def test_identity_and_slug_name_the_weights() -> None:
     assert bb.describe()["params"] == sum(p.numel() for p in bb.model.parameters()) - sum(
         p.numel() for p in bb.head.parameters()
     )
+
+
+def test_uint8_transform_plus_batch_normalize_equals_timms_eval_transform() -> None:
+    import skimage.data
+    from PIL import Image
+    from timm.data import create_transform
+
+    bb = create_backbone("test_vit", random_init=True)
+    image = Image.fromarray(skimage.data.astronaut())
+    reference = create_transform(**bb.data_config, is_training=False)(image)
+    u8 = bb.transform()(image)
+    assert u8.dtype == torch.uint8 and u8.shape == reference.shape
+    assert torch.equal(bb.normalize(u8.unsqueeze(0))[0], reference)
+    assert torch.equal(bb.preprocess(image)[0], reference)

@@ -22,7 +22,7 @@ def test_local_checkpoint_gives_the_published_imagenet_predictions(
 
     bb = create_backbone("tv:mobilenet_v2", weights=mobilenet_weights)
     assert bb.weights.file.sha256.startswith("b0353104")  # torchvision names files by hash
-    x = bb.transform()(Image.fromarray(getattr(skimage.data, image)())).unsqueeze(0)
+    x = bb.preprocess(Image.fromarray(getattr(skimage.data, image)()))
     with torch.no_grad():
         feats = bb(x)["final"]
         top1 = int(bb.head(feats).argmax())
