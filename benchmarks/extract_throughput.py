@@ -56,13 +56,12 @@ def make_jpeg_folder(root: Path, n: int) -> Path:
     return root
 
 
-def bare_forward(model: str, *, batch: int, threads: int, seconds: float) -> float:
+def bare_forward(model: str, *, batch: int, seconds: float) -> float:
     """Images/s of the bob-cache backbone module itself on in-memory tensors, after warm-up."""
     import torch
 
     from bob_cache.backbones import create_backbone
 
-    torch.set_num_threads(threads)
     bb = create_backbone(f"timm:{model}", random_init=True)
     x = torch.randn(batch, *bb.data_config["input_size"])
     with torch.inference_mode():
@@ -72,6 +71,15 @@ def bare_forward(model: str, *, batch: int, threads: int, seconds: float) -> flo
             bb(x)
             n += batch
     return n / (time.perf_counter() - start)
+
+
+def bare(model: str, *, batch: int, threads: int, seconds: float) -> float:
+    """:func:`bare_forward` in a fresh process with the same environment as the tools."""
+    cmd = [
+        sys.executable, __file__, "--bare-only", model, "--batch-size", str(batch),
+        "--bare-seconds", str(seconds),
+    ]  # fmt: skip
+    return run_json(cmd, threads)["images_per_second"]
 
 
 def run_json(cmd: list[str], threads: int) -> dict[str, Any]:
@@ -94,13 +102,18 @@ def bob_extract(
     return run_json(cmd, threads)
 
 
+# thingsvision extracts a named module; timm's pooled output is `global_pool` on CNNs and
+# `fc_norm` (after the class-token pooling) on ViTs.
+PEER_MODULE = {"vit": "fc_norm"}
+
+
 def thingsvision(
     python: str, folder: Path, model: str, *, batch: int, threads: int, workers: int
 ) -> dict[str, Any]:
     cmd = [
         python, str(HERE / "peers" / "thingsvision_extract.py"), "--folder", str(folder),
         "--model", model, "--batch-size", str(batch), "--threads", str(threads),
-        "--workers", str(workers),
+        "--workers", str(workers), "--module", PEER_MODULE.get(model.split("_")[0], "global_pool"),
     ]  # fmt: skip
     return run_json(cmd, threads)
 
@@ -114,10 +127,10 @@ def throughput(args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
         runs: dict[str, list[float]] = {"bare": []}
         ratios: dict[str, list[float]] = {}
         for _ in range(args.rounds):
-            bare = bare_forward(
+            bare_before = bare(
                 model, batch=args.batch_size, threads=args.threads, seconds=args.bare_seconds
             )
-            runs["bare"].append(bare)
+            runs["bare"].append(bare_before)
             this_round = {}
             for w in workers:
                 store = args.out / f"store-{model}"
@@ -129,13 +142,13 @@ def throughput(args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
                         args.thingsvision_python, folder, model,
                         batch=args.batch_size, threads=args.threads, workers=w,
                     )["images_per_second"]  # fmt: skip
-            after = bare_forward(
+            after = bare(
                 model, batch=args.batch_size, threads=args.threads, seconds=args.bare_seconds
             )
             runs["bare"].append(after)
             for key, value in this_round.items():
                 runs.setdefault(key, []).append(value)
-                ratios.setdefault(key, []).append(value / ((bare + after) / 2))
+                ratios.setdefault(key, []).append(value / ((bare_before + after) / 2))
         row: dict[str, Any] = {"model": model, "images": args.images}
         row.update({f"{k}_img_s": float(np.median(v)) for k, v in runs.items()})
         row.update({f"ratio_{k}": float(np.median(v)) for k, v in ratios.items()})
@@ -284,7 +297,12 @@ def main() -> None:
     p.add_argument("--compressions", default="zstd:3,blosc:3,lz4:5,none")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: throughput,size")
     p.add_argument("--out", type=Path, default=HERE / "out")
+    p.add_argument("--bare-only", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.bare_only:
+        rate = bare_forward(args.bare_only, batch=args.batch_size, seconds=args.bare_seconds)
+        print(json.dumps({"images_per_second": rate}))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -292,7 +310,7 @@ def main() -> None:
     }
     skip = set(args.skip.split(","))
     if "throughput" not in skip:
-        folder = make_jpeg_folder(args.out / "jpegs", args.images)
+        folder = make_jpeg_folder(args.out / f"jpegs-{args.images}", args.images)
         report["throughput"] = throughput(args, folder)
     if "size" not in skip:
         comps = args.compressions.split(",")
