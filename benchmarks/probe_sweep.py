@@ -1,0 +1,152 @@
+"""Linear probe: the whole λ sweep against one scikit-learn lbfgs fit at its default C.
+
+Data: float16 features shaped like real post-ReLU embeddings (non-negative, heavy-tailed,
+classes overlapping in a low-rank subspace), hard enough that scikit-learn's lbfgs uses
+all of its default 100 iterations. Both sides get the same standardized train+val rows
+(bob-cache also uses val to choose λ) and are scored on the same test rows; each runs in
+a fresh process so its peak memory (max RSS) is its own.
+
+    python benchmarks/probe_sweep.py                        # 100k × 768, 100 classes
+    python benchmarks/probe_sweep.py --rows 250000 --classes 1000 --only bob   # ImageNet-shaped
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def make_data(rows: int, dim: int, classes: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Overlapping, non-negative, heavy-tailed features; 80/10/10 train/val/test."""
+    rng = np.random.default_rng(seed)
+    rank = 64
+    means = rng.normal(0, 1.0, size=(classes, rank)).astype(np.float32)
+    mixing = rng.normal(0, 1 / np.sqrt(rank), size=(rank, dim)).astype(np.float32)
+    y = rng.integers(0, classes, rows)
+    x = np.empty((rows, dim), np.float16)
+    for start in range(0, rows, 20000):
+        yy = y[start : start + 20000]
+        latent = means[yy] + rng.normal(0, 1.6, size=(len(yy), rank)).astype(np.float32)
+        noise = rng.standard_t(3, size=(len(yy), dim)).astype(np.float32) * 0.5
+        x[start : start + len(yy)] = np.maximum(latent @ mixing + noise, 0) * 2.0
+    a, b = int(0.8 * rows), int(0.9 * rows)
+    return {
+        "x_train": x[:a],
+        "y_train": y[:a],
+        "x_val": x[a:b],
+        "y_val": y[a:b],
+        "x_test": x[b:],
+        "y_test": y[b:],
+    }
+
+
+def data_path(args: argparse.Namespace) -> Path:
+    path = args.out / f"probe-{args.rows}x{args.dim}-{args.classes}.npz"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **make_data(args.rows, args.dim, args.classes))
+    return path
+
+
+def run_bob(data: dict[str, np.ndarray]) -> dict[str, Any]:
+    from bob_cache.probes import Features, sweep
+
+    def accuracy(y: np.ndarray, scores: np.ndarray) -> float:
+        return float((scores.argmax(1) == y).mean())
+
+    n_classes = int(data["y_train"].max()) + 1
+    start = time.perf_counter()
+    train, val = Features.in_memory(data["x_train"]), Features.in_memory(data["x_val"])
+    result = sweep(train, data["y_train"], val, data["y_val"], n_outputs=n_classes, score=accuracy)
+    seconds = time.perf_counter() - start
+    test = accuracy(data["y_test"], result.model.scores(Features.in_memory(data["x_test"])))
+    path = [{k: round(v, 6) for k, v in p.items()} for p in result.path]
+    return {
+        "seconds": seconds,
+        "test_top1": test,
+        "C": result.C,
+        "fits": len(path),
+        "path": path,
+        "refit_iterations": result.model.iterations,
+    }
+
+
+def run_sklearn(data: dict[str, np.ndarray]) -> dict[str, Any]:
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    from bob_cache.probes import Features, Standardizer
+
+    x = np.concatenate([data["x_train"], data["x_val"]]).astype(np.float32)
+    y = np.concatenate([data["y_train"], data["y_val"]])
+    std = Standardizer.fit(Features.in_memory(x))
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model = LogisticRegression(solver="lbfgs").fit(std(x), y)
+    seconds = time.perf_counter() - start
+    test = float(model.score(std(data["x_test"].astype(np.float32)), data["y_test"]))
+    return {"seconds": seconds, "test_top1": test, "n_iter": int(model.n_iter_[0]), "C": 1.0}
+
+
+def child(which: str, path: Path) -> None:
+    data = dict(np.load(path))
+    out = run_bob(data) if which == "bob" else run_sklearn(data)
+    out["peak_rss_GiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps(out))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--rows", type=int, default=100_000)
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--classes", type=int, default=100)
+    p.add_argument("--only", choices=["bob", "sklearn"], default=None)
+    p.add_argument("--out", type=Path, default=HERE / "out")
+    p.add_argument("--child", choices=["bob", "sklearn"], help=argparse.SUPPRESS)
+    p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(args.child, args.data)
+        return
+    path = data_path(args)
+    report: dict[str, Any] = {
+        "rows": args.rows,
+        "dim": args.dim,
+        "classes": args.classes,
+        "cores": os.cpu_count(),
+    }
+    for which in [args.only] if args.only else ["sklearn", "bob"]:
+        cmd = [sys.executable, __file__, "--child", which, "--data", str(path)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        report[which] = json.loads(done.stdout)
+        print(json.dumps({which: report[which]}), flush=True)
+    if "bob" in report and "sklearn" in report:
+        report["time_ratio_bob_over_sklearn"] = (
+            report["bob"]["seconds"] / report["sklearn"]["seconds"]
+        )
+        report["top1_gain_points"] = 100 * (
+            report["bob"]["test_top1"] - report["sklearn"]["test_top1"]
+        )
+    name = f"probe_sweep-{args.rows}x{args.dim}-{args.classes}.json"
+    (args.out / name).write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("bob", "sklearn")}))
+
+
+if __name__ == "__main__":
+    main()

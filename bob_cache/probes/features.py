@@ -1,0 +1,158 @@
+"""Feature rows for probes: held in memory, or streamed shard by shard from a feature set.
+
+Both modes expose the same interface: ``n``, ``dim``, ``blocks()`` (float32 row blocks in row
+order) and ``take()`` (a row subset). Streaming never holds more than one shard of features,
+so a feature set larger than memory can still be probed on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from bob_cache.errors import SpecError
+from bob_cache.stores import FeatureSet
+
+
+@dataclass(frozen=True)
+class _Part:
+    """In-memory rows (``array``) or rows ``rows`` of feature set ``fs``, read per shard."""
+
+    array: np.ndarray | None = None
+    fs: FeatureSet | None = None
+    rows: np.ndarray | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.array) if self.array is not None else len(self.rows)
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        if self.array is not None:
+            yield self.array
+            return
+        layout, n_rows = self.fs.layout, self.fs.n_rows
+        shard_of = self.rows // layout.shard_rows
+        for shard in np.unique(shard_of):
+            start, stop = layout.shard_bounds(int(shard), n_rows)
+            local = self.rows[shard_of == shard] - start
+            yield self.fs.features[start:stop][local].astype(np.float32)
+
+    def take(self, positions: np.ndarray) -> _Part:
+        if self.array is not None:
+            return _Part(array=self.array[positions])
+        return _Part(fs=self.fs, rows=self.rows[positions])
+
+
+@dataclass(frozen=True)
+class Features:
+    """Rows for a probe: in-memory arrays and/or rows streamed from feature sets, in order."""
+
+    parts: tuple[_Part, ...]
+
+    @classmethod
+    def in_memory(cls, array: np.ndarray) -> Features:
+        return cls((_Part(array=np.ascontiguousarray(array, dtype=np.float32)),))
+
+    @classmethod
+    def streamed(cls, fs: FeatureSet, rows: np.ndarray) -> Features:
+        return cls((_Part(fs=fs, rows=np.sort(np.asarray(rows, dtype=np.int64))),))
+
+    @property
+    def n(self) -> int:
+        return sum(p.n for p in self.parts)
+
+    @property
+    def dim(self) -> int:
+        first = self.parts[0]
+        return first.array.shape[1] if first.array is not None else first.fs.dim
+
+    @property
+    def is_streamed(self) -> bool:
+        return any(p.array is None for p in self.parts)
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        """float32 blocks in row order: whole arrays, or one shard's rows at a time."""
+        for part in self.parts:
+            yield from part.blocks()
+
+    def take(self, positions: np.ndarray) -> Features:
+        """The rows at sorted ``positions`` (indices into this object's rows)."""
+        positions = np.sort(np.asarray(positions, dtype=np.int64))
+        parts, offset = [], 0
+        for part in self.parts:
+            inside = positions[(positions >= offset) & (positions < offset + part.n)] - offset
+            if len(inside):
+                parts.append(part.take(inside))
+            offset += part.n
+        if not parts:
+            return Features.in_memory(np.zeros((0, self.dim), np.float32))
+        return Features(tuple(parts))
+
+    def materialize(self) -> np.ndarray:
+        """All rows as one float32 array (use only when they fit in memory)."""
+        blocks = list(self.blocks())
+        return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+
+    def concat(self, other: Features) -> Features:
+        """These rows followed by ``other``'s."""
+        return Features(self.parts + other.parts)
+
+
+@dataclass(frozen=True)
+class Standardizer:
+    """Per-feature mean and standard deviation of the training rows."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def fit(cls, features: Features) -> Standardizer:
+        """Two-moment pass in float64 over the blocks (constant features get std 1)."""
+        total = np.zeros(features.dim)
+        squares = np.zeros(features.dim)
+        for block in features.blocks():
+            b = block.astype(np.float64)
+            total += b.sum(axis=0)
+            squares += (b * b).sum(axis=0)
+        mean = total / max(features.n, 1)
+        var = np.maximum(squares / max(features.n, 1) - mean * mean, 0.0)
+        std = np.sqrt(var)
+        std[std < 1e-6 * max(float(std.max(initial=0.0)), 1e-12)] = 1.0
+        return cls(mean.astype(np.float32), std.astype(np.float32))
+
+    def __call__(self, block: np.ndarray) -> np.ndarray:
+        return (block - self.mean) / self.std
+
+
+def load_rows(fs: FeatureSet, *, stream: bool) -> tuple[Features, np.ndarray, np.ndarray]:
+    """The valid rows of a feature set: ``(features, labels, ids)``.
+
+    Raises:
+        SpecError: rows marked valid hold NaN or inf (they are named), or the set is incomplete.
+    """
+    from bob_cache.errors import FeatureSetNotFoundError
+
+    if not fs.complete:
+        raise FeatureSetNotFoundError(
+            f"Feature set '{fs.path}' is incomplete. Finish it by rerunning its extraction "
+            f"(`bob-cache info {fs.location} {fs.path}` shows the command)."
+        )
+    valid = np.flatnonzero(fs.array("valid")[:])
+    labels = fs.array("labels")[:][valid]
+    ids = fs.array("ids")[:][valid]
+    features = Features.streamed(fs, valid) if stream else Features.in_memory(fs.features[:][valid])
+    bad: list[int] = []
+    start = 0
+    for block in features.blocks():
+        bad += (start + np.flatnonzero(~np.isfinite(block).all(axis=1))).tolist()
+        start += len(block)
+    if bad:
+        names = ", ".join(f"'{ids[i]}'" for i in bad[:5])
+        raise SpecError(
+            f"{len(bad)} row(s) of '{fs.path}' marked valid hold NaN or inf features, "
+            f"e.g. {names}. "
+            f"Run `bob-cache verify {fs.location}` and re-extract the damaged shards."
+        )
+    return features, labels, ids

@@ -1,0 +1,67 @@
+"""DINO-style weighted k-nearest-neighbour classification through FAISS.
+
+Features are L2-normalized, so inner product is cosine similarity. Each test row's
+``max(ks)`` neighbours are found once (exact search; on the GPU when faiss-gpu sees one);
+every k then votes with weights ``exp(similarity / T)`` over its first k neighbours.
+Multi-label sets average the neighbours' label vectors with the same weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from bob_cache.probes.features import Features
+
+DEFAULT_KS = (10, 20, 100, 200)
+DEFAULT_TEMPERATURE = 0.07
+
+
+def _normalized(features: Features) -> np.ndarray:
+    x = features.materialize().astype(np.float32, copy=True)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def neighbours(
+    train: Features, query: Features, k: int, *, use_gpu: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine similarities and train-row indices of each query's ``k`` nearest rows."""
+    import faiss
+
+    base = _normalized(train)
+    index = faiss.IndexFlatIP(base.shape[1])
+    if use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    index.add(base)
+    sims, idx = index.search(_normalized(query), min(k, len(base)))
+    return sims, idx
+
+
+def knn_scores(
+    train: Features,
+    y_train: np.ndarray,
+    query: Features,
+    *,
+    n_outputs: int,
+    ks: Sequence[int] = DEFAULT_KS,
+    temperature: float = DEFAULT_TEMPERATURE,
+    use_gpu: bool = False,
+) -> dict[int, np.ndarray]:
+    """Class scores ``(n_query, n_outputs)`` for each k (k is capped at the train size)."""
+    sims, idx = neighbours(train, query, max(ks), use_gpu=use_gpu)
+    weights = torch.from_numpy(np.exp(sims / temperature))
+    out = {}
+    for k in ks:
+        kk = min(k, idx.shape[1])
+        w = weights[:, :kk]
+        if y_train.ndim == 1:
+            votes = torch.zeros(len(idx), n_outputs, dtype=w.dtype)
+            votes.scatter_add_(1, torch.from_numpy(y_train[idx[:, :kk]]), w)
+        else:  # multi-label: weighted mean of neighbour labels (unknown counts as 0)
+            labels = torch.from_numpy(np.clip(y_train[idx[:, :kk]], 0, None).astype(np.float32))
+            votes = (w.unsqueeze(-1) * labels).sum(1) / w.sum(1, keepdim=True)
+        out[k] = votes.numpy()
+    return out

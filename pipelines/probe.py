@@ -1,0 +1,326 @@
+"""The probe stage: classification from cached features, on CPU or GPU, no model needed.
+
+For the chosen feature key it evaluates each method (``linear``: λ sweep on validation then
+refit on train+val, or the BoB recipe; ``knn``: DINO-style weighted votes for several k) on
+the full training split and on few-shot subsets (``--shots`` per class, ``--fraction`` of the
+rows, several seeds), and appends long-format rows to the results table. A unit (method ×
+setting × seed) whose configuration is already in the table is skipped unless ``force``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bob_cache.device import resolve_device
+from bob_cache.errors import SpecError
+from bob_cache.hashing import stable_hash
+from bob_cache.metrics import classification_metrics, multilabel_metrics
+from bob_cache.pipelines.registry import register_stage
+from bob_cache.pipelines.selection import select_feature_sets
+from bob_cache.probes import (
+    DEFAULT_KS,
+    DEFAULT_TEMPERATURE,
+    BobRecipe,
+    Features,
+    bob_scores,
+    holdout,
+    knn_scores,
+    sample_fraction,
+    sample_shots,
+    sweep,
+    train_bob_probe,
+)
+from bob_cache.probes.features import load_rows
+from bob_cache.provenance import library_versions, utc_now
+from bob_cache.stores import open_store
+from bob_cache.stores.results import ResultsTable, summarize
+
+METHODS = ("linear", "knn")
+RECIPES = ("sweep", "bob")
+
+
+@dataclass
+class ProbeConfig:
+    """Options of ``bob-cache probe`` (see ``bob-cache probe --help``)."""
+
+    store: str
+    dataset: str
+    backbone: str
+    feature: str | None = None
+    methods: tuple[str, ...] = METHODS
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    val_fraction: float = 0.1
+    seeds: tuple[int, ...] = (0,)
+    shots: tuple[int, ...] = ()
+    fractions: tuple[float, ...] = ()
+    ks: tuple[int, ...] = DEFAULT_KS
+    temperature: float = DEFAULT_TEMPERATURE
+    recipe: str = "sweep"
+    epochs: int = 90
+    device: str = "auto"
+    results: str | None = None
+    force: bool = False
+    stream: bool | None = None  # None: stream when the splits exceed max_memory_gb
+    max_memory_gb: float | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise SpecError(
+                f"Unknown probe method(s) {unknown}. Expected {', '.join(METHODS)} or all."
+            )
+        if self.recipe not in RECIPES:
+            raise SpecError(f"Unknown --recipe '{self.recipe}'. Expected {' or '.join(RECIPES)}.")
+        if not 0 < self.val_fraction < 1:
+            raise SpecError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}.")
+        if not self.seeds:
+            raise SpecError("--seeds is empty; pass at least one seed, e.g. --seeds 0,1,2.")
+
+
+@dataclass
+class ProbeData:
+    """Train/val/test rows and what the methods need to know about the labels."""
+
+    train: Features
+    y_train: np.ndarray
+    val: Features
+    y_val: np.ndarray
+    test: Features
+    y_test: np.ndarray
+    n_outputs: int
+    multilabel: bool
+    feature_key: str
+    backbone: str
+    unseen_test_classes: list[int]
+
+    def metrics(self, scores: np.ndarray) -> dict[str, float]:
+        if self.multilabel:
+            return multilabel_metrics(self.y_test, scores)
+        return classification_metrics(self.y_test, scores, n_classes=self.n_outputs)
+
+    def val_score(self, y: np.ndarray, scores: np.ndarray) -> float:
+        if self.multilabel:
+            return multilabel_metrics(y, scores).get("roc_auc", 0.0)
+        return float((scores.argmax(1) == y).mean())
+
+
+@dataclass
+class ProbeSummary:
+    """What a probe run did; ``table`` is the pivoted results of this feature key."""
+
+    dataset: str
+    backbone: str
+    feature_key: str
+    results: str
+    units_run: int = 0
+    units_skipped: int = 0
+    unseen_test_classes: list[int] = field(default_factory=list)
+    table: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+Unit = Callable[[ProbeData, Features, np.ndarray, int], list[tuple[str, dict[str, float]]]]
+
+
+@register_stage("probe")
+def probe(config: ProbeConfig) -> ProbeSummary:
+    """Run every (method × setting × seed) unit not yet in the results table."""
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    data = load_probe_data(config)
+    settings = list(_settings(config, data))  # validates every subset before any work
+    table = ResultsTable.open(config.results)
+    summary = ProbeSummary(config.dataset, data.backbone, data.feature_key, str(table.directory))
+    summary.unseen_test_classes = data.unseen_test_classes
+    context = {"run_id": uuid.uuid4().hex[:12], "versions": library_versions()}
+    for method in config.methods:
+        unit = _linear_unit(config, device) if method == "linear" else _knn_unit(config, device)
+        seeded = method == "linear" and config.recipe == "bob"
+        for setting, seed, train, y in settings:
+            if setting == "full" and not seeded and seed != config.seeds[0]:
+                continue  # deterministic on the full split: one run is enough
+            spec = {
+                "method": method,
+                "setting": setting,
+                "seed": seed,
+                **_config_identity(config, data, method),
+            }
+            config_hash = stable_hash(spec)
+            if not config.force and table.has_config(config_hash):
+                summary.units_skipped += 1
+                continue
+            results = unit(data, train, y, seed)
+            table.append(_rows(config, data, results, setting, seed, config_hash, context))
+            summary.units_run += 1
+    frame = table.read(dataset=config.dataset, backbone=data.backbone, feature_key=data.feature_key)
+    summary.table = summarize(frame).to_dict(orient="records")
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _rows(
+    config: ProbeConfig,
+    data: ProbeData,
+    results: list[tuple[str, dict[str, float]]],
+    setting: str,
+    seed: int,
+    config_hash: str,
+    context: dict[str, Any],
+) -> list[dict[str, Any]]:
+    base = {
+        **context, "stage": "probe", "dataset": config.dataset, "split": config.test_split,
+        "backbone": data.backbone, "feature_key": data.feature_key, "setting": setting,
+        "seed": seed, "config_hash": config_hash, "time": utc_now(),
+    }  # fmt: skip
+    return [
+        {**base, "method": name, "metric": metric, "value": float(value)}
+        for name, values in results
+        for metric, value in values.items()
+    ]
+
+
+def load_probe_data(config: ProbeConfig) -> ProbeData:
+    """Select the feature sets, load valid rows, and check the labels are usable."""
+    store = open_store(config.store, storage_options=config.storage_options or None)
+    sets = select_feature_sets(
+        store, dataset=config.dataset, backbone=config.backbone, feature=config.feature,
+        splits=(config.train_split, config.test_split), optional=(config.val_split,),
+    )  # fmt: skip
+    stream = _should_stream(config, sets)
+    train, y_train, _ = load_rows(sets[config.train_split], stream=stream)
+    test, y_test, _ = load_rows(sets[config.test_split], stream=stream)
+    if config.val_split in sets and config.val_split != config.train_split:
+        val, y_val, _ = load_rows(sets[config.val_split], stream=stream)
+    else:  # no validation split: a deterministic stratified part of train
+        keep, held = holdout(y_train, config.val_fraction)
+        val, y_val = train.take(held), y_train[held]
+        train, y_train = train.take(keep), y_train[keep]
+    first = sets[config.train_split]
+    multilabel = y_train.ndim == 2
+    n_outputs = (
+        y_train.shape[1] if multilabel else int(max(y_train.max(), y_test.max(), y_val.max())) + 1
+    )
+    _check_labels(first.path, y_train, multilabel)
+    unseen = (
+        sorted(set(np.unique(y_test).tolist()) - set(np.unique(y_train).tolist()))
+        if not multilabel
+        else []
+    )
+    return ProbeData(
+        train, y_train, val, y_val, test, y_test, n_outputs, multilabel, first.key,
+        first.attrs["backbone"]["slug"], [int(c) for c in unseen if c >= 0],
+    )  # fmt: skip
+
+
+def _check_labels(path: str, y: np.ndarray, multilabel: bool) -> None:
+    if not multilabel and (y < 0).any():
+        raise SpecError(
+            f"{int((y < 0).sum())} training row(s) of '{path}' are unlabeled (-1). Probes need "
+            "labels; label them in the manifest or drop them."
+        )
+    if not multilabel and len(np.unique(y)) < 2:
+        raise SpecError(
+            f"The training split of '{path}' has a single class ({int(y[0])}); a classifier "
+            "needs at least two. Check the labels or the split names."
+        )
+
+
+def _should_stream(config: ProbeConfig, sets: dict[str, Any]) -> bool:
+    if config.stream is not None:
+        return config.stream
+    need = sum(fs.n_rows * fs.dim * 4 for fs in sets.values())
+    budget = (config.max_memory_gb or _default_budget_gb()) * 2**30
+    return need > budget
+
+
+def _default_budget_gb() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 / 4
+    except (ValueError, OSError):
+        return 4.0
+
+
+def _settings(config: ProbeConfig, data: ProbeData) -> Any:
+    """(setting, seed, train rows, labels) for the full split and every few-shot subset."""
+    if (config.shots or config.fractions) and data.multilabel:
+        raise SpecError(
+            "Few-shot subsets need single-label data; drop --shots/--fraction for multi-label sets."
+        )
+    for seed in config.seeds:
+        yield "full", seed, data.train, data.y_train
+    for shots in config.shots:
+        for seed in config.seeds:
+            rows = sample_shots(data.y_train, shots, seed)
+            yield f"{shots}-shot", seed, data.train.take(rows), data.y_train[rows]
+    for fraction in config.fractions:
+        for seed in config.seeds:
+            rows = sample_fraction(data.y_train, fraction, seed)
+            yield f"{fraction:g}-fraction", seed, data.train.take(rows), data.y_train[rows]
+
+
+def _linear_unit(config: ProbeConfig, device: Any) -> Unit:
+    def run(
+        data: ProbeData, train: Features, y: np.ndarray, seed: int
+    ) -> list[tuple[str, dict[str, float]]]:
+        if config.recipe == "bob":
+            recipe = BobRecipe(epochs=config.epochs)
+            net = train_bob_probe(
+                train, y, n_outputs=data.n_outputs, seed=seed, recipe=recipe, device=device
+            )
+            return [("linear-bob", data.metrics(bob_scores(net, data.test)))]
+        result = sweep(
+            train,
+            y,
+            data.val,
+            data.y_val,
+            n_outputs=data.n_outputs,
+            score=data.val_score,
+            device=device,
+        )
+        metrics = data.metrics(result.model.scores(data.test))
+        return [("linear", {**metrics, "val_score": result.val_score, "C": result.C})]
+
+    return run
+
+
+def _knn_unit(config: ProbeConfig, device: Any) -> Unit:
+    def run(
+        data: ProbeData, train: Features, y: np.ndarray, seed: int
+    ) -> list[tuple[str, dict[str, float]]]:
+        scores = knn_scores(
+            train, y, data.test, n_outputs=data.n_outputs, ks=config.ks,
+            temperature=config.temperature, use_gpu=device.type == "cuda",
+        )  # fmt: skip
+        return [(f"knn@{k}", data.metrics(s)) for k, s in scores.items()]
+
+    return run
+
+
+def _config_identity(config: ProbeConfig, data: ProbeData, method: str) -> dict[str, Any]:
+    """Everything that changes a unit's numbers (the results-table config hash)."""
+    ident: dict[str, Any] = {
+        "stage": "probe",
+        "dataset": config.dataset,
+        "feature_key": data.feature_key,
+        "splits": [config.train_split, config.val_split, config.test_split, config.val_fraction],
+    }
+    if method == "linear":
+        ident["recipe"] = (
+            [config.recipe, config.epochs] if config.recipe == "bob" else config.recipe
+        )
+    else:
+        ident["knn"] = [list(config.ks), config.temperature]
+    return ident

@@ -1,0 +1,101 @@
+"""The results table: long-format evaluation rows in a directory of parquet files.
+
+Every evaluation appends rows (one metric value each) as a new parquet file, so concurrent
+runs never rewrite each other's output; readers see the union. Reports are built only from
+this table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bob_cache.errors import StoreError
+from bob_cache.provenance import utc_now
+from bob_cache.stores.location import translate_write_errors
+
+COLUMNS = (
+    "run_id", "stage", "dataset", "split", "backbone", "feature_key", "method", "setting",
+    "metric", "value", "seed", "config_hash", "versions", "time",
+)  # fmt: skip
+DEFAULT_RESULTS = "bob-results"
+
+
+@dataclass(frozen=True)
+class ResultsTable:
+    """A results directory (created on first write)."""
+
+    directory: Path
+
+    @classmethod
+    def open(cls, directory: str | Path | None = None) -> ResultsTable:
+        return cls(Path(directory or DEFAULT_RESULTS).expanduser())
+
+    def append(self, rows: Sequence[dict[str, Any]]) -> Path | None:
+        """Write ``rows`` as one new parquet file; returns its path (None when empty)."""
+        if not rows:
+            return None
+        missing = set(COLUMNS) - set(rows[0])
+        if missing:
+            raise ValueError(f"result rows lack columns {sorted(missing)}")
+        frame = pd.DataFrame([{c: r[c] for c in COLUMNS} for r in rows])
+        frame["versions"] = frame["versions"].map(
+            lambda v: v if isinstance(v, str) else json.dumps(v)
+        )
+        path = self.directory / f"part-{utc_now().replace(':', '')}-{uuid.uuid4().hex[:8]}.parquet"
+        with translate_write_errors(str(self.directory), "results"):
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            frame.to_parquet(tmp, index=False)
+            os.replace(tmp, path)  # readers never see a half-written file
+        return path
+
+    def read(self, **filters: str | None) -> pd.DataFrame:
+        """All rows, optionally filtered by column equality (``dataset="digits"``)."""
+        files = sorted(self.directory.glob("part-*.parquet")) if self.directory.is_dir() else []
+        if not files:
+            return pd.DataFrame(columns=list(COLUMNS))
+        try:
+            frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+        except (OSError, ValueError) as exc:
+            raise StoreError(
+                f"Cannot read the results table in '{self.directory}': {exc}. Remove or move "
+                "the damaged part-*.parquet file it names."
+            ) from exc
+        for column, value in filters.items():
+            if value is not None:
+                frame = frame[frame[column] == value]
+        return frame.reset_index(drop=True)
+
+    def has_config(self, config_hash: str) -> bool:
+        """Whether a run with this configuration hash has already written rows."""
+        frame = self.read()
+        return bool((frame["config_hash"] == config_hash).any())
+
+
+def summarize(frame: pd.DataFrame, *, metrics: Sequence[str] | None = None) -> pd.DataFrame:
+    """Pivot long rows to one line per (dataset, backbone, method, setting) with
+    ``mean ± std`` over seeds for each metric (the latest run of each config wins)."""
+    if frame.empty:
+        return frame
+    latest = frame.sort_values("time").drop_duplicates(
+        ["config_hash", "method", "setting", "metric", "seed", "split"], keep="last"
+    )
+    if metrics:
+        latest = latest[latest["metric"].isin(metrics)]
+    keys = ["dataset", "backbone", "method", "setting", "metric"]
+    stats = latest.groupby(keys)["value"].agg(["mean", "std", "count"]).reset_index()
+    stats["cell"] = [
+        f"{m:.4f}" if n < 2 else f"{m:.4f} ± {s:.4f}"
+        for m, s, n in zip(stats["mean"], stats["std"], stats["count"], strict=True)
+    ]
+    table = stats.pivot(index=keys[:-1], columns="metric", values="cell").reset_index()
+    table.columns.name = None
+    return table

@@ -1,0 +1,207 @@
+"""The probe stage: selection, splits, few-shot settings, the results table, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bob_cache.errors import FeatureSetNotFoundError, SpecError
+from bob_cache.pipelines.probe import ProbeConfig, probe
+from bob_cache.stores.results import ResultsTable
+from tests.conftest import TINY, blobs, write_feature_sets
+
+
+def toy_store(root: Path, *, with_val: bool = True, **kw: object) -> Path:
+    x, y = blobs(500, classes=4, dim=12, spread=1.5)
+    splits = {"train": (x[:300], y[:300]), "test": (x[400:], y[400:])}
+    if with_val:
+        splits["val"] = (x[300:400], y[300:400])
+    write_feature_sets(root / "store", splits, **kw)
+    return root / "store"
+
+
+def config(store: Path, tmp_path: Path, **kw: object) -> ProbeConfig:
+    return ProbeConfig(
+        store=str(store), dataset="toy", backbone="model", results=str(tmp_path / "res"), **kw
+    )
+
+
+def test_linear_knn_and_few_shot_rows_land_in_the_results_table(tmp_path: Path) -> None:
+    store = toy_store(tmp_path)
+    summary = probe(
+        config(store, tmp_path, shots=(1, 5), fractions=(0.1,), seeds=(0, 1), ks=(5, 10))
+    )
+    # linear and knn: full once each, 2 shot settings × 2 seeds, 1 fraction × 2 seeds
+    assert summary.units_run == 2 * (1 + 4 + 2)
+    frame = ResultsTable.open(tmp_path / "res").read()
+    assert set(frame["method"]) == {"linear", "knn@5", "knn@10"}
+    assert set(frame["setting"]) == {"full", "1-shot", "5-shot", "0.1-fraction"}
+    full = frame[(frame.method == "linear") & (frame.setting == "full")].set_index("metric")[
+        "value"
+    ]
+    assert full["top1"] > 0.9 and {"balanced_accuracy", "macro_f1", "val_score", "C"} <= set(
+        full.index
+    )
+    assert "top5" not in full.index  # only 4 classes
+    assert {"run_id", "config_hash", "versions", "time", "feature_key"} <= set(frame.columns)
+    table = {(r["method"], r["setting"]): r for r in summary.table}
+    assert "±" in table[("linear", "5-shot")]["top1"]
+
+
+def test_rerun_is_a_no_op_unless_forced(tmp_path: Path) -> None:
+    store = toy_store(tmp_path)
+    first = probe(config(store, tmp_path, methods=("knn",), ks=(5,)))
+    rows = len(ResultsTable.open(tmp_path / "res").read())
+    again = probe(config(store, tmp_path, methods=("knn",), ks=(5,)))
+    assert (first.units_run, again.units_run, again.units_skipped) == (1, 0, 1)
+    assert len(ResultsTable.open(tmp_path / "res").read()) == rows
+    forced = probe(config(store, tmp_path, methods=("knn",), ks=(5,), force=True))
+    assert forced.units_run == 1
+    assert len(ResultsTable.open(tmp_path / "res").read()) == 2 * rows
+    other_k = probe(config(store, tmp_path, methods=("knn",), ks=(7,)))
+    assert other_k.units_run == 1  # a changed setting is a new unit
+
+
+def test_missing_val_split_is_held_out_deterministically(tmp_path: Path) -> None:
+    store = toy_store(tmp_path, with_val=False)
+    a = probe(config(store, tmp_path, methods=("linear",)))
+    b = probe(config(store, tmp_path, methods=("linear",), force=True))
+    va = next(r for r in a.table if r["method"] == "linear")
+    vb = next(r for r in b.table if r["method"] == "linear")
+    assert va["val_score"] == vb["val_score"]
+
+
+def test_streaming_and_in_memory_runs_agree(tmp_path: Path) -> None:
+    store = toy_store(tmp_path)
+    runs = []
+    for stream in (False, True):
+        cfg = config(store, tmp_path / str(stream), methods=("linear",), stream=stream)
+        runs.append(next(r for r in probe(cfg).table if r["method"] == "linear")["top1"])
+    assert runs[0] == runs[1]
+
+
+def test_feature_set_not_found_lists_what_exists(tmp_path: Path) -> None:
+    store = toy_store(tmp_path)
+    with pytest.raises(FeatureSetNotFoundError, match="It holds: toy × model.tag"):
+        probe(
+            ProbeConfig(
+                store=str(store), dataset="toy", backbone="resnet50", results=str(tmp_path / "r")
+            )
+        )
+    with pytest.raises(
+        FeatureSetNotFoundError, match=r"Split\(s\) train, holdout .* are not all extracted"
+    ):
+        probe(config(store, tmp_path, test_split="holdout"))
+
+
+def test_several_keys_need_a_feature_choice(tmp_path: Path) -> None:
+    store = toy_store(tmp_path)
+    x, y = blobs(100, classes=4, dim=12)
+    write_feature_sets(
+        store,
+        {"train": (x, y), "test": (x, y)},
+        key="feat00000002",
+        spec={"layer": "layer3", "pool": "avg", "dtype": "float32"},
+    )
+    with pytest.raises(
+        FeatureSetNotFoundError, match="Several feature sets match.*layer layer3.*--feature"
+    ):
+        probe(config(store, tmp_path))
+    assert (
+        probe(config(store, tmp_path, feature="feat00000002", methods=("knn",))).feature_key
+        == "feat00000002"
+    )
+
+
+def test_class_absent_from_train_is_reported_not_fatal(tmp_path: Path) -> None:
+    x, y = blobs(400, classes=4, dim=8)
+    train = (x[:300][y[:300] != 3], y[:300][y[:300] != 3])
+    write_feature_sets(
+        tmp_path / "s",
+        {"train": train, "val": (x[300:350], y[300:350]), "test": (x[350:], y[350:])},
+    )
+    summary = probe(config(tmp_path / "s", tmp_path, methods=("knn",), ks=(5,)))
+    assert summary.unseen_test_classes == [3]
+    top1 = float(summary.table[0]["top1"])
+    assert 0.6 < top1 < 0.8  # class 3 (a quarter of test) is always wrong
+
+
+def test_single_class_nan_features_and_too_many_shots(tmp_path: Path) -> None:
+    x, y = blobs(200, classes=4, dim=8)
+    write_feature_sets(tmp_path / "one", {"train": (x, np.zeros(200, np.int64)), "test": (x, y)})
+    with pytest.raises(SpecError, match="single class .*at least two"):
+        probe(config(tmp_path / "one", tmp_path))
+    bad = x.copy()
+    bad[[3, 17]] = np.nan
+    write_feature_sets(tmp_path / "nan", {"train": (bad, y), "test": (x, y)})
+    with pytest.raises(
+        SpecError, match=r"2 row\(s\) .* NaN or inf features, e.g. 'train/00003', 'train/00017'"
+    ):
+        probe(config(tmp_path / "nan", tmp_path))
+    write_feature_sets(tmp_path / "ok", {"train": (x[:40], y[:40]), "val": (x, y), "test": (x, y)})
+    with pytest.raises(
+        SpecError, match="20-shot needs 20 training images per class, but class 0 has 10"
+    ):
+        probe(config(tmp_path / "ok", tmp_path, shots=(20,)))
+    assert not (tmp_path / "res").exists()  # the error came before any unit ran
+
+
+def test_multilabel_sets_report_roc_auc(tmp_path: Path) -> None:
+    x, y = blobs(600, classes=3, dim=8)
+    multi = np.stack([(y == 0), (y != 2), (y == 1)], axis=1).astype(np.int64)
+    multi[::7, 1] = -1  # unknown entries are ignored
+    write_feature_sets(
+        tmp_path / "s", {"train": (x[:400], multi[:400]), "test": (x[400:], multi[400:])}
+    )
+    summary = probe(config(tmp_path / "s", tmp_path, ks=(10,)))
+    rows = {r["method"]: r for r in summary.table}
+    assert float(rows["linear"]["roc_auc"]) > 0.95 and float(rows["knn@10"]["roc_auc"]) > 0.95
+
+
+@pytest.mark.slow
+def test_cli_probe_on_real_extracted_features(cli, tmp_path: Path) -> None:
+    store, res = tmp_path / "store", tmp_path / "res"
+    extracted = cli("extract", "--data", "builtin:digits", *TINY, "--store", store)
+    assert extracted.exit_code == 0, extracted.output
+    result = cli(
+        "probe",
+        "--store",
+        store,
+        "--dataset",
+        "digits",
+        "--backbone",
+        "test_resnet",
+        "--shots",
+        "5",
+        "--seeds",
+        "0,1",
+        "--k",
+        "10,20",
+        "--results",
+        res,
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    rows = {(r["method"], r["setting"]): r for r in summary["table"]}
+    assert float(rows[("linear", "full")]["top1"]) > 0.7  # random conv features separate digits
+    assert {"top5", "balanced_accuracy", "macro_f1"} <= set(rows[("knn@10", "full")])
+    human = cli("results", res, "--metric", "top1")
+    assert human.exit_code == 0 and "5-shot" in human.stdout and "linear" in human.stdout
+    long = json.loads(cli("results", res, "--long", "--json").stdout)
+    assert {r["seed"] for r in long if r["setting"] == "5-shot"} == {0, 1}
+
+
+def test_cli_probe_errors_exit_1(cli, tmp_path: Path) -> None:
+    store = toy_store(tmp_path)
+    missing = cli("probe", "--store", store, "--dataset", "nope", "--backbone", "model")
+    assert missing.exit_code == 1 and "It holds: toy × model.tag" in missing.output
+    bad = cli("probe", "--store", store, "--dataset", "toy", "--backbone", "model", "--shots", "x")
+    assert bad.exit_code == 1 and "--shots 'x' is not a comma-separated list" in bad.output
+    method = cli(
+        "probe", "--store", store, "--dataset", "toy", "--backbone", "model", "--method", "svm"
+    )
+    assert method.exit_code == 1 and "Unknown probe method" in method.output
