@@ -36,6 +36,10 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else 250)
 F = TypeVar("F", bound=Callable[..., Any])
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+StoreOpt = Annotated[
+    str, typer.Option(envvar="BOB_CACHE_STORE", help="Feature store directory or fsspec URL.")
+]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 StoreArg = Annotated[
     str, typer.Argument(help="Store: a directory or an fsspec URL (s3://bucket/prefix).")
 ]
@@ -88,9 +92,7 @@ def extract(
             help="Registry name (see `bob-cache backbones`), timm name, or tv:<torchvision model>."
         ),
     ],
-    store: Annotated[
-        str, typer.Option(envvar="BOB_CACHE_STORE", help="Feature store directory or fsspec URL.")
-    ] = "bob-store",
+    store: StoreOpt = "bob-store",
     name: Annotated[
         str | None, typer.Option(help="Dataset name (default: folder or manifest stem).")
     ] = None,
@@ -120,7 +122,7 @@ def extract(
     precision: Annotated[
         str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16.")
     ] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     workers: Annotated[
         int | None,
@@ -203,9 +205,7 @@ PROBE_COLUMNS = ("method", "setting", "top1", "top5", "balanced_accuracy", "macr
 def probe(
     dataset: Annotated[str, typer.Option(help="Dataset name as extracted (see `bob-cache ls`).")],
     backbone: Annotated[str, typer.Option(help="Backbone as extracted: its name, label or arch.")],
-    store: Annotated[
-        str, typer.Option(envvar="BOB_CACHE_STORE", help="Feature store.")
-    ] = "bob-store",
+    store: StoreOpt = "bob-store",
     feature: Annotated[
         str | None, typer.Option(help="Feature key (prefix) when several match.")
     ] = None,
@@ -235,7 +235,7 @@ def probe(
         str, typer.Option(help="Linear probe: sweep (λ chosen on val) or bob (the paper's recipe).")
     ] = "sweep",
     epochs: Annotated[int, typer.Option(help="Epochs of --recipe bob.")] = 90,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: DeviceOpt = "auto",
     results: Annotated[
         str | None,
         typer.Option(envvar="BOB_CACHE_RESULTS", help="Results directory (default bob-results)."),
