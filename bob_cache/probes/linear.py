@@ -23,10 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bob_cache.errors import SpecError
 from bob_cache.probes.features import Features, Standardizer
 
 COARSE = tuple(10.0**-k for k in range(0, 7))  # λ from strong to weak regularization
-FINE_STEPS = (10**0.5, 10**-0.5)
+COARSE_ROWS = 20_000
 
 
 @dataclass
@@ -93,14 +94,15 @@ def fit(
     *,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
     max_iter: int = 500,
-    check_every: int = 10,
+    check_every: int = 5,
     monitor: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
-    patience: int = 2,
+    patience: int = 1,
+    min_delta: float = 1e-3,
 ) -> tuple[torch.Tensor, torch.Tensor, int, float]:
     """Minimize ``mean loss + (λ/2)‖W‖²`` with L-BFGS; returns ``(W, b, iterations, score)``.
 
     With ``monitor`` (validation score, higher is better) the fit stops once the score has
-    not improved for ``patience`` checks and returns the best weights seen.
+    not risen by ``min_delta`` for ``patience`` checks, and returns the best weights seen.
     """
     dim = blocks.features.dim
     w = torch.zeros(n_outputs, dim, device=blocks.device) if init is None else init[0].clone()
@@ -125,7 +127,7 @@ def fit(
         return total + reg.detach()
 
     best = (w.detach().clone(), b.detach().clone(), -np.inf)
-    stale, done = 0, 0
+    mark, stale, done = -np.inf, 0, 0
     while done < max_iter:
         before = opt.state[w].get("n_iter", 0)
         opt.step(closure)
@@ -133,9 +135,9 @@ def fit(
         done += max(ran, 1)
         score = monitor(w.detach(), b.detach()) if monitor else 0.0
         if score > best[2]:
-            best, stale = (w.detach().clone(), b.detach().clone(), score), 0
-        else:
-            stale += 1
+            best = (w.detach().clone(), b.detach().clone(), score)
+        stale = 0 if score > mark + min_delta else stale + 1
+        mark = max(mark, score)
         if ran < check_every or (monitor and stale >= patience):
             break
     if not monitor:
@@ -170,44 +172,85 @@ def sweep(
     score: Callable[[np.ndarray, np.ndarray], float],
     device: torch.device | str = "cpu",
     grid: tuple[float, ...] = COARSE,
+    coarse_rows: int = COARSE_ROWS,
     refit: bool = True,
 ) -> SweepResult:
     """Choose λ on ``val`` along a warm-started path, then refit train+val with it.
+
+    The coarse grid runs on a stratified subsample of at most ``coarse_rows`` training rows,
+    at scikit-learn's ``C`` (a fixed prior, so λ scales with the row count). On all rows, the
+    best coarse λ and one half-decade step toward its better neighbour are then fitted.
 
     Args:
         score: ``score(y_val, val_logits)`` to maximize (top-1 accuracy, ROC-AUC, ...).
     """
     device = torch.device(device)
     std = Standardizer.fit(train)
-    blocks = _Blocks(train, y_train, std, device)
+    full = _Blocks(train, y_train, std, device)
     val_x = torch.from_numpy(std(val.materialize())).to(device)
 
     def monitor(w: torch.Tensor, b: torch.Tensor) -> float:
         return score(y_val, (val_x @ w.T + b).cpu().numpy())
 
     path: list[dict[str, float]] = []
-    fits: dict[float, tuple[torch.Tensor, torch.Tensor, float]] = {}
-    init = None
-    for lam in grid:  # coarse: strong → weak, warm-started, stop after two drops
-        init = _record(path, fits, lam, blocks, n_outputs, init, monitor)
-        best_lam = max(fits, key=lambda k: fits[k][2])
-        if fits[lam][2] < fits[best_lam][2] and len([p for p in path if p["lam"] < best_lam]) >= 2:
-            break
-    coarse_best = max(fits, key=lambda k: fits[k][2])
-    for step in FINE_STEPS:  # fine: half a decade either side of the coarse best
-        lam = coarse_best * step
-        if lam not in fits:
-            _record(path, fits, lam, blocks, n_outputs, fits[coarse_best][:2], monitor)
-    lam = max(fits, key=lambda k: fits[k][2])
-    w, b, val_score = fits[lam]
+    rows = _subsample(y_train, coarse_rows) if train.n > 2 * coarse_rows else None
+    coarse = full if rows is None else _Blocks(train.take(rows), y_train[rows], std, device)
+    fits = _coarse_path(path, coarse, train.n, n_outputs, grid, monitor)
+    best = max(fits, key=lambda k: fits[k][2])
+    i = grid.index(best)
+    stronger = fits.get(grid[i - 1]) if i > 0 else None
+    weaker = fits.get(grid[i + 1]) if i + 1 < len(grid) else None
+    toward = 10**0.5 if stronger and (not weaker or stronger[2] > weaker[2]) else 10**-0.5
+    candidates = [best * toward] if rows is None else [best, best * toward]
+    start = fits[best][:2]
+    final = {} if rows is not None else fits
+    for lam in candidates:
+        _record(path, final, lam, full, n_outputs, start, monitor, stage="fine")
+    lam = max(final, key=lambda k: final[k][2])
+    w, b, val_score = final[lam]
     iters = 0
     if refit:
         both = train.concat(val)
         std = Standardizer.fit(both)
-        all_blocks = _Blocks(both, np.concatenate([y_train, y_val]), std, device)
-        w, b, iters, _ = fit(all_blocks, n_outputs, lam, init=(w, b), max_iter=200)
+        labels = np.concatenate([y_train, y_val])
+        w, b, iters, _ = fit(
+            _Blocks(both, labels, std, device), n_outputs, lam, init=(w, b), max_iter=30
+        )
     model = LinearModel(w.cpu().numpy(), b.cpu().numpy(), std, lam, iters)
     return SweepResult(model, lam, 1.0 / (lam * train.n), val_score, path)
+
+
+def _coarse_path(
+    path: list[dict[str, float]],
+    blocks: _Blocks,
+    n_full: int,
+    n_outputs: int,
+    grid: tuple[float, ...],
+    monitor: Callable[[torch.Tensor, torch.Tensor], float],
+) -> dict[float, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Strong → weak, warm-started; stops two steps after the best. Keys are full-scale λ."""
+    fits: dict[float, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    init = None
+    for lam in grid:
+        init = _record(
+            path, fits, lam, blocks, n_outputs, init, monitor, stage="coarse", n_full=n_full
+        )
+        best = max(fits, key=lambda k: fits[k][2])
+        if len([k for k in fits if k < best]) >= 2:
+            break
+    return fits
+
+
+def _subsample(labels: np.ndarray, rows: int) -> np.ndarray:
+    """Sorted indices of a stratified (when possible) subsample, fixed seed."""
+    from bob_cache.probes.fewshot import sample_fraction
+
+    try:
+        return sample_fraction(
+            labels if labels.ndim == 1 else labels[:, 0], rows / len(labels), seed=0
+        )
+    except SpecError:
+        return np.sort(np.random.default_rng(0).choice(len(labels), rows, replace=False))
 
 
 def _record(
@@ -218,13 +261,17 @@ def _record(
     n_outputs: int,
     init: tuple[torch.Tensor, torch.Tensor] | None,
     monitor: Callable[[torch.Tensor, torch.Tensor], float],
+    *,
+    stage: str,
+    n_full: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit at full-scale ``lam`` (rescaled to the blocks' row count, keeping C) and log it."""
     started = time.perf_counter()
-    w, b, iters, val_score = fit(blocks, n_outputs, lam, init=init, monitor=monitor)
+    scale = (n_full or blocks.n) / blocks.n
+    w, b, iters, val_score = fit(blocks, n_outputs, lam * scale, init=init, monitor=monitor)
     fits[lam] = (w, b, val_score)
-    seconds = time.perf_counter() - started
-    C = 1.0 / (lam * blocks.n)
-    path.append(
-        {"lam": lam, "C": C, "val_score": val_score, "iterations": iters, "seconds": seconds}
-    )
+    path.append({
+        "stage": stage, "rows": blocks.n, "lam": lam, "C": 1.0 / (lam * (n_full or blocks.n)),
+        "val_score": val_score, "iterations": iters, "seconds": time.perf_counter() - started,
+    })  # fmt: skip
     return w, b
