@@ -282,6 +282,8 @@ def probe(
         f"({s.seconds:.1f} s).",
         highlight=False,
     )
+    if s.unlabeled_rows_dropped:
+        err.print(f"  note: {s.unlabeled_rows_dropped} unlabeled row(s) (label -1) were left out")
     if s.unseen_test_classes:
         err.print(f"  note: test classes absent from train (always wrong): {s.unseen_test_classes}")
     columns = [c for c in PROBE_COLUMNS if any(c in row for row in s.table)]

@@ -102,6 +102,7 @@ class ProbeData:
     feature_key: str
     backbone: str
     unseen_test_classes: list[int]
+    unlabeled_rows_dropped: int = 0
 
     def metrics(self, scores: np.ndarray) -> dict[str, float]:
         if self.multilabel:
@@ -125,6 +126,7 @@ class ProbeSummary:
     units_run: int = 0
     units_skipped: int = 0
     unseen_test_classes: list[int] = field(default_factory=list)
+    unlabeled_rows_dropped: int = 0
     table: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -145,6 +147,7 @@ def probe(config: ProbeConfig) -> ProbeSummary:
     table = ResultsTable.open(config.results)
     summary = ProbeSummary(config.dataset, data.backbone, data.feature_key, str(table.directory))
     summary.unseen_test_classes = data.unseen_test_classes
+    summary.unlabeled_rows_dropped = data.unlabeled_rows_dropped
     context = {"run_id": uuid.uuid4().hex[:12], "versions": library_versions()}
     for method in config.methods:
         unit = _linear_unit(config, device) if method == "linear" else _knn_unit(config, device)
@@ -193,43 +196,52 @@ def _rows(
 
 
 def load_probe_data(config: ProbeConfig) -> ProbeData:
-    """Select the feature sets, load valid rows, and check the labels are usable."""
+    """Select the feature sets, load valid labeled rows, and check the labels are usable."""
     store = open_store(config.store, storage_options=config.storage_options or None)
     sets = select_feature_sets(
         store, dataset=config.dataset, backbone=config.backbone, feature=config.feature,
         splits=(config.train_split, config.test_split), optional=(config.val_split,),
     )  # fmt: skip
     stream = _should_stream(config, sets)
-    train, y_train, _ = load_rows(sets[config.train_split], stream=stream)
-    test, y_test, _ = load_rows(sets[config.test_split], stream=stream)
+    dropped = 0
+
+    def labeled(split: str) -> tuple[Features, np.ndarray]:
+        nonlocal dropped
+        rows, y, _ = load_rows(sets[split], stream=stream)
+        keep = np.flatnonzero(y >= 0) if y.ndim == 1 else np.arange(len(y))
+        dropped += len(y) - len(keep)
+        return (rows, y) if len(keep) == len(y) else (rows.take(keep), y[keep])
+
+    train, y_train = labeled(config.train_split)
+    test, y_test = labeled(config.test_split)
     if config.val_split in sets and config.val_split != config.train_split:
-        val, y_val, _ = load_rows(sets[config.val_split], stream=stream)
+        val, y_val = labeled(config.val_split)
     else:  # no validation split: a deterministic stratified part of train
         keep, held = holdout(y_train, config.val_fraction)
         val, y_val = train.take(held), y_train[held]
         train, y_train = train.take(keep), y_train[keep]
     first = sets[config.train_split]
     multilabel = y_train.ndim == 2
-    n_outputs = (
-        y_train.shape[1] if multilabel else int(max(y_train.max(), y_test.max(), y_val.max())) + 1
-    )
     _check_labels(first.path, y_train, multilabel)
+    named = len(first.attrs.get("dataset", {}).get("class_names") or [])
+    top = max(int(y.max(initial=-1)) for y in (y_train, y_val, y_test))
+    n_outputs = y_train.shape[1] if multilabel else max(named, top + 1)
     unseen = (
-        sorted(set(np.unique(y_test).tolist()) - set(np.unique(y_train).tolist()))
-        if not multilabel
-        else []
+        []
+        if multilabel
+        else sorted(set(np.unique(y_test).tolist()) - set(np.unique(y_train).tolist()))
     )
     return ProbeData(
         train, y_train, val, y_val, test, y_test, n_outputs, multilabel, first.key,
-        first.attrs["backbone"]["slug"], [int(c) for c in unseen if c >= 0],
+        first.attrs["backbone"]["slug"], [int(c) for c in unseen], dropped,
     )  # fmt: skip
 
 
 def _check_labels(path: str, y: np.ndarray, multilabel: bool) -> None:
-    if not multilabel and (y < 0).any():
+    if len(y) == 0:
         raise SpecError(
-            f"{int((y < 0).sum())} training row(s) of '{path}' are unlabeled (-1). Probes need "
-            "labels; label them in the manifest or drop them."
+            f"The training split of '{path}' has no labeled rows. Probes need labels: use a "
+            "folder with class sub-folders or a manifest with a label column."
         )
     if not multilabel and len(np.unique(y)) < 2:
         raise SpecError(

@@ -129,6 +129,20 @@ def test_class_absent_from_train_is_reported_not_fatal(tmp_path: Path) -> None:
     assert 0.6 < top1 < 0.8  # class 3 (a quarter of test) is always wrong
 
 
+def test_unlabeled_rows_are_left_out_and_counted(tmp_path: Path) -> None:
+    x, y = blobs(400, classes=4, dim=8)
+    y = y.copy()
+    y[:10] = -1  # train
+    y[390:] = -1  # test
+    write_feature_sets(
+        tmp_path / "s",
+        {"train": (x[:300], y[:300]), "val": (x[300:350], y[300:350]), "test": (x[350:], y[350:])},
+    )
+    summary = probe(config(tmp_path / "s", tmp_path, methods=("knn",), ks=(5,)))
+    assert summary.unlabeled_rows_dropped == 20
+    assert float(summary.table[0]["top1"]) == 1.0
+
+
 def test_single_class_nan_features_and_too_many_shots(tmp_path: Path) -> None:
     x, y = blobs(200, classes=4, dim=8)
     write_feature_sets(tmp_path / "one", {"train": (x, np.zeros(200, np.int64)), "test": (x, y)})
