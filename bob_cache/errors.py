@@ -78,6 +78,36 @@ class SpecMismatchError(StoreError, ValueError):
     """An existing feature set was written with a different spec or layout."""
 
 
+class IndexNotFoundError(StoreError, KeyError):
+    """No retrieval index of that name beside the feature set."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class StaleIndexError(StoreError, ValueError):
+    """An index that no longer matches its feature set (re-extracted or repaired rows)."""
+
+
+class IndexMismatchError(StoreError, ValueError):
+    """An index built from another feature set than the one being queried."""
+
+
+class QueryError(BobCacheError, ValueError):
+    """A query that cannot be answered as given (unknown id, wrong dimension, bad k, ...)."""
+
+
+class UnknownIdError(QueryError, KeyError):
+    """A query id that names no stored row."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class GroundTruthError(BobCacheError, ValueError):
+    """A retrieval ground-truth file that is missing, malformed or does not fit the store."""
+
+
 class DeviceError(BobCacheError, RuntimeError):
     """A requested device (or precision) that this machine does not have."""
 

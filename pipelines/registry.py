@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -9,6 +10,14 @@ from bob_cache.errors import BobCacheError, did_you_mean
 
 Stage = Callable[..., Any]
 _STAGES: dict[str, Stage] = {}
+# Stage modules register themselves on import; they are imported on first lookup so that
+# `import bob_cache` stays light (torch, faiss and zarr load only when a stage runs).
+_STAGE_MODULES = ("extract", "probe", "index", "query", "retrieval_eval")
+
+
+def _load_stages() -> None:
+    for module in _STAGE_MODULES:
+        importlib.import_module(f"bob_cache.pipelines.{module}")
 
 
 def register_stage(name: str) -> Callable[[Stage], Stage]:
@@ -23,8 +32,7 @@ def register_stage(name: str) -> Callable[[Stage], Stage]:
 
 def get_stage(name: str) -> Stage:
     """The stage called ``name``."""
-    from bob_cache.pipelines import extract  # noqa: F401  (registers)
-
+    _load_stages()
     if name not in _STAGES:
         raise BobCacheError(
             f"Unknown stage '{name}'.{did_you_mean(name, _STAGES)} Known: {', '.join(_STAGES)}."
@@ -34,6 +42,5 @@ def get_stage(name: str) -> Stage:
 
 def list_stages() -> list[str]:
     """Names of the registered stages."""
-    from bob_cache.pipelines import extract  # noqa: F401
-
+    _load_stages()
     return sorted(_STAGES)

@@ -42,12 +42,16 @@ def test_wheel_holds_only_the_bob_cache_package(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names}
     assert top == {"bob_cache", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}
-    for module in (
-        "bob_cache/pipelines/extract.py",
-        "bob_cache/stores/feature_set.py",
-        "bob_cache/cli.py",
+    expected = {"bob_cache/cli.py"}
+    for folder, installed in (
+        ("bob_cache", "bob_cache"),
+        ("pipelines", "bob_cache/pipelines"),
+        ("stores", "bob_cache/stores"),
     ):
-        assert module in names
+        for source in (REPO / folder).rglob("*.py"):
+            expected.add(f"{installed}/{source.relative_to(REPO / folder).as_posix()}")
+    missing = sorted(expected - set(names))
+    assert not missing, f"modules left out of the wheel: {missing}"
     assert not any(n.startswith("tests/") for n in names)
 
 

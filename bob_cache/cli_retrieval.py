@@ -1,0 +1,341 @@
+"""Retrieval commands: ``index build|update|ls``, ``query``, ``serve``, ``retrieval-eval``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from bob_cache.cli_common import (
+    DeviceOpt,
+    JsonOpt,
+    StoreOpt,
+    err,
+    out,
+    print_json,
+    print_table,
+    user_errors,
+)
+
+DatasetOpt = Annotated[str, typer.Option(help="Dataset name (see `bob-cache ls`).")]
+BackboneOpt = Annotated[str, typer.Option(help="Backbone name or label used at extraction.")]
+FeatureOpt = Annotated[
+    str | None, typer.Option(help="Feature key (a unique prefix) when several match.")
+]
+SplitOpt = Annotated[str, typer.Option(help="Split that forms the searchable database.")]
+IndexNameOpt = Annotated[
+    str | None, typer.Option("--index", help="Index name (default: the newest one).")
+]
+RESULT_COLUMNS = ("query", "rank", "id", "class", "score")
+INDEX_COLUMNS = ("name", "kind", "metric", "rows", "search_param", "search_value", "recall")
+
+index_app = typer.Typer(
+    help="Build and update FAISS indexes stored beside their feature sets.",
+    no_args_is_help=True,
+)
+
+
+@index_app.command(
+    "build",
+    epilog="Example: bob-cache index build --store ./bob-store --dataset digits "
+    "--backbone resnet18 --kind auto --max-memory 4GB",
+)
+@user_errors
+def index_build(
+    dataset: DatasetOpt,
+    backbone: BackboneOpt,
+    store: StoreOpt = "bob-store",
+    feature: FeatureOpt = None,
+    split: SplitOpt = "train",
+    kind: Annotated[str, typer.Option(help="auto, flat, hnsw, ivf or ivfpq.")] = "auto",
+    metric: Annotated[str, typer.Option(help="cosine or l2.")] = "cosine",
+    max_memory: Annotated[
+        str | None, typer.Option(help="Memory budget of the index, e.g. 4GB (auto fits it).")
+    ] = None,
+    target_recall: Annotated[
+        float, typer.Option(help="Recall@k the search parameter is tuned to reach.")
+    ] = 0.95,
+    k: Annotated[int, typer.Option("-k", help="k of the recall target.")] = 10,
+    nlist: Annotated[int | None, typer.Option(help="IVF lists (default ≈ 4·√rows).")] = None,
+    m: Annotated[
+        int | None, typer.Option("--pq-bytes", help="ivfpq code bytes (must divide the dim).")
+    ] = None,
+    hnsw_m: Annotated[int | None, typer.Option(help="HNSW links per node (default 32).")] = None,
+    name: Annotated[str | None, typer.Option(help="Index name (default: the kind).")] = None,
+    gpu: Annotated[
+        bool | None,
+        typer.Option("--gpu/--no-gpu", help="faiss-gpu (default: when it sees a GPU)."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild an existing index.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build a FAISS index of a feature set, tuned for a target recall."""
+    from bob_cache.pipelines import get_stage
+    from bob_cache.pipelines.index import IndexConfig
+
+    params = {"nlist": nlist, "m": m, "M": hnsw_m}
+    config = IndexConfig(
+        store=store, dataset=dataset, backbone=backbone, feature=feature, split=split,
+        kind=kind, metric=metric, max_memory=max_memory, target_recall=target_recall, k=k,
+        name=name, params={p: v for p, v in params.items() if v is not None}, gpu=gpu,
+        force=force, quiet=quiet or as_json,
+    )  # fmt: skip
+    _print_index(get_stage("index")(config), as_json)
+
+
+@index_app.command(
+    "update",
+    epilog="Example: bob-cache index update --store ./bob-store --dataset digits "
+    "--backbone resnet18",
+)
+@user_errors
+def index_update(
+    dataset: DatasetOpt,
+    backbone: BackboneOpt,
+    store: StoreOpt = "bob-store",
+    feature: FeatureOpt = None,
+    split: SplitOpt = "train",
+    index: IndexNameOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Add the feature set's newly committed rows to an existing index."""
+    from bob_cache.pipelines import get_stage
+    from bob_cache.pipelines.index import IndexConfig
+
+    config = IndexConfig(
+        store=store, dataset=dataset, backbone=backbone, feature=feature, split=split,
+        name=index, update=True, quiet=quiet or as_json,
+    )  # fmt: skip
+    _print_index(get_stage("index")(config), as_json)
+
+
+@index_app.command("ls", epilog="Example: bob-cache index ls ./bob-store")
+@user_errors
+def index_ls(
+    store: Annotated[str, typer.Argument(help="Store directory or fsspec URL.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """List the indexes in a store."""
+    from bob_cache.stores import open_store
+    from bob_cache.stores.index_store import list_indexes
+
+    rows = [
+        {"group": fs.path, **r.to_dict()}
+        for fs in open_store(store).feature_sets()
+        for r in list_indexes(fs)
+    ]
+    if as_json:
+        print_json(rows)
+    elif not rows:
+        out.print(f"Store '{store}' holds no indexes yet. Build one with `bob-cache index build`.")
+    else:
+        print_table(rows, ("group", *INDEX_COLUMNS, "bytes"))
+
+
+def _print_index(summary: Any, as_json: bool) -> None:
+    if as_json:
+        print_json(summary.to_dict())
+        return
+    r = summary.record
+    verb = {
+        "exists": "already exists (pass --force to rebuild)",
+        "up-to-date": "is up to date",
+    }.get(summary.action, summary.action)
+    out.print(
+        f"Index [bold]{r['name']}[/] ({r['kind']}, {r['metric']}) of {summary.group} {verb}: "
+        f"{r['rows']} rows, {r['bytes'] / 2**20:.1f} MiB, {summary.seconds:.1f} s.",
+        highlight=False,
+    )
+    if r["search_param"]:
+        reached = "" if r["recall"] >= r["target_recall"] else " [bold red](target not reached)[/]"
+        out.print(
+            f"  {r['search_param']}={r['search_value']}: recall@{r['recall_k']} "
+            f"{r['recall']:.3f} on {r['recall_queries']} held-out queries "
+            f"(target {r['target_recall']}){reached}",
+            highlight=False,
+        )
+    if r.get("reason") and r["reason"] != "requested":
+        out.print(f"  auto: {r['reason']}", highlight=False)
+
+
+@user_errors
+def query(
+    dataset: DatasetOpt,
+    backbone: BackboneOpt,
+    store: StoreOpt = "bob-store",
+    image: Annotated[list[Path] | None, typer.Option(help="Query image file (repeatable).")] = None,
+    id_: Annotated[
+        list[str] | None, typer.Option("--id", help="Stored row id (repeatable).")
+    ] = None,
+    vectors: Annotated[Path | None, typer.Option(help=".npy file of (N, D) query vectors.")] = None,
+    k: Annotated[int, typer.Option("-k", help="Neighbours per query.")] = 10,
+    feature: FeatureOpt = None,
+    split: SplitOpt = "train",
+    index: IndexNameOpt = None,
+    weights: Annotated[
+        str | None, typer.Option(help="Checkpoint, when the recorded weights file moved.")
+    ] = None,
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Find the nearest stored images to query images, stored ids or vectors."""
+    from bob_cache.errors import QueryError
+    from bob_cache.pipelines import get_stage
+    from bob_cache.pipelines.query import QueryConfig
+
+    given = [o for o, v in (("--image", image), ("--id", id_), ("--vectors", vectors)) if v]
+    if len(given) != 1:
+        raise QueryError(
+            f"Pass exactly one of --image, --id or --vectors (got {', '.join(given) or 'none'})."
+        )
+    searcher = get_stage("query")(
+        QueryConfig(store, dataset, backbone, feature, split, index, weights, device)
+    )
+    if image:
+        table = searcher.search_images([str(p) for p in image], k)
+        names = [str(p) for p in image]
+    elif id_:
+        table = searcher.search_ids(id_, k)
+        names = list(id_)
+    else:
+        table = searcher.search_vectors(_load_vectors(vectors), k)
+        names = [f"vector {i}" for i in range(int(table["query"].max()) + 1)]
+    if searcher.pending_shards:
+        err.print(
+            f"  note: {len(searcher.pending_shards)} committed shard(s) are not indexed yet; "
+            "run `bob-cache index update` to search them too."
+        )
+    table["query"] = [names[q] for q in table["query"]]
+    records = table.drop(columns=["query_id"], errors="ignore").to_dict(orient="records")
+    if as_json:
+        print_json(records)
+    else:
+        print_table(records, (*RESULT_COLUMNS[:2], "id", "label", "class", "score"))
+
+
+def _load_vectors(path: Path | None) -> Any:
+    import numpy as np
+
+    from bob_cache.errors import DataNotFoundError, QueryError
+
+    if path is None or not path.is_file():
+        raise DataNotFoundError(f"Vectors file '{path}' does not exist. Pass a .npy file.")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise QueryError(
+            f"Cannot read '{path}' as a .npy array ({exc}). Save vectors with numpy.save."
+        ) from exc
+
+
+@user_errors
+def serve(
+    dataset: DatasetOpt,
+    backbone: BackboneOpt,
+    store: StoreOpt = "bob-store",
+    feature: FeatureOpt = None,
+    split: SplitOpt = "train",
+    index: IndexNameOpt = None,
+    weights: Annotated[
+        str | None, typer.Option(help="Checkpoint, when the recorded weights file moved.")
+    ] = None,
+    device: DeviceOpt = "cpu",
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest request body.")] = 20.0,
+    max_batch: Annotated[int, typer.Option(help="Most queries per request.")] = 256,
+) -> None:
+    """Serve nearest-neighbour queries over HTTP (JSON; see the README for the endpoints)."""
+    from bob_cache.pipelines import get_stage
+    from bob_cache.pipelines.query import QueryConfig
+    from bob_cache.pipelines.serve import serve as run_server
+
+    searcher = get_stage("query")(
+        QueryConfig(store, dataset, backbone, feature, split, index, weights, device)
+    )
+    err.print(
+        f"Serving {searcher.fs.path} ({searcher.record.kind} index, {searcher.n_indexed} rows) "
+        f"on http://{host}:{port} — GET /health, POST /query/image|id|vector. Ctrl-C stops.",
+        highlight=False,
+    )
+    run_server(searcher, host=host, port=port, max_upload_mb=max_upload_mb, max_batch=max_batch)
+
+
+@user_errors
+def retrieval_eval(
+    dataset: DatasetOpt,
+    backbone: BackboneOpt,
+    store: StoreOpt = "bob-store",
+    feature: FeatureOpt = None,
+    split: SplitOpt = "train",
+    protocol: Annotated[str, typer.Option(help="classes or gnd.")] = "classes",
+    gnd: Annotated[
+        str | None,
+        typer.Option(
+            help='Ground truth (JSON {"imlist", "qimlist", "gnd": [{"easy","hard","junk"}]} '
+            "or a revisitop gnd_*.pkl) for --protocol gnd."
+        ),
+    ] = None,
+    query_split: Annotated[
+        str | None, typer.Option(help="gnd: split holding the query images (default --split).")
+    ] = None,
+    query_fraction: Annotated[
+        float, typer.Option(help="classes: share of each class used as queries.")
+    ] = 0.2,
+    seed: Annotated[int, typer.Option(help="classes: seed of the query draw.")] = 0,
+    metric: Annotated[str, typer.Option(help="cosine or l2.")] = "cosine",
+    results: Annotated[
+        str | None, typer.Option(envvar="BOB_CACHE_RESULTS", help="Results directory.")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Rerun a config already in results.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Retrieval mAP, precision/recall@{1,5,10} and MRR from cached features."""
+    from bob_cache.pipelines import get_stage
+    from bob_cache.pipelines.retrieval_eval import RetrievalEvalConfig
+
+    config = RetrievalEvalConfig(
+        store=store, dataset=dataset, backbone=backbone, feature=feature, split=split,
+        protocol=protocol, gnd=gnd, query_split=query_split, query_fraction=query_fraction,
+        seed=seed, metric=metric, results=results, force=force,
+    )  # fmt: skip
+    s = get_stage("retrieval-eval")(config)
+    if as_json:
+        print_json(s.to_dict())
+        return
+    state = "already in" if s.skipped else "added to"
+    out.print(
+        f"Retrieval on [bold]{s.dataset}[/] × [bold]{s.backbone}[/] ({s.protocol}, "
+        f"{s.database_rows} database rows): {state} {s.results} ({s.seconds:.1f} s).",
+        highlight=False,
+    )
+    rows = [
+        {"method": method, "queries": s.queries.get(method, "—"), **{
+            m: f"{v:.4f}" for m, v in values.items()}}
+        for method, values in s.metrics.items()
+    ]  # fmt: skip
+    metrics = ("map", "precision@1", "precision@5", "precision@10", "recall@10", "mrr")
+    print_table(rows, ("method", "queries", *metrics))
+
+
+def register_retrieval_commands(app: typer.Typer) -> None:
+    """Add the retrieval commands to the main app."""
+    app.add_typer(index_app, name="index")
+    app.command(
+        epilog="Example: bob-cache query --store ./bob-store --dataset digits --backbone "
+        "resnet18 --image cat.jpg -k 5"
+    )(query)
+    app.command(
+        epilog="Example: bob-cache serve --store ./bob-store --dataset digits --backbone "
+        "resnet18 --port 8000"
+    )(serve)
+    app.command(
+        "retrieval-eval",
+        epilog="Example: bob-cache retrieval-eval --store ./bob-store --dataset digits "
+        "--backbone resnet18 --protocol classes",
+    )(retrieval_eval)

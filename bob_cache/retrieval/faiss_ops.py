@@ -1,0 +1,172 @@
+"""FAISS operations every index kind shares: vectors in, index built, searched and tuned.
+
+``faiss`` is imported inside the functions: it is heavy and only retrieval stages need it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bob_cache.retrieval.kinds import IndexKind
+
+
+def prepare(vectors: np.ndarray, metric: str) -> np.ndarray:
+    """float32, C-contiguous, L2-normalized for cosine (so inner product is cosine)."""
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if metric == "cosine":
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return x
+
+
+def faiss_metric(metric: str) -> int:
+    import faiss
+
+    return faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+
+
+def create_index(kind: IndexKind, dim: int, metric: str, params: dict[str, Any]) -> Any:
+    """An empty (untrained) FAISS index of ``kind``."""
+    import faiss
+
+    index = faiss.index_factory(dim, kind.factory(params), faiss_metric(metric))
+    if "efConstruction" in params:
+        faiss.downcast_index(faiss.downcast_index(index).index).hnsw.efConstruction = params[
+            "efConstruction"
+        ]
+    return index
+
+
+def gpu_available() -> bool:
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def to_gpu(index: Any) -> Any:
+    """A GPU copy of ``index`` (faiss-gpu); the caller checked :func:`gpu_available`."""
+    import faiss
+
+    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+
+
+def to_cpu(index: Any) -> Any:
+    import faiss
+
+    return faiss.index_gpu_to_cpu(index) if "Gpu" in type(index).__name__ else index
+
+
+def set_search_param(index: Any, kind: IndexKind, value: int | None) -> None:
+    """Set the kind's speed/recall knob (``nprobe``, ``efSearch``) on ``index``."""
+    if kind.search_param is None or value is None:
+        return
+    import faiss
+
+    if "Gpu" in type(index).__name__:
+        faiss.GpuParameterSpace().set_index_parameter(index, kind.search_param, value)
+    else:
+        faiss.ParameterSpace().set_index_parameter(index, kind.search_param, value)
+
+
+def serialize(index: Any) -> np.ndarray:
+    import faiss
+
+    return faiss.serialize_index(to_cpu(index))
+
+
+def deserialize(data: np.ndarray) -> Any:
+    import faiss
+
+    return faiss.deserialize_index(np.ascontiguousarray(data, dtype=np.uint8))
+
+
+def exact_neighbours(
+    queries: np.ndarray, chunks: Iterable[tuple[np.ndarray, np.ndarray]], k: int, metric: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` (scores, ids) of ``queries`` over ``(vectors, ids)`` chunks, streamed."""
+    import faiss
+
+    keep_max = metric == "cosine"
+    heap = faiss.ResultHeap(len(queries), k, keep_max=keep_max)
+    for vectors, ids in chunks:
+        if not len(vectors):
+            continue
+        kk = min(k, len(vectors))
+        scores, rows = faiss.knn(queries, vectors, kk, metric=faiss_metric(metric))
+        found = np.where(rows >= 0, ids[np.clip(rows, 0, None)], -1)
+        if kk < k:
+            pad = ((0, 0), (0, k - kk))
+            scores = np.pad(scores, pad, constant_values=-np.inf if keep_max else np.inf)
+            found = np.pad(found, pad, constant_values=-1)
+        heap.add_result(np.ascontiguousarray(scores), np.ascontiguousarray(found))
+    heap.finalize()
+    return heap.D, heap.I
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Mean share of each query's true top-``k`` ids that ``found`` returned in its top ``k``."""
+    hits = [
+        len(set(f[:k][f[:k] >= 0].tolist()) & set(t[:k][t[:k] >= 0].tolist()))
+        / max(1, int((t[:k] >= 0).sum()))
+        for f, t in zip(found, truth, strict=True)
+    ]
+    return float(np.mean(hits)) if hits else 1.0
+
+
+@dataclass
+class Tuning:
+    """The search parameter chosen for a target recall, and the sweep that chose it."""
+
+    value: int | None
+    recall: float
+    target: float
+    reached: bool
+    sweep: list[dict[str, float]] = field(default_factory=list)
+
+
+def tune(
+    index: Any,
+    kind: IndexKind,
+    queries: np.ndarray,
+    truth: np.ndarray,
+    *,
+    k: int,
+    target: float,
+    search: Callable[[np.ndarray, int], np.ndarray] | None = None,
+) -> Tuning:
+    """Smallest sweep value whose recall@k on ``queries`` reaches ``target`` (else the best).
+
+    ``search(queries, k) → ids`` defaults to ``index.search``; the index stage passes one
+    that leaves each query's own row out.
+    """
+    search = search or (lambda q, kk: index.search(q, kk)[1])
+    if kind.exact:
+        return Tuning(None, 1.0, target, True)
+    limit = _param_limit(index, kind)
+    values = [v for v in kind.sweep if v <= limit] or [kind.sweep[0]]
+    rows: list[dict[str, float]] = []
+    for value in values:
+        set_search_param(index, kind, value)
+        started = time.perf_counter()
+        found = search(queries, k)
+        seconds = time.perf_counter() - started
+        recall = recall_at_k(found, truth, k)
+        rows.append({"value": value, "recall": recall, "qps": len(queries) / max(seconds, 1e-9)})
+        if recall >= target:
+            return Tuning(value, recall, target, True, rows)
+    best = max(rows, key=lambda r: r["recall"])
+    set_search_param(index, kind, int(best["value"]))
+    return Tuning(int(best["value"]), best["recall"], target, False, rows)
+
+
+def _param_limit(index: Any, kind: IndexKind) -> int:
+    import faiss
+
+    if kind.search_param == "nprobe":
+        nlist = getattr(index, "nlist", None)  # GPU IVF indexes expose it directly
+        return int(nlist if nlist is not None else faiss.extract_index_ivf(index).nlist)
+    return max(kind.sweep)

@@ -1,0 +1,134 @@
+"""Index kinds: a registry of FAISS index families, each with its factory string, memory
+cost, and the search parameter that trades speed for recall.
+
+Every kind maps stored row numbers to FAISS ids (``IDMap2`` where the family has no ids of
+its own), so invalid rows can be left out and new shards added later without renumbering.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bob_cache.errors import SpecError, did_you_mean
+
+METRICS = ("cosine", "l2")
+
+
+@dataclass(frozen=True)
+class IndexKind:
+    """One FAISS index family.
+
+    Attributes:
+        name: the ``--kind`` value.
+        factory: ``params → faiss.index_factory string``.
+        bytes_per_row: ``(dim, params) → bytes`` held per stored vector (codes, ids, links).
+        search_param: FAISS parameter swept to reach a target recall (None: exact).
+        sweep: values of ``search_param``, cheapest first.
+        defaults: ``(n_rows, dim) → build parameters``.
+        gpu: whether faiss-gpu can hold this family.
+    """
+
+    name: str
+    factory: Callable[[dict[str, Any]], str]
+    bytes_per_row: Callable[[int, dict[str, Any]], float]
+    search_param: str | None = None
+    sweep: tuple[int, ...] = ()
+    defaults: Callable[[int, int], dict[str, Any]] = field(default=lambda n, d: {})
+    gpu: bool = True
+
+    @property
+    def exact(self) -> bool:
+        return self.search_param is None
+
+
+def default_nlist(n_rows: int) -> int:
+    """IVF lists: about 4·√N, a power of two, between 1 and N/39 (FAISS wants ≥39 rows each)."""
+    target = 4 * math.sqrt(max(n_rows, 1))
+    nlist = 2 ** max(0, round(math.log2(target)))
+    return int(max(1, min(nlist, n_rows // 39 or 1)))
+
+
+def pq_subquantizers(dim: int, bytes_per_vector: float) -> int | None:
+    """Largest PQ code size (bytes, 8 bits each) that divides ``dim`` and fits the budget."""
+    fitting = [m for m in range(1, dim + 1) if dim % m == 0 and m <= bytes_per_vector and m <= 96]
+    return max(fitting) if fitting else None
+
+
+_ID_BYTES = 8
+_KINDS: dict[str, IndexKind] = {}
+
+
+def register_kind(kind: IndexKind) -> IndexKind:
+    _KINDS[kind.name] = kind
+    return kind
+
+
+register_kind(
+    IndexKind(
+        "flat",
+        factory=lambda p: "IDMap2,Flat",
+        bytes_per_row=lambda d, p: 4 * d + 2 * _ID_BYTES,
+    )
+)
+register_kind(
+    IndexKind(
+        "hnsw",
+        factory=lambda p: f"IDMap2,HNSW{p['M']},Flat",
+        # vectors + ~2M level-0 links (int32) + upper levels + the id maps
+        bytes_per_row=lambda d, p: 4 * d + p["M"] * 2 * 4 * 1.05 + 2 * _ID_BYTES + 8,
+        search_param="efSearch",
+        sweep=(16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024),
+        defaults=lambda n, d: {"M": 32, "efConstruction": 40},
+        gpu=False,
+    )
+)
+register_kind(
+    IndexKind(
+        "ivf",
+        factory=lambda p: f"IVF{p['nlist']},Flat",
+        bytes_per_row=lambda d, p: 4 * d + _ID_BYTES,
+        search_param="nprobe",
+        sweep=(1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512),
+        defaults=lambda n, d: {"nlist": default_nlist(n)},
+    )
+)
+register_kind(
+    IndexKind(
+        "ivfpq",
+        factory=lambda p: f"IVF{p['nlist']},PQ{p['m']}x8",
+        bytes_per_row=lambda d, p: p["m"] + _ID_BYTES,
+        search_param="nprobe",
+        sweep=(1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512),
+        defaults=lambda n, d: {"nlist": default_nlist(n), "m": pq_subquantizers(d, d / 4) or 1},
+    )
+)
+
+
+def get_kind(name: str) -> IndexKind:
+    """The index kind called ``name``."""
+    if name not in _KINDS:
+        raise SpecError(
+            f"Unknown index kind '{name}'.{did_you_mean(name, _KINDS)} Expected auto or one of "
+            f"{', '.join(_KINDS)}."
+        )
+    return _KINDS[name]
+
+
+def list_kinds() -> list[str]:
+    return list(_KINDS)
+
+
+def parse_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise SpecError(f"Unknown --metric '{metric}'. Expected {' or '.join(METRICS)}.")
+    return metric
+
+
+def estimate_bytes(kind: IndexKind, n_rows: int, dim: int, params: dict[str, Any]) -> int:
+    """Memory the built index holds for ``n_rows`` vectors (codes, links, ids, centroids)."""
+    centroids = params.get("nlist", 0) * dim * 4
+    codebooks = 256 * dim * 4 if "m" in params else 0
+    return int(n_rows * kind.bytes_per_row(dim, params) + centroids + codebooks)

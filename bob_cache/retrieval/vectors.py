@@ -1,0 +1,53 @@
+"""Reading a feature set's rows as search vectors, one shard at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from bob_cache.retrieval.faiss_ops import prepare
+from bob_cache.stores import FeatureSet
+
+
+def committed_shards(fs: FeatureSet) -> list[int]:
+    """Shards whose rows are stored and committed."""
+    return np.flatnonzero(fs.group["shard_committed"][:]).tolist()
+
+
+def shard_vectors(
+    fs: FeatureSet, shards: Sequence[int], metric: str
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(vectors, row ids)`` of each shard's usable rows (valid and finite), ready to index."""
+    for shard in shards:
+        start, stop = fs.layout.shard_bounds(shard, fs.n_rows)
+        x = fs.features[start:stop]
+        usable = fs.group["valid"][start:stop] & np.isfinite(x).all(axis=1)
+        rows = np.flatnonzero(usable)
+        yield prepare(x[rows], metric), (rows + start).astype(np.int64)
+
+
+def sample_rows(
+    fs: FeatureSet, shards: Sequence[int], n: int, metric: str, *, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``n`` usable rows drawn at random (whole shards read in random order)."""
+    rng = np.random.default_rng(seed)
+    xs, ids, have = [], [], 0
+    for x, rows in shard_vectors(fs, rng.permutation(np.asarray(shards, dtype=int)), metric):
+        xs.append(x)
+        ids.append(rows)
+        have += len(rows)
+        if have >= n:
+            break
+    if not xs:
+        return np.zeros((0, fs.dim), np.float32), np.zeros(0, np.int64)
+    x, rows = np.concatenate(xs), np.concatenate(ids)
+    pick = np.sort(rng.choice(len(rows), size=min(n, len(rows)), replace=False))
+    return x[pick], rows[pick]
+
+
+def read_rows(fs: FeatureSet, rows: np.ndarray, metric: str) -> np.ndarray:
+    """Vectors of the given row numbers (any order)."""
+    unique, inverse = np.unique(rows, return_inverse=True)
+    x = fs.features.get_orthogonal_selection((unique, slice(None)))
+    return prepare(np.asarray(x, dtype=np.float32)[inverse], metric)

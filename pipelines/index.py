@@ -1,0 +1,229 @@
+"""The index stage: build a FAISS index beside a feature set, or add newly committed shards.
+
+Build → resolve the kind (``auto`` picks by size and ``--max-memory``), train on a random
+sample when the kind needs it, add every committed shard streamed from the store, then tune
+the search parameter for ``--target-recall`` against exact search on held-out rows and store
+the index with the recall it measured. Update → add only the committed shards the index does
+not cover yet, re-measure, store.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bob_cache.errors import DeviceError, SpecError
+from bob_cache.pipelines.registry import register_stage
+from bob_cache.pipelines.selection import select_feature_sets
+from bob_cache.progress import progress_bar
+from bob_cache.provenance import library_versions, utc_now
+from bob_cache.retrieval import faiss_ops
+from bob_cache.retrieval.auto import parse_memory, resolve_kind
+from bob_cache.retrieval.kinds import get_kind, parse_metric
+from bob_cache.retrieval.vectors import committed_shards, sample_rows, shard_vectors
+from bob_cache.stores import FeatureSet, open_store
+from bob_cache.stores.index_store import (
+    IndexRecord,
+    check_index,
+    get_record,
+    group_exists,
+    read_index_bytes,
+    save_index,
+)
+
+TRAIN_ROWS_PER_LIST = 64
+MAX_TRAIN_ROWS = 300_000
+
+
+@dataclass
+class IndexConfig:
+    """Options of ``bob-cache index build|update``."""
+
+    store: str
+    dataset: str
+    backbone: str
+    feature: str | None = None
+    split: str = "train"
+    kind: str = "auto"
+    metric: str = "cosine"
+    max_memory: str | None = None
+    target_recall: float = 0.95
+    k: int = 10
+    name: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    gpu: bool | None = None  # None: use faiss-gpu when it sees a GPU
+    force: bool = False
+    update: bool = False
+    tune_queries: int = 1000
+    seed: int = 0
+    quiet: bool = False
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        parse_metric(self.metric)
+        if self.kind != "auto":
+            get_kind(self.kind)
+        if not 0 < self.target_recall <= 1:
+            raise SpecError(f"--target-recall must be in (0, 1], got {self.target_recall}.")
+        if self.k < 1:
+            raise SpecError(f"-k must be at least 1, got {self.k}.")
+
+
+@dataclass
+class IndexSummary:
+    """What the stage did, and the index record it stored."""
+
+    group: str
+    action: str  # built | updated | up-to-date | exists
+    record: dict[str, Any]
+    rows_added: int = 0
+    pending_rows: int = 0
+    sweep: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@register_stage("index")
+def build_index(config: IndexConfig) -> IndexSummary:
+    """Build (or with ``config.update``, extend) the index of one feature set."""
+    started = time.perf_counter()
+    store = open_store(config.store, mode="a", storage_options=config.storage_options or None)
+    (fs,) = select_feature_sets(
+        store, dataset=config.dataset, backbone=config.backbone, feature=config.feature,
+        splits=(config.split,),
+    ).values()  # fmt: skip
+    summary = _update(config, fs) if config.update else _build(config, fs)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _build(config: IndexConfig, fs: FeatureSet) -> IndexSummary:
+    shards = committed_shards(fs)
+    if not shards:
+        raise SpecError(
+            f"Feature set '{fs.path}' has no committed rows yet. Run `bob-cache extract` first."
+        )
+    max_memory = parse_memory(config.max_memory)
+    choice = resolve_kind(
+        config.kind, fs.n_rows, fs.dim, max_memory=max_memory, params=config.params
+    )
+    name = config.name or (choice.kind.name if config.kind != "auto" else "auto")
+    if group_exists(fs, name) and not config.force:
+        record = get_record(fs, name)
+        return IndexSummary(fs.path, "exists", record.to_dict())
+    started = time.perf_counter()
+    index = faiss_ops.create_index(choice.kind, fs.dim, config.metric, choice.params)
+    index = _maybe_gpu(index, choice.kind, config.gpu)
+    if not index.is_trained:
+        n_train = min(MAX_TRAIN_ROWS, TRAIN_ROWS_PER_LIST * choice.params.get("nlist", 1) * 4)
+        x, _ = sample_rows(fs, shards, max(n_train, 10_000), config.metric, seed=config.seed)
+        index.train(x)
+    added = _add(index, fs, shards, config)
+    tuning = _tune(index, fs, shards, choice.kind, config)
+    record = IndexRecord(
+        name=name, kind=choice.kind.name, metric=config.metric, params=choice.params,
+        feature_key=fs.key, feature_set=fs.path, feature_set_created=fs.attrs["created"],
+        shards=shards, rows=added, dim=fs.dim, search_param=choice.kind.search_param,
+        search_value=tuning.value, recall=tuning.recall, target_recall=config.target_recall,
+        recall_k=config.k, recall_queries=tuning.queries, reason=choice.reason,
+        versions=_versions(), created=utc_now(),
+    )  # fmt: skip
+    data = faiss_ops.serialize(index)
+    record.bytes = int(data.nbytes)
+    record.build_seconds = round(time.perf_counter() - started, 3)
+    save_index(fs, record, data)
+    return IndexSummary(fs.path, "built", record.to_dict(), added, sweep=tuning.sweep)
+
+
+def _update(config: IndexConfig, fs: FeatureSet) -> IndexSummary:
+    record = get_record(fs, config.name)
+    pending = check_index(fs, record)
+    if not pending:
+        return IndexSummary(fs.path, "up-to-date", record.to_dict())
+    started = time.perf_counter()
+    kind = get_kind(record.kind)
+    index = faiss_ops.deserialize(read_index_bytes(fs, record.name))
+    index = _maybe_gpu(index, kind, config.gpu)
+    added = _add(index, fs, pending, config)
+    config.target_recall, config.k = record.target_recall, record.recall_k
+    shards = sorted(record.shards + pending)
+    tuning = _tune(index, fs, shards, kind, config)
+    record.shards, record.rows = shards, record.rows + added
+    record.search_value, record.recall = tuning.value, tuning.recall
+    record.recall_queries, record.versions, record.created = tuning.queries, _versions(), utc_now()
+    data = faiss_ops.serialize(index)
+    record.bytes = int(data.nbytes)
+    record.build_seconds = round(record.build_seconds + time.perf_counter() - started, 3)
+    save_index(fs, record, data)
+    return IndexSummary(fs.path, "updated", record.to_dict(), added, sweep=tuning.sweep)
+
+
+def _add(index: Any, fs: FeatureSet, shards: list[int], config: IndexConfig) -> int:
+    added = 0
+    with progress_bar(len(shards), desc=f"index {fs.path}", quiet=config.quiet) as bar:
+        for x, rows in shard_vectors(fs, shards, config.metric):
+            if len(rows):
+                index.add_with_ids(x, rows)
+            added += len(rows)
+            bar.update(1)
+    return added
+
+
+@dataclass
+class _Tuned:
+    value: int | None
+    recall: float
+    queries: int
+    sweep: list[dict[str, float]]
+
+
+def _tune(index: Any, fs: FeatureSet, shards: list[int], kind: Any, config: IndexConfig) -> _Tuned:
+    """Tune on indexed rows used as queries, each excluded from its own neighbour lists."""
+    if kind.exact:
+        return _Tuned(None, 1.0, 0, [])
+    queries, own = sample_rows(fs, shards, config.tune_queries, config.metric, seed=config.seed + 1)
+    k = config.k
+    _, truth = faiss_ops.exact_neighbours(
+        queries, shard_vectors(fs, shards, config.metric), k + 1, config.metric
+    )
+    truth = drop_self(truth, own, k)
+
+    def search(q: np.ndarray, kk: int) -> np.ndarray:  # like the truth: the query row dropped
+        return drop_self(index.search(q, kk + 1)[1], own, kk)
+
+    tuning = faiss_ops.tune(
+        index, kind, queries, truth, k=k, target=config.target_recall, search=search
+    )
+    return _Tuned(tuning.value, tuning.recall, len(queries), tuning.sweep)
+
+
+def drop_self(found: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
+    """Each row's first ``k`` ids other than its own (``-1``-padded)."""
+    out = np.full((len(found), k), -1, dtype=np.int64)
+    for i, (row, me) in enumerate(zip(found, own, strict=True)):
+        others = row[row != me][:k]
+        out[i, : len(others)] = others
+    return out
+
+
+def _maybe_gpu(index: Any, kind: Any, gpu: bool | None) -> Any:
+    if gpu is False:
+        return index
+    available = faiss_ops.gpu_available()
+    if gpu and not available:
+        raise DeviceError(
+            "--gpu was requested but faiss sees no GPU. Install the gpu extra "
+            "(pip install 'bob-cache[gpu]') on a CUDA machine, or drop --gpu."
+        )
+    return faiss_ops.to_gpu(index) if available and kind.gpu else index
+
+
+def _versions() -> dict[str, str]:
+    import faiss
+
+    return {**library_versions(), "faiss": faiss.__version__}

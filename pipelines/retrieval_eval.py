@@ -1,0 +1,256 @@
+"""The retrieval-eval stage: BoB's image-retrieval numbers from cached features.
+
+``classes``: a deterministic stratified ``--query-fraction`` of each class of the split is
+the query set, the rest the database; relevant = same class. ``gnd``: queries and database
+are named by a Revisited Oxford/Paris ground-truth file; database rows it does not name act
+as distractors (the R1M setting); Easy, Medium and Hard are reported. Ranking is exact
+(every database row scored), so the numbers measure the features, not an index.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bob_cache.errors import GroundTruthError, SpecError
+from bob_cache.hashing import stable_hash
+from bob_cache.pipelines.registry import register_stage
+from bob_cache.pipelines.selection import select_feature_sets
+from bob_cache.probes import holdout
+from bob_cache.probes.features import load_rows
+from bob_cache.provenance import library_versions, utc_now
+from bob_cache.retrieval.faiss_ops import prepare
+from bob_cache.retrieval.gnd import PROTOCOLS, GroundTruth, load_ground_truth, match_names
+from bob_cache.retrieval.kinds import parse_metric
+from bob_cache.retrieval.metrics import (
+    classes_block_metrics,
+    gnd_query_metrics,
+    mean_block_metrics,
+    mean_metrics,
+)
+from bob_cache.stores import FeatureSet, open_store
+from bob_cache.stores.results import ResultsTable
+
+EVAL_PROTOCOLS = ("classes", "gnd")
+_BLOCK = 256  # queries scored per matrix product
+
+
+@dataclass
+class RetrievalEvalConfig:
+    """Options of ``bob-cache retrieval-eval``."""
+
+    store: str
+    dataset: str
+    backbone: str
+    feature: str | None = None
+    split: str = "train"
+    protocol: str = "classes"
+    gnd: str | None = None
+    query_split: str | None = None
+    query_fraction: float = 0.2
+    seed: int = 0
+    metric: str = "cosine"
+    results: str | None = None
+    force: bool = False
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        parse_metric(self.metric)
+        if self.protocol not in EVAL_PROTOCOLS:
+            raise SpecError(
+                f"Unknown --protocol '{self.protocol}'. Expected {' or '.join(EVAL_PROTOCOLS)}."
+            )
+        if self.protocol == "gnd" and not self.gnd:
+            raise SpecError("--protocol gnd needs --gnd FILE (Revisited Oxford/Paris format).")
+        if not 0 < self.query_fraction < 1:
+            raise SpecError(f"--query-fraction must be between 0 and 1, got {self.query_fraction}.")
+
+
+@dataclass
+class RetrievalEvalSummary:
+    """Mean metrics per method (``classes`` or ``gnd-easy|medium|hard``)."""
+
+    dataset: str
+    backbone: str
+    feature_key: str
+    protocol: str
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    queries: dict[str, int] = field(default_factory=dict)
+    queries_skipped: dict[str, int] = field(default_factory=dict)
+    database_rows: int = 0
+    skipped: bool = False
+    results: str = ""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@register_stage("retrieval-eval")
+def retrieval_eval(config: RetrievalEvalConfig) -> RetrievalEvalSummary:
+    """Evaluate retrieval on one feature set and append the rows to the results table."""
+    started = time.perf_counter()
+    truth = load_ground_truth(config.gnd) if config.protocol == "gnd" and config.gnd else None
+    store = open_store(config.store, storage_options=config.storage_options or None)
+    query_split = config.query_split or config.split
+    sets = select_feature_sets(
+        store, dataset=config.dataset, backbone=config.backbone, feature=config.feature,
+        splits=tuple(dict.fromkeys((config.split, query_split))),
+    )  # fmt: skip
+    db_set = sets[config.split]
+    summary = RetrievalEvalSummary(
+        config.dataset, db_set.attrs["backbone"]["slug"], db_set.key, config.protocol
+    )
+    table = ResultsTable.open(config.results)
+    summary.results = str(table.directory)
+    ident = _identity(config, db_set, query_split)
+    config_hash = stable_hash(ident)
+    if not config.force and table.has_config(config_hash):
+        summary.skipped = True
+        frame = table.read(stage="retrieval", feature_key=db_set.key)
+        frame = frame[frame["config_hash"] == config_hash]
+        for method, rows in frame.groupby("method"):
+            summary.metrics[str(method)] = dict(zip(rows["metric"], rows["value"], strict=True))
+    else:
+        if config.protocol == "classes":
+            _classes(config, db_set, summary)
+        else:
+            _gnd(config, truth, db_set, sets[query_split], summary)
+        table.append(_rows(config, summary, config_hash))
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _classes(config: RetrievalEvalConfig, fs: FeatureSet, summary: RetrievalEvalSummary) -> None:
+    features, labels, _ = load_rows(fs, stream=False)
+    if labels.ndim != 1:
+        raise SpecError(
+            "--protocol classes needs single-label rows; this set is multi-label. "
+            "Use --protocol gnd with a ground-truth file."
+        )
+    keep = labels >= 0
+    x = prepare(features.materialize()[keep], config.metric)
+    y = labels[keep]
+    if len(np.unique(y)) < 2:
+        raise SpecError(
+            f"'{fs.path}' has {len(np.unique(y))} labeled class(es); class-based retrieval "
+            "needs at least two. Use --protocol gnd, or a split with class labels."
+        )
+    db, queries = holdout(y, config.query_fraction, seed=config.seed)
+    blocks, counted, skipped = [], 0, 0
+    for q_rows, scores in _scored(x[queries], x[db], config.metric):
+        relevant = y[db][None, :] == y[queries[q_rows]][:, None]
+        has = relevant.any(1)  # a class with no other member in the database: no answer
+        skipped += int((~has).sum())
+        counted += int(has.sum())
+        if has.any():
+            blocks.append(classes_block_metrics(scores[has], relevant[has]))
+    summary.metrics["classes"] = mean_block_metrics(blocks)
+    summary.queries["classes"] = counted
+    summary.queries_skipped["classes"] = skipped
+    summary.database_rows = len(db)
+
+
+def _gnd(
+    config: RetrievalEvalConfig,
+    truth: GroundTruth | None,
+    db_set: FeatureSet,
+    q_set: FeatureSet,
+    summary: RetrievalEvalSummary,
+) -> None:
+    assert truth is not None  # loaded and validated by retrieval_eval
+    db_x, db_ids = _vectors(db_set, config.metric)
+    q_x, q_ids = (db_x, db_ids) if q_set is db_set else _vectors(q_set, config.metric)
+    im_rows = _require_rows(truth.imlist, db_ids, "imlist", db_set, truth)
+    q_rows = _require_rows(truth.qimlist, q_ids, "qimlist", q_set, truth)
+    same = q_set is db_set
+    per: dict[str, list[dict[str, float]]] = {p: [] for p in PROTOCOLS}
+    skipped = dict.fromkeys(PROTOCOLS, 0)
+    for block, scores in _scored(q_x[q_rows], db_x, config.metric):
+        for i, s in zip(block, scores, strict=True):
+            ranking = np.argsort(-s, kind="stable")
+            own = np.array([q_rows[i]]) if same else np.zeros(0, np.int64)
+            for protocol in PROTOCOLS:
+                pos, ign = truth.split(int(i), protocol)
+                if not len(pos):
+                    skipped[protocol] += 1
+                    continue
+                per[protocol].append(
+                    gnd_query_metrics(ranking, im_rows[pos], np.concatenate([im_rows[ign], own]))
+                )
+    for protocol in PROTOCOLS:
+        summary.metrics[f"gnd-{protocol}"] = mean_metrics(per[protocol])
+        summary.queries[f"gnd-{protocol}"] = len(per[protocol])
+        summary.queries_skipped[f"gnd-{protocol}"] = skipped[protocol]
+    summary.database_rows = len(db_x)
+
+
+def _vectors(fs: FeatureSet, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    features, _, ids = load_rows(fs, stream=False)
+    return prepare(features.materialize(), metric), ids
+
+
+def _require_rows(
+    names: list[str], ids: np.ndarray, what: str, fs: FeatureSet, truth: GroundTruth
+) -> np.ndarray:
+    rows = match_names(names, ids)
+    missing = [n for n, r in zip(names, rows, strict=True) if r < 0]
+    if missing:
+        raise GroundTruthError(
+            f"{len(missing)} of {len(names)} {what} images of the ground truth are not valid "
+            f"rows of '{fs.path}', e.g. {', '.join(missing[:3])}. Extract the images the file "
+            "names (ids match exactly or by file stem), or pass --split/--query-split."
+        )
+    return rows
+
+
+def _scored(
+    queries: np.ndarray, database: np.ndarray, metric: str
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(query positions, scores over the database)`` in blocks; higher is closer."""
+    sq_norms = (database**2).sum(1) if metric == "l2" else None
+    block = max(1, min(_BLOCK, 2**25 // max(1, len(database))))  # ~128 MiB of scores
+    for start in range(0, len(queries), block):
+        q = queries[start : start + block]
+        scores = q @ database.T
+        if sq_norms is not None:  # -||q - d||² up to a per-query constant
+            scores = 2 * scores - sq_norms
+        yield np.arange(start, start + len(q)), scores
+
+
+def _identity(config: RetrievalEvalConfig, fs: FeatureSet, query_split: str) -> dict[str, Any]:
+    ident: dict[str, Any] = {
+        "stage": "retrieval", "feature_key": fs.key, "protocol": config.protocol,
+        "split": config.split, "metric": config.metric,
+    }  # fmt: skip
+    if config.protocol == "classes":
+        ident["queries"] = [config.query_fraction, config.seed]
+    else:
+        from bob_cache.hashing import file_sha256
+
+        ident["gnd"] = [file_sha256(config.gnd or ""), query_split]
+    return ident
+
+
+def _rows(
+    config: RetrievalEvalConfig, summary: RetrievalEvalSummary, config_hash: str
+) -> list[dict[str, Any]]:
+    base = {
+        "run_id": uuid.uuid4().hex[:12], "stage": "retrieval", "dataset": config.dataset,
+        "split": config.split, "backbone": summary.backbone, "feature_key": summary.feature_key,
+        "setting": (
+            f"{config.query_fraction:g}-queries" if config.protocol == "classes" else "gnd"
+        ),
+        "seed": config.seed, "config_hash": config_hash, "versions": library_versions(),
+        "time": utc_now(),
+    }  # fmt: skip
+    return [
+        {**base, "method": method, "metric": metric, "value": float(value)}
+        for method, values in summary.metrics.items()
+        for metric, value in values.items()
+    ]

@@ -1,0 +1,150 @@
+"""Retrieval indexes persisted beside their feature set.
+
+An index lives in the feature set's group at ``indexes/<name>``: the serialized FAISS index
+as a chunked ``uint8`` array (so every store backend, local or ``s3://``, holds it) and
+attributes recording what it was built from (feature key, the set's creation time, the
+shards it covers), how (kind, metric, parameters) and what it measured (recall). The
+attributes are written last, so a killed build leaves no index that looks complete.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import zarr
+
+from bob_cache.errors import IndexMismatchError, IndexNotFoundError, StaleIndexError
+from bob_cache.stores.feature_set import FeatureSet
+from bob_cache.stores.location import translate_write_errors
+
+INDEX_GROUP = "indexes"
+INDEX_FORMAT = 1
+_CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass
+class IndexRecord:
+    """What an index holds and how it was built (its group attributes)."""
+
+    name: str
+    kind: str
+    metric: str
+    params: dict[str, Any]
+    feature_key: str
+    feature_set: str
+    feature_set_created: str
+    shards: list[int]
+    rows: int
+    dim: int
+    search_param: str | None = None
+    search_value: int | None = None
+    recall: float = 1.0
+    target_recall: float = 1.0
+    recall_k: int = 10
+    recall_queries: int = 0
+    bytes: int = 0
+    build_seconds: float = 0.0
+    reason: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    format: int = INDEX_FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def save_index(fs: FeatureSet, record: IndexRecord, data: np.ndarray) -> None:
+    """Store serialized index bytes and their record as ``indexes/<record.name>``."""
+    what = f"index '{record.name}' of '{fs.path}'"
+    with translate_write_errors(fs.location, what):
+        parent = fs.group.require_group(INDEX_GROUP)
+        if record.name in parent:
+            del parent[record.name]
+        group = parent.create_group(record.name)
+        array = group.create_array(
+            "data",
+            shape=data.shape,
+            dtype="uint8",
+            chunks=(min(_CHUNK_BYTES, max(1, len(data))),),
+            compressors=None,
+            dimension_names=("byte",),
+        )
+        array[:] = data
+        group.attrs.update({"record": record.to_dict(), "complete": True})
+
+
+def list_indexes(fs: FeatureSet) -> list[IndexRecord]:
+    """Records of the complete indexes beside ``fs``, newest first."""
+    if INDEX_GROUP not in fs.group:
+        return []
+    parent = fs.group[INDEX_GROUP]
+    records = [
+        IndexRecord(**node.attrs["record"])
+        for _, node in parent.groups()
+        if node.attrs.get("complete") and "record" in node.attrs
+    ]
+    return sorted(records, key=lambda r: r.created, reverse=True)
+
+
+def get_record(fs: FeatureSet, name: str | None) -> IndexRecord:
+    """The record of index ``name`` (default: the newest) beside ``fs``."""
+    records = list_indexes(fs)
+    if not records:
+        raise IndexNotFoundError(
+            f"Feature set '{fs.path}' has no retrieval index. Build one with `bob-cache index "
+            f"build --store {fs.location} --dataset {fs.attrs['dataset']['name']} --backbone "
+            f"{fs.attrs['backbone']['slug']} --split {fs.attrs['split']}`."
+        )
+    if name is None:
+        return records[0]
+    for record in records:
+        if record.name == name:
+            return record
+    raise IndexNotFoundError(
+        f"No index named '{name}' beside '{fs.path}'. It has: "
+        f"{', '.join(r.name for r in records)}. Pass one of them with --index."
+    )
+
+
+def read_index_bytes(fs: FeatureSet, name: str) -> np.ndarray:
+    return fs.group[f"{INDEX_GROUP}/{name}/data"][:]
+
+
+def check_index(fs: FeatureSet, record: IndexRecord) -> list[int]:
+    """Refuse an index that does not belong to ``fs`` or went stale; return the committed
+    shards it does not cover yet (``index update`` adds them).
+
+    Raises:
+        IndexMismatchError: built from another feature set.
+        StaleIndexError: the set was re-extracted or some indexed shards were recomputed.
+    """
+    if record.feature_key != fs.key:
+        raise IndexMismatchError(
+            f"Index '{record.name}' was built from feature set {record.feature_key} "
+            f"('{record.feature_set}'), not from '{fs.path}' (key {fs.key}); its rows would "
+            "point at the wrong images. Query the set it was built from, or build an index "
+            "for this one with `bob-cache index build`."
+        )
+    committed = set(np.flatnonzero(fs.group["shard_committed"][:]).tolist())
+    recomputed = sorted(set(record.shards) - committed)
+    if record.feature_set_created != fs.attrs.get("created") or recomputed:
+        why = (
+            f"shards {recomputed[:5]} were uncommitted or recomputed"
+            if recomputed
+            else "the feature set was re-created (--overwrite)"
+        )
+        raise StaleIndexError(
+            f"Index '{record.name}' of '{fs.path}' is stale: {why} after it was built. "
+            "Rebuild it with `bob-cache index build ... --force`."
+        )
+    return sorted(committed - set(record.shards))
+
+
+def group_exists(fs: FeatureSet, name: str) -> bool:
+    return INDEX_GROUP in fs.group and name in fs.group[INDEX_GROUP]
+
+
+def open_group(fs: FeatureSet, name: str) -> zarr.Group:
+    return fs.group[f"{INDEX_GROUP}/{name}"]
