@@ -31,6 +31,11 @@ demo: $(VENV)/.installed
 	$(BIN)/bob-cache ls $(DEMO_STORE)
 	$(BIN)/bob-cache probe --store $(DEMO_STORE) --dataset digits --backbone tv:mobilenet_v2 \
 		--shots 1,5 --seeds 0,1,2 --results $(DEMO_RESULTS)
+	$(BIN)/bob-cache index build --store $(DEMO_STORE) --dataset digits --backbone tv:mobilenet_v2
+	$(BIN)/bob-cache retrieval-eval --store $(DEMO_STORE) --dataset digits \
+		--backbone tv:mobilenet_v2 --results $(DEMO_RESULTS)
+	$(BIN)/bob-cache query --store $(DEMO_STORE) --dataset digits --backbone tv:mobilenet_v2 \
+		--id digits/00002 -k 5
 
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

@@ -14,6 +14,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from fastapi import Body, FastAPI, File, Query, Request, UploadFile
+from fastapi.responses import JSONResponse
+
 from bob_cache.errors import BobCacheError, QueryError, UnknownIdError
 from bob_cache.pipelines.query import Searcher
 
@@ -27,7 +30,7 @@ def create_app(
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
     max_batch: int = DEFAULT_MAX_BATCH,
     load_model: bool = True,
-) -> Any:
+) -> FastAPI:
     """A FastAPI app answering nearest-neighbour queries against ``searcher``.
 
     Args:
@@ -37,9 +40,6 @@ def create_app(
         load_model: build the backbone now (image queries then pay no start-up cost); when
             it cannot be rebuilt, image queries answer 503 with the reason.
     """
-    from fastapi import Body, FastAPI, File, Query, Request, UploadFile
-    from fastapi.responses import JSONResponse
-
     app = FastAPI(title="bob-cache query service", version="1")
     limit = int(max_upload_mb * 2**20)
     model_error = _preload(searcher) if load_model else None

@@ -137,3 +137,17 @@ def blobs(
     return (centers[y] + rng.normal(0, spread, size=(n, dim))).astype(np.float32), y.astype(
         np.int64
     )
+
+
+@pytest.fixture(scope="session")
+def photo_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """An extracted image folder (one split, three classes, 15 images) with a flat index."""
+    from bob_cache.pipelines.index import IndexConfig, build_index
+
+    root = tmp_path_factory.mktemp("photo-store")
+    photos = write_image_folder(root / "photos", splits=("",), per_class=5)
+    store = root / "store"
+    done = run_cli("extract", "--data", photos, "--store", store, "--dtype", "float32", *TINY)
+    assert done.returncode == 0, done.stderr
+    build_index(IndexConfig(str(store), "photos", "test_resnet", kind="flat", quiet=True))
+    return store, photos

@@ -1,0 +1,146 @@
+"""Retrieval building blocks: index kinds, auto choice, exact search, tuning, metrics, gnd."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score
+
+from bob_cache.errors import DataNotFoundError, GroundTruthError, SpecError
+from bob_cache.retrieval import faiss_ops
+from bob_cache.retrieval.auto import parse_memory, resolve_kind
+from bob_cache.retrieval.gnd import load_ground_truth, match_names
+from bob_cache.retrieval.kinds import default_nlist, get_kind, pq_subquantizers
+from bob_cache.retrieval.metrics import classes_block_metrics, gnd_query_metrics, revisited_ap
+
+
+def clustered(n: int, dim: int = 32, clusters: int = 40, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(clusters, dim))
+    return (centers[rng.integers(0, clusters, n)] + 0.6 * rng.normal(size=(n, dim))).astype(
+        np.float32
+    )
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_exact_search_agrees_with_numpy_brute_force(metric: str) -> None:
+    x = faiss_ops.prepare(clustered(3000), metric)
+    q = faiss_ops.prepare(clustered(25, seed=1), metric)
+    chunks = [(x[a : a + 700], np.arange(a, min(a + 700, len(x)))) for a in range(0, 3000, 700)]
+    _, found = faiss_ops.exact_neighbours(q, chunks, 10, metric)
+    if metric == "cosine":
+        expected = np.argsort(-(q @ x.T), axis=1)[:, :10]
+    else:
+        expected = np.argsort(((q[:, None, :] - x[None]) ** 2).sum(-1), axis=1)[:, :10]
+    np.testing.assert_array_equal(found, expected)
+    index = faiss_ops.create_index(get_kind("flat"), x.shape[1], metric, {})
+    index.add_with_ids(x, np.arange(len(x)))
+    np.testing.assert_array_equal(index.search(q, 10)[1], expected)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_tuned_index_reaches_the_recall_it_reports_on_fresh_queries(kind: str) -> None:
+    x = faiss_ops.prepare(clustered(20000), "cosine")
+    spec = get_kind(kind)
+    index = faiss_ops.create_index(spec, 32, "cosine", spec.defaults(len(x), 32))
+    index.train(x)
+    index.add_with_ids(x, np.arange(len(x)))
+    tune_q = faiss_ops.prepare(clustered(300, seed=2), "cosine")
+    _, truth = faiss_ops.exact_neighbours(tune_q, [(x, np.arange(len(x)))], 10, "cosine")
+    tuning = faiss_ops.tune(index, spec, tune_q, truth, k=10, target=0.9)
+    assert tuning.reached and tuning.recall >= 0.9
+    assert tuning.value == min(r["value"] for r in tuning.sweep if r["recall"] >= 0.9)
+    fresh = faiss_ops.prepare(clustered(300, seed=3), "cosine")
+    _, truth = faiss_ops.exact_neighbours(fresh, [(x, np.arange(len(x)))], 10, "cosine")
+    assert faiss_ops.recall_at_k(index.search(fresh, 10)[1], truth, 10) >= 0.85
+
+
+def test_auto_picks_flat_small_hnsw_large_and_pq_under_a_tight_budget() -> None:
+    assert resolve_kind("auto", 10_000, 768, max_memory=None, params={}).kind.name == "flat"
+    big = resolve_kind("auto", 1_000_000, 768, max_memory=parse_memory("8GB"), params={})
+    assert big.kind.name == "hnsw" and big.bytes <= 8 * 2**30
+    mid = resolve_kind("auto", 1_000_000, 768, max_memory=parse_memory("3.1GB"), params={})
+    assert mid.kind.name == "ivf"
+    tight = resolve_kind("auto", 1_000_000, 768, max_memory=parse_memory("1GB"), params={})
+    assert tight.kind.name == "ivfpq" and tight.bytes <= 2**30 and 768 % tight.params["m"] == 0
+    with pytest.raises(SpecError, match="Raise --max-memory"):
+        resolve_kind("auto", 1_000_000, 768, max_memory=parse_memory("10MB"), params={})
+    with pytest.raises(SpecError, match="use --kind auto"):
+        resolve_kind("hnsw", 1_000_000, 768, max_memory=parse_memory("1GB"), params={})
+
+
+def test_kind_helpers_and_bad_names() -> None:
+    assert default_nlist(1_000_000) == 4096 and default_nlist(100) == 2
+    assert pq_subquantizers(768, 100) == 96 and pq_subquantizers(768, 0.5) is None
+    assert parse_memory("512MiB") == 512 * 2**20 and parse_memory("2e9") == 2_000_000_000
+    with pytest.raises(SpecError, match="Did you mean 'hnsw'"):
+        get_kind("hnws")
+    with pytest.raises(SpecError, match="Examples: 4GB"):
+        parse_memory("lots")
+
+
+def test_classes_metrics_agree_with_sklearn_and_hand_values() -> None:
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(20, 50))
+    relevant = rng.random((20, 50)) < 0.2
+    relevant[:, 0] = True
+    got = classes_block_metrics(scores, relevant)
+    for i in range(20):
+        assert got["map"][i] == pytest.approx(average_precision_score(relevant[i], scores[i]))
+    # hand-made: ranking r r n r n ... (3 relevant of 6)
+    s = np.array([[6.0, 5, 4, 3, 2, 1]])
+    rel = np.array([[True, True, False, True, False, False]])
+    m = classes_block_metrics(s, rel, ks=(1, 5))
+    assert m["map"][0] == pytest.approx((1 + 1 + 3 / 4) / 3)
+    assert (m["precision@1"][0], m["precision@5"][0], m["recall@5"][0]) == (1.0, 0.6, 1.0)
+    assert m["mrr"][0] == 1.0
+    m = classes_block_metrics(np.array([[3.0, 2, 1]]), np.array([[False, False, True]]))
+    assert m["mrr"][0] == pytest.approx(1 / 3)
+
+
+def test_revisited_ap_and_junk_handling_match_hand_computation() -> None:
+    # positives at ranks 0 and 2 of 2 positives: (1+1)/2·½ + (½+⅔)/2·½
+    assert revisited_ap(np.array([0, 2]), 2) == pytest.approx(0.5 + (0.5 + 2 / 3) / 4)
+    ranking = np.array([7, 3, 9, 5, 1])  # database indices, best first
+    # 3 is junk: removed, so positives 9 and 5 sit at ranks 1 and 2 of [7, 9, 5, 1]
+    m = gnd_query_metrics(ranking, positive=np.array([9, 5]), ignore=np.array([3]), ks=(1, 5))
+    expected = ((0 / 1 + 1 / 2) / 2 + (1 / 2 + 2 / 3) / 2) / 2
+    assert m["map"] == pytest.approx(expected)
+    assert m["precision@1"] == 0.0 and m["recall@5"] == 1.0 and m["mrr"] == pytest.approx(1 / 2)
+    # without the junk rule 3 would count as a miss and lower AP
+    plain = gnd_query_metrics(ranking, positive=np.array([9, 5]), ignore=np.array([], int))
+    assert plain["map"] < m["map"]
+
+
+def test_ground_truth_file_is_validated(tmp_path: Path) -> None:
+    good = {"imlist": ["a", "b", "c"], "qimlist": ["q"], "gnd": [{"easy": [0], "hard": [2]}]}
+    path = tmp_path / "gnd.json"
+    path.write_text(json.dumps(good))
+    truth = load_ground_truth(path)
+    pos, ign = truth.split(0, "medium")
+    assert sorted(pos.tolist()) == [0, 2] and ign.tolist() == []
+    assert truth.split(0, "hard")[1].tolist() == [0]  # easy ignored under Hard
+    cases = {
+        "missing-keys": ({"imlist": []}, "needs keys imlist, qimlist and gnd"),
+        "count": ({**good, "gnd": []}, "1 queries in qimlist but 0 gnd"),
+        "range": ({**good, "gnd": [{"easy": [5]}]}, r"positions in \[0, 3\)"),
+    }
+    for name, (raw, message) in cases.items():
+        bad = tmp_path / f"{name}.json"
+        bad.write_text(json.dumps(raw))
+        with pytest.raises(GroundTruthError, match=message):
+            load_ground_truth(bad)
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(GroundTruthError, match="Cannot read ground truth"):
+        load_ground_truth(tmp_path / "broken.json")
+    with pytest.raises(DataNotFoundError, match="Check --gnd"):
+        load_ground_truth(tmp_path / "absent.json")
+
+
+def test_names_match_ids_exactly_or_by_stem() -> None:
+    ids = np.array(["jpg/all_souls_000013.jpg", "jpg/x.png", "y"])
+    rows = match_names(["all_souls_000013", "jpg/x.png", "y", "zzz"], ids)
+    assert rows.tolist() == [0, 1, 2, -1]

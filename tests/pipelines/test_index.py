@@ -1,0 +1,107 @@
+"""The index stage: build, reuse, update with new shards, and refusing stale or foreign indexes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bob_cache.errors import IndexMismatchError, IndexNotFoundError, StaleIndexError
+from bob_cache.pipelines.index import IndexConfig, build_index
+from bob_cache.pipelines.query import QueryConfig, Searcher
+from bob_cache.stores import FeatureSetRequest, open_store, resolve_layout
+from tests.conftest import blobs, write_feature_sets
+
+
+def partial_set(store: Path, x: np.ndarray, y: np.ndarray, shards: list[int]) -> None:
+    """A feature set with only ``shards`` committed (64-row shards)."""
+    layout = resolve_layout(shard_rows=64)
+    request = FeatureSetRequest(
+        path="toy/train/model.tag/feat00000001", key="feat00000001",
+        spec={"layer": "final", "pool": "head", "dtype": "float32"},
+        provenance={"dataset": {"name": "toy", "class_names": []}, "split": "train",
+                    "backbone": {"slug": "model.tag", "name": "model", "arch": "model"}},
+        n_rows=len(x), dim=x.shape[1], dtype="float32",
+    )  # fmt: skip
+    fs = open_store(store, mode="a").require(
+        request, layout, labels=y, ids=[f"r{i}" for i in range(len(x))]
+    )
+    for shard in shards:
+        a, b = layout.shard_bounds(shard, len(x))
+        errors = ["unreadable" if i == a + 3 else "" for i in range(a, b)]  # one invalid row
+        fs.write_shard(shard, x[a:b], errors)
+    fs.finalize()
+
+
+def cfg(store: Path, **kw: object) -> IndexConfig:
+    return IndexConfig(store=str(store), dataset="toy", backbone="model", quiet=True, **kw)
+
+
+def test_build_records_recall_and_a_rerun_reuses_the_index(tmp_path: Path) -> None:
+    x, y = blobs(2000, classes=8, dim=16, spread=2.0)
+    write_feature_sets(tmp_path / "s", {"train": (x, y)}, shard_rows=256)
+    summary = build_index(cfg(tmp_path / "s", kind="hnsw", target_recall=0.9))
+    r = summary.record
+    assert summary.action == "built" and r["rows"] == 2000 and r["kind"] == "hnsw"
+    assert r["recall"] >= 0.9 and r["search_param"] == "efSearch" and r["bytes"] > 0
+    assert r["feature_key"] == "feat00000001" and r["recall_queries"] == 1000
+    again = build_index(cfg(tmp_path / "s", kind="hnsw"))
+    assert again.action == "exists" and again.record["created"] == r["created"]
+    forced = build_index(cfg(tmp_path / "s", kind="hnsw", force=True))
+    assert forced.action == "built"
+
+
+def test_update_adds_only_newly_committed_shards(tmp_path: Path) -> None:
+    x, y = blobs(256, classes=4, dim=8)
+    partial_set(tmp_path / "s", x, y, shards=[0, 2])
+    built = build_index(cfg(tmp_path / "s", kind="flat"))
+    assert built.record["rows"] == 2 * 63 and built.record["shards"] == [0, 2]
+    searcher = Searcher.open(QueryConfig(str(tmp_path / "s"), "toy", "model"))
+    assert searcher.pending_shards == []
+    partial_set(tmp_path / "s", x, y, shards=[1, 3])
+    searcher = Searcher.open(QueryConfig(str(tmp_path / "s"), "toy", "model"))
+    assert searcher.pending_shards == [1, 3]
+    updated = build_index(cfg(tmp_path / "s", update=True))
+    assert (updated.action, updated.rows_added) == ("updated", 2 * 63)
+    assert updated.record["rows"] == 4 * 63 and updated.record["shards"] == [0, 1, 2, 3]
+    searcher = Searcher.open(QueryConfig(str(tmp_path / "s"), "toy", "model"))
+    assert searcher.n_indexed == 252
+    hits = searcher.search_vectors(x[[70, 200]], k=1)
+    assert hits["row"].tolist() == [70, 200]  # rows added by the update are found
+    assert 3 not in set(searcher.search_vectors(x[3], k=250)["row"])  # invalid row left out
+    assert build_index(cfg(tmp_path / "s", update=True)).action == "up-to-date"
+
+
+def test_stale_index_is_detected_after_shards_are_recomputed(tmp_path: Path) -> None:
+    x, y = blobs(256, classes=4, dim=8)
+    write_feature_sets(tmp_path / "s", {"train": (x, y)})
+    build_index(cfg(tmp_path / "s", kind="flat"))
+    fs = open_store(tmp_path / "s", mode="a").get("feat0000")
+    fs.uncommit([1])
+    with pytest.raises(StaleIndexError, match=r"shards \[1\].*--force"):
+        Searcher.open(QueryConfig(str(tmp_path / "s"), "toy", "model"))
+    with pytest.raises(StaleIndexError):
+        build_index(cfg(tmp_path / "s", update=True))
+
+
+def test_an_index_from_another_feature_set_is_refused(tmp_path: Path) -> None:
+    x, y = blobs(200, classes=4, dim=8)
+    write_feature_sets(tmp_path / "s", {"train": (x, y)}, key="aaaa00000001")
+    write_feature_sets(tmp_path / "s", {"train": (x, y)}, key="bbbb00000001", backbone="other.t")
+    build_index(cfg(tmp_path / "s", kind="flat"))
+    source = tmp_path / "s/toy/train/model.tag/aaaa00000001/indexes"
+    shutil.copytree(source, tmp_path / "s/toy/train/other.t/bbbb00000001/indexes")
+    with pytest.raises(IndexMismatchError, match="built from feature set aaaa00000001"):
+        Searcher.open(QueryConfig(str(tmp_path / "s"), "toy", "other"))
+
+
+def test_missing_index_names_the_build_command(tmp_path: Path) -> None:
+    x, y = blobs(100, classes=4, dim=8)
+    write_feature_sets(tmp_path / "s", {"train": (x, y)})
+    with pytest.raises(IndexNotFoundError, match="bob-cache index build"):
+        Searcher.open(QueryConfig(str(tmp_path / "s"), "toy", "model"))
+    build_index(cfg(tmp_path / "s", kind="flat"))
+    with pytest.raises(IndexNotFoundError, match="It has: flat"):
+        Searcher.open(QueryConfig(str(tmp_path / "s"), "toy", "model", index="hnsw"))

@@ -1,0 +1,98 @@
+"""The query service over real HTTP on a loopback port: answers, batches, 4xx on bad input,
+and a bounded load test."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from bob_cache.pipelines.query import QueryConfig, Searcher
+from bob_cache.pipelines.serve import create_app
+from bob_cache.retrieval.loadtest import load_test
+
+
+@pytest.fixture(scope="module")
+def server(photo_store: tuple[Path, Path]) -> Iterator[tuple[str, Searcher, Path]]:
+    import uvicorn
+
+    store, photos = photo_store
+    searcher = Searcher.open(QueryConfig(str(store), "photos", "test_resnet"))
+    app = create_app(searcher, max_upload_mb=0.05, max_batch=4)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    instance = uvicorn.Server(config)
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not instance.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert instance.started
+    yield f"http://127.0.0.1:{port}", searcher, photos
+    instance.should_exit = True
+    thread.join(10)
+
+
+def test_health_and_queries_by_image_id_and_vector(server) -> None:
+    url, searcher, photos = server
+    health = httpx.get(f"{url}/health").json()
+    assert health["status"] == "ok" and health["rows"] == 15 and health["image_queries"]
+    image = sorted(photos.glob("astronaut/*.png"))[0]
+    files = [("files", (image.name, image.read_bytes(), "image/png"))] * 2
+    answer = httpx.post(f"{url}/query/image", files=files, params={"k": 3}).json()
+    assert len(answer["results"]) == 2 and len(answer["results"][0]) == 3
+    assert answer["results"][0][0]["id"] == f"astronaut/{image.name}"
+    assert answer["results"][0][0]["class"] == "astronaut" and answer["took_ms"] > 0
+    by_id = httpx.post(f"{url}/query/id", json={"ids": [f"astronaut/{image.name}"], "k": 2})
+    assert by_id.status_code == 200
+    assert f"astronaut/{image.name}" not in [r["id"] for r in by_id.json()["results"][0]]
+    vector = searcher.fs.features[0].astype(float).tolist()
+    by_vector = httpx.post(f"{url}/query/vector", json={"vectors": [vector], "k": 1}).json()
+    assert by_vector["results"][0][0]["row"] == 0
+
+
+def test_bad_requests_get_4xx_with_a_message_and_the_server_keeps_running(
+    server, tmp_path: Path
+) -> None:
+    url, searcher, _ = server
+    dim = searcher.fs.dim
+    cases = [
+        (httpx.post(f"{url}/query/image", files=[("files", ("a.jpg", b"not an image"))]), 400,
+         "Cannot decode the uploaded file"),
+        (httpx.post(f"{url}/query/image", files=[("files", ("big.jpg", b"0" * 100_000))]), 413,
+         "over the 0.05 MB limit"),
+        (httpx.post(f"{url}/query/id", json={"ids": ["nope"]}), 404, "No row with id 'nope'"),
+        (httpx.post(f"{url}/query/vector", json={"vectors": [[1.0] * (dim + 1)]}), 400,
+         f"Pass (N, {dim}) vectors"),
+        (httpx.post(f"{url}/query/vector", json={"vectors": [[1.0] * dim], "k": 99}), 400,
+         "Pass -k 15 or less"),
+        (httpx.post(f"{url}/query/vector", json={"vectors": [[1.0] * dim] * 5}), 413,
+         "limit of 4"),
+        (httpx.post(f"{url}/query/vector", json={"vectors": "x"}), 422, ""),
+    ]  # fmt: skip
+    for response, status, message in cases:
+        assert response.status_code == status, response.text
+        assert message in str(response.json()["detail"])
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_bounded_load_test_reports_latency_percentiles(server) -> None:
+    url, searcher, _ = server
+    vector = np.ones(searcher.fs.dim).tolist()
+    report = load_test(
+        url,
+        lambda client: client.post("/query/vector", json={"vectors": [vector], "k": 5}),
+        requests=40,
+        concurrency=4,
+    )
+    assert report.errors == 0 and report.requests == 40
+    assert 0 < report.p50_ms <= report.p99_ms <= report.max_ms
+    assert report.requests_per_second > 0
