@@ -2,7 +2,7 @@
 
 The public Python API mirrors the CLI::
 
-    from bob_cache import extract, open_store, create_backbone, list_backbones
+    from bob_cache import extract, open_store, create_backbone, list_backbones, query
 
 Heavy modules (torch, timm) load on first use, so ``import bob_cache`` stays fast.
 """
@@ -22,6 +22,9 @@ _LAZY = {
     "ExtractConfig": "bob_cache.config",
     "extract": "bob_cache.pipelines.extract",
     "open_store": "bob_cache.stores",
+    "query": "bob_cache.pipelines.query",
+    "Searcher": "bob_cache.pipelines.query",
+    "QueryConfig": "bob_cache.pipelines.query",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -79,8 +79,8 @@ class Searcher:
     def n_indexed(self) -> int:
         return int(self.index.ntotal)
 
-    # --- queries ---------------------------------------------------------------------------
-    def search_vectors(self, vectors: np.ndarray, k: int = 10) -> pd.DataFrame:
+    # --- queries: Hits (arrays, the lean path the server uses) -------------------------------
+    def search(self, vectors: np.ndarray, k: int = 10) -> Hits:
         """Neighbours of each row of ``vectors`` (``(D,)`` or ``(N, D)``)."""
         x = np.asarray(vectors, dtype=np.float32)
         x = x[None] if x.ndim == 1 else x
@@ -93,10 +93,9 @@ class Searcher:
         if not np.isfinite(x).all():
             raise QueryError("Query vectors contain NaN or inf; pass finite values.")
         self._check_k(k)
-        scores, rows = self._search(faiss_ops.prepare(x, self.record.metric), k)
-        return self._table(scores, rows)
+        return self._hits(*self._search(faiss_ops.prepare(x, self.record.metric), k))
 
-    def search_ids(self, ids: Sequence[str], k: int = 10) -> pd.DataFrame:
+    def search_by_ids(self, ids: Sequence[str], k: int = 10) -> Hits:
         """Neighbours of stored rows named by id; each query's own row is left out."""
         rows = np.asarray([self._row(i) for i in ids], dtype=np.int64)
         self._check_k(k, extra=1)
@@ -105,18 +104,29 @@ class Searcher:
         keep = found != rows[:, None]
         scores = np.stack([s[m][:k] for s, m in zip(scores, keep, strict=True)])
         found = np.stack([f[m][:k] for f, m in zip(found, keep, strict=True)])
-        table = self._table(scores, found)
-        table.insert(1, "query_id", [str(ids[q]) for q in table["query"]])
-        return table
+        return self._hits(scores, found, queries=[str(i) for i in ids])
 
-    def search_images(self, images: Sequence[str | Path | bytes], k: int = 10) -> pd.DataFrame:
+    def search_by_images(self, images: Sequence[str | Path | bytes], k: int = 10) -> Hits:
         """Neighbours of image files or encoded image bytes, embedded like the stored rows."""
         self._check_k(k)
         decoded = [decode_image(image) for image in images]
         with self._lock:  # one model forward at a time: threads would oversubscribe the CPU
             vectors = self.embedder.embed(decoded)
             scores, rows = self._search(faiss_ops.prepare(vectors, self.record.metric), k)
-        return self._table(scores, rows)
+        return self._hits(scores, rows)
+
+    # --- queries: tables ---------------------------------------------------------------------
+    def search_vectors(self, vectors: np.ndarray, k: int = 10) -> pd.DataFrame:
+        """:meth:`search` as a table (one row per query and rank)."""
+        return self.search(vectors, k).to_frame()
+
+    def search_ids(self, ids: Sequence[str], k: int = 10) -> pd.DataFrame:
+        """:meth:`search_by_ids` as a table, with a ``query_id`` column."""
+        return self.search_by_ids(ids, k).to_frame()
+
+    def search_images(self, images: Sequence[str | Path | bytes], k: int = 10) -> pd.DataFrame:
+        """:meth:`search_by_images` as a table."""
+        return self.search_by_images(images, k).to_frame()
 
     @property
     def embedder(self) -> Any:
@@ -156,29 +166,70 @@ class Searcher:
             )
         return row
 
-    def _table(self, scores: np.ndarray, rows: np.ndarray) -> pd.DataFrame:
-        q, rank = np.nonzero(rows >= 0)
-        found = rows[q, rank]
-        labels = self.labels[found]
-        flat = labels if labels.ndim == 1 else labels.argmax(axis=1)
-        return pd.DataFrame(
+    def _hits(
+        self, scores: np.ndarray, rows: np.ndarray, *, queries: list[str] | None = None
+    ) -> Hits:
+        return Hits(scores, rows, self, queries)
+
+    def flat_labels(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Labels of ``rows`` (multi-label rows: their first positive label)."""
+        labels = self.labels[np.asarray(rows, dtype=np.int64)]
+        return labels if labels.ndim == 1 else labels.argmax(axis=1)
+
+    def class_name(self, label: int) -> str:
+        return str(self.class_names[label]) if 0 <= label < len(self.class_names) else ""
+
+
+@dataclass
+class Hits:
+    """Search results as arrays: ``scores`` and ``rows`` ``(n_queries, k)`` (row -1: none).
+
+    Metadata (ids, labels, class names) is looked up only for the returned rows, so turning
+    hits into records or a table costs O(n_queries · k).
+    """
+
+    scores: np.ndarray
+    rows: np.ndarray
+    searcher: Searcher
+    queries: list[str] | None = None
+
+    def records(self) -> list[list[dict[str, Any]]]:
+        """Per query, its neighbours as ``{rank, row, id, label, class, score}`` dicts."""
+        s = self.searcher
+        out = []
+        for scores, rows in zip(self.scores.tolist(), self.rows.tolist(), strict=True):
+            found = [(r, sc) for r, sc in zip(rows, scores, strict=True) if r >= 0]
+            labels = s.flat_labels([r for r, _ in found])
+            out.append([_record(s, i, r, sc, lab) for i, ((r, sc), lab) in enumerate(
+                zip(found, labels, strict=True))])  # fmt: skip
+        return out
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per (query, rank): ``query, [query_id,] rank, row, id, label, class, score``."""
+        q, rank = np.nonzero(self.rows >= 0)
+        found = self.rows[q, rank]
+        labels = self.searcher.flat_labels(found)
+        frame = pd.DataFrame(
             {
                 "query": q,
                 "rank": rank + 1,
                 "row": found,
-                "id": self.ids[found].astype(object),
-                "label": flat,
-                "class": self._class_names(flat),
-                "score": scores[q, rank],
+                "id": self.searcher.ids[found].astype(object),
+                "label": labels,
+                "class": [self.searcher.class_name(int(v)) for v in labels],
+                "score": self.scores[q, rank],
             },
             columns=list(RESULT_COLUMNS),
         )
+        if self.queries is not None:
+            frame.insert(1, "query_id", [self.queries[i] for i in q])
+        return frame
 
-    def _class_names(self, labels: np.ndarray) -> np.ndarray:
-        named = (labels >= 0) & (labels < len(self.class_names))
-        out = np.full(len(labels), "", dtype=object)
-        out[named] = self.class_names[labels[named]]
-        return out
+
+def _record(s: Searcher, i: int, row: int, score: float, label: Any) -> dict[str, Any]:
+    label = int(label)
+    return {"rank": i + 1, "row": row, "id": str(s.ids[row]), "label": label,
+            "class": s.class_name(label), "score": score}  # fmt: skip
 
 
 def decode_image(image: str | Path | bytes) -> Any:

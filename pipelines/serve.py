@@ -74,12 +74,12 @@ def create_app(
         vectors: list[list[float]] = Body(..., embed=True), k: int = Body(10, embed=True)
     ) -> dict[str, Any]:
         _check_batch(len(vectors), max_batch)
-        return _answer(lambda: searcher.search_vectors(vectors, k), len(vectors))
+        return _answer(lambda: searcher.search(vectors, k))
 
     @app.post("/query/id")
     def by_id(ids: list[str] = Body(..., embed=True), k: int = Body(10, embed=True)) -> dict:
         _check_batch(len(ids), max_batch)
-        return _answer(lambda: searcher.search_ids(ids, k), len(ids))
+        return _answer(lambda: searcher.search_by_ids(ids, k))
 
     @app.post("/query/image")
     def by_image(files: list[UploadFile] = File(...), k: int = Query(10)) -> dict[str, Any]:
@@ -87,7 +87,7 @@ def create_app(
             raise _ServiceUnavailable(model_error)
         _check_batch(len(files), max_batch)
         blobs = [_read_upload(f, limit) for f in files]
-        return _answer(lambda: searcher.search_images(blobs, k), len(blobs))
+        return _answer(lambda: searcher.search_by_images(blobs, k))
 
     return app
 
@@ -135,19 +135,11 @@ def _read_upload(upload: Any, limit: int) -> bytes:
     return data
 
 
-def _answer(run: Any, n_queries: int) -> dict[str, Any]:
+def _answer(run: Any) -> dict[str, Any]:
     started = time.perf_counter()
-    table = run()
+    hits = run()
     took = (time.perf_counter() - started) * 1000
-    columns = [c for c in table.columns if c not in ("query", "query_id")]
-    results: list[list[dict[str, Any]]] = [[] for _ in range(n_queries)]
-    for record in table.to_dict(orient="records"):
-        results[record["query"]].append({c: _plain(record[c]) for c in columns})
-    return {"took_ms": round(took, 3), "results": results}
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value
+    return {"took_ms": round(took, 3), "results": hits.records()}
 
 
 def serve(

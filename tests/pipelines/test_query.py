@@ -112,3 +112,19 @@ def test_query_cli_prints_json_and_fails_cleanly(photo_store, tmp_path: Path) ->
     assert f"Pass (N, {dim}) vectors" in bad.stderr.replace("\n", "")
     none = run_cli(*base)
     assert none.returncode == 1 and "exactly one of --image, --id or --vectors" in none.stderr
+
+
+def test_top_level_api_and_lean_hits(photo_store) -> None:
+    import bob_cache
+
+    store, _ = photo_store
+    s = bob_cache.Searcher.open(bob_cache.QueryConfig(str(store), "photos", "test_resnet"))
+    hits = s.search(s.fs.features[:2], k=3)
+    assert hits.rows.shape == (2, 3) and hits.rows[:, 0].tolist() == [0, 1]
+    records = hits.records()
+    assert records[1][0] == {
+        "rank": 1, "row": 1, "id": str(s.ids[1]), "label": int(s.labels[1]),
+        "class": s.class_names[s.labels[1]], "score": pytest.approx(1.0, abs=1e-5),
+    }  # fmt: skip
+    table = bob_cache.query(str(store), dataset="photos", backbone="test_resnet", ids=[s.ids[0]])
+    assert table["query_id"].unique().tolist() == [str(s.ids[0])]
