@@ -256,3 +256,37 @@ def test_xarray_opens_a_feature_set(tmp_path: Path) -> None:
     assert ds["features"].dims == ("sample", "feature")
     assert ds["ids"].dims == ("sample",) and str(ds["ids"].values[3]) == "img/03.png"
     assert ds.attrs["dataset"]["class_names"] == ["a", "b", "c"]
+
+
+def test_an_index_stored_beside_a_set_round_trips_and_is_not_a_feature_set(
+    backend: Backend,
+) -> None:
+    from bob_cache.retrieval import faiss_ops
+    from bob_cache.retrieval.kinds import get_kind
+    from bob_cache.stores.index_store import (
+        IndexRecord,
+        check_index,
+        list_indexes,
+        read_index_bytes,
+        save_index,
+    )
+
+    fs = create(backend.open())
+    for shard in range(3):
+        fs.write_shard(shard, rows(shard), [""] * len(rows(shard)))
+    fs.finalize()
+    index = faiss_ops.create_index(get_kind("flat"), D, "l2", {})
+    index.add_with_ids(rows(0), np.arange(4))
+    record = IndexRecord(
+        name="flat", kind="flat", metric="l2", params={}, feature_key=fs.key,
+        feature_set=fs.path, feature_set_created=fs.attrs["created"], shards=[0], rows=4, dim=D,
+    )  # fmt: skip
+    save_index(fs, record, faiss_ops.serialize(index))
+    store = backend.open("r")
+    again = store.get(fs.path)
+    assert [r.name for r in list_indexes(again)] == ["flat"]
+    assert check_index(again, list_indexes(again)[0]) == [1, 2]  # shards not indexed yet
+    loaded = faiss_ops.deserialize(read_index_bytes(again, "flat"))
+    assert loaded.search(rows(0)[2:3], 1)[1].tolist() == [[2]]
+    assert [f.path for f in store.feature_sets()] == [fs.path]
+    assert all(r.ok for r in verify_store(store))
