@@ -27,6 +27,10 @@ SplitOpt = Annotated[str, typer.Option(help="Split that forms the searchable dat
 IndexNameOpt = Annotated[
     str | None, typer.Option("--index", help="Index name (default: the newest one).")
 ]
+WeightsOpt = Annotated[
+    str | None, typer.Option(help="Checkpoint, when the recorded weights file moved.")
+]
+MetricOpt = Annotated[str, typer.Option(help="cosine or l2.")]
 RESULT_COLUMNS = ("query", "rank", "id", "class", "score")
 INDEX_COLUMNS = ("name", "kind", "metric", "rows", "search_param", "search_value", "recall")
 
@@ -49,7 +53,7 @@ def index_build(
     feature: FeatureOpt = None,
     split: SplitOpt = "train",
     kind: Annotated[str, typer.Option(help="auto, flat, hnsw, ivf or ivfpq.")] = "auto",
-    metric: Annotated[str, typer.Option(help="cosine or l2.")] = "cosine",
+    metric: MetricOpt = "cosine",
     max_memory: Annotated[
         str | None, typer.Option(help="Memory budget of the index, e.g. 4GB (auto fits it).")
     ] = None,
@@ -153,7 +157,7 @@ def _print_index(summary: Any, as_json: bool) -> None:
         reached = "" if r["recall"] >= r["target_recall"] else " [bold red](target not reached)[/]"
         out.print(
             f"  {r['search_param']}={r['search_value']}: recall@{r['recall_k']} "
-            f"{r['recall']:.3f} on {r['recall_queries']} held-out queries "
+            f"{r['recall']:.3f} on {r['recall_queries']} stored rows used as queries "
             f"(target {r['target_recall']}){reached}",
             highlight=False,
         )
@@ -175,9 +179,7 @@ def query(
     feature: FeatureOpt = None,
     split: SplitOpt = "train",
     index: IndexNameOpt = None,
-    weights: Annotated[
-        str | None, typer.Option(help="Checkpoint, when the recorded weights file moved.")
-    ] = None,
+    weights: WeightsOpt = None,
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ) -> None:
@@ -239,9 +241,7 @@ def serve(
     feature: FeatureOpt = None,
     split: SplitOpt = "train",
     index: IndexNameOpt = None,
-    weights: Annotated[
-        str | None, typer.Option(help="Checkpoint, when the recorded weights file moved.")
-    ] = None,
+    weights: WeightsOpt = None,
     device: DeviceOpt = "cpu",
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
@@ -286,7 +286,7 @@ def retrieval_eval(
         float, typer.Option(help="classes: share of each class used as queries.")
     ] = 0.2,
     seed: Annotated[int, typer.Option(help="classes: seed of the query draw.")] = 0,
-    metric: Annotated[str, typer.Option(help="cosine or l2.")] = "cosine",
+    metric: MetricOpt = "cosine",
     results: Annotated[
         str | None, typer.Option(envvar="BOB_CACHE_RESULTS", help="Results directory.")
     ] = None,
