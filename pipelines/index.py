@@ -174,18 +174,12 @@ def _add(index: Any, fs: FeatureSet, shards: list[int], config: IndexConfig) -> 
     return added
 
 
-@dataclass
-class _Tuned:
-    value: int | None
-    recall: float
-    queries: int
-    sweep: list[dict[str, float]]
-
-
-def _tune(index: Any, fs: FeatureSet, shards: list[int], kind: Any, config: IndexConfig) -> _Tuned:
+def _tune(
+    index: Any, fs: FeatureSet, shards: list[int], kind: Any, config: IndexConfig
+) -> faiss_ops.Tuning:
     """Tune on indexed rows used as queries, each excluded from its own neighbour lists."""
     if kind.exact:
-        return _Tuned(None, 1.0, 0, [])
+        return faiss_ops.Tuning(None, 1.0, config.target_recall, True)
     queries, own = sample_rows(fs, shards, config.tune_queries, config.metric, seed=config.seed + 1)
     k = config.k
     _, truth = faiss_ops.exact_neighbours(
@@ -199,7 +193,8 @@ def _tune(index: Any, fs: FeatureSet, shards: list[int], kind: Any, config: Inde
     tuning = faiss_ops.tune(
         index, kind, queries, truth, k=k, target=config.target_recall, search=search
     )
-    return _Tuned(tuning.value, tuning.recall, len(queries), tuning.sweep)
+    tuning.queries = len(queries)
+    return tuning
 
 
 def drop_self(found: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:

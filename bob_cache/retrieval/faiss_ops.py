@@ -126,6 +126,7 @@ class Tuning:
     target: float
     reached: bool
     sweep: list[dict[str, float]] = field(default_factory=list)
+    queries: int = 0
 
 
 def tune(
