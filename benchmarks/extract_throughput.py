@@ -1,6 +1,6 @@
 """Extraction throughput against its limit, side by side with thingsvision; store size and scans.
 
-For each model, in one run and with the same batch size, dtype (fp32) and thread count:
+For each model, in one run and with the same batch size, precision and thread count:
 
 - bare: the model forward on tensors already in memory (the limit), measured before and after
   the others; the mean of the two is the baseline;
@@ -13,6 +13,15 @@ synthetic heavy-tailed features under each compression, and full-scan read throu
 feature set against ``np.load`` of the same array from the same disk.
 
     python benchmarks/extract_throughput.py --thingsvision-python .venv-thingsvision/bin/python
+
+On a GPU (``--device cuda``) both sides run the way extraction does: channels_last, cuDNN
+autotuning, and autocast at ``--precisions`` (comma-separated, e.g. ``bf16,fp16``); bare input
+tensors already sit on the GPU. ``--decode-workers`` also times the loader alone (decode,
+resize, collate, pinning; no model), the host-side ceiling for extraction.
+
+    python benchmarks/extract_throughput.py --device cuda --precisions bf16,fp16 \
+        --models resnet50,vit_base_patch16_224 --batch-size 256 --images 32768 \
+        --unique-images 512 --workers 15 --decode-workers 15 --rounds 1 --skip size
 """
 
 from __future__ import annotations
@@ -32,20 +41,25 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 
-def make_jpeg_folder(root: Path, n: int) -> Path:
-    """``n`` ImageNet-like JPEGs (about 500×375, quality 90) cut from scikit-image's photos."""
+def make_jpeg_folder(root: Path, n: int, unique: int | None = None) -> Path:
+    """``n`` ImageNet-like JPEGs (about 500×375, quality 90) cut from scikit-image's photos.
+
+    With ``unique`` < ``n``, only that many are encoded and the rest are hard links to them
+    (decoding costs the same; a large folder is made in seconds).
+    """
     import skimage.data
     from PIL import Image
 
     if root.is_dir() and len(list(root.rglob("*.jpg"))) == n:
         return root
+    unique = min(n, unique or n)
     rng = np.random.default_rng(0)
     photos = {
         "cat": skimage.data.chelsea(),
         "coffee": skimage.data.coffee(),
         "astronaut": skimage.data.astronaut(),
     }
-    for i in range(n):
+    for i in range(unique):
         cls, photo = list(photos.items())[i % 3]
         h, w = photo.shape[:2]
         ch, cw = rng.integers(h // 2, h), rng.integers(w // 2, w)
@@ -53,33 +67,80 @@ def make_jpeg_folder(root: Path, n: int) -> Path:
         img = Image.fromarray(photo[y : y + ch, x : x + cw]).resize((500, 375), Image.BICUBIC)
         (root / cls).mkdir(parents=True, exist_ok=True)
         img.save(root / cls / f"{i:05d}.jpg", quality=90)
+    for i in range(unique, n):
+        j = i % unique
+        cls = list(photos)[j % 3]
+        os.link(root / cls / f"{j:05d}.jpg", root / list(photos)[i % 3] / f"{i:05d}.jpg")
     return root
 
 
-def bare_forward(model: str, *, batch: int, seconds: float) -> float:
-    """Images/s of the bob-cache backbone module itself on in-memory tensors, after warm-up."""
+def bare_forward(
+    model: str, *, batch: int, seconds: float, device: str = "cpu", precision: str = "fp32"
+) -> float:
+    """Images/s of the bob-cache backbone module itself on in-memory tensors, after warm-up.
+
+    On CUDA: the model and input as extraction has them (channels_last, cuDNN autotuned,
+    autocast at ``precision``), the input already on the GPU; timed to a final synchronize.
+    """
     import torch
 
     from bob_cache.backbones import create_backbone
+    from bob_cache.device import autocast
 
-    bb = create_backbone(f"timm:{model}", random_init=True)
-    x = torch.randn(batch, *bb.data_config["input_size"])
-    with torch.inference_mode():
-        bb(x)
+    dev = torch.device(device)
+    bb = create_backbone(f"timm:{model}", random_init=True).to(dev)
+    x = torch.randn(batch, *bb.data_config["input_size"], device=dev)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        bb = bb.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    with torch.inference_mode(), autocast(dev, precision):
+        for _ in range(3 if dev.type == "cuda" else 1):
+            bb(x)
+        sync()
         start, n = time.perf_counter(), 0
         while time.perf_counter() - start < seconds:
             bb(x)
             n += batch
+        sync()
     return n / (time.perf_counter() - start)
 
 
-def bare(model: str, *, batch: int, threads: int, seconds: float) -> float:
+def bare(
+    model: str, *, batch: int, threads: int, seconds: float, device: str, precision: str
+) -> float:
     """:func:`bare_forward` in a fresh process with the same environment as the tools."""
     cmd = [
         sys.executable, __file__, "--bare-only", model, "--batch-size", str(batch),
-        "--bare-seconds", str(seconds),
+        "--bare-seconds", str(seconds), "--device", device, "--precisions", precision,
     ]  # fmt: skip
     return run_json(cmd, threads)["images_per_second"]
+
+
+def decode_only(folder: Path, model: str, *, batch: int, workers: int, pin: bool) -> float:
+    """Images/s of extraction's loader alone (decode, resize, crop, collate, pin; no model)."""
+    from torch.utils.data import DataLoader
+
+    from bob_cache.backbones import create_backbone
+    from bob_cache.data import ImageDataset, collate_rows, parse_source
+
+    source = parse_source(str(folder))
+    samples = [s for rows in source.splits.values() for s in rows]
+    bb = create_backbone(f"timm:{model}", random_init=True)
+    dataset = ImageDataset(source, samples, bb.transform(), bb.data_config["input_size"])
+    loader = DataLoader(
+        dataset,
+        batch_size=batch,
+        num_workers=workers,
+        pin_memory=pin,
+        collate_fn=collate_rows,
+        prefetch_factor=4 if workers else None,
+    )
+    start, n = time.perf_counter(), 0
+    for images, _, _ in loader:
+        n += len(images)
+    return n / (time.perf_counter() - start)
 
 
 def run_json(cmd: list[str], threads: int) -> dict[str, Any]:
@@ -91,13 +152,21 @@ def run_json(cmd: list[str], threads: int) -> dict[str, Any]:
 
 
 def bob_extract(
-    folder: Path, store: Path, model: str, *, batch: int, threads: int, workers: int
+    folder: Path,
+    store: Path,
+    model: str,
+    *,
+    batch: int,
+    threads: int,
+    workers: int,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     cmd = [
         sys.executable, "-m", "bob_cache.cli", "extract", "--data", str(folder),
         "--backbone", f"timm:{model}", "--random-init", "--batch-size", str(batch),
-        "--workers", str(workers), "--store", str(store), "--precision", "fp32",
-        "--overwrite", "--json",
+        "--workers", str(workers), "--store", str(store), "--precision", precision,
+        "--device", device, "--overwrite", "--json",
     ]  # fmt: skip
     return run_json(cmd, threads)
 
@@ -123,33 +192,58 @@ def throughput(args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
     ratios are medians over rounds of each run against the mean of the bare runs around it."""
     rows = []
     workers = [int(w) for w in args.workers.split(",")]
-    for model in args.models.split(","):
+    for model, precision in [
+        (m, p) for m in args.models.split(",") for p in args.precisions.split(",")
+    ]:
         runs: dict[str, list[float]] = {"bare": []}
         ratios: dict[str, list[float]] = {}
+        on = {"device": args.device, "precision": precision}
         for _ in range(args.rounds):
             bare_before = bare(
-                model, batch=args.batch_size, threads=args.threads, seconds=args.bare_seconds
+                model,
+                batch=args.batch_size,
+                threads=args.threads,
+                seconds=args.bare_seconds,
+                **on,
             )
             runs["bare"].append(bare_before)
             this_round = {}
             for w in workers:
                 store = args.out / f"store-{model}"
                 this_round[f"bob_w{w}"] = bob_extract(
-                    folder, store, model, batch=args.batch_size, threads=args.threads, workers=w
+                    folder,
+                    store,
+                    model,
+                    batch=args.batch_size,
+                    threads=args.threads,
+                    workers=w,
+                    **on,
                 )["images_per_second"]
                 if args.thingsvision_python:
                     this_round[f"thingsvision_w{w}"] = thingsvision(
                         args.thingsvision_python, folder, model,
                         batch=args.batch_size, threads=args.threads, workers=w,
                     )["images_per_second"]  # fmt: skip
+            for w in args.decode_workers:
+                cmd = [
+                    sys.executable, __file__, "--decode-only", model, "--batch-size",
+                    str(args.batch_size), "--workers", str(w), "--device", args.device,
+                    "--out", str(folder),
+                ]  # fmt: skip
+                rate = run_json(cmd, args.threads)["images_per_second"]
+                this_round[f"decode_only_w{w}"] = rate
             after = bare(
-                model, batch=args.batch_size, threads=args.threads, seconds=args.bare_seconds
+                model,
+                batch=args.batch_size,
+                threads=args.threads,
+                seconds=args.bare_seconds,
+                **on,
             )
             runs["bare"].append(after)
             for key, value in this_round.items():
                 runs.setdefault(key, []).append(value)
                 ratios.setdefault(key, []).append(value / ((bare_before + after) / 2))
-        row: dict[str, Any] = {"model": model, "images": args.images}
+        row: dict[str, Any] = {"model": model, "images": args.images, **on}
         row.update({f"{k}_img_s": float(np.median(v)) for k, v in runs.items()})
         row.update({f"ratio_{k}": float(np.median(v)) for k, v in ratios.items()})
         row["runs"] = runs
@@ -272,7 +366,10 @@ def machine() -> str:
         ]
         model = names[0] if names else model
     versions = f"torch {torch.__version__}, Python {platform.python_version()}"
-    return f"{model}, {os.cpu_count()} cores, {versions}"
+    gpu = ""
+    if torch.cuda.is_available():
+        gpu = f", {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    return f"{model}, {os.cpu_count()} cores{gpu}, {versions}"
 
 
 def _timed(fn: Any) -> float:
@@ -287,9 +384,18 @@ def main() -> None:
     )
     p.add_argument("--models", default="resnet18,resnet50,vit_small_patch16_224")
     p.add_argument("--images", type=int, default=512)
+    p.add_argument("--unique-images", type=int, default=None, help="encode fewer, link the rest")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--precisions", default="fp32", help="comma-separated: fp32,bf16,fp16")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--workers", default="0,1", help="comma-separated loader worker counts")
+    p.add_argument(
+        "--decode-workers",
+        type=lambda t: [int(w) for w in t.split(",") if w],
+        default=[],
+        help="also time the loader alone with these worker counts",
+    )
     p.add_argument("--bare-seconds", type=float, default=15.0)
     p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (medians)")
     p.add_argument("--thingsvision-python", default=None)
@@ -298,19 +404,38 @@ def main() -> None:
     p.add_argument("--skip", default="", help="comma-separated parts to skip: throughput,size")
     p.add_argument("--out", type=Path, default=HERE / "out")
     p.add_argument("--bare-only", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--decode-only", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.bare_only:
-        rate = bare_forward(args.bare_only, batch=args.batch_size, seconds=args.bare_seconds)
+        rate = bare_forward(
+            args.bare_only,
+            batch=args.batch_size,
+            seconds=args.bare_seconds,
+            device=args.device,
+            precision=args.precisions,
+        )
+        print(json.dumps({"images_per_second": rate}))
+        return
+    if args.decode_only:
+        rate = decode_only(
+            args.out,
+            args.decode_only,
+            batch=args.batch_size,
+            workers=int(args.workers),
+            pin=args.device.startswith("cuda"),
+        )
         print(json.dumps({"images_per_second": rate}))
         return
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine(),
         "args": {k: str(v) for k, v in vars(args).items()},
     }
     skip = set(args.skip.split(","))
     if "throughput" not in skip:
-        folder = make_jpeg_folder(args.out / f"jpegs-{args.images}", args.images)
+        folder = make_jpeg_folder(
+            args.out / f"jpegs-{args.images}", args.images, args.unique_images
+        )
         report["throughput"] = throughput(args, folder)
     if "size" not in skip:
         comps = args.compressions.split(",")

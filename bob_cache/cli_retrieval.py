@@ -52,7 +52,9 @@ def index_build(
     store: StoreOpt = "bob-store",
     feature: FeatureOpt = None,
     split: SplitOpt = "train",
-    kind: Annotated[str, typer.Option(help="auto, flat, hnsw, ivf or ivfpq.")] = "auto",
+    kind: Annotated[
+        str, typer.Option(help="auto, flat, hnsw, ivf, ivfsq (scalar codes) or ivfpq.")
+    ] = "auto",
     metric: MetricOpt = "cosine",
     max_memory: Annotated[
         str | None, typer.Option(help="Memory budget of the index, e.g. 4GB (auto fits it).")
@@ -64,6 +66,9 @@ def index_build(
     nlist: Annotated[int | None, typer.Option(help="IVF lists (default ≈ 4·√rows).")] = None,
     m: Annotated[
         int | None, typer.Option("--pq-bytes", help="ivfpq code bytes (must divide the dim).")
+    ] = None,
+    bits: Annotated[
+        int | None, typer.Option("--sq-bits", help="ivfsq bits per dimension: 8, 6 or 4.")
     ] = None,
     hnsw_m: Annotated[int | None, typer.Option(help="HNSW links per node (default 32).")] = None,
     name: Annotated[str | None, typer.Option(help="Index name (default: the kind).")] = None,
@@ -79,7 +84,7 @@ def index_build(
     from bob_cache.pipelines import get_stage
     from bob_cache.pipelines.index import IndexConfig
 
-    params = {"nlist": nlist, "m": m, "M": hnsw_m}
+    params = {"nlist": nlist, "m": m, "bits": bits, "M": hnsw_m}
     config = IndexConfig(
         store=store, dataset=dataset, backbone=backbone, feature=feature, split=split,
         kind=kind, metric=metric, max_memory=max_memory, target_recall=target_recall, k=k,

@@ -30,12 +30,13 @@ from bob_cache.stores.index_store import (
     check_index,
     get_record,
     group_exists,
-    read_index_bytes,
-    save_index,
+    index_reader,
+    index_writer,
 )
 
 TRAIN_ROWS_PER_LIST = 64
 MAX_TRAIN_ROWS = 300_000
+MIN_HELD_OUT = 100  # fewer new rows than this to hold out: tune on indexed rows
 
 
 @dataclass
@@ -110,21 +111,21 @@ def _build(config: IndexConfig, fs: FeatureSet) -> IndexSummary:
         )
     max_memory = parse_memory(config.max_memory)
     choice = resolve_kind(
-        config.kind, fs.n_rows, fs.dim, max_memory=max_memory, params=config.params
-    )
+        config.kind, fs.n_rows, fs.dim, max_memory=max_memory, params=config.params,
+        target_recall=config.target_recall,
+    )  # fmt: skip
     name = config.name or (choice.kind.name if config.kind != "auto" else "auto")
     if group_exists(fs, name) and not config.force:
         record = get_record(fs, name)
         return IndexSummary(fs.path, "exists", record.to_dict())
     started = time.perf_counter()
     index = faiss_ops.create_index(choice.kind, fs.dim, config.metric, choice.params)
-    index = _maybe_gpu(index, choice.kind, config.gpu)
+    index = _maybe_gpu(index, choice.kind, choice.params, config.gpu)
     if not index.is_trained:
         n_train = min(MAX_TRAIN_ROWS, TRAIN_ROWS_PER_LIST * choice.params.get("nlist", 1) * 4)
         x, _ = sample_rows(fs, shards, max(n_train, 10_000), config.metric, seed=config.seed)
         index.train(x)
-    added = _add(index, fs, shards, config)
-    tuning = _tune(index, fs, shards, choice.kind, config)
+    added, tuning = _add_and_tune(index, fs, shards, shards, choice.kind, config)
     record = IndexRecord(
         name=name, kind=choice.kind.name, metric=config.metric, params=choice.params,
         feature_key=fs.key, feature_set=fs.path, feature_set_created=fs.attrs["created"],
@@ -133,10 +134,8 @@ def _build(config: IndexConfig, fs: FeatureSet) -> IndexSummary:
         recall_k=config.k, recall_queries=tuning.queries, reason=choice.reason,
         versions=_versions(), created=utc_now(),
     )  # fmt: skip
-    data = faiss_ops.serialize(index)
-    record.bytes = int(data.nbytes)
     record.build_seconds = round(time.perf_counter() - started, 3)
-    save_index(fs, record, data)
+    _store(fs, record, index)
     return IndexSummary(fs.path, "built", record.to_dict(), added, sweep=tuning.sweep)
 
 
@@ -147,26 +146,67 @@ def _update(config: IndexConfig, fs: FeatureSet) -> IndexSummary:
         return IndexSummary(fs.path, "up-to-date", record.to_dict())
     started = time.perf_counter()
     kind = get_kind(record.kind)
-    index = faiss_ops.deserialize(read_index_bytes(fs, record.name))
-    index = _maybe_gpu(index, kind, config.gpu)
-    added = _add(index, fs, pending, config)
+    index = faiss_ops.read_index(index_reader(fs, record.name))
+    index = _maybe_gpu(index, kind, record.params, config.gpu)
     config.target_recall, config.k = record.target_recall, record.recall_k
     shards = sorted(record.shards + pending)
-    tuning = _tune(index, fs, shards, kind, config)
+    added, tuning = _add_and_tune(index, fs, pending, shards, kind, config)
     record.shards, record.rows = shards, record.rows + added
     record.search_value, record.recall = tuning.value, tuning.recall
     record.recall_queries, record.versions, record.created = tuning.queries, _versions(), utc_now()
-    data = faiss_ops.serialize(index)
-    record.bytes = int(data.nbytes)
     record.build_seconds = round(record.build_seconds + time.perf_counter() - started, 3)
-    save_index(fs, record, data)
+    _store(fs, record, index)
     return IndexSummary(fs.path, "updated", record.to_dict(), added, sweep=tuning.sweep)
 
 
-def _add(index: Any, fs: FeatureSet, shards: list[int], config: IndexConfig) -> int:
+def _store(fs: FeatureSet, record: IndexRecord, index: Any) -> None:
+    with index_writer(fs, record) as sink:
+        faiss_ops.write_index(index, sink)
+
+
+def _add_and_tune(
+    index: Any, fs: FeatureSet, new: list[int], shards: list[int], kind: Any, config: IndexConfig
+) -> tuple[int, faiss_ops.Tuning]:
+    """Add shards ``new`` and tune the search parameter on held-out rows.
+
+    ``tune_queries`` of the new rows (at most a tenth of them) stay out of the index while the
+    parameter is tuned against exact search over the other rows of ``shards``, so recall is
+    measured on queries the index has not seen (an indexed query finds its own neighbourhood
+    too easily: a graph links it straight to its neighbours). Then they are added too. An
+    update with too few new rows to hold out re-measures on indexed rows instead, each
+    excluded from its own neighbour lists.
+    """
+    if kind.exact:
+        return _add(index, fs, new, config), faiss_ops.Tuning(None, 1.0, config.target_recall, True)
+    n_new = sum(b - a for a, b in (fs.layout.shard_bounds(s, fs.n_rows) for s in new))
+    n_held = min(config.tune_queries, n_new // 10)
+    if n_held < MIN_HELD_OUT:
+        added = _add(index, fs, new, config)
+        return added, _tune_on_indexed(index, fs, shards, kind, config)
+    queries, held = sample_rows(fs, new, n_held, config.metric, seed=config.seed + 1)
+    added = _add(index, fs, new, config, skip=held)
+    others = (
+        (x[keep], rows[keep])
+        for x, rows in shard_vectors(fs, shards, config.metric)
+        for keep in [~np.isin(rows, held)]
+    )
+    _, truth = faiss_ops.exact_neighbours(queries, others, config.k, config.metric)
+    tuning = faiss_ops.tune(index, kind, queries, truth, k=config.k, target=config.target_recall)
+    tuning.queries = len(queries)
+    index.add_with_ids(queries, held)
+    return added + len(held), tuning
+
+
+def _add(
+    index: Any, fs: FeatureSet, shards: list[int], config: IndexConfig, skip: Any = None
+) -> int:
+    """Add the usable rows of ``shards`` (less the row numbers in ``skip``)."""
     added = 0
     with progress_bar(len(shards), desc=f"index {fs.path}", quiet=config.quiet) as bar:
         for x, rows in shard_vectors(fs, shards, config.metric):
+            if skip is not None:
+                keep = ~np.isin(rows, skip)
+                x, rows = x[keep], rows[keep]
             if len(rows):
                 index.add_with_ids(x, rows)
             added += len(rows)
@@ -174,12 +214,10 @@ def _add(index: Any, fs: FeatureSet, shards: list[int], config: IndexConfig) -> 
     return added
 
 
-def _tune(
+def _tune_on_indexed(
     index: Any, fs: FeatureSet, shards: list[int], kind: Any, config: IndexConfig
 ) -> faiss_ops.Tuning:
     """Tune on indexed rows used as queries, each excluded from its own neighbour lists."""
-    if kind.exact:
-        return faiss_ops.Tuning(None, 1.0, config.target_recall, True)
     queries, own = sample_rows(fs, shards, config.tune_queries, config.metric, seed=config.seed + 1)
     k = config.k
     _, truth = faiss_ops.exact_neighbours(
@@ -206,7 +244,8 @@ def drop_self(found: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def _maybe_gpu(index: Any, kind: Any, gpu: bool | None) -> Any:
+def _maybe_gpu(index: Any, kind: Any, params: dict[str, Any], gpu: bool | None) -> Any:
+    """A GPU copy of ``index`` when faiss-gpu sees a GPU and holds this kind (else ``index``)."""
     if gpu is False:
         return index
     available = faiss_ops.gpu_available()
@@ -215,7 +254,7 @@ def _maybe_gpu(index: Any, kind: Any, gpu: bool | None) -> Any:
             "--gpu was requested but faiss sees no GPU. Install the gpu extra "
             "(pip install 'bob-cache[gpu]') on a CUDA machine, or drop --gpu."
         )
-    return faiss_ops.to_gpu(index) if available and kind.gpu else index
+    return faiss_ops.to_gpu(index) if available and kind.gpu(params) else index
 
 
 def _versions() -> dict[str, str]:

@@ -25,7 +25,7 @@ from bob_cache.retrieval import faiss_ops
 from bob_cache.retrieval.kinds import get_kind
 from bob_cache.retrieval.vectors import read_rows
 from bob_cache.stores import FeatureSet, open_store
-from bob_cache.stores.index_store import IndexRecord, check_index, get_record, read_index_bytes
+from bob_cache.stores.index_store import IndexRecord, check_index, get_record, index_reader
 
 RESULT_COLUMNS = ("query", "rank", "row", "id", "label", "class", "score")
 MAX_IMAGE_PIXELS = 80_000_000  # refuse decompression bombs beyond ~9000 × 9000
@@ -72,7 +72,7 @@ class Searcher:
             splits=(config.split,),
         ).values()  # fmt: skip
         record = get_record(fs, config.index)
-        index = faiss_ops.deserialize(read_index_bytes(fs, record.name))
+        index = faiss_ops.read_index(index_reader(fs, record.name))
         return cls(fs, record, index, config=config)
 
     @property

@@ -9,6 +9,8 @@ attributes are written last, so a killed build leaves no index that looks comple
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -55,8 +57,11 @@ class IndexRecord:
         return asdict(self)
 
 
-def save_index(fs: FeatureSet, record: IndexRecord, data: np.ndarray) -> None:
-    """Store serialized index bytes and their record as ``indexes/<record.name>``."""
+@contextmanager
+def index_writer(fs: FeatureSet, record: IndexRecord) -> Iterator[Callable[[bytes], int]]:
+    """Store an index as ``indexes/<record.name>``: yields a sink that takes the serialized
+    bytes piece by piece (appended chunk by chunk, never held whole); on a clean exit the
+    record (with ``bytes`` filled in) is written last, marking the index complete."""
     what = f"index '{record.name}' of '{fs.path}'"
     with translate_write_errors(fs.location, what):
         parent = fs.group.require_group(INDEX_GROUP)
@@ -64,15 +69,41 @@ def save_index(fs: FeatureSet, record: IndexRecord, data: np.ndarray) -> None:
             del parent[record.name]
         group = parent.create_group(record.name)
         array = group.create_array(
-            "data",
-            shape=data.shape,
-            dtype="uint8",
-            chunks=(min(_CHUNK_BYTES, max(1, len(data))),),
-            compressors=None,
+            "data", shape=(0,), dtype="uint8", chunks=(_CHUNK_BYTES,), compressors=None,
             dimension_names=("byte",),
-        )
-        array[:] = data
+        )  # fmt: skip
+        sink = _ChunkSink(array)
+        yield sink
+        sink.close()
+        record.bytes = sink.total
         group.attrs.update({"record": record.to_dict(), "complete": True})
+
+
+class _ChunkSink:
+    """Buffers writes and appends whole chunks to a growing 1-D ``uint8`` array."""
+
+    def __init__(self, array: zarr.Array) -> None:
+        self.array, self.buffer, self.total = array, bytearray(), 0
+
+    def __call__(self, data: bytes) -> int:
+        self.buffer += data
+        if len(self.buffer) >= _CHUNK_BYTES:
+            view = memoryview(self.buffer)
+            whole = len(self.buffer) - len(self.buffer) % _CHUNK_BYTES
+            self._append(view[:whole])
+            rest = bytes(view[whole:])
+            view.release()
+            self.buffer = bytearray(rest)
+        return len(data)
+
+    def close(self) -> None:
+        if self.buffer:
+            self._append(memoryview(self.buffer))
+            self.buffer = bytearray()
+
+    def _append(self, data: memoryview) -> None:
+        self.array.append(np.frombuffer(data, dtype=np.uint8))
+        self.total += len(data)
 
 
 def list_indexes(fs: FeatureSet) -> list[IndexRecord]:
@@ -108,8 +139,25 @@ def get_record(fs: FeatureSet, name: str | None) -> IndexRecord:
     )
 
 
-def read_index_bytes(fs: FeatureSet, name: str) -> np.ndarray:
-    return fs.group[f"{INDEX_GROUP}/{name}/data"][:]
+def index_reader(fs: FeatureSet, name: str) -> Callable[[int], bytes]:
+    """``read(n) → up to n bytes`` of index ``name``'s serialized data, one stored chunk in
+    memory at a time (``b""`` at the end)."""
+    array = fs.group[f"{INDEX_GROUP}/{name}/data"]
+    size, state = int(array.shape[0]), {"pos": 0, "start": 0, "chunk": b""}
+
+    def read(n: int) -> bytes:
+        pos, start, chunk = state["pos"], state["start"], state["chunk"]
+        if pos >= size:
+            return b""
+        if not start <= pos < start + len(chunk):
+            start = pos - pos % _CHUNK_BYTES
+            chunk = array[start : min(size, start + _CHUNK_BYTES)].tobytes()
+            state["start"], state["chunk"] = start, chunk
+        out = chunk[pos - start : pos - start + n]
+        state["pos"] = pos + len(out)
+        return out
+
+    return read
 
 
 def check_index(fs: FeatureSet, record: IndexRecord) -> list[int]:

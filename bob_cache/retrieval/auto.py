@@ -1,23 +1,36 @@
-"""``--kind auto``: the fastest index family whose memory fits the budget.
+"""``--kind auto``: the fastest index family that fits the memory budget and can reach the
+target recall.
 
-Order of preference for a target recall (search speed on CPU, measured in BENCHMARKS.md):
-exact ``flat`` while a brute-force scan is cheap, then ``hnsw`` (graph, fastest at high
-recall), then ``ivf`` (inverted lists over full vectors, smaller than a graph), then
-``ivfpq`` with the largest product-quantizer code that fits. The search parameter is then
-tuned for the target recall by the builder.
+Order of preference (search speed on CPU at a target recall, measured in BENCHMARKS.md):
+exact ``flat`` while a brute-force scan is cheap; ``hnsw`` (a graph, fastest at moderate
+recall) for targets up to :data:`HNSW_MAX_TARGET`; ``ivf`` over full vectors (its recall keeps
+climbing with ``nprobe`` where a graph built with default parameters levels off near 0.98);
+then compressed codes when full vectors exceed the budget: ``ivfsq`` with 8- then 4-bit
+scalar codes, and last ``ivfpq`` with the largest product-quantizer code that fits. The
+builder then tunes the search parameter for the target recall and records what it reached.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from bob_cache.errors import SpecError
-from bob_cache.retrieval.kinds import IndexKind, estimate_bytes, get_kind, pq_subquantizers
+from bob_cache.retrieval.kinds import (
+    SQ_BITS,
+    IndexKind,
+    estimate_bytes,
+    get_kind,
+    pq_subquantizers,
+)
 
 # Below this many rows an exact scan answers a query in ~1 ms per 10k rows on one core,
 # cheaper than any approximate index's build and tuning.
 FLAT_MAX_ROWS = 50_000
+# Above this target, hnsw (M=32, efConstruction=40) needs a very deep search or never gets
+# there (1M × 768: 0.984 at efSearch 1024), while ivf reaches 0.99 at nprobe 8.
+HNSW_MAX_TARGET = 0.96
 
 
 @dataclass(frozen=True)
@@ -31,7 +44,13 @@ class Choice:
 
 
 def resolve_kind(
-    kind: str, n_rows: int, dim: int, *, max_memory: int | None, params: dict[str, Any]
+    kind: str,
+    n_rows: int,
+    dim: int,
+    *,
+    max_memory: int | None,
+    params: dict[str, Any],
+    target_recall: float = 0.95,
 ) -> Choice:
     """Resolve ``kind`` (``auto`` or a name) and its parameters for ``n_rows`` × ``dim``.
 
@@ -41,6 +60,9 @@ def resolve_kind(
     if kind != "auto":
         chosen = get_kind(kind)
         merged = {**chosen.defaults(n_rows, dim), **params}
+        problem = chosen.check(dim, merged)
+        if problem:
+            raise SpecError(problem)
         need = estimate_bytes(chosen, n_rows, dim, merged)
         if max_memory is not None and need > max_memory:
             raise SpecError(
@@ -50,28 +72,35 @@ def resolve_kind(
             )
         return Choice(chosen, merged, need, "requested")
     budget = max_memory if max_memory is not None else 2**62
-    for name in ("flat", "hnsw", "ivf"):
+    smallest = None
+    for name, merged, reason in _candidates(n_rows, dim, target_recall, budget):
         candidate = get_kind(name)
-        merged = candidate.defaults(n_rows, dim)
         need = estimate_bytes(candidate, n_rows, dim, merged)
-        if name == "flat" and n_rows > FLAT_MAX_ROWS:
-            continue
+        smallest = need if smallest is None else min(smallest, need)
         if need <= budget:
-            return Choice(candidate, merged, need, f"{n_rows} rows fit {name} in the budget")
-    ivfpq = get_kind("ivfpq")
-    nlist = ivfpq.defaults(n_rows, dim)["nlist"]
-    fixed = estimate_bytes(ivfpq, 0, dim, {"nlist": nlist, "m": 1})
-    per_row = (budget - fixed) / max(n_rows, 1) - 8
-    m = pq_subquantizers(dim, per_row)
-    if m is None:
-        floor = estimate_bytes(ivfpq, n_rows, dim, {"nlist": nlist, "m": 1})
-        raise SpecError(
-            f"No index of {n_rows} × {dim} fits --max-memory {_gib(budget)}; the smallest "
-            f"(ivfpq with 1-byte codes) needs about {_gib(floor)}. Raise --max-memory."
-        )
-    merged = {"nlist": nlist, "m": m}
-    need = estimate_bytes(ivfpq, n_rows, dim, merged)
-    return Choice(ivfpq, merged, need, f"full vectors exceed the budget: {m}-byte PQ codes")
+            return Choice(candidate, merged, need, reason)
+    raise SpecError(
+        f"No index of {n_rows} × {dim} fits --max-memory {_gib(budget)}; the smallest "
+        f"(ivfpq with 1-byte codes) needs about {_gib(smallest or 0)}. Raise --max-memory."
+    )
+
+
+def _candidates(
+    n_rows: int, dim: int, target: float, budget: int
+) -> Iterator[tuple[str, dict[str, Any], str]]:
+    """``(kind, params, reason)`` in order of preference."""
+    if n_rows <= FLAT_MAX_ROWS:
+        yield "flat", {}, f"{n_rows} rows: an exact scan is cheap"
+    if target <= HNSW_MAX_TARGET:
+        yield "hnsw", get_kind("hnsw").defaults(n_rows, dim), "full vectors and a graph fit"
+    ivf = get_kind("ivf").defaults(n_rows, dim)
+    why = "" if target <= HNSW_MAX_TARGET else f" (target {target} is above hnsw's reach)"
+    yield "ivf", ivf, "full vectors fit" + why
+    for bits in SQ_BITS:
+        yield "ivfsq", {**ivf, "bits": bits}, f"full vectors exceed the budget: {bits}-bit codes"
+    fixed = estimate_bytes(get_kind("ivfpq"), 0, dim, {**ivf, "m": 1})
+    m = pq_subquantizers(dim, (budget - fixed) / max(n_rows, 1) - 8) or 1
+    yield "ivfpq", {**ivf, "m": m}, f"scalar codes exceed the budget: {m}-byte PQ codes"
 
 
 def parse_memory(text: str | None) -> int | None:

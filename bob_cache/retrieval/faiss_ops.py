@@ -72,16 +72,21 @@ def set_search_param(index: Any, kind: IndexKind, value: int | None) -> None:
         faiss.ParameterSpace().set_index_parameter(index, kind.search_param, value)
 
 
-def serialize(index: Any) -> np.ndarray:
+_IO_BLOCK = 16 * 2**20
+
+
+def write_index(index: Any, sink: Callable[[bytes], int]) -> None:
+    """Serialize ``index`` (a GPU one via its CPU copy) into ``sink`` in blocks."""
     import faiss
 
-    return faiss.serialize_index(to_cpu(index))
+    faiss.write_index(to_cpu(index), faiss.PyCallbackIOWriter(sink, _IO_BLOCK))
 
 
-def deserialize(data: np.ndarray) -> Any:
+def read_index(source: Callable[[int], bytes]) -> Any:
+    """An index read from ``source(n) → bytes`` in blocks."""
     import faiss
 
-    return faiss.deserialize_index(np.ascontiguousarray(data, dtype=np.uint8))
+    return faiss.read_index(faiss.PyCallbackIOReader(source, _IO_BLOCK))
 
 
 def exact_neighbours(

@@ -30,20 +30,20 @@ def shard_vectors(
 def sample_rows(
     fs: FeatureSet, shards: Sequence[int], n: int, metric: str, *, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Up to ``n`` usable rows drawn at random (whole shards read in random order)."""
+    """Up to ``n`` usable rows of ``shards`` drawn uniformly at random (sorted row numbers).
+
+    Uniform over all rows, not whole shards: datasets are often stored class by class.
+    """
     rng = np.random.default_rng(seed)
-    xs, ids, have = [], [], 0
-    for x, rows in shard_vectors(fs, rng.permutation(np.asarray(shards, dtype=int)), metric):
-        xs.append(x)
-        ids.append(rows)
-        have += len(rows)
-        if have >= n:
-            break
-    if not xs:
-        return np.zeros((0, fs.dim), np.float32), np.zeros(0, np.int64)
-    x, rows = np.concatenate(xs), np.concatenate(ids)
-    pick = np.sort(rng.choice(len(rows), size=min(n, len(rows)), replace=False))
-    return x[pick], rows[pick]
+    bounds = [fs.layout.shard_bounds(shard, fs.n_rows) for shard in shards]
+    candidates = np.concatenate([np.arange(a, b) for a, b in bounds] or [np.zeros(0, int)])
+    candidates = candidates[fs.group["valid"][:][candidates]]
+    rows = np.sort(rng.choice(candidates, size=min(n, len(candidates)), replace=False))
+    if not len(rows):
+        return np.zeros((0, fs.dim), np.float32), rows.astype(np.int64)
+    x = read_rows(fs, rows, metric)
+    finite = np.isfinite(x).all(axis=1)
+    return x[finite], rows[finite].astype(np.int64)
 
 
 def read_rows(fs: FeatureSet, rows: np.ndarray, metric: str) -> np.ndarray:

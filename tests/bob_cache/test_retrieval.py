@@ -58,23 +58,55 @@ def test_tuned_index_reaches_the_recall_it_reports_on_fresh_queries(kind: str) -
     assert faiss_ops.recall_at_k(index.search(fresh, 10)[1], truth, 10) >= 0.85
 
 
-def test_auto_picks_flat_small_hnsw_large_and_pq_under_a_tight_budget() -> None:
+def test_auto_picks_by_size_budget_and_target_recall() -> None:
+    def auto(budget: str | None, target: float = 0.95) -> tuple[str, dict]:
+        memory = parse_memory(budget)
+        choice = resolve_kind(
+            "auto", 1_000_000, 768, max_memory=memory, params={}, target_recall=target
+        )
+        assert memory is None or choice.bytes <= memory
+        return choice.kind.name, choice.params
+
     assert resolve_kind("auto", 10_000, 768, max_memory=None, params={}).kind.name == "flat"
-    big = resolve_kind("auto", 1_000_000, 768, max_memory=parse_memory("8GB"), params={})
-    assert big.kind.name == "hnsw" and big.bytes <= 8 * 2**30
-    mid = resolve_kind("auto", 1_000_000, 768, max_memory=parse_memory("3.1GB"), params={})
-    assert mid.kind.name == "ivf"
-    tight = resolve_kind("auto", 1_000_000, 768, max_memory=parse_memory("1GB"), params={})
-    assert tight.kind.name == "ivfpq" and tight.bytes <= 2**30 and 768 % tight.params["m"] == 0
+    assert auto("8GB")[0] == "hnsw"
+    assert auto("8GB", target=0.99)[0] == "ivf"  # beyond what the graph reaches cheaply
+    assert auto("3.1GB")[0] == "ivf"
+    assert auto("1GB") == ("ivfsq", {"nlist": 4096, "bits": 8})
+    assert auto("500MB") == ("ivfsq", {"nlist": 4096, "bits": 4})
+    kind, params = auto("200MB")
+    assert kind == "ivfpq" and 768 % params["m"] == 0 and params["m"] > 96
     with pytest.raises(SpecError, match="Raise --max-memory"):
         resolve_kind("auto", 1_000_000, 768, max_memory=parse_memory("10MB"), params={})
     with pytest.raises(SpecError, match="use --kind auto"):
         resolve_kind("hnsw", 1_000_000, 768, max_memory=parse_memory("1GB"), params={})
 
 
+def test_bad_code_sizes_are_refused_with_the_valid_choices() -> None:
+    with pytest.raises(SpecError, match="--pq-bytes 5 must split the dimension 768"):
+        resolve_kind("ivfpq", 10_000, 768, max_memory=None, params={"m": 5})
+    with pytest.raises(SpecError, match="--sq-bits 5 is not one of 8, 6, 4"):
+        resolve_kind("ivfsq", 10_000, 768, max_memory=None, params={"bits": 5})
+
+
+@pytest.mark.parametrize("kind", ["ivfsq", "ivfpq"])
+def test_compressed_kinds_build_and_reach_a_recall(kind: str) -> None:
+    x = faiss_ops.prepare(clustered(10_000), "cosine")
+    spec = get_kind(kind)
+    params = {**spec.defaults(len(x), 32), **({"m": 16} if kind == "ivfpq" else {})}
+    index = faiss_ops.create_index(spec, 32, "cosine", params)
+    assert not getattr(index, "do_polysemous_training", False)  # "np": minutes saved
+    index.train(x)
+    index.add_with_ids(x, np.arange(len(x)))
+    q = faiss_ops.prepare(clustered(200, seed=5), "cosine")
+    _, truth = faiss_ops.exact_neighbours(q, [(x, np.arange(len(x)))], 10, "cosine")
+    tuning = faiss_ops.tune(index, spec, q, truth, k=10, target=0.8)
+    assert tuning.reached and 0.8 <= tuning.recall <= 1.0
+
+
 def test_kind_helpers_and_bad_names() -> None:
     assert default_nlist(1_000_000) == 4096 and default_nlist(100) == 2
     assert pq_subquantizers(768, 100) == 96 and pq_subquantizers(768, 0.5) is None
+    assert pq_subquantizers(768, 1000) == 384  # at least 2 dimensions per sub-quantizer
     assert parse_memory("512MiB") == 512 * 2**20 and parse_memory("2e9") == 2_000_000_000
     with pytest.raises(SpecError, match="Did you mean 'hnsw'"):
         get_kind("hnws")

@@ -46,7 +46,7 @@ def test_build_records_recall_and_a_rerun_reuses_the_index(tmp_path: Path) -> No
     r = summary.record
     assert summary.action == "built" and r["rows"] == 2000 and r["kind"] == "hnsw"
     assert r["recall"] >= 0.9 and r["search_param"] == "efSearch" and r["bytes"] > 0
-    assert r["feature_key"] == "feat00000001" and r["recall_queries"] == 1000
+    assert r["feature_key"] == "feat00000001" and r["recall_queries"] == 200  # a tenth held out
     again = build_index(cfg(tmp_path / "s", kind="hnsw"))
     assert again.action == "exists" and again.record["created"] == r["created"]
     forced = build_index(cfg(tmp_path / "s", kind="hnsw", force=True))
@@ -105,3 +105,36 @@ def test_missing_index_names_the_build_command(tmp_path: Path) -> None:
     build_index(cfg(tmp_path / "s", kind="flat"))
     with pytest.raises(IndexNotFoundError, match="It has: flat"):
         Searcher.open(QueryConfig(str(tmp_path / "s"), "toy", "model", index="hnsw"))
+
+
+def test_tuning_holds_rows_out_across_class_ordered_shards(tmp_path: Path) -> None:
+    from bob_cache.retrieval.vectors import sample_rows
+    from bob_cache.stores import open_store
+
+    x, y = blobs(3000, classes=6, dim=16, spread=2.0)
+    order = np.argsort(y, kind="stable")  # stored class by class, as class folders are
+    write_feature_sets(tmp_path / "s", {"train": (x[order], y[order])}, shard_rows=128)
+    fs = open_store(tmp_path / "s").get("toy/train/model.tag/feat00000001")
+    _, rows = sample_rows(fs, list(range(fs.layout.n_shards(fs.n_rows))), 300, "l2", seed=1)
+    assert len(np.unique(y[order][rows])) == 6 and np.all(np.diff(rows) > 0)
+    summary = build_index(cfg(tmp_path / "s", kind="ivf", target_recall=0.9))
+    r = summary.record
+    assert r["rows"] == 3000 and r["recall_queries"] == 300 and r["recall"] >= 0.9
+    searcher = Searcher.open(QueryConfig(str(tmp_path / "s"), "toy", "model"))
+    assert searcher.n_indexed == 3000  # the held-out rows were added after tuning
+
+
+def test_an_index_is_streamed_to_the_store_in_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bob_cache.stores import index_store, open_store
+
+    monkeypatch.setattr(index_store, "_CHUNK_BYTES", 4096)
+    x, y = blobs(500, classes=4, dim=16)
+    write_feature_sets(tmp_path / "s", {"train": (x, y)})
+    r = build_index(cfg(tmp_path / "s", kind="flat")).record
+    fs = open_store(tmp_path / "s").get("toy/train/model.tag/feat00000001")
+    data = fs.group["indexes/flat/data"]
+    assert data.shape[0] == r["bytes"] > 500 * 16 * 4 and data.chunks == (4096,)
+    searcher = Searcher.open(QueryConfig(str(tmp_path / "s"), "toy", "model"))
+    assert searcher.search_vectors(x[[7, 450]], k=1)["row"].tolist() == [7, 450]

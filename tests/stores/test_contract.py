@@ -266,9 +266,9 @@ def test_an_index_stored_beside_a_set_round_trips_and_is_not_a_feature_set(
     from bob_cache.stores.index_store import (
         IndexRecord,
         check_index,
+        index_reader,
+        index_writer,
         list_indexes,
-        read_index_bytes,
-        save_index,
     )
 
     fs = create(backend.open())
@@ -281,12 +281,14 @@ def test_an_index_stored_beside_a_set_round_trips_and_is_not_a_feature_set(
         name="flat", kind="flat", metric="l2", params={}, feature_key=fs.key,
         feature_set=fs.path, feature_set_created=fs.attrs["created"], shards=[0], rows=4, dim=D,
     )  # fmt: skip
-    save_index(fs, record, faiss_ops.serialize(index))
+    with index_writer(fs, record) as sink:
+        faiss_ops.write_index(index, sink)
     store = backend.open("r")
     again = store.get(fs.path)
     assert [r.name for r in list_indexes(again)] == ["flat"]
     assert check_index(again, list_indexes(again)[0]) == [1, 2]  # shards not indexed yet
-    loaded = faiss_ops.deserialize(read_index_bytes(again, "flat"))
+    assert list_indexes(again)[0].bytes == again.group["indexes/flat/data"].shape[0] > 0
+    loaded = faiss_ops.read_index(index_reader(again, "flat"))
     assert loaded.search(rows(0)[2:3], 1)[1].tolist() == [[2]]
     assert [f.path for f in store.feature_sets()] == [fs.path]
     assert all(r.ok for r in verify_store(store))
