@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -41,7 +42,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DATASET, BACKBONE, KEY = "synthetic", "synthetic.clusters", "synthclusters01"
-KINDS = ("flat", "hnsw", "ivf", "ivfpq")
+KINDS = ("flat", "hnsw", "ivf", "ivfsq", "ivfpq")
 K = 10
 SHARD_ROWS = 4096
 
@@ -529,6 +530,11 @@ def _per_call(fn: Any, seconds: float = 0.5) -> float:
     return round((time.perf_counter() - t) / n * 1e6, 1)
 
 
+def peer_target(target: float, peer: dict[str, Any]) -> float:
+    """The recall bob's auto build aims at beside a peer: the peer's, rounded up to 0.01."""
+    return min(0.999, max(target, math.ceil(peer["recall_at_k"] * 100) / 100))
+
+
 def run_autofaiss(work: Path, budget: str, target: float, python: str) -> dict[str, Any]:
     wd = work / f"autofaiss-{budget}"
     cmd = [
@@ -653,13 +659,33 @@ def main() -> None:
     q = np.load(work / "queries.npy")
     truth = np.load(work / "truth.npy")
 
+    # autofaiss first: it takes no recall target (it spends a query-time budget), so bob's
+    # auto index under the same budget is built for the recall autofaiss reached (rounded up
+    # to 0.01, and at least --target-recall); the goal is its q/s at at least its recall.
+    peers: dict[str, Any] = {}
+    targets = {b: args.target_recall for b in budgets}
+    if not args.skip_autofaiss:
+        for budget in budgets:
+            peers[budget] = {
+                "autofaiss": state.step(
+                    f"autofaiss:{budget}",
+                    lambda b=budget: run_autofaiss(
+                        work, b, args.target_recall, args.autofaiss_python
+                    ),
+                )
+            }
+            targets[budget] = peer_target(args.target_recall, peers[budget]["autofaiss"])
+
     # builds: auto under each budget (the thing under test), then each kind; a kind whose
     # parameters equal an auto build's reuses that index (same factory, same training).
     builds: dict[str, Any] = {}
     for budget in budgets:
         builds[f"auto-{budget}"] = state.step(
             f"build:auto-{budget}",
-            lambda b=budget: build(work, f"auto-{b}", "auto", b, args.target_recall),
+            lambda b=budget: {
+                **build(work, f"auto-{b}", "auto", b, targets[b]),
+                "target_recall": targets[b],
+            },
         )
     from bob_cache.retrieval.auto import resolve_kind
 
@@ -688,29 +714,14 @@ def main() -> None:
         sweeps[name] = state.step(f"sweep:{name}", lambda n=name: sweep_index(work, n, q, truth))
     bounds_after = state.step("bounds_after", lambda: measure_bounds(args.rows, args.dim))
 
-    peers: dict[str, Any] = {}
-    if not args.skip_autofaiss:
-        for budget in budgets:
-            peers[budget] = {
-                "bob_before": state.step(
-                    f"bob_before:{budget}",
-                    lambda b=budget: measure_at_tuned(work, f"auto-{b}", q, truth),
-                ),
-                "autofaiss": state.step(
-                    f"autofaiss:{budget}",
-                    lambda b=budget: run_autofaiss(
-                        work, b, args.target_recall, args.autofaiss_python
-                    ),
-                ),
-                "bob_after": state.step(
-                    f"bob_after:{budget}",
-                    lambda b=budget: measure_at_tuned(work, f"auto-{b}", q, truth),
-                ),
-            }
-            peers[budget]["match"] = state.step(
-                f"match:{budget}",
-                lambda b=budget: match_peer(work, f"auto-{b}", peers[b]["autofaiss"], q, truth),
-            )
+    for budget in peers:
+        peers[budget]["bob"] = state.step(
+            f"bob:{budget}", lambda b=budget: measure_at_tuned(work, f"auto-{b}", q, truth)
+        )
+        peers[budget]["match"] = state.step(
+            f"match:{budget}",
+            lambda b=budget: match_peer(work, f"auto-{b}", peers[b]["autofaiss"], q, truth),
+        )
 
     overheads = {}
     for kind in ("flat", "hnsw", "ivf"):
@@ -801,15 +812,15 @@ def summarize(
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for budget, pr in peers.items():
-            bb, ba, af = pr["bob_before"], pr["bob_after"], pr["autofaiss"]
-            rec = builds[f"auto-{budget}"]["record"]
-            bq1 = (bb["qps_batch1"] + ba["qps_batch1"]) / 2
-            bq1000 = (bb["qps_batch1000"] + ba["qps_batch1000"]) / 2
+            bb, af = pr["bob"], pr["autofaiss"]
+            build_ = builds[f"auto-{budget}"]
+            rec = build_["record"]
             lines.append(
-                f"| {budget} | bob auto | {rec['kind']} {_params(rec['params'])} | "
+                f"| {budget} | bob auto (target {rec['target_recall']}) | {rec['kind']} "
+                f"{_params(rec['params'])} | "
                 f"{rec['search_param']}={rec['search_value']} | {bb['recall']:.4f} | "
-                f"{bq1:.1f} ({bb['qps_batch1']:.0f}/{ba['qps_batch1']:.0f}) | {bq1000:.1f} | "
-                f"{rec['build_seconds']:.0f} | {builds[f'auto-{budget}']['peak_rss_gib']:.2f} | "
+                f"{bb['qps_batch1']:.1f} | {bb['qps_batch1000']:.1f} | "
+                f"{rec['build_seconds']:.0f} | {build_['peak_rss_gib']:.2f} | "
                 f"{rec['bytes'] / 2**30:.2f} |"
             )
             lines.append(
@@ -832,18 +843,13 @@ def summarize(
                         f"{rec['search_param']}={pt['value']} | {pt['recall']:.4f} | "
                         f"{pt['qps_batch1']:.1f} | {pt['qps_batch1000']:.1f} | | | |"
                     )
-            default_met = bb["recall"] >= af["recall_at_k"] and bq1 >= af["qps_batch1"]
             goals[f"auto_vs_autofaiss_{budget}"] = {
-                "default_point_dominates": default_met,
+                "met": bb["recall"] >= af["recall_at_k"] and bb["qps_batch1"] >= af["qps_batch1"],
                 "recall_ratio": round(bb["recall"] / af["recall_at_k"], 4),
-                "qps_batch1_ratio": round(bq1 / af["qps_batch1"], 3),
-                "qps_batch1000_ratio": round(bq1000 / af["qps_batch1000"], 3),
+                "qps_batch1_ratio": round(bb["qps_batch1"] / af["qps_batch1"], 3),
+                "qps_batch1000_ratio": round(bb["qps_batch1000"] / af["qps_batch1000"], 3),
                 "index_at_peer_recall": match,
-                "index_at_peer_recall_qps_batch1_ratio": (
-                    round(match["qps_batch1"] / af["qps_batch1"], 3) if match else None
-                ),
             }
-        lines.append("(bob q/s at batch 1: mean of the runs before / after autofaiss's)")
     lines += [
         "",
         "| index (tuned) | direct q/s b1 | path | bob q/s b1 | overhead (mean) | overhead (p50) "

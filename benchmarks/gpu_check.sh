@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# GPU check in one command, from the repository root of a CUDA machine:
+#   1. env:    GPU, driver, library versions, CUDA 12 libraries that faiss-gpu wheels need;
+#   2. check:  extraction on CUDA (fp32, bf16, fp16 autocast) against the CPU fp32 features,
+#              that loader batches arrive in pinned memory, the CLI on builtin:digits with
+#              --device auto, and the linear probe on --device cuda against cpu;
+#   3. bench:  benchmarks/extract_throughput.py on CUDA (extraction ÷ bare forward);
+#   4. faiss:  a faiss GPU wheel from .whl-faiss/ (import, missing libraries) and, when it
+#              sees the GPU, `index build --gpu` (flat, ivf) and a query against the CPU build.
+# Missing Python packages travel as wheels in .whl/ (zarr, numcodecs, donfig, google-crc32c),
+# .whl-extra/ (timm, installed only when the machine's is older than 1.0.9) and .whl-faiss/.
+# Settings (environment): PARTS, MODELS, PRECISIONS, BATCH, IMAGES, WORKERS, DECODE_WORKERS,
+# BARE_SECONDS, ROUNDS, OUT (results folder), SITE (where wheels and bob-cache install).
+set -uo pipefail
+REPO=$(pwd)
+OUT=${OUT:-$REPO/benchmarks/out/gpu}
+SITE=${SITE:-/tmp/bob-site}
+WORK=${WORK:-/tmp/bob-gpu}
+PARTS=${PARTS:-env,check,bench,faiss}
+MODELS=${MODELS:-resnet50,vit_small_patch16_224,vit_base_patch16_224}
+PRECISIONS=${PRECISIONS:-bf16,fp16}
+BATCH=${BATCH:-256}
+IMAGES=${IMAGES:-32768}
+WORKERS=${WORKERS:-}
+DECODE_WORKERS=${DECODE_WORKERS:-}
+BARE_SECONDS=${BARE_SECONDS:-5}
+ROUNDS=${ROUNDS:-1}
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT" "$WORK" "$SITE"
+has() { [[ ",$PARTS," == *",$1,"* ]]; }
+log() { echo "=== $* ($(date +%T))"; }
+
+# --- install: wheels for what is missing, then bob-cache itself (not editable: a copy in SITE,
+# run from outside the repository so the uninstalled tree does not shadow it).
+pip_target() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target "$@"; }
+if ls .whl/*.whl >/dev/null 2>&1; then pip_target "$SITE" .whl/*.whl || exit 1; fi
+export PYTHONPATH=$SITE
+if ! python3 -c "import timm, sys; from packaging.version import Version as V; \
+sys.exit(V(timm.__version__) < V('1.0.9'))" 2>/dev/null && ls .whl-extra/timm-*.whl >/dev/null 2>&1
+then pip_target "$SITE" .whl-extra/timm-*.whl || exit 1; fi
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade \
+    --target "$SITE" "$REPO" >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+cd "$WORK" || exit 1
+
+if has env; then
+  log env
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python3 - <<'EOF'
+import platform, torch, timm, numpy, zarr, numcodecs, PIL
+print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}, "
+      f"cuDNN {torch.backends.cudnn.version()}), timm {timm.__version__}, numpy {numpy.__version__}, "
+      f"zarr {zarr.__version__}, numcodecs {numcodecs.__version__}, pillow {PIL.__version__}")
+print("GPU:", torch.cuda.get_device_name(), "bf16:", torch.cuda.is_bf16_supported(),
+      "cpus:", __import__("os").cpu_count())
+EOF
+  echo "CUDA 12 libraries (faiss-gpu-cu12 needs libcublas.so.12, libcublasLt.so.12, libcudart.so.12):"
+  find / -xdev \( -name 'libcublas*.so.12*' -o -name 'libcudart.so.12*' \) 2>/dev/null | head
+  echo "CUDA 13 cuBLAS present:"; find / -xdev -name 'libcublas.so.13*' 2>/dev/null | head -3
+fi
+
+if has check; then
+  log check
+  python3 - "$REPO" "$WORK" <<'EOF' 2>&1 | tee "$OUT/check.log"
+import json, sys, time
+from pathlib import Path
+import numpy as np, torch
+sys.path.insert(0, f"{sys.argv[1]}/benchmarks")
+from extract_throughput import make_jpeg_folder
+from bob_cache.config import ExtractConfig
+from bob_cache.pipelines import extract as ex
+from bob_cache.stores import open_store
+
+work = Path(sys.argv[2])
+folder = make_jpeg_folder(work / "jpegs-check", 256)
+pinned = []
+
+class SpyLoader(ex.DataLoader):  # records whether each batch reaches the main thread pinned
+    def __iter__(self):
+        for batch in super().__iter__():
+            pinned.append(bool(batch[0].is_pinned()))
+            yield batch
+
+ex.DataLoader = SpyLoader
+
+def run(model, device, precision):
+    pinned.clear()
+    store = work / f"check-{model}-{device}-{precision}"
+    s = ex.extract(ExtractConfig(
+        data=str(folder), backbone=f"timm:{model}", random_init=True, store=str(store),
+        device=device, precision=precision, batch_size=64, workers=4, quiet=True,
+        overwrite=True))
+    feats = np.concatenate([open_store(store).get(fs["group"]).features[:].astype(np.float32)
+                            for fs in s.feature_sets])
+    return s, feats, list(pinned)
+
+for model in ("resnet50", "vit_small_patch16_224"):
+    _, ref, pin_cpu = run(model, "cpu", "fp32")
+    for precision in ("fp32", "bf16", "fp16"):
+        s, f, pin = run(model, "cuda", precision)
+        cos = (f * ref).sum(1) / (np.linalg.norm(f, axis=1) * np.linalg.norm(ref, axis=1))
+        rel = np.abs(f - ref).max() / np.abs(ref).max()
+        print(json.dumps({"model": model, "device": s.device, "precision": s.precision,
+            "rows": s.rows, "invalid": s.invalid_rows, "finite": bool(np.isfinite(f).all()),
+            "min_cosine_vs_cpu_fp32": float(cos.min()), "max_abs_err_over_max_abs": float(rel),
+            "batches_pinned": f"{sum(pin)}/{len(pin)}", "cpu_batches_pinned": sum(pin_cpu)}))
+EOF
+  log cli
+  BIN="python3 -m bob_cache.cli"
+  $BIN extract --data builtin:digits --backbone timm:resnet18 --random-init --store digits-store \
+      --quiet --json | tee "$OUT/cli_extract.json" | python3 -c \
+      "import json,sys; d=json.load(sys.stdin); print({k: d[k] for k in ('device','precision','rows','invalid_rows','images_per_second')})"
+  for dev in cpu cuda; do
+    $BIN probe --store digits-store --dataset digits --backbone timm:resnet18 --method linear \
+        --device $dev --results results-$dev --json > "$OUT/probe_$dev.json" 2>"$OUT/probe_$dev.err" \
+      && echo "probe --device $dev: ok" || { echo "probe --device $dev: rc=$?"; tail -5 "$OUT/probe_$dev.err"; }
+  done
+  python3 - "$OUT" <<'EOF'
+import json, sys
+def rows(p):
+    d = json.load(open(p)); d = d.get("rows", d) if isinstance(d, dict) else d
+    return {(r.get("metric"), r.get("split", ""), r.get("method", "")): r.get("value") for r in d
+            if isinstance(r, dict) and "value" in r}
+try:
+    a, b = rows(f"{sys.argv[1]}/probe_cpu.json"), rows(f"{sys.argv[1]}/probe_cuda.json")
+    for k in sorted(set(a) & set(b), key=str)[:12]: print("probe", k, "cpu", a[k], "cuda", b[k])
+except Exception as e: print("probe comparison skipped:", type(e).__name__, e)
+EOF
+fi
+
+if has bench; then
+  log bench
+  nw=${WORKERS:-$(python3 -c "import os; print(max(1, min(8, os.cpu_count() - 1)))"),$(( $(nproc) - 1 ))}
+  ndw=${DECODE_WORKERS:-$(( $(nproc) - 1 ))}
+  python3 "$REPO/benchmarks/extract_throughput.py" --device cuda --precisions "$PRECISIONS" \
+      --models "$MODELS" --batch-size "$BATCH" --images "$IMAGES" --unique-images 512 \
+      --workers "$nw" --decode-workers "$ndw" --bare-seconds "$BARE_SECONDS" --rounds "$ROUNDS" \
+      --skip size --out "$WORK/bench" 2>&1 | tee "$OUT/bench.log"
+  cp "$WORK/bench/extract_throughput.json" "$OUT/" 2>/dev/null
+fi
+
+if has faiss; then
+  log faiss
+  FSITE=/tmp/faiss-site; mkdir -p $FSITE
+  if ls "$REPO"/.whl-faiss/*.whl >/dev/null 2>&1; then
+    pip_target $FSITE "$REPO"/.whl-faiss/*.whl && ls "$REPO"/.whl-faiss/
+    for so in $FSITE/faiss*.libs/libfaiss*.so $FSITE/faiss/libfaiss*.so $FSITE/faiss/_swigfaiss*.so; do
+      [ -e "$so" ] && { echo "ldd $(basename $so), not found:"; ldd "$so" | grep "not found"; }
+    done
+  fi
+  if PYTHONPATH=$FSITE:$SITE python3 -c "import faiss, sys; print('faiss', faiss.__version__, \
+'GPUs', faiss.get_num_gpus()); sys.exit(faiss.get_num_gpus() < 1)"; then
+    export PYTHONPATH=$FSITE:$SITE
+    BIN="python3 -m bob_cache.cli"
+    [ -d digits-store ] || $BIN extract --data builtin:digits --backbone timm:resnet18 \
+        --random-init --store digits-store --quiet >/dev/null
+    for kind in flat ivf; do
+      for g in gpu no-gpu; do
+        $BIN index build --store digits-store --dataset digits --backbone timm:resnet18 \
+            --kind $kind --name $kind-$g --$g --force --quiet --json > "$OUT/index_$kind-$g.json" \
+          || echo "index build $kind --$g failed"
+        $BIN query --store digits-store --dataset digits --backbone timm:resnet18 --index $kind-$g \
+            --id digits/00002 --id digits/00010 -k 10 --json > "$OUT/query_$kind-$g.json" \
+          || echo "query $kind-$g failed"
+      done
+      python3 - "$OUT" $kind <<'EOF'
+import json, sys
+o, kind = sys.argv[1], sys.argv[2]
+a, b = (json.load(open(f"{o}/query_{kind}-{g}.json")) for g in ("gpu", "no-gpu"))
+print(kind, "gpu build == cpu build:", a == b if not isinstance(a, dict) else
+      {k: a[k] == b.get(k) for k in a if k not in ("seconds", "index", "time")})
+EOF
+    done
+  fi
+fi
+log done
