@@ -142,7 +142,7 @@ class Searcher:
     # --- internals -------------------------------------------------------------------------
     def _search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         with self._lock:
-            return self.index.search(x, k)
+            return faiss_ops.search(self.index, x, k)
 
     def _check_k(self, k: int, *, extra: int = 0) -> None:
         if k < 1:

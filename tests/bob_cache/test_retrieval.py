@@ -41,6 +41,29 @@ def test_exact_search_agrees_with_numpy_brute_force(metric: str) -> None:
     np.testing.assert_array_equal(index.search(q, 10)[1], expected)
 
 
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_a_lone_exact_query_split_across_threads_finds_the_same_neighbours(
+    metric: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import faiss
+
+    monkeypatch.setattr(faiss_ops, "SPLIT_SCAN_MIN_ROWS", 0)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(3)
+    try:
+        x = faiss_ops.prepare(clustered(1001), metric)
+        index = faiss_ops.create_index(get_kind("flat"), x.shape[1], metric, {})
+        index.add_with_ids(x, np.arange(len(x)) * 5 + 3)  # ids are not positions
+        for q in (x[[17]] + 0.01, x[[17, 900]]):  # 1 and 2 queries: fewer than the threads
+            scores, found = faiss_ops.search(index, q, 10)
+            want_scores, want = index.search(q, 10)
+            np.testing.assert_array_equal(found, want)
+            np.testing.assert_allclose(scores, want_scores, rtol=1e-5)
+        assert faiss_ops.search(index, x[[17]], 1)[1].tolist() == [[17 * 5 + 3]]
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])
 def test_tuned_index_reaches_the_recall_it_reports_on_fresh_queries(kind: str) -> None:
     x = faiss_ops.prepare(clustered(20000), "cosine")
