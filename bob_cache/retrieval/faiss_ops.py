@@ -103,16 +103,19 @@ def search(index: Any, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
     heap = faiss.ResultHeap(len(x), k, keep_max=keep_max)
     for scores, rows in _pool.map(part, bounds[:-1], bounds[1:]):
-        pad = k - scores.shape[1]
-        if pad:
-            scores = np.pad(
-                scores, ((0, 0), (0, pad)), constant_values=-np.inf if keep_max else np.inf
-            )
-            rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
-        heap.add_result(np.ascontiguousarray(scores), np.ascontiguousarray(rows))
+        heap.add_result(*_padded(scores, rows, k, keep_max))
     heap.finalize()
     found = np.where(heap.I >= 0, ids[np.clip(heap.I, 0, None)], -1)
     return heap.D, found
+
+
+def _padded(
+    scores: np.ndarray, rows: np.ndarray, k: int, keep_max: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores, rows)`` widened to ``k`` columns with empty results, C-contiguous."""
+    pad = ((0, 0), (0, k - scores.shape[1]))
+    scores = np.pad(scores, pad, constant_values=-np.inf if keep_max else np.inf)
+    return np.ascontiguousarray(scores), np.ascontiguousarray(np.pad(rows, pad, constant_values=-1))
 
 
 def _flat_of(index: Any) -> Any:
@@ -153,11 +156,7 @@ def exact_neighbours(
         kk = min(k, len(vectors))
         scores, rows = faiss.knn(queries, vectors, kk, metric=faiss_metric(metric))
         found = np.where(rows >= 0, ids[np.clip(rows, 0, None)], -1)
-        if kk < k:
-            pad = ((0, 0), (0, k - kk))
-            scores = np.pad(scores, pad, constant_values=-np.inf if keep_max else np.inf)
-            found = np.pad(found, pad, constant_values=-1)
-        heap.add_result(np.ascontiguousarray(scores), np.ascontiguousarray(found))
+        heap.add_result(*_padded(scores, found, k, keep_max))
     heap.finalize()
     return heap.D, heap.I
 
