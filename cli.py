@@ -87,7 +87,7 @@ def extract(
     workers: Annotated[
         int | None,
         typer.Option(
-            help="Image-decoding processes (default: spare cores, at most 8; 0 decodes in-process)."
+            help="Image-decoding processes (default: spare cores, at most 8 on CPU; 0 in-process)."
         ),
     ] = None,
     limit: Annotated[

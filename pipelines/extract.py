@@ -215,7 +215,7 @@ class Extraction:
             n_rows=len(plan.samples),
             batch_size=cfg.batch_size,
         )
-        workers = min(resolve_workers(cfg.workers), len(sampler))
+        workers = min(resolve_workers(cfg.workers, self.device.type), len(sampler))
         dataset = ImageDataset(
             self.source,
             plan.samples,

@@ -168,3 +168,16 @@ def test_writer_marks_non_finite_model_outputs_invalid(tmp_path: Path) -> None:
         writer.put(np.arange(2, 4), {"final": out[2:]}, ["", ""])
     assert fs.invalid_rows() == [("c", NON_FINITE)]
     assert fs.finalize() and fs.attrs["n_invalid"] == 1
+
+
+def test_default_workers_use_every_spare_core_only_when_a_gpu_runs_the_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bob_cache.config import resolve_workers
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert resolve_workers(None, "cpu") == 8
+    assert resolve_workers(None, "cuda") == 15
+    assert resolve_workers(3, "cuda") == 3 and resolve_workers(0, "cpu") == 0
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert resolve_workers(None, "cpu") == resolve_workers(None, "cuda") == 1
