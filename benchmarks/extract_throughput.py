@@ -158,16 +158,19 @@ def bob_extract(
     *,
     batch: int,
     threads: int,
-    workers: int,
+    workers: int | None,
     device: str = "cpu",
     precision: str = "fp32",
 ) -> dict[str, Any]:
+    """``bob-cache extract``'s summary; ``workers=None`` keeps its default worker count."""
     cmd = [
         sys.executable, "-m", "bob_cache.cli", "extract", "--data", str(folder),
         "--backbone", f"timm:{model}", "--random-init", "--batch-size", str(batch),
-        "--workers", str(workers), "--store", str(store), "--precision", precision,
+        "--store", str(store), "--precision", precision,
         "--device", device, "--overwrite", "--json",
     ]  # fmt: skip
+    if workers is not None:
+        cmd += ["--workers", str(workers)]
     return run_json(cmd, threads)
 
 
@@ -191,7 +194,7 @@ def throughput(args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
     """Interleaved rounds (bare, bob-cache per worker count, thingsvision per worker count);
     ratios are medians over rounds of each run against the mean of the bare runs around it."""
     rows = []
-    workers = [int(w) for w in args.workers.split(",")]
+    workers = [None if w == "auto" else int(w) for w in args.workers.split(",")]
     for model, precision in [
         (m, p) for m in args.models.split(",") for p in args.precisions.split(",")
     ]:
@@ -210,7 +213,7 @@ def throughput(args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
             this_round = {}
             for w in workers:
                 store = args.out / f"store-{model}"
-                this_round[f"bob_w{w}"] = bob_extract(
+                this_round[f"bob_w{'auto' if w is None else w}"] = bob_extract(
                     folder,
                     store,
                     model,
@@ -389,7 +392,9 @@ def main() -> None:
     p.add_argument("--precisions", default="fp32", help="comma-separated: fp32,bf16,fp16")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    p.add_argument("--workers", default="0,1", help="comma-separated loader worker counts")
+    p.add_argument(
+        "--workers", default="0,1", help="comma-separated loader worker counts (auto: default)"
+    )
     p.add_argument(
         "--decode-workers",
         type=lambda t: [int(w) for w in t.split(",") if w],

@@ -5,24 +5,26 @@
 #              that loader batches arrive in pinned memory, the CLI on builtin:digits with
 #              --device auto, and the linear probe on --device cuda against cpu;
 #   3. bench:  benchmarks/extract_throughput.py on CUDA (extraction ÷ bare forward);
+#   profile: single-process cost of each host-side step (decode, resize/crop) per image;
 #   4. faiss:  a faiss GPU wheel from .whl-faiss/ (import, missing libraries) and, when it
 #              sees the GPU, `index build --gpu` (flat, ivf) and a query against the CPU build.
 # Missing Python packages travel as wheels in .whl/ (zarr, numcodecs, donfig, google-crc32c),
 # .whl-extra/ (timm, installed only when the machine's is older than 1.0.9) and .whl-faiss/.
-# Settings (environment): PARTS, MODELS, PRECISIONS, BATCH, IMAGES, WORKERS, DECODE_WORKERS,
+# Settings (environment): PARTS (env,check,cli,profile,bench,faiss), MODELS, PRECISIONS, BATCH,
+# IMAGES, WORKERS (comma list; auto = extract's default), DECODE_WORKERS (empty: skip),
 # BARE_SECONDS, ROUNDS, OUT (results folder), SITE (where wheels and bob-cache install).
 set -uo pipefail
 REPO=$(pwd)
 OUT=${OUT:-$REPO/benchmarks/out/gpu}
 SITE=${SITE:-/tmp/bob-site}
 WORK=${WORK:-/tmp/bob-gpu}
-PARTS=${PARTS:-env,check,bench,faiss}
+PARTS=${PARTS:-env,check,cli,profile,bench,faiss}
 MODELS=${MODELS:-resnet50,vit_small_patch16_224,vit_base_patch16_224}
 PRECISIONS=${PRECISIONS:-bf16,fp16}
 BATCH=${BATCH:-256}
 IMAGES=${IMAGES:-32768}
 WORKERS=${WORKERS:-}
-DECODE_WORKERS=${DECODE_WORKERS:-}
+DECODE_WORKERS=${DECODE_WORKERS-$(( $(nproc) - 1 ))}
 BARE_SECONDS=${BARE_SECONDS:-5}
 ROUNDS=${ROUNDS:-1}
 export PYTHONUNBUFFERED=1
@@ -40,7 +42,7 @@ if ! python3 -c "import timm, sys; from packaging.version import Version as V; \
 sys.exit(V(timm.__version__) < V('1.0.9'))" 2>/dev/null && ls .whl-extra/timm-*.whl >/dev/null 2>&1
 then pip_target "$SITE" .whl-extra/timm-*.whl || exit 1; fi
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade \
-    --target "$SITE" "$REPO" >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+    --target "$SITE" "$REPO" >"$WORK/install.log" 2>&1 || { cat "$WORK/install.log"; exit 1; }
 cd "$WORK" || exit 1
 
 if has env; then
@@ -89,7 +91,7 @@ def run(model, device, precision):
     s = ex.extract(ExtractConfig(
         data=str(folder), backbone=f"timm:{model}", random_init=True, store=str(store),
         device=device, precision=precision, batch_size=64, workers=4, quiet=True,
-        overwrite=True))
+        overwrite=True, dtype="float32"))  # float16 storage would hide fp16-vs-fp32 differences
     feats = np.concatenate([open_store(store).get(fs["group"]).features[:].astype(np.float32)
                             for fs in s.feature_sets])
     return s, feats, list(pinned)
@@ -105,6 +107,9 @@ for model in ("resnet50", "vit_small_patch16_224"):
             "min_cosine_vs_cpu_fp32": float(cos.min()), "max_abs_err_over_max_abs": float(rel),
             "batches_pinned": f"{sum(pin)}/{len(pin)}", "cpu_batches_pinned": sum(pin_cpu)}))
 EOF
+fi
+
+if has cli; then
   log cli
   BIN="python3 -m bob_cache.cli"
   $BIN extract --data builtin:digits --backbone timm:resnet18 --random-init --store digits-store \
@@ -112,29 +117,47 @@ EOF
       "import json,sys; d=json.load(sys.stdin); print({k: d[k] for k in ('device','precision','rows','invalid_rows','images_per_second')})"
   for dev in cpu cuda; do
     $BIN probe --store digits-store --dataset digits --backbone timm:resnet18 --method linear \
-        --device $dev --results results-$dev --json > "$OUT/probe_$dev.json" 2>"$OUT/probe_$dev.err" \
-      && echo "probe --device $dev: ok" || { echo "probe --device $dev: rc=$?"; tail -5 "$OUT/probe_$dev.err"; }
+        --device $dev --results results-$dev --json > "probe_$dev.json" 2>"probe_$dev.err" \
+      && echo "probe --device $dev: ok" || { echo "probe --device $dev: rc=$?"; tail -5 "probe_$dev.err"; }
   done
-  python3 - "$OUT" <<'EOF'
-import json, sys
-def rows(p):
-    d = json.load(open(p)); d = d.get("rows", d) if isinstance(d, dict) else d
-    return {(r.get("metric"), r.get("split", ""), r.get("method", "")): r.get("value") for r in d
-            if isinstance(r, dict) and "value" in r}
-try:
-    a, b = rows(f"{sys.argv[1]}/probe_cpu.json"), rows(f"{sys.argv[1]}/probe_cuda.json")
-    for k in sorted(set(a) & set(b), key=str)[:12]: print("probe", k, "cpu", a[k], "cuda", b[k])
-except Exception as e: print("probe comparison skipped:", type(e).__name__, e)
+  python3 - <<'EOF'
+import json
+for dev in ("cpu", "cuda"):
+    try:
+        d = json.load(open(f"probe_{dev}.json"))
+        print(f"probe --device {dev}:", json.dumps(d["table"]), f"{d['seconds']:.2f} s")
+    except Exception as e:
+        print(f"probe --device {dev}: no result ({type(e).__name__}: {e})")
+EOF
+fi
+
+if has profile; then
+  log profile
+  python3 - "$REPO" "$WORK" <<'EOF'
+import sys, time
+from pathlib import Path
+sys.path.insert(0, f"{sys.argv[1]}/benchmarks")
+from extract_throughput import make_jpeg_folder
+from bob_cache.backbones import create_backbone
+from bob_cache.data.images import open_image_file
+files = sorted(make_jpeg_folder(Path(sys.argv[2]) / "jpegs-check", 256).rglob("*.jpg"))
+for model in ("resnet50", "vit_base_patch16_224"):
+    tf = create_backbone(f"timm:{model}", random_init=True).transform()
+    t0 = time.perf_counter(); imgs = [open_image_file(f) for f in files]
+    t1 = time.perf_counter(); _ = [tf(i) for i in imgs]; t2 = time.perf_counter()
+    n = len(files)
+    print(f"{model}: decode+RGB {1e3 * (t1 - t0) / n:.2f} ms/img, resize+crop+to-uint8-tensor "
+          f"{1e3 * (t2 - t1) / n:.2f} ms/img, one process {n / (t2 - t0):.0f} img/s")
+    print("   transform:", str(tf).replace(chr(10), " "))
 EOF
 fi
 
 if has bench; then
   log bench
-  nw=${WORKERS:-$(python3 -c "import os; print(max(1, min(8, os.cpu_count() - 1)))"),$(( $(nproc) - 1 ))}
-  ndw=${DECODE_WORKERS:-$(( $(nproc) - 1 ))}
+  nw=${WORKERS:-auto,8}
   python3 "$REPO/benchmarks/extract_throughput.py" --device cuda --precisions "$PRECISIONS" \
       --models "$MODELS" --batch-size "$BATCH" --images "$IMAGES" --unique-images 512 \
-      --workers "$nw" --decode-workers "$ndw" --bare-seconds "$BARE_SECONDS" --rounds "$ROUNDS" \
+      --workers "$nw" --decode-workers "$DECODE_WORKERS" --bare-seconds "$BARE_SECONDS" --rounds "$ROUNDS" \
       --skip size --out "$WORK/bench" 2>&1 | tee "$OUT/bench.log"
   cp "$WORK/bench/extract_throughput.json" "$OUT/" 2>/dev/null
 fi
