@@ -90,6 +90,14 @@ def extract(
             help="Image-decoding processes (default: spare cores, at most 8 on CPU; 0 in-process)."
         ),
     ] = None,
+    decode: Annotated[
+        str,
+        typer.Option(
+            help="pil: workers decode and resize (the reference). torch: workers read files, "
+            "the device decodes JPEGs (nvJPEG on a GPU) and resizes in batches; its own "
+            "feature key."
+        ),
+    ] = "pil",
     limit: Annotated[
         int | None, typer.Option(help="Only the first N images of each split.")
     ] = None,
@@ -132,7 +140,7 @@ def extract(
         data=data, backbone=backbone, store=store, name=name, split=split, weights=weights,
         random_init=random_init, seed=seed, layers=parse_layers(layers), pool=pool,
         image_size=image_size, dtype=dtype, precision=precision, device=device,
-        batch_size=batch_size, workers=workers, limit=limit, strict=strict,
+        batch_size=batch_size, workers=workers, decode=decode, limit=limit, strict=strict,
         chunk_rows=chunk_rows, shard_rows=shard_rows, compression=compression,
         part=parse_part(part), overwrite=overwrite, quiet=quiet or as_json,
         command=shlex.join(["bob-cache", *sys.argv[1:]]),

@@ -161,13 +161,14 @@ def bob_extract(
     workers: int | None,
     device: str = "cpu",
     precision: str = "fp32",
+    decode: str = "pil",
 ) -> dict[str, Any]:
     """``bob-cache extract``'s summary; ``workers=None`` keeps its default worker count."""
     cmd = [
         sys.executable, "-m", "bob_cache.cli", "extract", "--data", str(folder),
         "--backbone", f"timm:{model}", "--random-init", "--batch-size", str(batch),
         "--store", str(store), "--precision", precision,
-        "--device", device, "--overwrite", "--json",
+        "--device", device, "--decode", decode, "--overwrite", "--json",
     ]  # fmt: skip
     if workers is not None:
         cmd += ["--workers", str(workers)]
@@ -211,15 +212,17 @@ def throughput(args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
             )
             runs["bare"].append(bare_before)
             this_round = {}
-            for w in workers:
+            for w, decode in [(w, d) for w in workers for d in args.decodes.split(",")]:
                 store = args.out / f"store-{model}"
-                this_round[f"bob_w{'auto' if w is None else w}"] = bob_extract(
+                name = "bob" if decode == "pil" else f"bob_{decode}"
+                this_round[f"{name}_w{'auto' if w is None else w}"] = bob_extract(
                     folder,
                     store,
                     model,
                     batch=args.batch_size,
                     threads=args.threads,
                     workers=w,
+                    decode=decode,
                     **on,
                 )["images_per_second"]
                 if args.thingsvision_python:
@@ -391,6 +394,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--precisions", default="fp32", help="comma-separated: fp32,bf16,fp16")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--decodes", default="pil", help="comma-separated --decode modes: pil,torch")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument(
         "--workers", default="0,1", help="comma-separated loader worker counts (auto: default)"

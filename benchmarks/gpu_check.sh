@@ -11,7 +11,8 @@
 # Missing Python packages travel as wheels in .whl/ (zarr, numcodecs, donfig, google-crc32c),
 # .whl-extra/ (timm, installed only when the machine's is older than 1.0.9) and .whl-faiss/.
 # Settings (environment): PARTS (env,check,cli,profile,bench,faiss), MODELS, PRECISIONS, BATCH,
-# IMAGES, WORKERS (comma list; auto = extract's default), DECODE_WORKERS (empty: skip),
+# IMAGES, WORKERS (comma list; auto = extract's default), DECODES (pil,torch: --decode modes),
+# DECODE_WORKERS (empty: skip),
 # BARE_SECONDS, ROUNDS, OUT (results folder), SITE (where wheels and bob-cache install).
 set -uo pipefail
 REPO=$(pwd)
@@ -158,8 +159,9 @@ if has bench; then
   python3 "$REPO/benchmarks/extract_throughput.py" --device cuda --precisions "$PRECISIONS" \
       --models "$MODELS" --batch-size "$BATCH" --images "$IMAGES" --unique-images 512 \
       --workers "$nw" --decode-workers "$DECODE_WORKERS" --bare-seconds "$BARE_SECONDS" --rounds "$ROUNDS" \
-      --skip size --out "$WORK/bench" 2>&1 | tee "$OUT/bench.log"
+      --decodes "${DECODES:-pil}" --skip size --out "$WORK/bench" 2>&1 | tee "$OUT/bench.log"
   cp "$WORK/bench/extract_throughput.json" "$OUT/" 2>/dev/null
+  python3 "$REPO/benchmarks/decode_agreement.py" "$WORK/bench" 2>&1 | tee -a "$OUT/bench.log"
 fi
 
 if has faiss; then

@@ -14,6 +14,13 @@ from bob_cache.errors import SpecError
 DEFAULT_STORE = "bob-store"
 
 
+# What ``--decode`` names, as recorded in the feature spec (so each has its own key).
+DECODE_MODES = {
+    "pil": "PIL.Image.convert('RGB')",
+    "torch": "torchvision.io.decode_jpeg + torchvision Resize/CenterCrop on tensors",
+}
+
+
 @dataclass
 class ExtractConfig:
     """Options of ``bob-cache extract`` (see ``bob-cache extract --help``)."""
@@ -34,6 +41,7 @@ class ExtractConfig:
     device: str = "auto"
     batch_size: int = 64
     workers: int | None = None
+    decode: str = "pil"
     limit: int | None = None
     strict: bool = False
     chunk_rows: int | None = None
@@ -52,6 +60,10 @@ class ExtractConfig:
             raise SpecError(f"--limit must be at least 1, got {self.limit}.")
         if self.workers is not None and self.workers < 0:
             raise SpecError(f"--workers must be 0 or more, got {self.workers}.")
+        if self.decode not in DECODE_MODES:
+            raise SpecError(
+                f"Unknown --decode '{self.decode}'. Expected {' or '.join(DECODE_MODES)}."
+            )
         if self.part is not None and self.overwrite:
             raise SpecError(
                 "--overwrite cannot be combined with --part: it would delete shards other "

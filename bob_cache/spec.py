@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 from bob_cache.backbones.backbone import Backbone, Output
+from bob_cache.config import DECODE_MODES
 from bob_cache.hashing import stable_hash
 
 SPEC_FORMAT = 1
-DECODE = "PIL.Image.convert('RGB')"
 
 
 def feature_spec(
@@ -24,12 +24,13 @@ def feature_spec(
     dtype: str,
     dataset_fingerprint: str,
     limit: int | None,
+    decode: str = "pil",
 ) -> dict[str, Any]:
     """The canonical spec of one output of ``backbone`` over one dataset."""
     return {
         "format": SPEC_FORMAT,
         "backbone": backbone.identity(),
-        "preprocessing": {**backbone.data_config, "decode": DECODE},
+        "preprocessing": {**backbone.data_config, "decode": DECODE_MODES[decode]},
         "layer": output.layer,
         "pool": output.pool,
         "final_norm": output.index is not None,

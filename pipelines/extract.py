@@ -2,7 +2,8 @@
 
 Plan → for every split and output, require its feature set (new, or reopened and checked
 to resume) and list the shards still missing. Run → a DataLoader with worker processes
-decodes images; the model runs on the main thread (autocast and channels_last on CUDA);
+decodes images (with ``--decode torch`` they only read files and the device decodes); the
+model runs on the main thread (autocast and channels_last on CUDA);
 a writer thread compresses and commits whole shards. A killed run restarts with the same
 command and computes only the missing shards; ``--part K/N`` lets N processes share one
 feature set, each taking every N-th shard.
@@ -16,11 +17,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from bob_cache.backbones import Backbone, Output, create_backbone
 from bob_cache.config import ExtractConfig, resolve_workers
 from bob_cache.data import DataSource, ImageDataset, Sample, collate_rows, parse_source
+from bob_cache.data.device_decode import DevicePreprocess, EncodedImageDataset, collate_encoded
 from bob_cache.device import autocast, resolve_device, resolve_precision
 from bob_cache.errors import InvalidImageError
 from bob_cache.pipelines.batching import ShardBatchSampler
@@ -181,6 +183,7 @@ class Extraction:
             dtype=self.config.dtype,
             dataset_fingerprint=self.dataset["fingerprint"],
             limit=self.config.limit,
+            decode=self.config.decode,
         )
         key = feature_key(spec)
         provenance = {
@@ -216,22 +219,32 @@ class Extraction:
             batch_size=cfg.batch_size,
         )
         workers = min(resolve_workers(cfg.workers, self.device.type), len(sampler))
-        dataset = ImageDataset(
-            self.source,
-            plan.samples,
-            self.backbone.transform(),
-            self.backbone.data_config["input_size"],
-        )
+        on_device = cfg.decode == "torch"
+        if on_device:
+            dataset: Dataset = EncodedImageDataset(self.source, plan.samples)
+            preprocess = DevicePreprocess(self.backbone.data_config, self.device)
+        else:
+            dataset = ImageDataset(
+                self.source,
+                plan.samples,
+                self.backbone.transform(),
+                self.backbone.data_config["input_size"],
+            )
         loader = DataLoader(
             dataset,
             batch_sampler=sampler,
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
-            collate_fn=collate_rows,
+            collate_fn=collate_encoded if on_device else collate_rows,
             prefetch_factor=4 if workers else None,
         )
         with ShardWriter(plan.targets) as writer:
-            for images, rows, errors in loader:
+            for batch in loader:
+                if on_device:
+                    images, errors = preprocess(batch)
+                    rows = batch.rows
+                else:
+                    images, rows, errors = batch
                 if cfg.strict and any(errors):
                     raise _strict_error(plan, rows, errors)
                 writer.put(rows.numpy(), self._forward(images), errors)

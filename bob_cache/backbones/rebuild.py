@@ -16,22 +16,38 @@ import torch
 
 from bob_cache.backbones.backbone import Backbone
 from bob_cache.backbones.factory import create_backbone
+from bob_cache.config import DECODE_MODES
+from bob_cache.data.device_decode import DevicePreprocess, EncodedBatch
 from bob_cache.errors import SpecMismatchError, WeightsError
 
 
 class Embedder:
     """A frozen backbone and the one output a feature set holds: PIL images → vectors."""
 
-    def __init__(self, backbone: Backbone, output: str, *, device: torch.device) -> None:
+    def __init__(
+        self, backbone: Backbone, output: str, *, device: torch.device, decode: str = "pil"
+    ) -> None:
         self.backbone = backbone.to(device)
         self.output = output
         self.device = device
+        self.decode = decode
         self._transform = backbone.transform()
+        self._on_device = (
+            DevicePreprocess(backbone.data_config, device) if decode == "torch" else None
+        )
 
     @torch.inference_mode()
     def embed(self, images: list[Any]) -> np.ndarray:
-        """``(N, D)`` float32 features of PIL ``images``, as extraction computed them."""
-        batch = torch.stack([self._transform(image) for image in images]).to(self.device)
+        """``(N, D)`` float32 features of PIL ``images``, as extraction computed them
+        (resized on the device like ``--decode torch`` when the set was extracted so)."""
+        if self._on_device is not None:
+            full = [
+                torch.from_numpy(np.asarray(i.convert("RGB")).copy()).permute(2, 0, 1)
+                for i in images
+            ]
+            batch, _ = self._on_device(EncodedBatch.of_images(full))
+        else:
+            batch = torch.stack([self._transform(image) for image in images]).to(self.device)
         out = self.backbone(self.backbone.normalize(batch))
         return out[self.output].float().cpu().numpy()
 
@@ -73,7 +89,18 @@ def embedder_from_provenance(
     if _preprocessing(backbone) != _without_decode(spec["preprocessing"]):
         backbone = create_backbone(info["name"], image_size=size, **options)
     _check_matches(backbone, spec)
-    return Embedder(backbone, info["output"], device=torch.device(device))
+    decode = _decode_mode(spec["preprocessing"].get("decode", DECODE_MODES["pil"]))
+    return Embedder(backbone, info["output"], device=torch.device(device), decode=decode)
+
+
+def _decode_mode(recorded: str) -> str:
+    for mode, text in DECODE_MODES.items():
+        if text == recorded:
+            return mode
+    raise SpecMismatchError(
+        f"The feature set was decoded with '{recorded}', which this installation does not "
+        "know. Query with --vectors computed by the original installation, or re-extract."
+    )
 
 
 def _pool_option(pool: str) -> str:

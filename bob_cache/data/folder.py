@@ -35,6 +35,10 @@ class FolderSource(DataSource):
     def open_image(self, sample: Sample) -> Image.Image:
         return open_image_file(sample.location)
 
+    def read_bytes(self, sample: Sample) -> bytes | None:
+        with open(sample.location, "rb") as f:
+            return f.read()
+
     def fingerprint_rows(self) -> list[Any]:
         return [
             (split, s.id, s.label, os.path.getsize(s.location))

@@ -47,6 +47,10 @@ class DataSource(ABC):
     def open_image(self, sample: Sample) -> Image.Image:
         """Decode ``sample`` as an RGB image (raises on unreadable data)."""
 
+    def read_bytes(self, sample: Sample) -> bytes | None:
+        """The encoded file of ``sample`` (None where images are not files)."""
+        return None
+
     def fingerprint_rows(self) -> list[Any]:
         """Per-sample facts that identify the data (overridden to add file sizes)."""
         return [(split, s.id, s.label) for split, rows in self.splits.items() for s in rows]
