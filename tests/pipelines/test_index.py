@@ -138,3 +138,18 @@ def test_an_index_is_streamed_to_the_store_in_chunks(
     assert data.shape[0] == r["bytes"] > 500 * 16 * 4 and data.chunks == (4096,)
     searcher = Searcher.open(QueryConfig(str(tmp_path / "s"), "toy", "model"))
     assert searcher.search_vectors(x[[7, 450]], k=1)["row"].tolist() == [7, 450]
+
+
+def test_update_tunes_on_new_rows_held_out_then_added(tmp_path: Path) -> None:
+    x, y = blobs(3000, classes=8, dim=16, spread=2.0)  # 47 shards of 64, one invalid row each
+    partial_set(tmp_path / "s", x, y, shards=list(range(15)))
+    built = build_index(cfg(tmp_path / "s", kind="ivf", target_recall=0.9))
+    # 960 rows: a tenth is under 100 queries, so it tunes on indexed rows (each left out)
+    assert built.record["rows"] == 945 and built.record["recall_queries"] == 945
+    partial_set(tmp_path / "s", x, y, shards=list(range(15, 47)))
+    updated = build_index(cfg(tmp_path / "s", update=True))
+    assert updated.rows_added == 2040 - 32 and updated.record["rows"] == 2953
+    assert updated.record["recall_queries"] == 204  # a tenth of the new rows, held out
+    assert updated.record["recall"] >= 0.9
+    searcher = Searcher.open(QueryConfig(str(tmp_path / "s"), "toy", "model"))
+    assert searcher.n_indexed == 2953  # the held-out rows were added after tuning
