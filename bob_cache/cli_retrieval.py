@@ -159,10 +159,15 @@ def _print_index(summary: Any, as_json: bool) -> None:
         highlight=False,
     )
     if r["search_param"]:
-        reached = "" if r["recall"] >= r["target_recall"] else " [bold red](target not reached)[/]"
+        reached = (
+            ""
+            if r["recall"] >= r["target_recall"]
+            else " [bold red](target not reached: the index's ceiling; give it more memory, "
+            "e.g. a larger --max-memory for auto, or --sq-bits 8 / a larger --pq-bytes)[/]"
+        )
         out.print(
             f"  {r['search_param']}={r['search_value']}: recall@{r['recall_k']} "
-            f"{r['recall']:.3f} on {r['recall_queries']} stored rows used as queries "
+            f"{r['recall']:.3f} on {r['recall_queries']} queries drawn from the stored rows "
             f"(target {r['target_recall']}){reached}",
             highlight=False,
         )
