@@ -10,6 +10,7 @@ not cover yet, re-measure, store.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -185,11 +186,7 @@ def _add_and_tune(
         return added, _tune_on_indexed(index, fs, shards, kind, config)
     queries, held = sample_rows(fs, new, n_held, config.metric, seed=config.seed + 1)
     added = _add(index, fs, new, config, skip=held)
-    others = (
-        (x[keep], rows[keep])
-        for x, rows in shard_vectors(fs, shards, config.metric)
-        for keep in [~np.isin(rows, held)]
-    )
+    others = _without(shard_vectors(fs, shards, config.metric), held)
     _, truth = faiss_ops.exact_neighbours(queries, others, config.k, config.metric)
     tuning = faiss_ops.tune(index, kind, queries, truth, k=config.k, target=config.target_recall)
     tuning.queries = len(queries)
@@ -201,17 +198,23 @@ def _add(
     index: Any, fs: FeatureSet, shards: list[int], config: IndexConfig, skip: Any = None
 ) -> int:
     """Add the usable rows of ``shards`` (less the row numbers in ``skip``)."""
-    added = 0
+    added, chunks = 0, shard_vectors(fs, shards, config.metric)
     with progress_bar(len(shards), desc=f"index {fs.path}", quiet=config.quiet) as bar:
-        for x, rows in shard_vectors(fs, shards, config.metric):
-            if skip is not None:
-                keep = ~np.isin(rows, skip)
-                x, rows = x[keep], rows[keep]
+        for x, rows in chunks if skip is None else _without(chunks, skip):
             if len(rows):
                 index.add_with_ids(x, rows)
             added += len(rows)
             bar.update(1)
     return added
+
+
+def _without(
+    chunks: Iterable[tuple[np.ndarray, np.ndarray]], skip: np.ndarray
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(vectors, row ids)`` chunks less the rows numbered in ``skip``."""
+    for x, rows in chunks:
+        keep = ~np.isin(rows, skip)
+        yield x[keep], rows[keep]
 
 
 def _tune_on_indexed(

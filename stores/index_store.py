@@ -142,22 +142,25 @@ def get_record(fs: FeatureSet, name: str | None) -> IndexRecord:
 def index_reader(fs: FeatureSet, name: str) -> Callable[[int], bytes]:
     """``read(n) → up to n bytes`` of index ``name``'s serialized data, one stored chunk in
     memory at a time (``b""`` at the end)."""
-    array = fs.group[f"{INDEX_GROUP}/{name}/data"]
-    size, state = int(array.shape[0]), {"pos": 0, "start": 0, "chunk": b""}
+    return _ChunkSource(fs.group[f"{INDEX_GROUP}/{name}/data"])
 
-    def read(n: int) -> bytes:
-        pos, start, chunk = state["pos"], state["start"], state["chunk"]
-        if pos >= size:
+
+class _ChunkSource:
+    """Reads a 1-D ``uint8`` array sequentially, one of its chunks in memory at a time."""
+
+    def __init__(self, array: zarr.Array) -> None:
+        self.array, self.size, self.step = array, int(array.shape[0]), int(array.chunks[0])
+        self.pos, self.start, self.chunk = 0, 0, b""
+
+    def __call__(self, n: int) -> bytes:
+        if self.pos >= self.size:
             return b""
-        if not start <= pos < start + len(chunk):
-            start = pos - pos % _CHUNK_BYTES
-            chunk = array[start : min(size, start + _CHUNK_BYTES)].tobytes()
-            state["start"], state["chunk"] = start, chunk
-        out = chunk[pos - start : pos - start + n]
-        state["pos"] = pos + len(out)
+        if not self.start <= self.pos < self.start + len(self.chunk):
+            self.start = self.pos - self.pos % self.step
+            self.chunk = self.array[self.start : self.start + self.step].tobytes()
+        out = self.chunk[self.pos - self.start : self.pos - self.start + n]
+        self.pos += len(out)
         return out
-
-    return read
 
 
 def check_index(fs: FeatureSet, record: IndexRecord) -> list[int]:

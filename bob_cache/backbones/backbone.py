@@ -142,14 +142,9 @@ class Backbone(nn.Module):
         there is one), with the same float32 operations as timm's eval transform, so the
         result is bit-identical while workers pass 4× smaller uint8 tensors.
         """
-        from timm.data import create_transform
-        from timm.data.transforms import MaybePILToTensor, ToNumpy
+        from timm.data.transforms import MaybePILToTensor
 
-        steps = create_transform(
-            **self.data_config, is_training=False, use_prefetcher=True
-        ).transforms
-        steps = [t for t in steps if not isinstance(t, (ToNumpy, MaybePILToTensor))]
-        return Compose([*steps, MaybePILToTensor()])
+        return Compose([*eval_steps(self.data_config), MaybePILToTensor()])
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 ``(N, C, H, W)`` batch → float32, scaled to [0, 1] and normalized."""
@@ -164,3 +159,13 @@ class Backbone(nn.Module):
         """Feature dimension of each output, from one forward pass on a blank image."""
         x = torch.zeros(1, *self.data_config["input_size"], device=device)
         return {name: int(t.shape[-1]) for name, t in self(x).items()}
+
+
+def eval_steps(data_config: dict[str, Any]) -> list[Any]:
+    """The image steps (resize, crop) of timm's eval transform for ``data_config``, without
+    its conversion to an array or tensor."""
+    from timm.data import create_transform
+    from timm.data.transforms import MaybePILToTensor, ToNumpy
+
+    steps = create_transform(**data_config, is_training=False, use_prefetcher=True).transforms
+    return [t for t in steps if not isinstance(t, (ToNumpy, MaybePILToTensor))]

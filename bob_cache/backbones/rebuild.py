@@ -18,6 +18,7 @@ from bob_cache.backbones.backbone import Backbone
 from bob_cache.backbones.factory import create_backbone
 from bob_cache.config import DECODE_MODES
 from bob_cache.data.device_decode import DevicePreprocess, EncodedBatch
+from bob_cache.data.images import to_chw
 from bob_cache.errors import SpecMismatchError, WeightsError
 
 
@@ -41,11 +42,7 @@ class Embedder:
         """``(N, D)`` float32 features of PIL ``images``, as extraction computed them
         (resized on the device like ``--decode torch`` when the set was extracted so)."""
         if self._on_device is not None:
-            full = [
-                torch.from_numpy(np.asarray(i.convert("RGB")).copy()).permute(2, 0, 1)
-                for i in images
-            ]
-            batch, _ = self._on_device(EncodedBatch.of_images(full))
+            batch, _ = self._on_device(EncodedBatch.of_images([to_chw(i) for i in images]))
         else:
             batch = torch.stack([self._transform(image) for image in images]).to(self.device)
         out = self.backbone(self.backbone.normalize(batch))

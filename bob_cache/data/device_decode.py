@@ -19,10 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from bob_cache.backbones.backbone import eval_steps
+from bob_cache.data.images import error_reason, open_image_file, to_chw
 from bob_cache.data.source import DataSource, Sample
 from bob_cache.errors import SpecError
 
@@ -35,12 +36,9 @@ def tensor_steps(data_config: dict[str, Any]) -> torch.nn.Module:
     Raises:
         SpecError: the transform has a step torchvision cannot apply to tensors.
     """
-    from timm.data import create_transform
-    from timm.data.transforms import MaybePILToTensor, ToNumpy
     from torchvision.transforms import CenterCrop, Compose, Resize
 
-    steps = create_transform(**data_config, is_training=False, use_prefetcher=True).transforms
-    steps = [t for t in steps if not isinstance(t, (ToNumpy, MaybePILToTensor))]
+    steps = eval_steps(data_config)
     other = [type(t).__name__ for t in steps if not isinstance(t, (Resize, CenterCrop))]
     if other:
         raise SpecError(
@@ -70,11 +68,9 @@ class EncodedImageDataset(Dataset):
             data = self.source.read_bytes(sample)
             if data is not None and data[:3] == _JPEG_MAGIC:
                 return torch.frombuffer(bytearray(data), dtype=torch.uint8), True, index, ""
-            image = np.asarray(self.source.open_image(sample))
-            return torch.from_numpy(image.copy()).permute(2, 0, 1), False, index, ""
+            return to_chw(self.source.open_image(sample)), False, index, ""
         except Exception as exc:  # recorded as an invalid row, like the PIL path
-            reason = f"{type(exc).__name__}: {exc}".strip()
-            return torch.zeros(0, dtype=torch.uint8), False, index, reason
+            return torch.zeros(0, dtype=torch.uint8), False, index, error_reason(exc)
 
 
 @dataclass
@@ -175,12 +171,8 @@ class DevicePreprocess:
         return out
 
     def _pil_decode(self, data: torch.Tensor) -> torch.Tensor | str:
-        from PIL import Image
-
         try:
-            with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
-                img.load()
-                rgb = np.asarray(img.convert("RGB"))
+            image = open_image_file(io.BytesIO(data.numpy().tobytes()))
         except Exception as exc:
-            return f"{type(exc).__name__}: {exc}".strip()
-        return torch.from_numpy(rgb.copy()).permute(2, 0, 1).to(self.device)
+            return error_reason(exc)
+        return to_chw(image).to(self.device)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -33,11 +34,22 @@ def is_image_file(path: str | Path) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def open_image_file(path: str | Path) -> Image.Image:
-    """Decode an image file fully (truncated files raise) and convert it to RGB."""
+def open_image_file(path: str | Path | BinaryIO) -> Image.Image:
+    """Decode an image file (a path or an open binary file) fully (truncated files raise)
+    and convert it to RGB."""
     with Image.open(path) as img:
         img.load()
         return img.convert("RGB")
+
+
+def to_chw(image: Image.Image) -> torch.Tensor:
+    """A PIL image as an RGB uint8 ``(C, H, W)`` tensor."""
+    return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+
+
+def error_reason(exc: BaseException) -> str:
+    """How an unreadable image is recorded: the exception's type and message."""
+    return f"{type(exc).__name__}: {exc}".strip() or type(exc).__name__
 
 
 class ImageDataset(Dataset):
@@ -67,9 +79,8 @@ class ImageDataset(Dataset):
             image = self.source.open_image(self.samples[index])
             return self.transform(image), index, ""
         except Exception as exc:  # any decode failure becomes a recorded invalid row
-            reason = f"{type(exc).__name__}: {exc}".strip()
             blank = torch.zeros(self.input_size, dtype=torch.uint8)
-            return blank, index, reason or type(exc).__name__
+            return blank, index, error_reason(exc)
 
 
 def collate_rows(batch: list[tuple[torch.Tensor, int, str]]) -> tuple[torch.Tensor, Any, list[str]]:

@@ -93,26 +93,19 @@ def search(index: Any, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     n, d = flat.ntotal, flat.d
     vectors = faiss.rev_swig_ptr(flat.get_xb(), n * d).reshape(n, d)
     ids = faiss.rev_swig_ptr(index.id_map.data(), n)
+    keep_max = index.metric_type == faiss.METRIC_INNER_PRODUCT
     scores = vectors @ x.T  # (n, nq)
-    if index.metric_type == faiss.METRIC_INNER_PRODUCT:
-        order = -scores
-    else:  # squared L2 = |v|² − 2 v·q + |q|²; the stored norms are computed once per index
+    if not keep_max:  # squared L2 = |v|² − 2 v·q + |q|²; the stored norms are kept per index
         norms = _SQ_NORMS.get(index)
         if norms is None or len(norms) != n:
             norms = _SQ_NORMS[index] = np.einsum("ij,ij->i", vectors, vectors)
         scores = norms[:, None] - 2 * scores + (x * x).sum(axis=1)[None, :]
-        order = scores
+    order = (-scores if keep_max else scores).T  # (nq, n), best first when sorted ascending
     kk = min(k, n)
-    top = np.argpartition(order, kk - 1, axis=0)[:kk].T  # (nq, kk), unordered
-    top_scores = np.take_along_axis(scores.T, top, axis=1)
-    rank = np.argsort(np.take_along_axis(order.T, top, axis=1), axis=1, kind="stable")
-    top, top_scores = (
-        np.take_along_axis(top, rank, axis=1),
-        np.take_along_axis(top_scores, rank, axis=1),
-    )
-    keep_max = index.metric_type == faiss.METRIC_INNER_PRODUCT
-    found, top_scores = _padded(top_scores.astype(np.float32), ids[top], k, keep_max)[::-1]
-    return top_scores, found
+    top = np.argpartition(order, kk - 1, axis=1)[:, :kk]
+    top = np.take_along_axis(top, np.argsort(np.take_along_axis(order, top, 1), 1), 1)
+    top_scores = np.take_along_axis(scores.T, top, 1).astype(np.float32)
+    return _padded(top_scores, ids[top], k, keep_max)
 
 
 def _padded(
