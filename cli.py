@@ -163,7 +163,10 @@ def extract(
     print_table(s.feature_sets, LISTING, title=f"store: {s.store}")
 
 
-PROBE_COLUMNS = ("method", "setting", "top1", "top5", "balanced_accuracy", "macro_f1", "roc_auc")
+PROBE_COLUMNS = (
+    "method", "setting", "top1", "top5", "balanced_accuracy", "macro_f1", "roc_auc", "train_rows",
+    "val_rows",
+)  # fmt: skip
 
 
 @app.command(
@@ -200,7 +203,8 @@ def probe(
     ] = "10,20,100,200",
     temperature: Annotated[float, typer.Option(help="kNN vote temperature.")] = 0.07,
     recipe: Annotated[
-        str, typer.Option(help="Linear probe: sweep (λ chosen on val) or bob (the paper's recipe).")
+        str,
+        typer.Option(help="Linear probe: sweep (C chosen, then a converged fit) or bob (BoB's)."),
     ] = "sweep",
     epochs: Annotated[int, typer.Option(help="Epochs of --recipe bob.")] = 90,
     device: DeviceOpt = "auto",

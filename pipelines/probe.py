@@ -1,10 +1,18 @@
 """The probe stage: classification from cached features, on CPU or GPU, no model needed.
 
-For the chosen feature key it evaluates each method (``linear``: λ sweep on validation then
-refit on train+val, or the BoB recipe; ``knn``: DINO-style weighted votes for several k) on
-the full training split and on few-shot subsets (``--shots`` per class, ``--fraction`` of the
-rows, several seeds), and appends long-format rows to the results table. A unit (method ×
-setting × seed) whose configuration is already in the table is skipped unless ``force``.
+For the chosen feature key it evaluates each method (``linear``: C chosen then a converged
+fit, or the BoB recipe; ``knn``: DINO-style weighted votes for several k) on the full
+training split and on few-shot subsets (``--shots`` per class, ``--fraction`` of the rows,
+several seeds), and appends long-format rows to the results table. A unit (method × setting ×
+seed) whose configuration is already in the table is skipped unless ``force``.
+
+Protocols, per setting (each row records ``train_rows``, ``val_rows`` and ``protocol``):
+
+* ``full``: the linear probe chooses C on the validation split and is refit on train + val;
+  kNN votes over train. Scored on test.
+* ``K-shot`` / ``F-fraction``: a subset of train drawn by a hash of the row ids and the seed.
+  Every method sees only the subset's labels: the linear probe chooses C by cross-validation
+  inside it (or uses a fixed C when a class has one row) and is refit on it.
 """
 
 from __future__ import annotations
@@ -12,8 +20,9 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -30,11 +39,13 @@ from bob_cache.probes import (
     BobRecipe,
     Features,
     bob_scores,
+    cv_folds,
     holdout,
     knn_scores,
     sample_fraction,
     sample_shots,
     sweep,
+    sweep_cv,
     train_bob_probe,
 )
 from bob_cache.probes.features import load_rows
@@ -93,6 +104,7 @@ class ProbeData:
 
     train: Features
     y_train: np.ndarray
+    ids_train: np.ndarray
     val: Features
     y_val: np.ndarray
     test: Features
@@ -134,7 +146,33 @@ class ProbeSummary:
         return asdict(self)
 
 
-Unit = Callable[[ProbeData, Features, np.ndarray, int], list[tuple[str, dict[str, float]]]]
+@dataclass(frozen=True)
+class Setting:
+    """One training set of a probe: the full split or a few-shot subset of it."""
+
+    name: str
+    seed: int
+    train: Features
+    y: np.ndarray
+    ids: np.ndarray
+
+    @property
+    def is_full(self) -> bool:
+        return self.name == "full"
+
+
+@dataclass
+class UnitResult:
+    """What one method reported for one setting, and which rows trained and chose it."""
+
+    name: str
+    metrics: dict[str, float]
+    train_rows: int
+    val_rows: int
+    protocol: str
+
+
+Unit = Callable[[ProbeData, Setting], list[UnitResult]]
 
 
 @register_stage("probe")
@@ -149,24 +187,25 @@ def probe(config: ProbeConfig) -> ProbeSummary:
     summary.unseen_test_classes = data.unseen_test_classes
     summary.unlabeled_rows_dropped = data.unlabeled_rows_dropped
     context = {"run_id": uuid.uuid4().hex[:12], "versions": library_versions()}
+    done = table.config_hashes()
     for method in config.methods:
         unit = _linear_unit(config, device) if method == "linear" else _knn_unit(config, device)
         seeded = method == "linear" and config.recipe == "bob"
-        for setting, seed, train, y in settings:
-            if setting == "full" and not seeded and seed != config.seeds[0]:
+        for setting in settings:
+            if setting.is_full and not seeded and setting.seed != config.seeds[0]:
                 continue  # deterministic on the full split: one run is enough
             spec = {
                 "method": method,
-                "setting": setting,
-                "seed": seed,
+                "setting": setting.name,
+                "seed": setting.seed,
                 **_config_identity(config, data, method),
             }
             config_hash = stable_hash(spec)
-            if not config.force and table.has_config(config_hash):
+            if not config.force and config_hash in done:
                 summary.units_skipped += 1
                 continue
-            results = unit(data, train, y, seed)
-            table.append(_rows(config, data, results, setting, seed, config_hash, context))
+            results = unit(data, setting)
+            table.append(_rows(config, data, results, setting, config_hash, context))
             summary.units_run += 1
     frame = table.read(dataset=config.dataset, backbone=data.backbone, feature_key=data.feature_key)
     summary.table = summarize(frame).to_dict(orient="records")
@@ -177,21 +216,28 @@ def probe(config: ProbeConfig) -> ProbeSummary:
 def _rows(
     config: ProbeConfig,
     data: ProbeData,
-    results: list[tuple[str, dict[str, float]]],
-    setting: str,
-    seed: int,
+    results: list[UnitResult],
+    setting: Setting,
     config_hash: str,
     context: dict[str, Any],
 ) -> list[dict[str, Any]]:
     base = {
         **context, "stage": "probe", "dataset": config.dataset, "split": config.test_split,
-        "backbone": data.backbone, "feature_key": data.feature_key, "setting": setting,
-        "seed": seed, "config_hash": config_hash, "time": utc_now(),
+        "backbone": data.backbone, "feature_key": data.feature_key, "setting": setting.name,
+        "seed": setting.seed, "config_hash": config_hash, "time": utc_now(),
     }  # fmt: skip
     return [
-        {**base, "method": name, "metric": metric, "value": float(value)}
-        for name, values in results
-        for metric, value in values.items()
+        {
+            **base,
+            "method": r.name,
+            "metric": metric,
+            "value": float(value),
+            "train_rows": r.train_rows,
+            "val_rows": r.val_rows,
+            "protocol": r.protocol,
+        }
+        for r in results
+        for metric, value in r.metrics.items()
     ]
 
 
@@ -205,21 +251,21 @@ def load_probe_data(config: ProbeConfig) -> ProbeData:
     stream = _should_stream(config, sets)
     dropped = 0
 
-    def labeled(split: str) -> tuple[Features, np.ndarray]:
+    def labeled(split: str) -> tuple[Features, np.ndarray, np.ndarray]:
         nonlocal dropped
-        rows, y, _ = load_rows(sets[split], stream=stream)
+        rows, y, ids = load_rows(sets[split], stream=stream)
         keep = np.flatnonzero(y >= 0) if y.ndim == 1 else np.arange(len(y))
         dropped += len(y) - len(keep)
-        return (rows, y) if len(keep) == len(y) else (rows.take(keep), y[keep])
+        return (rows, y, ids) if len(keep) == len(y) else (rows.take(keep), y[keep], ids[keep])
 
-    train, y_train = labeled(config.train_split)
-    test, y_test = labeled(config.test_split)
+    train, y_train, ids_train = labeled(config.train_split)
+    test, y_test, _ = labeled(config.test_split)
     if config.val_split in sets and config.val_split != config.train_split:
-        val, y_val = labeled(config.val_split)
-    else:  # no validation split: a deterministic stratified part of train
-        keep, held = holdout(y_train, config.val_fraction)
+        val, y_val, _ = labeled(config.val_split)
+    else:  # no validation split: a part of each class of train, drawn by id hash
+        keep, held = holdout(y_train, ids_train, config.val_fraction)
         val, y_val = train.take(held), y_train[held]
-        train, y_train = train.take(keep), y_train[keep]
+        train, y_train, ids_train = train.take(keep), y_train[keep], ids_train[keep]
     first = sets[config.train_split]
     multilabel = y_train.ndim == 2
     _check_labels(first.path, y_train, multilabel)
@@ -232,7 +278,7 @@ def load_probe_data(config: ProbeConfig) -> ProbeData:
         else sorted(set(np.unique(y_test).tolist()) - set(np.unique(y_train).tolist()))
     )
     return ProbeData(
-        train, y_train, val, y_val, test, y_test, n_outputs, multilabel, first.key,
+        train, y_train, ids_train, val, y_val, test, y_test, n_outputs, multilabel, first.key,
         first.attrs["backbone"]["slug"], [int(c) for c in unseen], dropped,
     )  # fmt: skip
 
@@ -265,58 +311,58 @@ def _default_budget_gb() -> float:
         return 4.0
 
 
-def _settings(config: ProbeConfig, data: ProbeData) -> Any:
-    """(setting, seed, train rows, labels) for the full split and every few-shot subset."""
+def _settings(config: ProbeConfig, data: ProbeData) -> Iterator[Setting]:
+    """The full split and every few-shot subset (drawn from train only, by id hash)."""
     if (config.shots or config.fractions) and data.multilabel:
         raise SpecError(
             "Few-shot subsets need single-label data; drop --shots/--fraction for multi-label sets."
         )
     for seed in config.seeds:
-        yield "full", seed, data.train, data.y_train
-    for shots in config.shots:
+        yield Setting("full", seed, data.train, data.y_train, data.ids_train)
+    draws = [(f"{k}-shot", partial(sample_shots, shots=k)) for k in config.shots] + [
+        (f"{f:g}-fraction", partial(sample_fraction, fraction=f)) for f in config.fractions
+    ]
+    for name, draw in draws:
         for seed in config.seeds:
-            rows = sample_shots(data.y_train, shots, seed)
-            yield f"{shots}-shot", seed, data.train.take(rows), data.y_train[rows]
-    for fraction in config.fractions:
-        for seed in config.seeds:
-            rows = sample_fraction(data.y_train, fraction, seed)
-            yield f"{fraction:g}-fraction", seed, data.train.take(rows), data.y_train[rows]
+            rows = draw(data.y_train, data.ids_train, seed=seed)
+            yield Setting(
+                name, seed, data.train.take(rows), data.y_train[rows], data.ids_train[rows]
+            )
 
 
 def _linear_unit(config: ProbeConfig, device: Any) -> Unit:
-    def run(
-        data: ProbeData, train: Features, y: np.ndarray, seed: int
-    ) -> list[tuple[str, dict[str, float]]]:
+    def run(data: ProbeData, s: Setting) -> list[UnitResult]:
         if config.recipe == "bob":
             recipe = BobRecipe(epochs=config.epochs)
             net = train_bob_probe(
-                train, y, n_outputs=data.n_outputs, seed=seed, recipe=recipe, device=device
+                s.train, s.y, n_outputs=data.n_outputs, seed=s.seed, recipe=recipe, device=device
             )
-            return [("linear-bob", data.metrics(bob_scores(net, data.test)))]
-        result = sweep(
-            train,
-            y,
-            data.val,
-            data.y_val,
-            n_outputs=data.n_outputs,
-            score=data.val_score,
-            device=device,
-        )
-        metrics = data.metrics(result.model.scores(data.test))
-        return [("linear", {**metrics, "val_score": result.val_score, "C": result.C})]
+            metrics = data.metrics(bob_scores(net, data.test))
+            how = f"BoB recipe ({config.epochs} epochs) fitted on train_rows"
+            return [UnitResult("linear-bob", metrics, s.train.n, 0, how)]
+        kw = {"n_outputs": data.n_outputs, "score": data.val_score, "device": device}
+        if s.is_full:
+            result = sweep(s.train, s.y, data.val, data.y_val, **kw)
+        else:
+            result = sweep_cv(s.train, s.y, cv_folds(s.y, s.ids, s.seed), **kw)
+        metrics = {**data.metrics(result.model.scores(data.test)), "C": result.C}
+        if not np.isnan(result.val_score):
+            metrics["val_score"] = result.val_score
+        return [UnitResult("linear", metrics, result.train_rows, result.val_rows, result.protocol)]
 
     return run
 
 
 def _knn_unit(config: ProbeConfig, device: Any) -> Unit:
-    def run(
-        data: ProbeData, train: Features, y: np.ndarray, seed: int
-    ) -> list[tuple[str, dict[str, float]]]:
+    def run(data: ProbeData, s: Setting) -> list[UnitResult]:
         scores = knn_scores(
-            train, y, data.test, n_outputs=data.n_outputs, ks=config.ks,
+            s.train, s.y, data.test, n_outputs=data.n_outputs, ks=config.ks,
             temperature=config.temperature, use_gpu=device.type == "cuda",
         )  # fmt: skip
-        return [(f"knn@{k}", data.metrics(s)) for k, s in scores.items()]
+        how = "neighbours among train_rows; no hyper-parameter chosen"
+        return [
+            UnitResult(f"knn@{k}", data.metrics(v), s.train.n, 0, how) for k, v in scores.items()
+        ]
 
     return run
 
@@ -328,11 +374,12 @@ def _config_identity(config: ProbeConfig, data: ProbeData, method: str) -> dict[
         "dataset": config.dataset,
         "feature_key": data.feature_key,
         "splits": [config.train_split, config.val_split, config.test_split, config.val_fraction],
+        "subsets": "id-hash",  # few-shot subsets and hold-outs drawn by a hash of the row ids
     }
     if method == "linear":
         ident["recipe"] = (
-            [config.recipe, config.epochs] if config.recipe == "bob" else config.recipe
-        )
+            [config.recipe, config.epochs] if config.recipe == "bob" else [config.recipe, 2]
+        )  # 2: protocol version (few-shot C by cross-validation, converged refit)
     else:
         ident["knn"] = [list(config.ks), config.temperature]
     return ident

@@ -127,7 +127,7 @@ def retrieval_eval(config: RetrievalEvalConfig) -> RetrievalEvalSummary:
 
 
 def _classes(config: RetrievalEvalConfig, fs: FeatureSet, summary: RetrievalEvalSummary) -> None:
-    features, labels, _ = load_rows(fs, stream=False)
+    features, labels, ids = load_rows(fs, stream=False)
     if labels.ndim != 1:
         raise SpecError(
             "--protocol classes needs single-label rows; this set is multi-label. "
@@ -141,7 +141,7 @@ def _classes(config: RetrievalEvalConfig, fs: FeatureSet, summary: RetrievalEval
             f"'{fs.path}' has {len(np.unique(y))} labeled class(es); class-based retrieval "
             "needs at least two. Use --protocol gnd, or a split with class labels."
         )
-    db, queries = holdout(y, config.query_fraction, seed=config.seed)
+    db, queries = holdout(y, ids[keep], config.query_fraction, seed=config.seed)
     blocks, counted, skipped = [], 0, 0
     for q_rows, scores in _scored(x[queries], x[db], config.metric):
         relevant = y[db][None, :] == y[queries[q_rows]][:, None]
@@ -247,7 +247,8 @@ def _rows(
             f"{config.query_fraction:g}-queries" if config.protocol == "classes" else "gnd"
         ),
         "seed": config.seed, "config_hash": config_hash, "versions": library_versions(),
-        "time": utc_now(),
+        "time": utc_now(), "train_rows": 0, "val_rows": 0,
+        "protocol": "no fitting: labels (or the ground truth) only judge relevance",
     }  # fmt: skip
     return [
         {**base, "method": method, "metric": metric, "value": float(value)}

@@ -2,7 +2,9 @@
 
 Every evaluation appends rows (one metric value each) as a new parquet file, so concurrent
 runs never rewrite each other's output; readers see the union. Reports are built only from
-this table.
+this table. Each row says which labelled rows produced it: ``train_rows`` (the reported model
+was fitted on them), ``val_rows`` (they only chose hyper-parameters; disjoint from
+``train_rows``) and ``protocol`` (how, in words).
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from bob_cache.stores.location import translate_write_errors
 
 COLUMNS = (
     "run_id", "stage", "dataset", "split", "backbone", "feature_key", "method", "setting",
-    "metric", "value", "seed", "config_hash", "versions", "time",
+    "metric", "value", "seed", "config_hash", "versions", "time", "train_rows", "val_rows",
+    "protocol",
 )  # fmt: skip
+SUMMARY_KEYS = ("dataset", "backbone", "method", "setting")
 DEFAULT_RESULTS = "bob-results"
 
 
@@ -69,6 +73,9 @@ class ResultsTable:
                 f"Cannot read the results table in '{self.directory}': {exc}. Remove or move "
                 "the damaged part-*.parquet file it names."
             ) from exc
+        for column in COLUMNS:  # tables written before a column existed
+            if column not in frame:
+                frame[column] = None
         for column, value in filters.items():
             if value is not None:
                 frame = frame[frame[column] == value]
@@ -76,21 +83,26 @@ class ResultsTable:
 
     def has_config(self, config_hash: str) -> bool:
         """Whether a run with this configuration hash has already written rows."""
-        frame = self.read()
-        return bool((frame["config_hash"] == config_hash).any())
+        return config_hash in self.config_hashes()
+
+    def config_hashes(self) -> set[str]:
+        """The configuration hashes of every run that has written rows."""
+        return set(self.read()["config_hash"])
 
 
 def summarize(frame: pd.DataFrame, *, metrics: Sequence[str] | None = None) -> pd.DataFrame:
     """Pivot long rows to one line per (dataset, backbone, method, setting) with
-    ``mean ± std`` over seeds for each metric (the latest run of each config wins)."""
+    ``mean ± std`` over seeds for each metric (the latest run of each config wins), and the
+    labelled rows each fit used (``train_rows``, ``val_rows``: a range when seeds differ)."""
     if frame.empty:
         return frame
     latest = frame.sort_values("time").drop_duplicates(
         ["config_hash", "method", "setting", "metric", "seed", "split"], keep="last"
     )
+    rows = latest.groupby(list(SUMMARY_KEYS))[["train_rows", "val_rows"]].agg(_span).reset_index()
     if metrics:
         latest = latest[latest["metric"].isin(metrics)]
-    keys = ["dataset", "backbone", "method", "setting", "metric"]
+    keys = [*SUMMARY_KEYS, "metric"]
     stats = latest.groupby(keys)["value"].agg(["mean", "std", "count"]).reset_index()
     stats["cell"] = [
         f"{m:.4f}" if n < 2 else f"{m:.4f} ± {s:.4f}"
@@ -98,4 +110,13 @@ def summarize(frame: pd.DataFrame, *, metrics: Sequence[str] | None = None) -> p
     ]
     table = stats.pivot(index=keys[:-1], columns="metric", values="cell").reset_index()
     table.columns.name = None
-    return table
+    return table.merge(rows, on=list(SUMMARY_KEYS), how="left")
+
+
+def _span(values: pd.Series) -> str:
+    """``"120"`` or ``"118-120"`` (rows a fit used, over seeds); empty for rows from before."""
+    known = pd.to_numeric(values, errors="coerce").dropna().astype(int)
+    if known.empty:
+        return ""
+    low, high = known.min(), known.max()
+    return str(low) if low == high else f"{low}-{high}"

@@ -1,19 +1,43 @@
-"""Few-shot subsets of a training split: k images per class, or a fraction of the rows.
+"""Few-shot subsets, hold-outs and cross-validation folds, drawn by a hash of the row ids.
 
-Subsets are deterministic given the seed (and independent of the order in which settings
-are requested), so every backbone in a battle sees the same images.
+Every row gets ``blake2b(seed, id)``; within each class the rows with the smallest hashes are
+taken. A subset therefore depends only on the ids, the labels and the seed, never on row
+order or on which other rows exist: every backbone in a battle sees exactly the same images,
+even when their invalid rows differ, and anyone can redraw a subset from the ids.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
+
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from bob_cache.errors import SpecError
 
+MAX_FOLDS = 5
 
-def sample_shots(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
-    """Sorted row indices with ``shots`` rows of every class present in ``labels``."""
+
+def row_hashes(ids: Sequence[str] | np.ndarray, seed: int | str) -> np.ndarray:
+    """One uint64 per row id: the first 8 bytes of ``blake2b(f"{seed}:{id}")``."""
+    prefix = f"{seed}:".encode()
+    digests = b"".join(
+        hashlib.blake2b(prefix + str(i).encode(), digest_size=8).digest() for i in ids
+    )
+    return np.frombuffer(digests, dtype=">u8").astype(np.uint64)
+
+
+def _ranked(labels: np.ndarray, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows ordered by (class, hash), and each row's class and rank inside its class."""
+    order = np.lexsort((hashes, labels))
+    classes = labels[order]
+    starts = np.flatnonzero(np.r_[True, classes[1:] != classes[:-1]])
+    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    return order, classes, rank
+
+
+def sample_shots(labels: np.ndarray, ids: Sequence[str], shots: int, seed: int) -> np.ndarray:
+    """Sorted row indices: the ``shots`` rows of each class with the smallest hashes."""
     if shots < 1:
         raise SpecError(f"--shots values must be at least 1, got {shots}.")
     classes, counts = np.unique(labels, return_counts=True)
@@ -24,34 +48,65 @@ def sample_shots(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
             f"{shots}-shot needs {shots} training images per class, but {listed}"
             f"{' ...' if len(short) > 5 else ''}. Use fewer --shots, or a larger train split."
         )
-    rng = np.random.default_rng([seed, shots])
-    picks = [rng.choice(np.flatnonzero(labels == c), shots, replace=False) for c in classes]
-    return np.sort(np.concatenate(picks))
+    order, _, rank = _ranked(labels, row_hashes(ids, f"shots:{seed}"))
+    return np.sort(order[rank < shots])
 
 
-def sample_fraction(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Sorted row indices of a stratified ``fraction`` of the rows."""
+def sample_fraction(
+    labels: np.ndarray, ids: Sequence[str], fraction: float, seed: int
+) -> np.ndarray:
+    """Sorted row indices: ``floor(fraction · n_c)`` rows of each class ``c`` (by hash).
+
+    Rounding down per class means the subset never holds more than ``fraction`` of the rows.
+    """
     if not 0 < fraction < 1:
         raise SpecError(f"--fraction values must be between 0 and 1 (exclusive), got {fraction}.")
-    rows = np.arange(len(labels))
-    n_classes = len(np.unique(labels))
-    if round(fraction * len(rows)) < n_classes:
+    classes, counts = np.unique(labels, return_counts=True)
+    take = np.floor(fraction * counts + 1e-9).astype(np.int64)
+    empty = [(int(c), int(n)) for c, n, t in zip(classes, counts, take, strict=True) if t == 0]
+    if empty:
+        listed = ", ".join(f"class {c} ({n} images)" for c, n in empty[:5])
         raise SpecError(
-            f"--fraction {fraction} keeps {round(fraction * len(rows))} of {len(rows)} training "
-            f"images, fewer than the {n_classes} classes. Use a larger fraction or --shots."
+            f"--fraction {fraction:g} leaves {len(empty)} class(es) with no training image: "
+            f"{listed}{' ...' if len(empty) > 5 else ''}. Use a larger fraction, or --shots "
+            "for a fixed number of images per class."
         )
-    try:
-        subset, _ = train_test_split(rows, train_size=fraction, stratify=labels, random_state=seed)
-    except ValueError:  # a class with a single image cannot be stratified
-        subset, _ = train_test_split(rows, train_size=fraction, random_state=seed)
-    return np.sort(subset)
+    order, cls, rank = _ranked(labels, row_hashes(ids, f"fraction:{seed}"))
+    quota = dict(zip(classes.tolist(), take.tolist(), strict=True))
+    keep = rank < np.array([quota[c] for c in cls.tolist()], dtype=np.int64)
+    return np.sort(order[keep])
 
 
-def holdout(labels: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic stratified split of train rows into (train, validation) indices."""
-    rows = np.arange(len(labels))
-    strat = (
-        labels if labels.ndim == 1 and np.unique(labels, return_counts=True)[1].min() >= 2 else None
-    )
-    train, val = train_test_split(rows, test_size=fraction, stratify=strat, random_state=seed)
-    return np.sort(train), np.sort(val)
+def holdout(
+    labels: np.ndarray, ids: Sequence[str], fraction: float, *, seed: int | str = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) row indices: ``round(fraction · n_c)`` rows per class held out.
+
+    A class keeps at least one training row; single-label only (multi-label rows are held out
+    by hash alone).
+    """
+    hashes = row_hashes(ids, f"holdout:{seed}")
+    if labels.ndim != 1:
+        held = hashes < np.uint64(int(fraction * 2**64))
+        return np.flatnonzero(~held), np.flatnonzero(held)
+    order, cls, rank = _ranked(labels, hashes)
+    classes, counts = np.unique(labels, return_counts=True)
+    held_out = np.minimum(np.round(fraction * counts), counts - 1)
+    quota = dict(zip(classes.tolist(), held_out.tolist(), strict=True))
+    held = rank < np.array([quota[c] for c in cls.tolist()], dtype=np.int64)
+    return np.sort(order[~held]), np.sort(order[held])
+
+
+def cv_folds(labels: np.ndarray, ids: Sequence[str], seed: int) -> np.ndarray | None:
+    """A fold number per row for stratified cross-validation, or None when impossible.
+
+    ``k = min(5, smallest class count)`` folds; inside each class, rows ordered by hash are
+    dealt to folds in turn, so every fold holds every class. None when a class has one row.
+    """
+    smallest = int(np.unique(labels, return_counts=True)[1].min())
+    if smallest < 2:
+        return None
+    order, _, rank = _ranked(labels, row_hashes(ids, f"folds:{seed}"))
+    folds = np.empty(len(labels), dtype=np.int64)
+    folds[order] = rank % min(MAX_FOLDS, smallest)
+    return folds

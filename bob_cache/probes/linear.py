@@ -3,31 +3,39 @@
 The objective is scikit-learn's, ``C·Σ loss + ½‖W‖²``, written per sample as
 ``mean loss + (λ/2)‖W‖²`` with ``λ = 1/(C·n)`` (the intercept is not penalized). Single-label
 sets use the multinomial (softmax) loss; multi-label sets (several 0/1 label columns, -1 for
-unknown) use one sigmoid per column. Optimization is full-batch L-BFGS in float32 (torch:
-BLAS on CPU, cuBLAS on GPU) whose loss and gradient are summed over row blocks, so a
-feature set streamed from Zarr is optimized exactly like one held in memory.
+unknown) use one sigmoid per column. Optimization is full-batch L-BFGS
+(:mod:`bob_cache.probes.objective`).
 
-:func:`sweep` chooses λ on the validation split along a warm-started regularization path
-(coarse grid from strong to weak, stopped once validation accuracy falls; then a finer step
-around the best), stopping each fit when validation accuracy stops improving, and refits the
-best λ on train+val.
+Two protocols choose C (both state exactly which rows trained, chose and were refit):
+
+* :func:`sweep` (the full training split, VTAB/CLIP style): C is chosen on the validation
+  split along a warm-started path, then refit on train + val.
+* :func:`sweep_cv` (few-shot and fraction subsets): C is chosen by stratified
+  cross-validation inside the subset and refit on the subset alone, so the fit never sees a
+  label outside it; with one row in some class it falls back to :data:`FIXED_C`.
+
+Every reported model is fitted to convergence (largest gradient entry ≤ 1e-4, scikit-learn's
+default tolerance, or 1e-6 on small problems).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from bob_cache.errors import SpecError
 from bob_cache.probes.features import Features, Standardizer
+from bob_cache.probes.objective import MAX_ITER, Objective, Weights, final_gtol, minimize
 
-COARSE = tuple(10.0**-k for k in range(0, 7))  # λ from strong to weak regularization
+COARSE = tuple(10.0**-k for k in range(0, 7))  # λ (at the training size) strong → weak
 COARSE_ROWS = 20_000
+FIXED_C = 1.0  # scikit-learn's default, for subsets too small to cross-validate
+PATH_GTOL = 1e-3  # fits that only choose C
+
+Score = Callable[[np.ndarray, np.ndarray], float]
 
 
 @dataclass
@@ -37,8 +45,9 @@ class LinearModel:
     weight: np.ndarray
     bias: np.ndarray
     standardizer: Standardizer
-    lam: float
+    C: float
     iterations: int = 0
+    converged: bool = True
 
     def scores(self, features: Features) -> np.ndarray:
         blocks = [self.standardizer(b) @ self.weight.T + self.bias for b in features.blocks()]
@@ -47,102 +56,15 @@ class LinearModel:
 
 @dataclass
 class SweepResult:
-    """The refit model and the path that chose its λ."""
+    """The reported model, the C that was chosen, and how (the rows each step used)."""
 
     model: LinearModel
-    lam: float
     C: float
     val_score: float
+    train_rows: int  # labelled rows the reported model was fitted on
+    val_rows: int  # labelled rows that only chose C (disjoint from train_rows)
+    protocol: str
     path: list[dict[str, float]] = field(default_factory=list)
-
-
-class _Blocks:
-    """Standardized (rows, labels) tensor blocks on the device; cached when in memory."""
-
-    def __init__(
-        self, features: Features, labels: np.ndarray, std: Standardizer, device: torch.device
-    ):
-        self.features, self.labels, self.std, self.device = features, labels, std, device
-        self.n = features.n
-        self.multilabel = labels.ndim == 2
-        self._cache = None if features.is_streamed else list(self._make())
-
-    def _make(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        start = 0
-        for block in self.features.blocks():
-            y = self.labels[start : start + len(block)]
-            start += len(block)
-            x = torch.from_numpy(self.std(block)).to(self.device)
-            yt = torch.from_numpy(y).to(self.device)
-            yield x, (yt.float() if self.multilabel else yt.long())
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return iter(self._cache) if self._cache is not None else self._make()
-
-
-def _block_loss(logits: torch.Tensor, y: torch.Tensor, multilabel: bool) -> torch.Tensor:
-    if not multilabel:
-        return F.cross_entropy(logits, y, reduction="sum")
-    known = y >= 0
-    return F.binary_cross_entropy_with_logits(logits[known], y[known], reduction="sum")
-
-
-def fit(
-    blocks: _Blocks,
-    n_outputs: int,
-    lam: float,
-    *,
-    init: tuple[torch.Tensor, torch.Tensor] | None = None,
-    max_iter: int = 500,
-    check_every: int = 5,
-    monitor: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
-    patience: int = 1,
-    min_delta: float = 1e-3,
-) -> tuple[torch.Tensor, torch.Tensor, int, float]:
-    """Minimize ``mean loss + (λ/2)‖W‖²`` with L-BFGS; returns ``(W, b, iterations, score)``.
-
-    With ``monitor`` (validation score, higher is better) the fit stops once the score has
-    not risen by ``min_delta`` for ``patience`` checks, and returns the best weights seen.
-    """
-    dim = blocks.features.dim
-    w = torch.zeros(n_outputs, dim, device=blocks.device) if init is None else init[0].clone()
-    b = torch.zeros(n_outputs, device=blocks.device) if init is None else init[1].clone()
-    w.requires_grad_(True)
-    b.requires_grad_(True)
-    opt = torch.optim.LBFGS(
-        [w, b], lr=1, max_iter=check_every, max_eval=4 * check_every, history_size=10,
-        line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-9,
-    )  # fmt: skip
-    denom = blocks.n * (n_outputs if blocks.multilabel else 1)
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        total = torch.zeros((), device=blocks.device)
-        for x, y in blocks:
-            loss = _block_loss(x @ w.T + b, y, blocks.multilabel) / denom
-            loss.backward()
-            total += loss.detach()
-        reg = 0.5 * lam * (w * w).sum()
-        reg.backward()
-        return total + reg.detach()
-
-    best = (w.detach().clone(), b.detach().clone(), -np.inf)
-    mark, stale, done = -np.inf, 0, 0
-    while done < max_iter:
-        before = opt.state[w].get("n_iter", 0)
-        opt.step(closure)
-        ran = opt.state[w].get("n_iter", 0) - before
-        done += max(ran, 1)
-        score = monitor(w.detach(), b.detach()) if monitor else 0.0
-        if score > best[2]:
-            best = (w.detach().clone(), b.detach().clone(), score)
-        stale = 0 if score > mark + min_delta else stale + 1
-        mark = max(mark, score)
-        if ran < check_every or (monitor and stale >= patience):
-            break
-    if not monitor:
-        best = (w.detach().clone(), b.detach().clone(), 0.0)
-    return best[0], best[1], done, best[2]
 
 
 def fit_logistic(
@@ -152,14 +74,69 @@ def fit_logistic(
     n_outputs: int,
     C: float,
     device: torch.device | str = "cpu",
-    max_iter: int = 1000,
+    init: Weights | None = None,
+    gtol: float | None = None,
+    max_iter: int = MAX_ITER,
 ) -> LinearModel:
-    """One fit at scikit-learn's ``C`` (no validation), to convergence or ``max_iter``."""
+    """One fit at scikit-learn's ``C`` on standardized ``train``, to convergence.
+
+    ``gtol`` defaults to :func:`~bob_cache.probes.objective.final_gtol`.
+    """
     std = Standardizer.fit(train)
-    blocks = _Blocks(train, y, std, torch.device(device))
-    lam = 1.0 / (C * train.n)
-    w, b, iters, _ = fit(blocks, n_outputs, lam, max_iter=max_iter)
-    return LinearModel(w.cpu().numpy(), b.cpu().numpy(), std, lam, iters)
+    objective = Objective(train, y, std, n_outputs, torch.device(device))
+    (w, b), iters, ok = minimize(
+        objective,
+        1.0 / (C * train.n),
+        init=init,
+        gtol=gtol or final_gtol(objective),
+        max_iter=max_iter,
+    )
+    return LinearModel(w.cpu().numpy(), b.cpu().numpy(), std, C, iters, ok)
+
+
+class _Path:
+    """Warm-started fits at several C on one training set, scored on one validation set."""
+
+    def __init__(
+        self,
+        train: Features,
+        y_train: np.ndarray,
+        val: Features,
+        y_val: np.ndarray,
+        *,
+        n_outputs: int,
+        score: Score,
+        device: torch.device,
+        log: list[dict[str, float]],
+        stage: str,
+    ) -> None:
+        self.std = Standardizer.fit(train)
+        self.objective = Objective(train, y_train, self.std, n_outputs, device)
+        self.val_x = torch.from_numpy(self.std(val.materialize())).to(device)
+        self.y_val, self.score, self.log, self.stage = y_val, score, log, stage
+        self.fits: dict[float, tuple[Weights, float]] = {}
+
+    def fit(self, C: float, init: Weights | None) -> Weights:
+        started = time.perf_counter()
+        lam = 1.0 / (C * self.objective.n)
+        (w, b), iters, _ = minimize(self.objective, lam, init=init, gtol=PATH_GTOL)
+        val = self.score(self.y_val, (self.val_x @ w.T + b).cpu().numpy())
+        self.fits[C] = ((w, b), val)
+        self.log.append({
+            "stage": self.stage, "rows": self.objective.n, "C": C, "val_score": val,
+            "iterations": iters, "seconds": time.perf_counter() - started,
+        })  # fmt: skip
+        return w, b
+
+    def run(self, grid: tuple[float, ...], *, stop_early: bool = True) -> dict[float, float]:
+        """Fit ``grid`` (strong → weak); stops two steps past the best when ``stop_early``."""
+        init = None
+        for C in grid:
+            init = self.fit(C, init)
+            best = max(self.fits, key=lambda c: self.fits[c][1])
+            if stop_early and len([c for c in self.fits if c > best]) >= 2:
+                break
+        return {c: v for c, (_, v) in self.fits.items()}
 
 
 def sweep(
@@ -169,109 +146,122 @@ def sweep(
     y_val: np.ndarray,
     *,
     n_outputs: int,
-    score: Callable[[np.ndarray, np.ndarray], float],
+    score: Score,
     device: torch.device | str = "cpu",
     grid: tuple[float, ...] = COARSE,
-    coarse_rows: int = COARSE_ROWS,
+    coarse_rows: int | None = None,
     refit: bool = True,
 ) -> SweepResult:
-    """Choose λ on ``val`` along a warm-started path, then refit train+val with it.
+    """Choose C on ``val`` along a warm-started path, then refit train+val with it, converged.
 
-    The coarse grid runs on a stratified subsample of at most ``coarse_rows`` training rows,
-    at scikit-learn's ``C`` (a fixed prior, so λ scales with the row count). On all rows, the
-    best coarse λ and one half-decade step toward its better neighbour are then fitted.
+    The grid holds λ values at the training size (``C = 1/(λ·n_train)``), fitted from strong
+    to weak and stopped two steps past the best, then half a decade from the best toward its
+    better neighbour. When train holds more than twice ``coarse_rows`` rows (default: the
+    larger of 20,000 and 50 per output), the path runs on a stratified subsample of that
+    many rows at the same C values, and all rows are fitted once, at the chosen C.
+    ``refit=False`` fits train alone instead of train+val.
 
     Args:
         score: ``score(y_val, val_logits)`` to maximize (top-1 accuracy, ROC-AUC, ...).
     """
     device = torch.device(device)
-    std = Standardizer.fit(train)
-    full = _Blocks(train, y_train, std, device)
-    val_x = torch.from_numpy(std(val.materialize())).to(device)
-
-    def monitor(w: torch.Tensor, b: torch.Tensor) -> float:
-        return score(y_val, (val_x @ w.T + b).cpu().numpy())
-
-    path: list[dict[str, float]] = []
+    log: list[dict[str, float]] = []
+    Cs = tuple(1.0 / (lam * train.n) for lam in grid)
+    coarse_rows = coarse_rows or max(COARSE_ROWS, 50 * n_outputs)
     rows = _subsample(y_train, coarse_rows) if train.n > 2 * coarse_rows else None
-    coarse = full if rows is None else _Blocks(train.take(rows), y_train[rows], std, device)
-    fits = _coarse_path(path, coarse, train.n, n_outputs, grid, monitor)
-    best = max(fits, key=lambda k: fits[k][2])
-    i = grid.index(best)
-    stronger = fits.get(grid[i - 1]) if i > 0 else None
-    weaker = fits.get(grid[i + 1]) if i + 1 < len(grid) else None
-    toward = 10**0.5 if stronger and (not weaker or stronger[2] > weaker[2]) else 10**-0.5
-    candidates = [best * toward] if rows is None else [best, best * toward]
-    start = fits[best][:2]
-    final = {} if rows is not None else fits
-    for lam in candidates:
-        _record(path, final, lam, full, n_outputs, start, monitor, stage="fine")
-    lam = max(final, key=lambda k: final[k][2])
-    w, b, val_score = final[lam]
-    iters = 0
+    sub, y_sub = (train, y_train) if rows is None else (train.take(rows), y_train[rows])
+    path = _Path(
+        sub, y_sub, val, y_val, n_outputs=n_outputs, score=score, device=device, log=log,
+        stage="coarse" if rows is None else f"coarse on {len(rows)} rows",
+    )  # fmt: skip
+    scores = path.run(Cs)
+    best = max(scores, key=scores.get)
+    path.fit(_step_toward_better_neighbour(Cs, scores, best), path.fits[best][0])
+    C = max(path.fits, key=lambda c: path.fits[c][1])
+    (w, b), val_score = path.fits[C]
     if refit:
-        both = train.concat(val)
-        std = Standardizer.fit(both)
-        labels = np.concatenate([y_train, y_val])
-        w, b, iters, _ = fit(
-            _Blocks(both, labels, std, device), n_outputs, lam, init=(w, b), max_iter=30
-        )
-    model = LinearModel(w.cpu().numpy(), b.cpu().numpy(), std, lam, iters)
-    return SweepResult(model, lam, 1.0 / (lam * train.n), val_score, path)
+        rows_fit, labels = train.concat(val), np.concatenate([y_train, y_val])
+        how = "C chosen on val_rows, refit on train_rows + val_rows"
+    else:
+        rows_fit, labels, how = train, y_train, "C chosen on val_rows, fitted on train_rows"
+    started = time.perf_counter()
+    model = fit_logistic(rows_fit, labels, n_outputs=n_outputs, C=C, device=device, init=(w, b))
+    log.append({
+        "stage": "final", "rows": rows_fit.n, "C": C, "val_score": float("nan"),
+        "iterations": model.iterations, "seconds": time.perf_counter() - started,
+    })  # fmt: skip
+    return SweepResult(model, C, val_score, train.n, val.n, how, log)
 
 
-def _coarse_path(
-    path: list[dict[str, float]],
-    blocks: _Blocks,
-    n_full: int,
+def sweep_cv(
+    train: Features,
+    y_train: np.ndarray,
+    folds: np.ndarray | None,
+    *,
     n_outputs: int,
-    grid: tuple[float, ...],
-    monitor: Callable[[torch.Tensor, torch.Tensor], float],
-) -> dict[float, tuple[torch.Tensor, torch.Tensor, float]]:
-    """Strong → weak, warm-started; stops two steps after the best. Keys are full-scale λ."""
-    fits: dict[float, tuple[torch.Tensor, torch.Tensor, float]] = {}
-    init = None
-    for lam in grid:
-        init = _record(
-            path, fits, lam, blocks, n_outputs, init, monitor, stage="coarse", n_full=n_full
-        )
-        best = max(fits, key=lambda k: fits[k][2])
-        if len([k for k in fits if k < best]) >= 2:
-            break
-    return fits
+    score: Score,
+    device: torch.device | str = "cpu",
+    grid: tuple[float, ...] = COARSE,
+    max_rows_all_folds: int = COARSE_ROWS,
+) -> SweepResult:
+    """Choose C by cross-validation inside ``train`` and refit on all of it, converged.
+
+    ``folds`` gives each row's fold (:func:`~bob_cache.probes.fewshot.cv_folds`). The first
+    fold runs the path (``C = 1/(λ·n)`` for ``grid``, stopped two steps past the best); the
+    other folds fit the same values, and the best mean validation score wins (ties: the
+    stronger regularization). Subsets over ``max_rows_all_folds`` rows use the first fold
+    only (one split inside the subset). ``folds=None`` (a class with a single row) fits
+    :data:`FIXED_C` and says so in ``protocol``.
+    """
+    device = torch.device(device)
+    if folds is None:
+        model = fit_logistic(train, y_train, n_outputs=n_outputs, C=FIXED_C, device=device)
+        how = f"fixed C={FIXED_C:g} (a class has one row: too few to cross-validate)"
+        return SweepResult(model, FIXED_C, float("nan"), train.n, 0, how)
+    log: list[dict[str, float]] = []
+    n_folds = int(folds.max()) + 1
+    used = range(n_folds) if train.n <= max_rows_all_folds else range(1)
+    Cs = tuple(1.0 / (lam * train.n) for lam in grid)
+    totals: dict[float, list[float]] = {}
+    for fold in used:
+        inside, held = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
+        path = _Path(
+            train.take(inside), y_train[inside], train.take(held), y_train[held],
+            n_outputs=n_outputs, score=score, device=device, log=log, stage=f"cv{fold}",
+        )  # fmt: skip
+        scores = path.run(Cs if fold == 0 else tuple(totals), stop_early=fold == 0)
+        for C, value in scores.items():
+            totals.setdefault(C, []).append(value)
+    means = {C: float(np.mean(v)) for C, v in totals.items()}
+    C = max(sorted(means), key=means.get)  # ascending C: ties go to the stronger prior
+    model = fit_logistic(train, y_train, n_outputs=n_outputs, C=C, device=device)
+    how = (
+        f"C chosen by {n_folds}-fold cross-validation inside the subset, refit on it"
+        if len(used) > 1
+        else f"C chosen on 1 of {n_folds} folds inside the subset, refit on it"
+    )
+    return SweepResult(model, C, means[C], train.n, 0, how, log)
+
+
+def _step_toward_better_neighbour(
+    Cs: tuple[float, ...], scores: dict[float, float], best: float
+) -> float:
+    """Half a decade from ``best`` toward whichever fitted neighbour scored higher."""
+    i = Cs.index(best)
+    stronger = scores.get(Cs[i - 1]) if i > 0 else None
+    weaker = scores.get(Cs[i + 1]) if i + 1 < len(Cs) else None
+    toward_stronger = stronger is not None and (weaker is None or stronger > weaker)
+    return best * (10**-0.5 if toward_stronger else 10**0.5)
 
 
 def _subsample(labels: np.ndarray, rows: int) -> np.ndarray:
     """Sorted indices of a stratified (when possible) subsample, fixed seed."""
-    from bob_cache.probes.fewshot import sample_fraction
+    from sklearn.model_selection import train_test_split
 
+    strata = labels if labels.ndim == 1 else labels[:, 0]
+    everything = np.arange(len(labels))
     try:
-        return sample_fraction(
-            labels if labels.ndim == 1 else labels[:, 0], rows / len(labels), seed=0
-        )
-    except SpecError:
-        return np.sort(np.random.default_rng(0).choice(len(labels), rows, replace=False))
-
-
-def _record(
-    path: list[dict[str, float]],
-    fits: dict[float, tuple[torch.Tensor, torch.Tensor, float]],
-    lam: float,
-    blocks: _Blocks,
-    n_outputs: int,
-    init: tuple[torch.Tensor, torch.Tensor] | None,
-    monitor: Callable[[torch.Tensor, torch.Tensor], float],
-    *,
-    stage: str,
-    n_full: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fit at full-scale ``lam`` (rescaled to the blocks' row count, keeping C) and log it."""
-    started = time.perf_counter()
-    scale = (n_full or blocks.n) / blocks.n
-    w, b, iters, val_score = fit(blocks, n_outputs, lam * scale, init=init, monitor=monitor)
-    fits[lam] = (w, b, val_score)
-    path.append({
-        "stage": stage, "rows": blocks.n, "lam": lam, "C": 1.0 / (lam * (n_full or blocks.n)),
-        "val_score": val_score, "iterations": iters, "seconds": time.perf_counter() - started,
-    })  # fmt: skip
-    return w, b
+        picked, _ = train_test_split(everything, train_size=rows, stratify=strata, random_state=0)
+    except ValueError:  # a class too small to stratify
+        picked, _ = train_test_split(everything, train_size=rows, random_state=0)
+    return np.sort(picked)

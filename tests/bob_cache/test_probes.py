@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import GridSearchCV, PredefinedSplit, train_test_split
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from bob_cache.errors import SpecError
 from bob_cache.probes import (
@@ -16,11 +19,14 @@ from bob_cache.probes import (
     Features,
     Standardizer,
     bob_scores,
+    cv_folds,
     fit_logistic,
     knn_scores,
+    row_hashes,
     sample_fraction,
     sample_shots,
     sweep,
+    sweep_cv,
     train_bob_probe,
 )
 from bob_cache.probes.features import load_rows
@@ -49,7 +55,8 @@ def test_separable_features_give_perfect_accuracy() -> None:
     tr, ytr, va, yva, te, yte = split3(*blobs(600, classes=5))
     result = sweep(tr, ytr, va, yva, n_outputs=5, score=accuracy)
     assert accuracy(yte, result.model.scores(te)) == 1.0
-    assert result.path[0]["lam"] == 1.0 and result.C > 0
+    assert result.path[0]["C"] == pytest.approx(1 / tr.n) and result.C > 0
+    assert (result.train_rows, result.val_rows) == (tr.n, va.n)
 
 
 def test_shuffled_labels_give_chance_accuracy() -> None:
@@ -66,7 +73,8 @@ def test_agrees_with_sklearn_logistic_regression_at_the_same_C() -> None:
         digits.data.astype(np.float32), digits.target, test_size=0.3, random_state=0
     )
     for C in (0.01, 0.3):
-        ours = fit_logistic(Features.in_memory(xtr), ytr, n_outputs=10, C=C)
+        # a tight tolerance: the same objective has the same minimizer
+        ours = fit_logistic(Features.in_memory(xtr), ytr, n_outputs=10, C=C, gtol=1e-6)
         std = Standardizer.fit(Features.in_memory(xtr))
         ref = LogisticRegression(C=C, max_iter=5000, tol=1e-8).fit(std(xtr), ytr)
         ours_acc = accuracy(yte, ours.scores(Features.in_memory(xte)))
@@ -92,7 +100,7 @@ def test_streaming_gives_the_same_answer_as_in_memory(tmp_path: Path) -> None:
         te, _, _ = load_rows(sets["test"], stream=stream)
         assert tr.is_streamed == stream
         result = sweep(tr, ytr, va, yva, n_outputs=3, score=accuracy)
-        answers.append((result.lam, result.model.scores(te)))
+        answers.append((result.C, result.model.scores(te)))
     assert answers[0][0] == answers[1][0]  # the same λ
     assert np.array_equal(answers[0][1].argmax(1), answers[1][1].argmax(1))  # the same predictions
     np.testing.assert_allclose(answers[0][1], answers[1][1], atol=1e-2)  # float32 sums per shard
@@ -122,22 +130,53 @@ def test_knn_separable_is_perfect_and_k_caps_at_train_size() -> None:
 
 def test_few_shot_subsets_are_exact_and_deterministic() -> None:
     y = np.repeat(np.arange(5), 20)
-    a, b = sample_shots(y, 3, seed=7), sample_shots(y, 3, seed=7)
+    ids = np.array([f"img{i:03d}.jpg" for i in range(100)])
+    a, b = sample_shots(y, ids, 3, seed=7), sample_shots(y, ids, 3, seed=7)
     assert np.array_equal(a, b) and np.bincount(y[a]).tolist() == [3] * 5
-    assert not np.array_equal(a, sample_shots(y, 3, seed=8))
-    frac = sample_fraction(y, 0.1, seed=0)
+    assert not np.array_equal(a, sample_shots(y, ids, 3, seed=8))
+    frac = sample_fraction(y, ids, 0.1, seed=0)
     assert len(frac) == 10 and np.bincount(y[frac]).tolist() == [2] * 5
-    assert np.array_equal(frac, sample_fraction(y, 0.1, seed=0))
+    assert np.array_equal(frac, sample_fraction(y, ids, 0.1, seed=0))
+    # floor per class: never more rows than the fraction names
+    assert np.bincount(y[sample_fraction(y, ids, 0.29, seed=0)]).tolist() == [5] * 5
+
+
+def test_subsets_follow_the_ids_not_the_row_order_or_other_rows() -> None:
+    """Two backbones whose invalid rows differ still get exactly the same images."""
+    y = np.repeat(np.arange(4), 30)
+    ids = np.array([f"c{c}/img{i:03d}.png" for i, c in enumerate(y)])
+    chosen = set(ids[sample_shots(y, ids, 5, seed=3)])
+    # another backbone: rows shuffled, and a few images it failed on (not among the chosen)
+    shuffled = np.random.default_rng(0).permutation(len(y))
+    order = np.array([i for i in shuffled if ids[i] in chosen or i % 7])
+    assert set(ids[order][sample_shots(y[order], ids[order], 5, seed=3)]) == chosen
+    frac = set(ids[sample_fraction(y, ids, 0.2, seed=1)])
+    assert set(ids[shuffled][sample_fraction(y[shuffled], ids[shuffled], 0.2, seed=1)]) == frac
+    # the hash is public: anyone can redraw a subset from the ids
+    digest = hashlib.blake2b(b"shots:3:" + ids[0].encode(), digest_size=8).digest()
+    expected = int.from_bytes(digest, "big")
+    assert int(row_hashes(ids[:1], "shots:3")[0]) == expected
+
+
+def test_cv_folds_are_stratified_and_none_for_a_single_row_class() -> None:
+    y = np.repeat(np.arange(3), [4, 7, 9])
+    ids = [str(i) for i in range(len(y))]
+    folds = cv_folds(y, ids, seed=0)
+    assert folds.max() == 3  # min(5, smallest class count 4) folds
+    for f in range(4):
+        assert set(y[folds == f]) == {0, 1, 2}  # every fold holds every class
+    assert cv_folds(np.array([0, 0, 1]), ["a", "b", "c"], seed=0) is None
 
 
 def test_few_shot_errors_name_the_class_and_the_fix() -> None:
     y = np.array([0] * 10 + [1] * 2)
+    ids = [str(i) for i in range(12)]
     with pytest.raises(
         SpecError, match="5-shot needs 5 training images per class, but class 1 has 2"
     ):
-        sample_shots(y, 5, seed=0)
-    with pytest.raises(SpecError, match="fewer than the 2 classes"):
-        sample_fraction(y, 0.05, seed=0)
+        sample_shots(y, ids, 5, seed=0)
+    with pytest.raises(SpecError, match=r"leaves 1 class\(es\) with no training image: class 1"):
+        sample_fraction(y, ids, 0.3, seed=0)
 
 
 def test_bob_recipe_learns_and_is_deterministic_under_a_seed() -> None:
@@ -150,3 +189,57 @@ def test_bob_recipe_learns_and_is_deterministic_under_a_seed() -> None:
     b = bob_scores(train_bob_probe(train, y[:300], n_outputs=4, seed=3, recipe=recipe), test)
     assert np.array_equal(a, b)
     assert accuracy(y[300:], a) >= 0.95
+
+
+def _digits_split() -> tuple:
+    digits = load_digits()
+    return train_test_split(
+        digits.data.astype(np.float32), digits.target, test_size=0.3, random_state=0
+    )
+
+
+def test_few_shot_cv_agrees_with_sklearn_on_the_same_subset_and_folds() -> None:
+    """The k-shot probe sees only its subset, and matches LogisticRegressionCV on it."""
+    xtr, xte, ytr, yte = _digits_split()
+    ids = np.array([f"digit{i:04d}" for i in range(len(ytr))])
+    for shots in (5, 10):
+        rows = sample_shots(ytr, ids, shots, seed=0)
+        folds = cv_folds(ytr[rows], ids[rows], seed=0)
+        sub = Features.in_memory(xtr[rows])
+        ours = sweep_cv(sub, ytr[rows], folds, n_outputs=10, score=accuracy)
+        assert (ours.train_rows, ours.val_rows) == (10 * shots, 0)
+        assert "5-fold cross-validation inside the subset" in ours.protocol
+        ours_acc = accuracy(yte, ours.model.scores(Features.in_memory(xte)))
+        grid = sorted(p["C"] for p in ours.path if p["stage"] == "cv0")
+        pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, tol=1e-8))
+        ref = GridSearchCV(pipe, {"logisticregression__C": grid}, cv=PredefinedSplit(folds)).fit(
+            xtr[rows], ytr[rows]
+        )  # standardized inside each fold, as ours is
+        assert ref.best_params_["logisticregression__C"] == pytest.approx(ours.C)
+        assert abs(ref.score(xte, yte) - ours_acc) <= 0.003, (shots, ours_acc)
+
+
+def test_one_shot_falls_back_to_a_fixed_C_and_says_so() -> None:
+    xtr, xte, ytr, yte = _digits_split()
+    ids = np.array([f"digit{i:04d}" for i in range(len(ytr))])
+    rows = sample_shots(ytr, ids, 1, seed=0)
+    assert cv_folds(ytr[rows], ids[rows], seed=0) is None
+    ours = sweep_cv(Features.in_memory(xtr[rows]), ytr[rows], None, n_outputs=10, score=accuracy)
+    assert ours.C == 1.0 and "fixed C=1" in ours.protocol and ours.train_rows == 10
+    std = Standardizer.fit(Features.in_memory(xtr[rows]))
+    ref = LogisticRegression(C=1.0, max_iter=5000, tol=1e-8).fit(std(xtr[rows]), ytr[rows])
+    assert accuracy(yte, ours.model.scores(Features.in_memory(xte))) == pytest.approx(
+        ref.score(std(xte), yte), abs=0.003
+    )
+
+
+def test_reported_model_is_the_converged_fit_at_the_chosen_C() -> None:
+    """Not early-stopped: within 0.3 points of scikit-learn run to convergence at that C."""
+    xtr, xte, ytr, yte = _digits_split()
+    tr, va = Features.in_memory(xtr[:900]), Features.in_memory(xtr[900:])
+    result = sweep(tr, ytr[:900], va, ytr[900:], n_outputs=10, score=accuracy)
+    assert result.model.converged and result.train_rows + result.val_rows == len(ytr)
+    std = Standardizer.fit(Features.in_memory(xtr))  # refit rows: train + val
+    ref = LogisticRegression(C=result.C, max_iter=10000, tol=1e-10).fit(std(xtr), ytr)
+    ours = accuracy(yte, result.model.scores(Features.in_memory(xte)))
+    assert abs(ours - ref.score(std(xte), yte)) <= 0.003

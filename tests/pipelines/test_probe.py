@@ -51,6 +51,44 @@ def test_linear_knn_and_few_shot_rows_land_in_the_results_table(tmp_path: Path) 
     assert "±" in table[("linear", "5-shot")]["top1"]
 
 
+def test_k_shot_fits_see_exactly_k_per_class_and_rows_say_so(tmp_path: Path, monkeypatch) -> None:
+    """A few-shot unit never fits on a row outside its subset; the table records the counts."""
+    import bob_cache.probes.linear as linear
+
+    seen: list[int] = []
+
+    class Spy(linear.Objective):
+        def __init__(self, features, labels, *args, **kw) -> None:
+            seen.append(features.n)
+            super().__init__(features, labels, *args, **kw)
+
+    monkeypatch.setattr(linear, "Objective", Spy)
+    store = toy_store(tmp_path)  # 4 classes; train 300, val 100, test 100
+    probe(config(store, tmp_path, methods=("linear",), shots=(5,)))
+    full_fits, shot_fits = seen[: seen.index(400) + 1], seen[seen.index(400) + 1 :]
+    assert max(full_fits) == 400  # full: C on val, refit on train + val
+    assert shot_fits and max(shot_fits) == 20 and shot_fits[-1] == 20  # 5 × 4, nothing more
+    frame = ResultsTable.open(tmp_path / "res").read()
+    rows = frame[frame.metric == "top1"].set_index("setting")
+    assert (rows.loc["full", "train_rows"], rows.loc["full", "val_rows"]) == (300, 100)
+    assert (rows.loc["5-shot", "train_rows"], rows.loc["5-shot", "val_rows"]) == (20, 0)
+    assert "cross-validation inside the subset" in rows.loc["5-shot", "protocol"]
+    assert "refit on train_rows + val_rows" in rows.loc["full", "protocol"]
+
+
+def test_one_shot_and_fractions_state_their_protocol(tmp_path: Path) -> None:
+    store = toy_store(tmp_path)
+    probe(config(store, tmp_path, shots=(1,), fractions=(0.1,), ks=(5,)))
+    frame = ResultsTable.open(tmp_path / "res").read()
+    top1 = frame[frame.metric == "top1"].set_index(["method", "setting"])
+    assert "fixed C=1" in top1.loc[("linear", "1-shot"), "protocol"]
+    assert top1.loc[("linear", "1-shot"), "train_rows"] == 4
+    assert top1.loc[("knn@5", "0.1-fraction"), "train_rows"] == 28  # floor(0.1 × 75) × 4
+    assert "val_score" not in set(frame[frame.setting == "1-shot"].metric)  # nothing validated
+    with pytest.raises(SpecError, match=r"--fraction 0.01 leaves 4 class\(es\) with no training"):
+        probe(config(store, tmp_path / "again", fractions=(0.01,)))
+
+
 def test_rerun_is_a_no_op_unless_forced(tmp_path: Path) -> None:
     store = toy_store(tmp_path)
     first = probe(config(store, tmp_path, methods=("knn",), ks=(5,)))
@@ -205,7 +243,24 @@ def test_cli_probe_on_real_extracted_features(cli, tmp_path: Path) -> None:
     assert {"top5", "balanced_accuracy", "macro_f1"} <= set(rows[("knn@10", "full")])
     human = cli("results", res, "--metric", "top1")
     assert human.exit_code == 0 and "5-shot" in human.stdout and "linear" in human.stdout
+    assert "train_rows" in human.stdout and "val_rows" in human.stdout
     long = json.loads(cli("results", res, "--long", "--json").stdout)
+    # the reported linear probe is the converged fit at its C (scikit-learn, same rows)
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from bob_cache.probes.features import load_rows
+    from bob_cache.stores import open_store
+
+    sets = {fs.attrs["split"]: fs for fs in open_store(store).feature_sets()}
+    x = {s: load_rows(sets[s], stream=False) for s in ("train", "val", "test")}
+    xtv = np.concatenate([x["train"][0].materialize(), x["val"][0].materialize()])
+    ytv = np.concatenate([x["train"][1], x["val"][1]])
+    C = next(r["value"] for r in long if r["method"] == "linear" and r["metric"] == "C")
+    scaler = StandardScaler().fit(xtv)
+    ref = LogisticRegression(C=C, max_iter=20000, tol=1e-8).fit(scaler.transform(xtv), ytv)
+    ref_top1 = ref.score(scaler.transform(x["test"][0].materialize()), x["test"][1])
+    assert abs(float(rows[("linear", "full")]["top1"]) - ref_top1) <= 0.003
     assert {r["seed"] for r in long if r["setting"] == "5-shot"} == {0, 1}
 
 
