@@ -150,6 +150,9 @@ def run_sklearn(data: dict[str, np.ndarray], *, cv: bool) -> dict[str, Any]:
 
 
 def child(which: str, path: Path) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # progress on stderr
     data = dict(np.load(path))
     out = run_bob(data) if which == "bob" else run_sklearn(data, cv=which == "sklearn-cv")
     out["peak_rss_GiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -181,7 +184,7 @@ def main() -> None:
     }
     for which in [args.only] if args.only else CONTENDERS:
         cmd = [sys.executable, __file__, "--child", which, "--data", str(path)]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
         report[which] = json.loads(done.stdout)
         print(json.dumps({which: report[which]}), flush=True)
     for peer in CONTENDERS[:2]:

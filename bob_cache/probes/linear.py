@@ -14,12 +14,12 @@ Two protocols choose C (both state exactly which rows trained, chose and were re
   cross-validation inside the subset and refit on the subset alone, so the fit never sees a
   label outside it; with one row in some class it falls back to :data:`FIXED_C`.
 
-Every reported model is fitted to convergence (largest gradient entry ≤ 1e-4, scikit-learn's
-default tolerance, or 1e-6 on small problems).
+Every reported model is fitted to convergence (:func:`~bob_cache.probes.objective.final_stop`).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,14 +28,30 @@ import numpy as np
 import torch
 
 from bob_cache.probes.features import Features, Standardizer
-from bob_cache.probes.objective import MAX_ITER, Objective, Weights, final_gtol, minimize
+from bob_cache.probes.objective import (
+    MAX_ITER,
+    Objective,
+    Stop,
+    Weights,
+    final_stop,
+    minimize,
+)
 
 COARSE = tuple(10.0**-k for k in range(0, 7))  # λ (at the training size) strong → weak
 COARSE_ROWS = 20_000
 FIXED_C = 1.0  # scikit-learn's default, for subsets too small to cross-validate
-PATH_GTOL = 1e-3  # fits that only choose C
+PATH_GTOL = 1e-3  # fits that only choose C: gradient ≤ 1e-3 and a tenth of its start, ...
+PATH_RTOL = 0.1
+PATH_CHANGED = 1e-2  # ... or validation predictions settled (1% moved over 10 iterations)
 
 Score = Callable[[np.ndarray, np.ndarray], float]
+logger = logging.getLogger(__name__)
+
+
+def _note(log: list[dict[str, float]], **entry: float | str) -> None:
+    """Append one fit to the path log (and to the ``bob_cache`` logger at INFO)."""
+    log.append(entry)
+    logger.info("linear probe fit: %s", entry)
 
 
 @dataclass
@@ -80,17 +96,13 @@ def fit_logistic(
 ) -> LinearModel:
     """One fit at scikit-learn's ``C`` on standardized ``train``, to convergence.
 
-    ``gtol`` defaults to :func:`~bob_cache.probes.objective.final_gtol`.
+    ``gtol`` (a pure gradient tolerance) replaces the default rule,
+    :func:`~bob_cache.probes.objective.final_stop`.
     """
     std = Standardizer.fit(train)
     objective = Objective(train, y, std, n_outputs, torch.device(device))
-    (w, b), iters, ok = minimize(
-        objective,
-        1.0 / (C * train.n),
-        init=init,
-        gtol=gtol or final_gtol(objective),
-        max_iter=max_iter,
-    )
+    stop = Stop(gtol) if gtol else final_stop(objective, train, std)
+    (w, b), iters, ok = minimize(objective, 1.0 / (C * train.n), stop, init=init, max_iter=max_iter)
     return LinearModel(w.cpu().numpy(), b.cpu().numpy(), std, C, iters, ok)
 
 
@@ -113,19 +125,20 @@ class _Path:
         self.std = Standardizer.fit(train)
         self.objective = Objective(train, y_train, self.std, n_outputs, device)
         self.val_x = torch.from_numpy(self.std(val.materialize())).to(device)
+        self.stop = Stop(PATH_GTOL, self.val_x, changed=PATH_CHANGED, rtol=PATH_RTOL)
         self.y_val, self.score, self.log, self.stage = y_val, score, log, stage
         self.fits: dict[float, tuple[Weights, float]] = {}
 
     def fit(self, C: float, init: Weights | None) -> Weights:
         started = time.perf_counter()
         lam = 1.0 / (C * self.objective.n)
-        (w, b), iters, _ = minimize(self.objective, lam, init=init, gtol=PATH_GTOL)
+        (w, b), iters, _ = minimize(self.objective, lam, self.stop, init=init)
         val = self.score(self.y_val, (self.val_x @ w.T + b).cpu().numpy())
         self.fits[C] = ((w, b), val)
-        self.log.append({
-            "stage": self.stage, "rows": self.objective.n, "C": C, "val_score": val,
-            "iterations": iters, "seconds": time.perf_counter() - started,
-        })  # fmt: skip
+        _note(
+            self.log, stage=self.stage, rows=self.objective.n, C=C, val_score=val,
+            iterations=iters, seconds=time.perf_counter() - started,
+        )  # fmt: skip
         return w, b
 
     def run(self, grid: tuple[float, ...], *, stop_early: bool = True) -> dict[float, float]:
@@ -186,10 +199,10 @@ def sweep(
         rows_fit, labels, how = train, y_train, "C chosen on val_rows, fitted on train_rows"
     started = time.perf_counter()
     model = fit_logistic(rows_fit, labels, n_outputs=n_outputs, C=C, device=device, init=(w, b))
-    log.append({
-        "stage": "final", "rows": rows_fit.n, "C": C, "val_score": float("nan"),
-        "iterations": model.iterations, "seconds": time.perf_counter() - started,
-    })  # fmt: skip
+    _note(
+        log, stage="final", rows=rows_fit.n, C=C, val_score=float("nan"),
+        iterations=model.iterations, seconds=time.perf_counter() - started,
+    )  # fmt: skip
     return SweepResult(model, C, val_score, train.n, val.n, how, log)
 
 

@@ -10,7 +10,10 @@ the exact objective finishes: the fit is always certified converged in float32.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -21,10 +24,14 @@ from bob_cache.probes.features import Features, Standardizer
 FINAL_GTOL = 1e-4  # the reported model: scikit-learn's default tolerance ...
 SMALL_GTOL = 1e-6  # ... or tighter where a fit costs well under a second
 SMALL_WORK = 2e8  # rows × dim × outputs of such a fit
+WATCH_ROWS = 20_000  # training rows whose predictions tell a large fit has settled
+CHUNK = 5  # iterations between checks of the stopping rule
 MAX_ITER = 2000
-BF16_MIN_WORK = 5e10  # rows × dim × outputs above which the bfloat16 twin pays off
+CACHE_BYTES = 2**30  # float32 rows kept between evaluations when they take at most this
+BF16_MIN_WORK = 5e9  # rows × dim × outputs above which the bfloat16 twin pays off
 
 Weights = tuple[torch.Tensor, torch.Tensor]
+logger = logging.getLogger(__name__)
 
 
 class Objective:
@@ -44,7 +51,9 @@ class Objective:
         self.labels = y.float() if self.multilabel else y.long()
         self.mean = torch.from_numpy(std.mean).to(device)
         self.std = torch.from_numpy(std.std).to(device)
-        keep = device.type != "cpu" and not features.is_streamed
+        # rows stay where they are unless a float32 copy is cheap (or they must move to a GPU)
+        small = features.n * features.dim * 4 <= CACHE_BYTES
+        keep = not features.is_streamed and (small or device.type != "cpu")
         self._cache = list(self._blocks()) if keep else None
         self.fast = _Bf16Twin(self) if _bf16_pays_off(self) else None
 
@@ -96,25 +105,41 @@ class _Bf16Twin:
 
     def __init__(self, exact: Objective) -> None:
         self.exact = exact
-        self.blocks = [
-            (((x - exact.mean) / exact.std).to(torch.bfloat16), y) for x, y in exact._blocks()
-        ]
+        dim = exact.features.dim
+        self.width = -(-(dim + 1) // 16) * 16  # a column of ones (the intercept), padded
+        self.blocks = []
+        for x, y in exact._blocks():
+            z = torch.zeros(len(x), self.width, dtype=torch.bfloat16, device=x.device)
+            z[:, :dim] = (x - exact.mean) / exact.std
+            z[:, dim] = 1
+            self.blocks.append((z, y))
 
     @torch.no_grad()
     def __call__(self, w: torch.Tensor, b: torch.Tensor, lam: float) -> tuple[float, Weights]:
-        exact = self.exact
-        w16 = w.to(torch.bfloat16)
-        gw = torch.zeros_like(w)
-        gb = torch.zeros_like(b)
+        exact, dim = self.exact, w.shape[1]
+        wb = torch.zeros(len(w), self.width, dtype=torch.bfloat16, device=w.device)
+        wb[:, :dim], wb[:, dim] = w, b
+        g = torch.zeros(wb.shape, device=w.device)
         total = 0.0
         for z, y in self.blocks:
-            logits = torch.mm(z, w16.T).float().add_(b)
-            total += exact._loss_and_residual(logits, y)
-            gw += torch.mm(logits.to(torch.bfloat16).T, z).float()
-            gb += logits.sum(0)
+            residual, loss = self._residual(torch.mm(z, wb.T), y)
+            total += loss
+            g += torch.mm(residual.T, z).float()
         denom = exact.n * (exact.n_outputs if exact.multilabel else 1)
         loss = total / denom + 0.5 * lam * float((w * w).sum())
-        return loss, (gw / denom + lam * w, gb / denom)
+        return loss, (g[:, :dim] / denom + lam * w, g[:, dim] / denom)
+
+    def _residual(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """bfloat16 dloss/dlogits and the summed loss (softmax fused, in float32)."""
+        if self.exact.multilabel:
+            full = logits.float()
+            loss = self.exact._loss_and_residual(full, y)
+            return full.to(torch.bfloat16), loss
+        p = torch.softmax(logits, 1, dtype=torch.float32)
+        rows = torch.arange(len(y), device=y.device)
+        loss = -float(p[rows, y].clamp_min(1e-30).log().sum())
+        p[rows, y] -= 1
+        return p.to(torch.bfloat16), loss
 
 
 def _bf16_pays_off(objective: Objective) -> bool:
@@ -126,32 +151,69 @@ def _bf16_pays_off(objective: Objective) -> bool:
     return objective.device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def final_gtol(objective: Objective) -> float:
-    """The reported model's tolerance: tight for small problems, where weak regularization
-    leaves the most room between a loose stop and the optimum and iterations are cheap."""
+@dataclass(frozen=True)
+class Stop:
+    """When a fit is done: its largest gradient entry is ≤ ``gtol``, or, with ``watch`` rows,
+    their predictions have settled: at most a ``changed`` share of them (rows × outputs for
+    multi-label) moved over the last ``window`` iterations. ``rtol`` also asks the gradient
+    to fall to ``rtol`` times its value at a warm start (which at a slightly weaker
+    regularization begins small, ``Δλ·W``, and an absolute tolerance would accept at once)."""
+
+    gtol: float
+    watch: torch.Tensor | None = None  # standardized rows
+    changed: float = 1e-3
+    window: int = 10
+    rtol: float | None = None
+
+
+def final_stop(objective: Objective, train: Features, std: Standardizer) -> Stop:
+    """The reported model's rule: a tight gradient tolerance where fits are cheap; on large
+    problems scikit-learn's default tolerance, or predictions on up to ``WATCH_ROWS`` of the
+    training rows that no longer move (0.1% over 10 iterations)."""
     work = objective.n * objective.features.dim * objective.n_outputs
-    return SMALL_GTOL if work <= SMALL_WORK else FINAL_GTOL
+    if work <= SMALL_WORK:
+        return Stop(SMALL_GTOL)
+    rows = np.linspace(0, train.n - 1, min(train.n, WATCH_ROWS)).astype(np.int64)
+    watch = torch.from_numpy(std(train.take(np.unique(rows)).materialize()))
+    return Stop(FINAL_GTOL, watch.to(objective.device))
 
 
 def minimize(
     objective: Objective,
     lam: float,
+    stop: Stop,
     *,
     init: Weights | None = None,
-    gtol: float = FINAL_GTOL,
     max_iter: int = MAX_ITER,
 ) -> tuple[Weights, int, bool]:
-    """L-BFGS until the largest gradient entry is ≤ ``gtol`` or float32 makes no more progress.
+    """L-BFGS until ``stop`` says done; ``((W, b), iterations, converged)``.
 
-    With a bfloat16 twin, the twin runs first and the exact objective continues from where it
-    stopped. Returns ``((W, b), iterations, converged)``; converged is False only when
-    ``max_iter`` stopped the exact fit.
+    With a bfloat16 twin, the twin runs first (to half the gradient tolerance: its gradient is
+    approximate) and the exact objective continues from where it stopped, its predictions
+    compared with the twin's. converged is False only when ``max_iter`` stopped the fit.
     """
-    done = 0
+    if stop.rtol is not None and init is not None:
+        _, (gw, gb) = (objective.fast or objective)(*init, lam)
+        stop = replace(stop, gtol=min(stop.gtol, stop.rtol * _largest(gw, gb)))
+    done, seen = 0, None
     if objective.fast is not None:
-        init, done, _ = _lbfgs(objective.fast, objective, lam, init, gtol, max_iter)
-    weights, iterations, converged = _lbfgs(objective, objective, lam, init, gtol, max_iter)
+        twin = replace(stop, gtol=stop.gtol / 2)
+        init, done, _ = _lbfgs(objective.fast, objective, lam, init, twin, max_iter, None)
+        seen = _predict(objective, stop, init)
+    weights, iterations, converged = _lbfgs(objective, objective, lam, init, stop, max_iter, seen)
     return weights, done + iterations, converged
+
+
+def _largest(gw: torch.Tensor, gb: torch.Tensor) -> float:
+    return max(float(gw.abs().max()), float(gb.abs().max()))
+
+
+def _predict(objective: Objective, stop: Stop, weights: Weights) -> torch.Tensor | None:
+    """Predicted classes (multi-label: every output's yes/no) of the watched rows."""
+    if stop.watch is None:
+        return None
+    logits = stop.watch @ weights[0].T + weights[1]
+    return logits > 0 if objective.multilabel else logits.argmax(1)
 
 
 def _lbfgs(
@@ -159,22 +221,47 @@ def _lbfgs(
     objective: Objective,
     lam: float,
     init: Weights | None,
-    gtol: float,
+    stop: Stop,
     max_iter: int,
+    seen: torch.Tensor | None,
 ) -> tuple[Weights, int, bool]:
+    """L-BFGS in chunks of ``CHUNK`` iterations, checking ``stop`` between chunks."""
     k, dim = objective.n_outputs, objective.features.dim
     device = objective.device
     w = torch.zeros(k, dim, device=device) if init is None else init[0].detach().clone()
     b = torch.zeros(k, device=device) if init is None else init[1].detach().clone()
+    chunk = CHUNK if stop.watch is not None else max_iter
     opt = torch.optim.LBFGS(
-        [w, b], lr=1, max_iter=max_iter, max_eval=2 * max_iter, history_size=10,
-        line_search_fn="strong_wolfe", tolerance_grad=gtol, tolerance_change=1e-12,
+        [w, b], lr=1, max_iter=chunk, max_eval=2 * chunk, history_size=10,
+        line_search_fn="strong_wolfe", tolerance_grad=stop.gtol, tolerance_change=1e-12,
     )  # fmt: skip
+    evals = [0, time.perf_counter()]
 
     def closure() -> torch.Tensor:
         loss, (w.grad, b.grad) = fn(w, b, lam)
+        evals[0] += 1
+        if evals[0] % 10 == 0:
+            logger.info(
+                "%s L-BFGS: %d evaluations, loss %.6f, largest gradient %.2e, %.0f s",
+                type(fn).__name__, evals[0], loss, _largest(w.grad, b.grad),
+                time.perf_counter() - evals[1],
+            )  # fmt: skip
         return torch.tensor(loss)
 
-    opt.step(closure)
-    iterations = int(opt.state[w].get("n_iter", 0))
-    return (w.detach(), b.detach()), iterations, iterations < max_iter
+    lag = max(stop.window // chunk, 1)
+    history = [] if seen is None else [seen] * lag
+    iterations = 0
+    while iterations < max_iter:
+        opt.step(closure)
+        ran = int(opt.state[w].get("n_iter", 0)) - iterations
+        iterations += ran
+        if ran < chunk:  # L-BFGS's own stop: the gradient tolerance, or no more progress
+            return (w.detach(), b.detach()), iterations, True
+        history.append(_predict(objective, stop, (w, b)))
+        if len(history) > lag and _share_changed(history[-1], history[-1 - lag]) <= stop.changed:
+            return (w.detach(), b.detach()), iterations, True
+    return (w.detach(), b.detach()), iterations, False
+
+
+def _share_changed(now: torch.Tensor, before: torch.Tensor) -> float:
+    return float((now != before).float().mean())

@@ -256,7 +256,11 @@ def test_cli_probe_on_real_extracted_features(cli, tmp_path: Path) -> None:
     x = {s: load_rows(sets[s], stream=False) for s in ("train", "val", "test")}
     xtv = np.concatenate([x["train"][0].materialize(), x["val"][0].materialize()])
     ytv = np.concatenate([x["train"][1], x["val"][1]])
-    C = next(r["value"] for r in long if r["method"] == "linear" and r["metric"] == "C")
+    (C,) = [
+        r["value"]
+        for r in long
+        if (r["method"], r["setting"], r["metric"]) == ("linear", "full", "C")
+    ]
     scaler = StandardScaler().fit(xtv)
     ref = LogisticRegression(C=C, max_iter=20000, tol=1e-8).fit(scaler.transform(xtv), ytv)
     ref_top1 = ref.score(scaler.transform(x["test"][0].materialize()), x["test"][1])
