@@ -189,19 +189,27 @@ def minimize(
     """L-BFGS until ``stop`` says done; ``((W, b), iterations, converged)``.
 
     With a bfloat16 twin, the twin runs first (to half the gradient tolerance: its gradient is
-    approximate) and the exact objective continues from where it stopped, its predictions
-    compared with the twin's. converged is False only when ``max_iter`` stopped the fit.
+    approximate), then the same L-BFGS, its curvature history kept, continues on the exact
+    objective, its predictions compared with the twin's. converged is False only when
+    ``max_iter`` stopped the fit.
     """
     if stop.rtol is not None and init is not None:
         _, (gw, gb) = (objective.fast or objective)(*init, lam)
         stop = replace(stop, gtol=min(stop.gtol, stop.rtol * _largest(gw, gb)))
-    done, seen = 0, None
+    k, dim, device = objective.n_outputs, objective.features.dim, objective.device
+    w = torch.zeros(k, dim, device=device) if init is None else init[0].detach().clone()
+    b = torch.zeros(k, device=device) if init is None else init[1].detach().clone()
+    chunk = CHUNK if stop.watch is not None else max_iter
+    opt = torch.optim.LBFGS(
+        [w, b], lr=1, max_iter=chunk, max_eval=2 * chunk, history_size=10,
+        line_search_fn="strong_wolfe", tolerance_grad=stop.gtol, tolerance_change=1e-12,
+    )  # fmt: skip
+    seen = None
     if objective.fast is not None:
-        twin = replace(stop, gtol=stop.gtol / 2)
-        init, done, _ = _lbfgs(objective.fast, objective, lam, init, twin, max_iter, None)
-        seen = _predict(objective, stop, init)
-    weights, iterations, converged = _lbfgs(objective, objective, lam, init, stop, max_iter, seen)
-    return weights, done + iterations, converged
+        _run(opt, objective.fast, lam, replace(stop, gtol=stop.gtol / 2), max_iter, None)
+        seen = _predict(objective, stop, (w, b))
+    converged = _run(opt, objective, lam, stop, max_iter, seen)
+    return (w.detach(), b.detach()), int(opt.state[w].get("n_iter", 0)), converged
 
 
 def _largest(gw: torch.Tensor, gb: torch.Tensor) -> float:
@@ -216,25 +224,19 @@ def _predict(objective: Objective, stop: Stop, weights: Weights) -> torch.Tensor
     return logits > 0 if objective.multilabel else logits.argmax(1)
 
 
-def _lbfgs(
+def _run(
+    opt: torch.optim.LBFGS,
     fn: Objective | _Bf16Twin,
-    objective: Objective,
     lam: float,
-    init: Weights | None,
     stop: Stop,
     max_iter: int,
     seen: torch.Tensor | None,
-) -> tuple[Weights, int, bool]:
-    """L-BFGS in chunks of ``CHUNK`` iterations, checking ``stop`` between chunks."""
-    k, dim = objective.n_outputs, objective.features.dim
-    device = objective.device
-    w = torch.zeros(k, dim, device=device) if init is None else init[0].detach().clone()
-    b = torch.zeros(k, device=device) if init is None else init[1].detach().clone()
-    chunk = CHUNK if stop.watch is not None else max_iter
-    opt = torch.optim.LBFGS(
-        [w, b], lr=1, max_iter=chunk, max_eval=2 * chunk, history_size=10,
-        line_search_fn="strong_wolfe", tolerance_grad=stop.gtol, tolerance_change=1e-12,
-    )  # fmt: skip
+) -> bool:
+    """Step ``opt`` on ``fn`` in chunks, checking ``stop`` between them; False at ``max_iter``."""
+    w, b = opt.param_groups[0]["params"]
+    opt.param_groups[0]["tolerance_grad"] = stop.gtol
+    chunk = opt.param_groups[0]["max_iter"]
+    objective = fn.exact if isinstance(fn, _Bf16Twin) else fn
     evals = [0, time.perf_counter()]
 
     def closure() -> torch.Tensor:
@@ -250,17 +252,18 @@ def _lbfgs(
 
     lag = max(stop.window // chunk, 1)
     history = [] if seen is None else [seen] * lag
+    before = int(opt.state[w].get("n_iter", 0))
     iterations = 0
     while iterations < max_iter:
         opt.step(closure)
-        ran = int(opt.state[w].get("n_iter", 0)) - iterations
+        ran = int(opt.state[w].get("n_iter", 0)) - before - iterations
         iterations += ran
         if ran < chunk:  # L-BFGS's own stop: the gradient tolerance, or no more progress
-            return (w.detach(), b.detach()), iterations, True
+            return True
         history.append(_predict(objective, stop, (w, b)))
         if len(history) > lag and _share_changed(history[-1], history[-1 - lag]) <= stop.changed:
-            return (w.detach(), b.detach()), iterations, True
-    return (w.detach(), b.detach()), iterations, False
+            return True
+    return False
 
 
 def _share_changed(now: torch.Tensor, before: torch.Tensor) -> float:
