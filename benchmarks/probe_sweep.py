@@ -135,7 +135,9 @@ def run_sklearn(data: dict[str, np.ndarray], *, cv: bool) -> dict[str, Any]:
         if cv:
             fold = np.r_[np.full(n_train, -1), np.zeros(len(y) - n_train, dtype=np.int64)]
             Cs = sorted(1.0 / (lam * n_train) for lam in COARSE)
-            model = LogisticRegressionCV(Cs=Cs, cv=PredefinedSplit(fold), solver="lbfgs")
+            model = LogisticRegressionCV(
+                Cs=Cs, cv=PredefinedSplit(fold), solver="lbfgs", scoring="accuracy"
+            )
         else:
             model = LogisticRegression(solver="lbfgs")
         model.fit(x, y)
