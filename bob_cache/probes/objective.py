@@ -77,10 +77,16 @@ class Objective:
             total += self._loss_and_residual(logits, y)  # logits now hold dloss/dlogits
             gw.addmm_(logits.T, x)
             gb += logits.sum(0)
+        gw = (gw - gb[:, None] * self.mean[None, :]) / self.std  # back to standardized space
+        return self.regularized(total, gw, gb, w, lam)
+
+    def regularized(
+        self, total: float, gw: torch.Tensor, gb: torch.Tensor, w: torch.Tensor, lam: float
+    ) -> tuple[float, Weights]:
+        """Summed loss and gradient → the per-row mean plus the penalty ``(λ/2)‖W‖²``."""
         denom = self.n * (self.n_outputs if self.multilabel else 1)
-        gw = (gw - gb[:, None] * self.mean[None, :]) / self.std / denom + lam * w
         loss = total / denom + 0.5 * lam * float((w * w).sum())
-        return loss, (gw, gb / denom)
+        return loss, (gw / denom + lam * w, gb / denom)
 
     def _loss_and_residual(self, logits: torch.Tensor, y: torch.Tensor) -> float:
         if not self.multilabel:
@@ -125,9 +131,7 @@ class _Bf16Twin:
             residual, loss = self._residual(torch.mm(z, wb.T), y)
             total += loss
             g += torch.mm(residual.T, z).float()
-        denom = exact.n * (exact.n_outputs if exact.multilabel else 1)
-        loss = total / denom + 0.5 * lam * float((w * w).sum())
-        return loss, (g[:, :dim] / denom + lam * w, g[:, dim] / denom)
+        return exact.regularized(total, g[:, :dim], g[:, dim], w, lam)
 
     def _residual(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         """bfloat16 dloss/dlogits and the summed loss (softmax fused, in float32)."""
