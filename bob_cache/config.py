@@ -14,7 +14,7 @@ from bob_cache.errors import SpecError
 DEFAULT_STORE = "bob-store"
 
 
-# What ``--decode`` names, as recorded in the feature spec (so each has its own key).
+# What ``--decode`` names (the id is recorded in the feature spec, so each has its own key).
 DECODE_MODES = {
     "pil": "PIL.Image.convert('RGB')",
     "torch": "torchvision.io.decode_jpeg + torchvision Resize/CenterCrop on tensors",
@@ -49,6 +49,7 @@ class ExtractConfig:
     compression: str = "zstd:3"
     part: tuple[int, int] | None = None
     overwrite: bool = False
+    allow_mixed: bool = False
     quiet: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)
     command: str | None = None

@@ -78,6 +78,14 @@ class SpecMismatchError(StoreError, ValueError):
     """An existing feature set was written with a different spec or layout."""
 
 
+class DataChangedError(StoreError, ValueError):
+    """Images changed since their features were stored (content digests differ)."""
+
+
+class MixedEnvironmentError(StoreError, ValueError):
+    """Resuming a set with other library versions or another device type."""
+
+
 class IndexNotFoundError(StoreError, KeyError):
     """No retrieval index of that name beside the feature set."""
 
@@ -102,6 +110,15 @@ class UnknownIdError(QueryError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class InvalidRowError(QueryError):
+    """A query id that names a stored row without usable features (unreadable image, or a
+    shard not extracted yet)."""
+
+
+class ImageTooLargeError(QueryError):
+    """A query image (or a request's images together) over the decoded-pixel limits."""
 
 
 class GroundTruthError(BobCacheError, ValueError):

@@ -13,7 +13,7 @@ from bob_cache.backbones.backbone import Backbone, Output
 from bob_cache.config import DECODE_MODES
 from bob_cache.hashing import stable_hash
 
-SPEC_FORMAT = 1
+SPEC_FORMAT = 2
 
 
 def feature_spec(
@@ -26,11 +26,16 @@ def feature_spec(
     limit: int | None,
     decode: str = "pil",
 ) -> dict[str, Any]:
-    """The canonical spec of one output of ``backbone`` over one dataset."""
+    """The canonical spec of one output of ``backbone`` over one dataset.
+
+    ``decode`` is the mode's stable id (``pil``, ``torch``), never its description text.
+    """
+    if decode not in DECODE_MODES:
+        raise ValueError(f"unknown decode mode {decode!r}; expected one of {list(DECODE_MODES)}")
     return {
         "format": SPEC_FORMAT,
         "backbone": backbone.identity(),
-        "preprocessing": {**backbone.data_config, "decode": DECODE_MODES[decode]},
+        "preprocessing": {**backbone.data_config, "decode": decode},
         "layer": output.layer,
         "pool": output.pool,
         "final_norm": output.index is not None,

@@ -27,6 +27,12 @@ from bob_cache.device import autocast, resolve_device, resolve_precision
 from bob_cache.errors import InvalidImageError
 from bob_cache.pipelines.batching import ShardBatchSampler
 from bob_cache.pipelines.registry import register_stage
+from bob_cache.pipelines.resume import (
+    check_content,
+    check_writers,
+    command_without_part,
+    writer_identity,
+)
 from bob_cache.pipelines.writer import ShardWriter
 from bob_cache.progress import progress_bar
 from bob_cache.provenance import library_versions
@@ -48,6 +54,7 @@ class SplitPlan:
 
     split: str
     samples: list[Sample]
+    labels: np.ndarray
     targets: dict[str, FeatureSet]
     shards: list[int]
     shards_skipped: int
@@ -155,15 +162,17 @@ class Extraction:
         return summary
 
     def plan(self, split: str, samples: list[Sample], dims: dict[str, int]) -> SplitPlan:
-        """Require one feature set per output and list the shards this run must compute."""
+        """Require one feature set per output and list the shards this run must compute.
+
+        Resuming a set that has committed shards first checks that this run computes the
+        same numbers (environment) from the same images (content digests).
+        """
         labels = np.array([s.label for s in samples], dtype=np.int64)
-        ids = [s.id for s in samples]
         targets = {
             output.name: self.store.require(
                 self._request(split, output, len(samples), dims[output.name]),
                 self.layout,
-                labels=labels,
-                ids=ids,
+                label_shape=labels.shape[1:],
                 overwrite=self.config.overwrite,
             )
             for output in self.backbone.outputs
@@ -173,7 +182,23 @@ class Extraction:
             k, n = self.config.part
             mine = {s for s in mine if s % n == k}
         missing = set().union(*(fs.missing_shards() for fs in targets.values())) & mine
-        return SplitPlan(split, samples, targets, sorted(missing), len(mine - missing))
+        if missing:
+            first = next(iter(targets.values()))
+            for fs in targets.values():
+                check_writers(fs, self.writer, allow_mixed=self.config.allow_mixed)
+            check_content(
+                first,
+                self.source,
+                samples,
+                workers=resolve_workers(self.config.workers, self.device.type) or 1,
+                quiet=self.config.quiet,
+            )
+        return SplitPlan(split, samples, labels, targets, sorted(missing), len(mine - missing))
+
+    @property
+    def writer(self) -> dict[str, str]:
+        """This run's environment, recorded in every shard it commits."""
+        return writer_identity(self.device.type)
 
     def _request(self, split: str, output: Output, n_rows: int, dim: int) -> FeatureSetRequest:
         spec = feature_spec(
@@ -195,7 +220,8 @@ class Extraction:
                 "output": output.name,
             },
             "versions": library_versions(),
-            "command": self.config.command,
+            "device": self.device.type,
+            "command": command_without_part(self.config.command),
         }
         return FeatureSetRequest(
             path=feature_set_path(self.source.name, split, self.backbone.slug, key),
@@ -238,16 +264,17 @@ class Extraction:
             collate_fn=collate_encoded if on_device else collate_rows,
             prefetch_factor=4 if workers else None,
         )
-        with ShardWriter(plan.targets) as writer:
+        ids = [s.id for s in plan.samples]
+        with ShardWriter(plan.targets, labels=plan.labels, ids=ids, writer=self.writer) as writer:
             for batch in loader:
                 if on_device:
                     images, errors = preprocess(batch)
-                    rows = batch.rows
+                    rows, digests = batch.rows, batch.digests
                 else:
-                    images, rows, errors = batch
+                    images, rows, errors, digests = batch
                 if cfg.strict and any(errors):
                     raise _strict_error(plan, rows, errors)
-                writer.put(rows.numpy(), self._forward(images), errors)
+                writer.put(rows.numpy(), self._forward(images), errors, digests)
                 bar.update(len(rows))
         return sampler.n_selected_rows
 

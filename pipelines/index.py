@@ -24,7 +24,7 @@ from bob_cache.provenance import library_versions, utc_now
 from bob_cache.retrieval import faiss_ops
 from bob_cache.retrieval.auto import parse_memory, resolve_kind
 from bob_cache.retrieval.kinds import get_kind, parse_metric
-from bob_cache.retrieval.vectors import committed_shards, sample_rows, shard_vectors
+from bob_cache.retrieval.vectors import sample_rows, shard_vectors
 from bob_cache.stores import FeatureSet, open_store
 from bob_cache.stores.index_store import (
     IndexRecord,
@@ -105,7 +105,8 @@ def build_index(config: IndexConfig) -> IndexSummary:
 
 
 def _build(config: IndexConfig, fs: FeatureSet) -> IndexSummary:
-    shards = committed_shards(fs)
+    generations = fs.generations()  # taken before reading: a shard recomputed later is stale
+    shards = sorted(generations)
     if not shards:
         raise SpecError(
             f"Feature set '{fs.path}' has no committed rows yet. Run `bob-cache extract` first."
@@ -130,7 +131,8 @@ def _build(config: IndexConfig, fs: FeatureSet) -> IndexSummary:
     record = IndexRecord(
         name=name, kind=choice.kind.name, metric=config.metric, params=choice.params,
         feature_key=fs.key, feature_set=fs.path, feature_set_created=fs.attrs["created"],
-        shards=shards, rows=added, dim=fs.dim, search_param=choice.kind.search_param,
+        shards=shards, generations={str(s): generations[s] for s in shards}, rows=added,
+        dim=fs.dim, search_param=choice.kind.search_param,
         search_value=tuning.value, recall=tuning.recall, target_recall=config.target_recall,
         recall_k=config.k, recall_queries=tuning.queries, reason=choice.reason,
         versions=_versions(), created=utc_now(),
@@ -142,6 +144,7 @@ def _build(config: IndexConfig, fs: FeatureSet) -> IndexSummary:
 
 def _update(config: IndexConfig, fs: FeatureSet) -> IndexSummary:
     record = get_record(fs, config.name)
+    generations = fs.generations()
     pending = check_index(fs, record)
     if not pending:
         return IndexSummary(fs.path, "up-to-date", record.to_dict())
@@ -153,6 +156,7 @@ def _update(config: IndexConfig, fs: FeatureSet) -> IndexSummary:
     shards = sorted(record.shards + pending)
     added, tuning = _add_and_tune(index, fs, pending, shards, kind, config)
     record.shards, record.rows = shards, record.rows + added
+    record.generations = {str(s): generations[s] for s in shards}
     record.search_value, record.recall = tuning.value, tuning.recall
     record.recall_queries, record.versions, record.created = tuning.queries, _versions(), utc_now()
     record.build_seconds = round(record.build_seconds + time.perf_counter() - started, 3)

@@ -17,6 +17,7 @@ from types import TracebackType
 import numpy as np
 
 from bob_cache.stores import FeatureSet
+from bob_cache.stores.feature_set import ShardRows
 
 NON_FINITE = "non-finite features from the model"
 
@@ -26,6 +27,7 @@ class _ShardBuffer:
     start: int
     features: dict[str, np.ndarray]
     errors: list[str]
+    digests: list[str]
     filled: int = 0
     non_finite: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -33,9 +35,18 @@ class _ShardBuffer:
 class ShardWriter:
     """Write outputs of one split into their feature sets, one whole shard at a time."""
 
-    def __init__(self, targets: dict[str, FeatureSet], *, queue_size: int = 8) -> None:
+    def __init__(
+        self,
+        targets: dict[str, FeatureSet],
+        *,
+        labels: np.ndarray,
+        ids: Sequence[str],
+        writer: dict[str, str] | None = None,
+        queue_size: int = 8,
+    ) -> None:
         first = next(iter(targets.values()))
         self.targets = targets
+        self.labels, self.ids, self.writer = labels, ids, writer
         self.layout = first.layout
         self.n_rows = first.n_rows
         self.shards_written = 0
@@ -45,10 +56,17 @@ class ShardWriter:
         self._thread = threading.Thread(target=self._run, name="bob-cache-writer", daemon=True)
         self._thread.start()
 
-    def put(self, rows: np.ndarray, outputs: dict[str, np.ndarray], errors: Sequence[str]) -> None:
-        """Queue one batch (row indices, float32 outputs by name, error per row)."""
+    def put(
+        self,
+        rows: np.ndarray,
+        outputs: dict[str, np.ndarray],
+        errors: Sequence[str],
+        digests: Sequence[str],
+    ) -> None:
+        """Queue one batch (row indices, float32 outputs by name, error and content digest
+        per row)."""
         self._raise_if_failed()
-        self._queue.put((rows, outputs, list(errors)))
+        self._queue.put((rows, outputs, list(errors), list(digests)))
 
     def close(self) -> None:
         """Store everything queued, stop the thread, and re-raise any failure."""
@@ -80,15 +98,22 @@ class ShardWriter:
                 except BaseException as exc:
                     self._error = exc
 
-    def _add(self, rows: np.ndarray, outputs: dict[str, np.ndarray], errors: list[str]) -> None:
+    def _add(
+        self,
+        rows: np.ndarray,
+        outputs: dict[str, np.ndarray],
+        errors: list[str],
+        digests: list[str],
+    ) -> None:
         shard = int(rows[0]) // self.layout.shard_rows
         buf = self._buffers.get(shard) or self._new_buffer(shard)
         local = rows - buf.start
         for name, values in outputs.items():
             buf.features[name][local] = values
             buf.non_finite[name][local] = ~np.isfinite(values).all(axis=1)
-        for i, err in zip(local, errors, strict=True):
+        for i, err, digest in zip(local, errors, digests, strict=True):
             buf.errors[i] = err
+            buf.digests[i] = digest
         buf.filled += len(rows)
         if buf.filled == len(buf.errors):
             self._flush(shard, buf)
@@ -100,6 +125,7 @@ class ShardWriter:
             start=start,
             features={n: np.empty((m, fs.dim), np.float32) for n, fs in self.targets.items()},
             errors=[""] * m,
+            digests=[""] * m,
             non_finite={n: np.zeros(m, bool) for n in self.targets},
         )
         self._buffers[shard] = buf
@@ -109,6 +135,13 @@ class ShardWriter:
         for name, fs in self.targets.items():
             flags = zip(buf.errors, buf.non_finite[name], strict=True)
             errors = [e or (NON_FINITE if bad else "") for e, bad in flags]
-            fs.write_shard(shard, buf.features[name], errors)
+            stop = buf.start + len(errors)
+            rows = ShardRows(
+                labels=self.labels[buf.start : stop],
+                ids=self.ids[buf.start : stop],
+                digests=buf.digests,
+                errors=errors,
+            )
+            fs.write_shard(shard, buf.features[name], rows, writer=self.writer)
         del self._buffers[shard]
         self.shards_written += 1

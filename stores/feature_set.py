@@ -1,35 +1,55 @@
 """One feature set: a Zarr v3 group of aligned per-row arrays plus full provenance.
 
-Arrays (dimension ``sample`` along rows):
+Arrays (dimension ``sample`` along rows, all sharded alike so one shard is one object each):
 
 - ``features`` (N × D, float16 by default; NaN rows where the image was unreadable)
-- ``labels`` (N, int64, -1 unlabeled) and ``ids`` (N, string), written when the set is created
+- ``labels`` (N, int64, -1 unlabeled), ``ids`` (N, string) and ``digest`` (N, a hash of
+  each image's bytes as read during extraction)
 - ``valid`` (N, bool) and ``error`` (N, string: why a row is invalid, '' otherwise)
-- ``shard_committed`` (one bool per shard, each its own object): set only after every array
-  of that shard is stored, so a killed run resumes exactly at the first missing shard.
+- ``shard_commit`` (one JSON record per shard, each its own object): written only after
+  every array of that shard is stored. It names the shard's generation (new at every
+  commit), its invalid rows, and who wrote it (device, torch, timm).
+
+Writing rules (many writers, any crash point): the group's attributes are written once, at
+an exclusive create, and never rewritten; completeness is derived from the commit records;
+a shard is written whole, after its leftover objects are deleted, and committed last;
+``uncommit`` clears records before it deletes data. So any prefix of any change leaves a
+state that rerunning the same command repairs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import socket
+import uuid
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.group import GroupMetadata
 from zarr.core.sync import sync
 
 from bob_cache.errors import FeatureOverflowError, SpecError, SpecMismatchError
 from bob_cache.hashing import canonical_json
 from bob_cache.provenance import utc_now
 from bob_cache.stores.layout import StorageLayout
-from bob_cache.stores.location import translate_write_errors
+from bob_cache.stores.location import put_exclusive, translate_write_errors
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MARKER = "bob_cache"
 DTYPES = ("float16", "float32")
-_ROW_ARRAYS = ("labels", "ids", "valid", "error")
+ROW_ARRAYS = ("labels", "ids", "digest", "valid", "error")
+COMMITS = "shard_commit"
+WRITE_STEPS = ("clear", "features", *ROW_ARRAYS, "commit")
+
+
+def crash_point(step: str) -> None:
+    """Called between the steps of every multi-step write; tests inject failures here."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +63,16 @@ class FeatureSetRequest:
     n_rows: int
     dim: int
     dtype: str = "float16"
+
+
+@dataclass(frozen=True)
+class ShardRows:
+    """What one shard's rows hold besides features: labels, ids and content digests."""
+
+    labels: np.ndarray
+    ids: Sequence[str]
+    digests: Sequence[str]
+    errors: Sequence[str]
 
 
 class FeatureSet:
@@ -61,32 +91,29 @@ class FeatureSet:
         request: FeatureSetRequest,
         layout: StorageLayout,
         *,
-        labels: np.ndarray,
-        ids: Sequence[str],
+        label_shape: tuple[int, ...] = (),
         location: str,
     ) -> FeatureSet:
         """Open the feature set at ``request.path``, creating it if missing.
 
-        Creation is idempotent, so processes extracting disjoint shards of the same set may
-        race here. An existing set must match the request's spec and layout exactly.
+        Processes extracting disjoint shards of one set may race here: the group's
+        attributes are created exclusively (the first writer's stay), arrays idempotently.
+        An existing set must match the request's spec and layout exactly.
         """
         if request.dtype not in DTYPES:
             raise SpecError(
                 f"Unknown storage dtype '{request.dtype}'. Expected one of {', '.join(DTYPES)}."
             )
         with translate_write_errors(location, f"feature set '{request.path}' metadata"):
-            group = _require_group(root, request, layout)
+            group = _create_group(root, request, layout)
             fs = cls(group, location=location)
             fs._check_matches(request, layout)
-            fs._create_arrays(request, layout, label_shape=np.shape(labels)[1:])
-            if not fs.attrs.get("rows_listed"):
-                fs.group["labels"][:] = np.asarray(labels, dtype=np.int64)
-                fs.group["ids"][:] = np.asarray(list(ids), dtype=str)
-                fs._update_attrs(rows_listed=True)
+            fs._create_arrays(request, layout, label_shape=label_shape)
         return fs
 
     def _check_matches(self, request: FeatureSetRequest, layout: StorageLayout) -> None:
         stored = {
+            "format": self.format,
             "key": self.attrs.get("key"),
             "spec": self.attrs.get("spec"),
             "storage": self.attrs.get("storage"),
@@ -94,6 +121,7 @@ class FeatureSet:
             "dim": self.attrs.get("dim"),
         }
         wanted = {
+            "format": FORMAT_VERSION,
             "key": request.key,
             "spec": request.spec,
             "storage": layout.to_dict(),
@@ -124,6 +152,7 @@ class FeatureSet:
             "chunks": (layout.shard_rows,),
             "compressors": compressors,
         }
+        text = {**rows, "shape": (n,), "dtype": str}
         specs: dict[str, dict[str, Any]] = {
             "features": {
                 "shape": (n, d),
@@ -142,14 +171,14 @@ class FeatureSet:
                 "fill_value": -1,
                 "dimension_names": ("sample", "label")[: 1 + len(label_shape)],
             },
-            "ids": {**rows, "shape": (n,), "dtype": str},
+            "ids": text,
+            "digest": text,
             "valid": {**rows, "shape": (n,), "dtype": "bool", "fill_value": False},
-            "error": {**rows, "shape": (n,), "dtype": str},
-            "shard_committed": {
+            "error": text,
+            COMMITS: {
                 "shape": (layout.n_shards(n),),
-                "dtype": "bool",
+                "dtype": str,
                 "chunks": (1,),
-                "fill_value": False,
                 "dimension_names": ("shard",),
                 "compressors": None,
             },
@@ -158,7 +187,10 @@ class FeatureSet:
         for name, kwargs in specs.items():
             if name in existing:
                 continue
-            with contextlib.suppress(zarr.errors.ContainsArrayError):  # a racing process won
+            # A racing writer may create it first (with the same metadata).
+            with contextlib.suppress(
+                zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError
+            ):
                 self.group.create_array(name, **kwargs)
 
     # --- properties ---------------------------------------------------------------------
@@ -171,6 +203,10 @@ class FeatureSet:
         return self.attrs["key"]
 
     @property
+    def format(self) -> int:
+        return int(self.attrs.get(MARKER, {}).get("format", 1))
+
+    @property
     def n_rows(self) -> int:
         return int(self.attrs["n_rows"])
 
@@ -179,84 +215,178 @@ class FeatureSet:
         return int(self.attrs["dim"])
 
     @property
-    def complete(self) -> bool:
-        return bool(self.attrs.get("complete"))
-
-    @property
     def layout(self) -> StorageLayout:
         return StorageLayout(**self.attrs["storage"])
+
+    @property
+    def n_shards(self) -> int:
+        return self.layout.n_shards(self.n_rows)
 
     @property
     def features(self) -> zarr.Array:
         return self.group["features"]
 
+    @property
+    def complete(self) -> bool:
+        """Every shard committed (derived from the commit records, never stored)."""
+        return all(r is not None for r in self.commits())
+
+    @property
+    def n_invalid(self) -> int:
+        """Invalid rows among the committed shards."""
+        return sum(r["invalid"] for r in self.commits() if r is not None)
+
     def array(self, name: str) -> zarr.Array:
-        """A row-aligned array: ``features``, ``labels``, ``ids``, ``valid`` or ``error``."""
+        """A row-aligned array: ``features``, ``labels``, ``ids``, ``valid``, ``error``..."""
         return self.group[name]
 
-    # --- writing ------------------------------------------------------------------------
+    # --- commit records -----------------------------------------------------------------
+    def commits(self) -> list[dict[str, Any] | None]:
+        """One record per shard (``None`` while uncommitted), read fresh from the store."""
+        if self.format < 2:  # written before commit records: bool markers
+            done = self.group["shard_committed"][:]
+            return [{"generation": "format-1", "invalid": 0} if c else None for c in done]
+        return [json.loads(r) if r else None for r in self.group[COMMITS][:]]
+
+    def committed_shards(self) -> list[int]:
+        return [i for i, r in enumerate(self.commits()) if r is not None]
+
     def missing_shards(self) -> list[int]:
         """Indices of shards that are not committed yet."""
-        return np.flatnonzero(~self.group["shard_committed"][:]).tolist()
+        return [i for i, r in enumerate(self.commits()) if r is None]
 
-    def write_shard(self, shard: int, features: np.ndarray, errors: Sequence[str]) -> None:
-        """Store one whole shard (float32 features, one error string per row) and commit it."""
+    def generations(self) -> dict[int, str]:
+        """``{shard: generation}`` of the committed shards (artifacts record these)."""
+        return {i: r["generation"] for i, r in enumerate(self.commits()) if r is not None}
+
+    def writers(self) -> list[dict[str, Any]]:
+        """The distinct environments (device type, torch, timm) that committed shards."""
+        seen: dict[str, dict[str, Any]] = {}
+        for shard, r in enumerate(self.commits()):
+            if r is not None and "writer" in r:
+                entry = seen.setdefault(canonical_json(r["writer"]), {**r["writer"], "shards": []})
+                entry["shards"].append(shard)
+        return list(seen.values())
+
+    # --- writing ------------------------------------------------------------------------
+    def write_shard(
+        self,
+        shard: int,
+        features: np.ndarray,
+        rows: ShardRows,
+        *,
+        writer: dict[str, Any] | None = None,
+    ) -> bool:
+        """Store one whole shard (float32 features and its rows) and commit it.
+
+        Leftover objects of the uncommitted shard (a killed writer's) are deleted first; the
+        commit record is written last. A shard already committed is left as it is.
+
+        Returns:
+            True if this call wrote the shard, False if it was already committed.
+        """
         start, stop = self.layout.shard_bounds(shard, self.n_rows)
-        if features.shape != (stop - start, self.dim):
+        m = stop - start
+        if features.shape != (m, self.dim) or len(rows.errors) != m:
             raise ValueError(
-                f"shard {shard} needs {(stop - start, self.dim)} features, got {features.shape}"
+                f"shard {shard} needs {(m, self.dim)} features and {m} rows, got "
+                f"{features.shape} and {len(rows.errors)}"
             )
-        valid = np.array([not e for e in errors], dtype=bool)
-        stored = cast_features(
-            features, self.features.dtype, valid=valid, ids=self._ids(start, stop)
-        )
+        valid = np.array([not e for e in rows.errors], dtype=bool)
+        values = {
+            "features": cast_features(features, self.features.dtype, valid=valid, ids=rows.ids),
+            "labels": np.asarray(rows.labels, dtype=np.int64),
+            "ids": np.asarray(list(rows.ids), dtype=str),
+            "digest": np.asarray(list(rows.digests), dtype=str),
+            "valid": valid,
+            "error": np.asarray(list(rows.errors), dtype=str),
+        }
+        record = {
+            "generation": uuid.uuid4().hex[:16],
+            "invalid": int((~valid).sum()),
+            "time": utc_now(),
+            "host": socket.gethostname(),
+            "writer": writer or {},
+        }
         with translate_write_errors(
             self.location, f"shard {shard} (rows {start}-{stop - 1}) of '{self.path}'"
         ):
-            self.features[start:stop] = stored
-            self.group["valid"][start:stop] = valid
-            self.group["error"][start:stop] = np.asarray(list(errors), dtype=str)
-            self.group["shard_committed"][shard] = True
+            if self.group[COMMITS][shard]:
+                return False
+            self._delete_objects(shard)
+            crash_point("clear")
+            for name, value in values.items():
+                # Every array stores an object per committed shard, even one equal to the
+                # fill value (verify checks that none is missing).
+                target = self.group[name].with_config({"write_empty_chunks": True})
+                target[start:stop] = value
+                crash_point(name)
+            self.group[COMMITS][shard] = json.dumps(record, sort_keys=True)
+            crash_point("commit")
+        return True
+
+    def write_rows(
+        self,
+        features: np.ndarray,
+        *,
+        labels: np.ndarray,
+        ids: Sequence[str],
+        errors: Sequence[str] | None = None,
+        digests: Sequence[str] | None = None,
+        shards: Sequence[int] | None = None,
+    ) -> None:
+        """Write every row at once (features computed elsewhere), shard by shard; with
+        ``shards``, only those."""
+        errors = errors if errors is not None else [""] * self.n_rows
+        digests = digests if digests is not None else [""] * self.n_rows
+        for shard in range(self.n_shards) if shards is None else shards:
+            a, b = self.layout.shard_bounds(shard, self.n_rows)
+            rows = ShardRows(labels[a:b], ids[a:b], digests[a:b], errors[a:b])
+            self.write_shard(shard, np.asarray(features[a:b], dtype=np.float32), rows)
 
     def finalize(self) -> bool:
-        """Mark the set complete once every shard is committed; returns completeness."""
-        if self.missing_shards():
-            return False
+        """When every shard is committed, consolidate the store's metadata (so xarray opens
+        the set at once); returns completeness."""
         if not self.complete:
-            n_invalid = int((~self.group["valid"][:]).sum())
-            with translate_write_errors(self.location, f"completion of '{self.path}'"):
-                self._update_attrs(complete=True, n_invalid=n_invalid, completed=utc_now())
+            return False
+        with translate_write_errors(self.location, f"metadata of '{self.path}'"):
+            consolidate(self.group.store, self.path)
         return True
 
     def uncommit(self, shards: Sequence[int]) -> None:
         """Forget ``shards`` so the next extraction recomputes them.
 
-        Their stored objects are deleted (zarr reads an existing shard before rewriting it,
-        so a corrupt one would block its own repair) and labels/ids are listed again.
+        Every commit record goes first, then the shards' objects (zarr reads an existing
+        shard before rewriting it, so a corrupt one would block its own repair).
         """
         with translate_write_errors(self.location, f"shards {list(shards)} of '{self.path}'"):
             for shard in shards:
-                self.group["shard_committed"][shard] = False
-                for name in ("features", *_ROW_ARRAYS):
-                    arr = self.group[name]
-                    key = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
-                    sync(arr.store.delete(f"{arr.path}/{key}"))
-            self._update_attrs(complete=False, n_invalid=None, completed=None, rows_listed=False)
+                self.group[COMMITS][shard] = ""
+                crash_point("uncommit")
+            for shard in shards:
+                self._delete_objects(shard)
+                crash_point("delete")
 
-    def _update_attrs(self, **values: Any) -> None:
-        self.group.attrs.update(values)
-        self.attrs.update(values)
+    def object_keys(self, shard: int) -> dict[str, str]:
+        """The store key of each row-aligned array's object for ``shard``."""
+        keys = {}
+        for name in ("features", *ROW_ARRAYS):
+            arr = self.group[name]
+            chunk = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
+            keys[name] = f"{arr.path}/{chunk}"
+        return keys
 
-    def _ids(self, start: int, stop: int) -> np.ndarray:
-        return self.group["ids"][start:stop]
+    def _delete_objects(self, shard: int) -> None:
+        for key in self.object_keys(shard).values():
+            sync(self.group.store.delete(key))
 
     # --- reading ------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         """One listing row: where it is, what it holds, and whether it is complete."""
         a = self.attrs
-        n_shards = self.layout.n_shards(self.n_rows)
-        # A complete set has every marker set: skip reading them (one object per shard).
-        committed = n_shards if a.get("complete") else int(self.group["shard_committed"][:].sum())
+        commits = self.commits()
+        done = [r for r in commits if r is not None]
+        writers = self.writers()
         return {
             "group": self.path,
             "dataset": a["dataset"]["name"],
@@ -268,23 +398,25 @@ class FeatureSet:
             "rows": a["n_rows"],
             "dim": a["dim"],
             "dtype": a["spec"]["dtype"],
-            "invalid": a.get("n_invalid"),
-            "complete": bool(a.get("complete")),
-            "shards_committed": committed,
-            "shards": n_shards,
+            "invalid": sum(r["invalid"] for r in done),
+            "complete": len(done) == len(commits),
+            "shards_committed": len(done),
+            "shards": len(commits),
+            "mixed": writers if len(writers) > 1 else None,
         }
 
     def invalid_rows(self) -> list[tuple[str, str]]:
         """``(id, reason)`` for every row whose image could not be used."""
-        valid = self.group["valid"][:]
-        committed = np.repeat(self.group["shard_committed"][:], self.layout.shard_rows)[
-            : self.n_rows
-        ]
-        rows = np.flatnonzero(~valid & committed)
-        if not len(rows):
-            return []
-        ids, errors = self.group["ids"][:], self.group["error"][:]
-        return [(str(ids[i]), str(errors[i])) for i in rows]
+        shards = [s for s, r in enumerate(self.commits()) if r is not None and r.get("invalid", 1)]
+        out: list[tuple[str, str]] = []
+        for shard in shards:
+            start, stop = self.layout.shard_bounds(shard, self.n_rows)
+            valid = self.group["valid"][start:stop]
+            if valid.all():
+                continue
+            ids, errors = self.group["ids"][start:stop], self.group["error"][start:stop]
+            out += [(str(ids[i]), str(errors[i])) for i in np.flatnonzero(~valid)]
+        return out
 
 
 def cast_features(
@@ -313,7 +445,20 @@ def cast_features(
     return out
 
 
-def _require_group(
+def consolidate(store: Any, path: str, *, attempts: int = 3) -> None:
+    """Consolidate the store root's metadata so ``xarray.open_zarr(store, group=path)`` opens
+    the set fast. Writers may race here: each retries until its own set is included."""
+    for _ in range(attempts):
+        with warnings.catch_warnings():  # consolidated metadata is not in the v3 spec yet
+            warnings.simplefilter("ignore")
+            zarr.consolidate_metadata(store, zarr_format=3)
+            root = zarr.open_group(store, mode="r", use_consolidated=True)
+        meta = root.metadata.consolidated_metadata
+        if meta is not None and path in meta.flattened_metadata:
+            return
+
+
+def _create_group(
     root: zarr.Group, request: FeatureSetRequest, layout: StorageLayout
 ) -> zarr.Group:
     attrs = {
@@ -325,17 +470,31 @@ def _require_group(
         "dim": request.dim,
         **request.provenance,
         "created": utc_now(),
-        "rows_listed": False,
-        "complete": False,
-        "n_invalid": None,
-        "completed": None,
     }
-    if request.path in root:
-        return root[request.path]
-    try:
-        return root.create_group(request.path, attributes=attrs)
-    except zarr.errors.ContainsGroupError:  # another process created it first
-        return root[request.path]
+    parent = request.path.rpartition("/")[0]
+    if parent:
+        _require_plain_group(root, parent)
+    body = group_metadata_bytes(json.loads(json.dumps(attrs, default=str)))
+    put_exclusive(root.store, f"{_join(root.path, request.path)}/zarr.json", body)
+    return zarr.open_group(root.store, path=_join(root.path, request.path), mode="r+",
+                           use_consolidated=False)  # fmt: skip
+
+
+def _require_plain_group(root: zarr.Group, path: str) -> None:
+    parts = path.split("/")
+    body = group_metadata_bytes()
+    for i in range(1, len(parts) + 1):
+        put_exclusive(root.store, f"{_join(root.path, '/'.join(parts[:i]))}/zarr.json", body)
+
+
+def group_metadata_bytes(attributes: dict[str, Any] | None = None) -> bytes:
+    """The ``zarr.json`` of a Zarr v3 group with ``attributes``."""
+    meta = GroupMetadata(attributes=attributes or {})
+    return meta.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p.strip("/"))
 
 
 def _diff(

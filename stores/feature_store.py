@@ -15,9 +15,19 @@ import zarr
 from zarr.abc.store import Store
 
 from bob_cache.errors import FeatureSetNotFoundError, SpecError, StoreError
-from bob_cache.stores.feature_set import MARKER, FeatureSet, FeatureSetRequest
+from bob_cache.stores.feature_set import (
+    MARKER,
+    FeatureSet,
+    FeatureSetRequest,
+    group_metadata_bytes,
+)
 from bob_cache.stores.layout import StorageLayout
-from bob_cache.stores.location import StoreLike, open_zarr_store, translate_write_errors
+from bob_cache.stores.location import (
+    StoreLike,
+    open_zarr_store,
+    put_exclusive,
+    translate_write_errors,
+)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
@@ -51,7 +61,13 @@ class FeatureStore:
         self.location = location
         self.mode = mode
         try:
-            self.root = zarr.open_group(store, mode="r" if mode == "r" else "a", zarr_format=3)
+            if mode != "r":  # many writers may open a new store at once: create it exclusively
+                with translate_write_errors(location, "the store's root group"):
+                    put_exclusive(store, "zarr.json", group_metadata_bytes())
+            # Consolidated metadata is for xarray; writers need the live hierarchy.
+            self.root = zarr.open_group(
+                store, mode="r" if mode == "r" else "r+", zarr_format=3, use_consolidated=False
+            )
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
             raise StoreError(
                 f"'{location}' is not a bob-cache feature store (no Zarr v3 root group). "
@@ -71,25 +87,47 @@ class FeatureStore:
         """One info row per feature set (see :meth:`FeatureSet.info`)."""
         return [fs.info() for fs in self.feature_sets()]
 
-    def get(self, ref: str) -> FeatureSet:
-        """Open a feature set by group path or by (a unique prefix of) its key."""
+    def get(self, ref: str, *, split: str | None = None) -> FeatureSet:
+        """The one feature set that ``ref`` (group path, or a key or path prefix) names.
+
+        Train, val and test of one extraction share a key, so a key alone often matches
+        several sets; ``split`` picks one of them.
+
+        Raises:
+            FeatureSetNotFoundError: nothing matches, or several do (listed, with the fix).
+        """
         ref = ref.strip("/")
-        if (
-            ref in self.root
-            and isinstance(self.root[ref], zarr.Group)
-            and MARKER in self.root[ref].attrs
-        ):
-            return FeatureSet(self.root[ref], location=self.location)
+        if split is None and ref in self.root:
+            node = self.root[ref]
+            if isinstance(node, zarr.Group) and MARKER in node.attrs:
+                return FeatureSet(node, location=self.location)
         sets = self.feature_sets()
-        matches = [fs for fs in sets if fs.key.startswith(ref) or fs.path.startswith(ref)]
-        if len(matches) == 1:
-            return matches[0]
-        listing = ", ".join(fs.path for fs in (matches or sets)[:8]) or "none"
-        reason = "matches several feature sets" if matches else "matches no feature set"
+        matches = [fs for fs in sets if fs.path == ref] or [
+            fs for fs in sets if fs.key.startswith(ref) or fs.path.startswith(ref)
+        ]
+        chosen = [fs for fs in matches if split is None or fs.attrs.get("split") == split]
+        if len(chosen) == 1:
+            return chosen[0]
+        where, see = f"in store '{self.location}'", f"(see `bob-cache ls {self.location}`)"
+        if not matches:
+            listing = ", ".join(fs.path for fs in sets[:8]) or "none"
+            raise FeatureSetNotFoundError(
+                f"'{ref}' matches no feature set {where}. The store holds: {listing}. "
+                f"Pass a group path or a key prefix {see}."
+            )
+        splits = sorted({str(fs.attrs.get("split")) for fs in matches})
+        if not chosen:
+            raise FeatureSetNotFoundError(
+                f"'{ref}' matches no feature set of split '{split}' {where}; its splits are "
+                f"{', '.join(splits)}. Pass one of them to --split."
+            )
+        listing = ", ".join(f"{fs.path} (split {fs.attrs.get('split')})" for fs in chosen[:8])
+        if split is None and len({fs.attrs.get("split") for fs in chosen}) > 1:
+            fix = f"Pass --split NAME to pick one ({', '.join(splits)})."
+        else:
+            fix = f"Pass the full group path or a longer key {see}."
         raise FeatureSetNotFoundError(
-            f"'{ref}' {reason} in store '{self.location}'. "
-            f"{'Candidates' if matches else 'The store holds'}: {listing}. "
-            f"Pass a full group path or a longer key (see `bob-cache ls {self.location}`)."
+            f"'{ref}' matches {len(chosen)} feature sets {where}: {listing}. {fix}"
         )
 
     def require(
@@ -97,18 +135,22 @@ class FeatureStore:
         request: FeatureSetRequest,
         layout: StorageLayout,
         *,
-        labels: Any,
-        ids: Any,
+        label_shape: tuple[int, ...] = (),
         overwrite: bool = False,
     ) -> FeatureSet:
-        """Create the requested feature set, or reopen it (checked) to resume."""
+        """Create the requested feature set, or reopen it (checked) to resume.
+
+        Args:
+            label_shape: trailing shape of one row's label (``()``; ``(C,)`` multi-label).
+            overwrite: delete an existing set at the same path first.
+        """
         if self.mode == "r":
             raise StoreError(f"Store '{self.location}' is open read-only.")
         if overwrite and request.path in self.root:
             with translate_write_errors(self.location, f"removal of '{request.path}'"):
                 del self.root[request.path]
         return FeatureSet.require(
-            self.root, request, layout, labels=labels, ids=ids, location=self.location
+            self.root, request, layout, label_shape=label_shape, location=self.location
         )
 
 

@@ -3,8 +3,9 @@
 An index lives in the feature set's group at ``indexes/<name>``: the serialized FAISS index
 as a chunked ``uint8`` array (so every store backend, local or ``s3://``, holds it) and
 attributes recording what it was built from (feature key, the set's creation time, the
-shards it covers), how (kind, metric, parameters) and what it measured (recall). The
-attributes are written last, so a killed build leaves no index that looks complete.
+shards it covers and their commit generations), how (kind, metric, parameters) and what it
+measured (recall). The attributes are written last, so a killed build leaves no index that
+looks complete.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class IndexRecord:
     shards: list[int]
     rows: int
     dim: int
+    generations: dict[str, str] = field(default_factory=dict)
     search_param: str | None = None
     search_value: int | None = None
     recall: float = 1.0
@@ -169,7 +171,8 @@ def check_index(fs: FeatureSet, record: IndexRecord) -> list[int]:
 
     Raises:
         IndexMismatchError: built from another feature set.
-        StaleIndexError: the set was re-extracted or some indexed shards were recomputed.
+        StaleIndexError: the set was re-extracted, or some indexed shard was uncommitted or
+            recomputed since (its commit generation differs from the recorded one).
     """
     if record.feature_key != fs.key:
         raise IndexMismatchError(
@@ -178,14 +181,18 @@ def check_index(fs: FeatureSet, record: IndexRecord) -> list[int]:
             "point at the wrong images. Query the set it was built from, or build an index "
             "for this one with `bob-cache index build`."
         )
-    committed = set(np.flatnonzero(fs.group["shard_committed"][:]).tolist())
-    recomputed = sorted(set(record.shards) - committed)
+    generations = fs.generations()
+    committed = set(generations)
+    recomputed = sorted(
+        s for s in record.shards if generations.get(s) != record.generations.get(str(s))
+    )
     if record.feature_set_created != fs.attrs.get("created") or recomputed:
-        why = (
-            f"shards {recomputed[:5]} were uncommitted or recomputed"
-            if recomputed
-            else "the feature set was re-created (--overwrite)"
-        )
+        if record.feature_set_created != fs.attrs.get("created"):
+            why = "the feature set was re-created (--overwrite)"
+        elif not record.generations:
+            why = "it was built before indexes recorded shard generations"
+        else:
+            why = f"shards {recomputed[:5]} were uncommitted or recomputed"
         raise StaleIndexError(
             f"Index '{record.name}' of '{fs.path}' is stale: {why} after it was built. "
             "Rebuild it with `bob-cache index build ... --force`."

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from zarr.abc.store import Store
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
 from bob_cache.errors import StoreError, StoreFullError, StoreNotFoundError, StoreNotWritableError
@@ -102,3 +104,32 @@ def translate_write_errors(location: str, what: str) -> Iterator[None]:
                 "Fix the permissions or pass a writable --store; rerun to resume."
             ) from exc
         raise StoreError(f"Writing {what} to the store at '{location}' failed: {exc}.") from exc
+
+
+async def _put_exclusive(store: Store, key: str, data: bytes) -> bool:
+    buffer = default_buffer_prototype().buffer.from_bytes(data)
+    if isinstance(store, FsspecStore):
+        path = f"{store.path.rstrip('/')}/{key}"
+        try:
+            await store.fs._pipe_file(path, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+        except (TypeError, NotImplementedError):  # no conditional writes: best effort below
+            pass
+    if await store.exists(key):
+        return False
+    if isinstance(store, LocalStore):  # an exclusive link: exactly one racer creates it
+        await store.set_if_not_exists(key, buffer)
+        return (await store.get(key, default_buffer_prototype())).to_bytes() == data
+    await store.set_if_not_exists(key, buffer)
+    return True
+
+
+def put_exclusive(store: Store, key: str, data: bytes) -> bool:
+    """Create object ``key`` only if it does not exist yet; True when this call created it.
+
+    Local directories use an exclusive link, object stores a conditional PUT
+    (``If-None-Match: *``) where the backend supports it; others fall back to check-then-set.
+    """
+    return sync(_put_exclusive(store, key, data))

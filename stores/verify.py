@@ -1,10 +1,10 @@
 """``verify``: read every chunk of every feature set and report damage.
 
 Damage is anything that would silently corrupt downstream results: an object that no
-longer decodes, a committed shard whose data is missing (features read back as NaN in rows
-marked valid), row arrays of the wrong shape, or a set marked complete with uncommitted
-shards. ``repair`` clears the commit markers of damaged shards so that rerunning the same
-``bob-cache extract`` command recomputes exactly those.
+longer decodes, a committed shard with any array's object missing (zarr would read fill
+values: NaN features, label -1), data that disagrees with itself, or row arrays of the
+wrong shape. ``repair`` clears the commit records of damaged shards so that rerunning the
+same ``bob-cache extract`` command recomputes exactly those.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from zarr.core.sync import sync
 
 from bob_cache.stores.feature_set import FeatureSet
 from bob_cache.stores.feature_store import FeatureStore
@@ -44,8 +45,8 @@ class SetReport:
 def verify_feature_set(fs: FeatureSet, *, repair: bool = False) -> SetReport:
     """Check one feature set chunk by chunk (see module docstring)."""
     layout, n = fs.layout, fs.n_rows
-    committed = fs.group["shard_committed"][:]
-    report = SetReport(fs.path, n, len(committed), int(committed.sum()), fs.complete)
+    committed = np.array([r is not None for r in fs.commits()], dtype=bool)
+    report = SetReport(fs.path, n, len(committed), int(committed.sum()), bool(committed.all()))
     for name, shape in (("features", (n, fs.dim)), *((a, (n,)) for a in ROW_ARRAYS)):
         found = fs.array(name).shape  # labels may carry a label axis (multi-label sets)
         if found[: len(shape)] != shape or (name != "labels" and found != shape):
@@ -54,14 +55,10 @@ def verify_feature_set(fs: FeatureSet, *, repair: bool = False) -> SetReport:
         return report
     for shard in np.flatnonzero(committed):
         start, stop = layout.shard_bounds(int(shard), n)
-        problem = _check_shard(fs, start, stop)
+        problem = _missing_objects(fs, int(shard)) or _check_shard(fs, start, stop)
         if problem:
             report.damaged_shards.append(int(shard))
             report.problems.append(f"shard {shard} (rows {start}-{stop - 1}): {problem}")
-    if fs.complete and not committed.all():
-        report.problems.append(
-            f"marked complete but {int((~committed).sum())} shard(s) are not committed"
-        )
     if repair and report.damaged_shards:
         fs.uncommit(report.damaged_shards)
         report.repaired = True
@@ -69,11 +66,21 @@ def verify_feature_set(fs: FeatureSet, *, repair: bool = False) -> SetReport:
 
 
 def verify_store(
-    store: FeatureStore, *, group: str | None = None, repair: bool = False
+    store: FeatureStore,
+    *,
+    group: str | None = None,
+    split: str | None = None,
+    repair: bool = False,
 ) -> list[SetReport]:
-    """Verify every feature set (or the one ``group`` names)."""
-    sets = [store.get(group)] if group else store.feature_sets()
+    """Verify every feature set (or the one ``group`` and ``split`` name)."""
+    sets = [store.get(group, split=split)] if group else store.feature_sets()
     return [verify_feature_set(fs, repair=repair) for fs in sets]
+
+
+def _missing_objects(fs: FeatureSet, shard: int) -> str:
+    keys = fs.object_keys(shard) if fs.format >= 2 else {}
+    missing = [name for name, key in keys.items() if not sync(fs.group.store.exists(key))]
+    return f"committed but the stored object of {', '.join(missing)} is missing" if missing else ""
 
 
 def _check_shard(fs: FeatureSet, start: int, stop: int) -> str:

@@ -120,10 +120,8 @@ def write_feature_sets(
             dtype="float32",
         )
         ids = [f"{split}/{i:05d}" for i in range(len(x))]
-        fs = fstore.require(request, layout, labels=y, ids=ids)
-        for shard in range(layout.n_shards(len(x))):
-            a, b = layout.shard_bounds(shard, len(x))
-            fs.write_shard(shard, x[a:b].astype(np.float32), [""] * (b - a))
+        fs = fstore.require(request, layout, label_shape=np.shape(y)[1:])
+        fs.write_rows(x, labels=y, ids=ids)
         fs.finalize()
 
 

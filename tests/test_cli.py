@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+import bob_cache
 from tests.conftest import TINY, run_cli
 
-COMMANDS = ("extract", "backbones", "ls", "info", "verify")
+COMMANDS = (
+    "extract", "probe", "results", "backbones", "ls", "info", "verify", "index build",
+    "index update", "index ls", "query", "serve", "retrieval-eval",
+)  # fmt: skip
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help_with_an_example(cli, command: str) -> None:
-    result = cli(command, "--help")
+    result = cli(*command.split(), "--help")
     assert result.exit_code == 0
     assert "Example: bob-cache " + command in result.output
 
@@ -230,3 +236,175 @@ def test_layout_mismatch_through_the_cli_keeps_committed_data(cli, tmp_path: Pat
         and "--overwrite" in result.output
     )
     assert {p: p.read_bytes() for p in features.rglob("*") if p.is_file()} == before
+
+
+# --- missing stores, bugs, Ctrl-C, ambiguous keys -------------------------------------------
+
+SELECT = ["--dataset", "digits", "--backbone", "test_resnet"]
+READERS = {
+    "ls": lambda s: ["ls", s],
+    "info": lambda s: ["info", s, "abc"],
+    "verify": lambda s: ["verify", s],
+    "verify --repair": lambda s: ["verify", s, "--repair"],
+    "index build": lambda s: ["index", "build", "--store", s, *SELECT, "--kind", "flat"],
+    "index update": lambda s: ["index", "update", "--store", s, *SELECT],
+    "index ls": lambda s: ["index", "ls", s],
+    "query": lambda s: ["query", "--store", s, *SELECT, "--id", "val/00000"],
+}
+
+
+@pytest.mark.parametrize("command", READERS)
+def test_a_missing_store_is_named_and_never_created(cli, tmp_path: Path, command: str) -> None:
+    typo = tmp_path / "typo"
+    result = cli(*READERS[command](typo))
+    assert result.exit_code == 1, result.output
+    assert f"No feature store at '{typo}'" in result.output and "bob-cache extract" in result.output
+    assert not typo.exists()
+
+
+@pytest.mark.parametrize("command", ["verify --repair", "index build"])
+def test_a_directory_that_is_no_store_is_left_alone(cli, tmp_path: Path, command: str) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    result = cli(*READERS[command](folder))
+    assert result.exit_code == 1, result.output
+    assert "holds no Zarr v3 root group" in result.output
+    assert list(folder.iterdir()) == []
+
+
+@pytest.fixture
+def stage_raising(monkeypatch: pytest.MonkeyPatch) -> Callable[[str, BaseException], None]:
+    """Make the stage called ``name`` raise ``exc`` when a command runs it."""
+    import bob_cache.pipelines as pipelines
+
+    real = pipelines.get_stage
+
+    def patch(name: str, exc: BaseException) -> None:
+        def stage(config: object) -> None:
+            raise exc
+
+        monkeypatch.setattr(pipelines, "get_stage", lambda n: stage if n == name else real(n))
+
+    return patch
+
+
+EXTRACT = ["extract", "--data", "builtin:digits", *TINY]
+
+
+def test_a_bug_exits_3_with_one_line_naming_the_crash_log(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage_raising
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "crash"))
+    (tmp_path / "crash").mkdir()
+    stage_raising("extract", RuntimeError("shard table\nis inconsistent"))
+    result = cli(*EXTRACT, "--store", tmp_path / "s")
+    assert result.exit_code == 3
+    (line,) = result.stderr.splitlines()
+    (log,) = (tmp_path / "crash").glob("bob-cache-crash-*.log")
+    assert line == (
+        "bob-cache hit a bug: RuntimeError: shard table is inconsistent The traceback was "
+        f"written to {log}; please report it."
+    )
+    text = log.read_text()
+    assert "Traceback (most recent call last)" in text and "in stage" in text
+    assert text.startswith(f"bob-cache {bob_cache.__version__}, Python ")
+    assert "RuntimeError: shard table" in text
+    assert result.stdout == ""
+
+
+def test_a_user_error_prints_brackets_verbatim(cli, tmp_path: Path, stage_raising) -> None:
+    from bob_cache.errors import StoreError
+
+    stage_raising("extract", StoreError("Install the s3 extra: pip install 'bob-cache[s3]'."))
+    result = cli(*EXTRACT, "--store", tmp_path / "s")
+    assert result.exit_code == 1
+    assert result.stderr == "Error: Install the s3 extra: pip install 'bob-cache[s3]'.\n"
+
+
+def test_ctrl_c_during_extract_says_how_to_resume(cli, tmp_path: Path, stage_raising) -> None:
+    stage_raising("extract", KeyboardInterrupt())
+    result = cli(*EXTRACT, "--store", tmp_path / "s")
+    assert result.exit_code == 130
+    assert result.stderr == (
+        "Interrupted. Committed shards are kept; rerun the same command to resume.\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("stage", "command"),
+    [
+        ("probe", ["probe", "--store", "{store}", *SELECT]),
+        ("index", ["index", "build", "--store", "{store}", *SELECT]),
+        ("retrieval-eval", ["retrieval-eval", "--store", "{store}", *SELECT]),
+    ],
+)
+def test_ctrl_c_elsewhere_only_says_interrupted(
+    cli, digits_store: Path, stage_raising, stage: str, command: list[str]
+) -> None:
+    stage_raising(stage, KeyboardInterrupt())
+    result = cli(*(str(digits_store) if a == "{store}" else a for a in command))
+    assert result.exit_code == 130
+    assert result.stderr == "Interrupted.\n"
+
+
+@pytest.fixture(scope="module")
+def three_split_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """builtin:digits extracted for train, val and test: three sets sharing one key."""
+    store = tmp_path_factory.mktemp("splits") / "store"
+    done = run_cli("extract", "--data", "builtin:digits", "--limit", "8", *TINY, "--store", store)
+    assert done.returncode == 0, done.stderr
+    (key,) = {r["key"] for r in json.loads(run_cli("ls", store, "--json").stdout)}
+    return store, key
+
+
+def test_info_on_a_key_shared_by_splits_asks_for_split(cli, three_split_store) -> None:
+    store, key = three_split_store
+    result = cli("info", store, key[:6])
+    assert result.exit_code == 1
+    assert f"'{key[:6]}' matches 3 feature sets" in result.output
+    assert "Pass --split NAME to pick one (test, train, val)." in result.output
+    for split in ("train", "val", "test"):
+        assert f"digits/{split}/test_resnet.random-s0/{key} (split {split})" in result.output
+    assert "longer key" not in result.output
+
+
+def test_info_split_picks_one_of_the_sets_sharing_a_key(cli, three_split_store) -> None:
+    store, key = three_split_store
+    result = cli("info", store, key[:6], "--split", "val", "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["group"] == f"digits/val/test_resnet.random-s0/{key}"
+    assert info["attributes"]["split"] == "val"
+    human = cli("info", store, key, "--split", "test")
+    assert human.exit_code == 0 and f"digits/test/test_resnet.random-s0/{key}" in human.stdout
+
+
+def test_info_with_a_split_the_key_lacks_lists_the_splits(cli, three_split_store) -> None:
+    store, key = three_split_store
+    result = cli("info", store, key[:6], "--split", "holdout")
+    assert result.exit_code == 1
+    assert "matches no feature set of split 'holdout'" in result.output
+    assert "its splits are test, train, val. Pass one of them to --split." in result.output
+
+
+def test_allow_mixed_lets_extract_resume_in_another_environment(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bob_cache.pipelines import resume
+
+    args = ["extract", "--data", "builtin:digits", "--split", "val", "--limit", "32",
+            "--backbone", "test_resnet", "--random-init", "--image-size", "32", "--workers", "0",
+            "--shard-rows", "16", "--quiet", "--store", tmp_path / "s"]  # fmt: skip
+    assert cli(*args, "--part", "0/2").exit_code == 0
+    real = resume.writer_identity
+    monkeypatch.setattr(
+        "bob_cache.pipelines.extract.writer_identity",
+        lambda device: {**real(device), "timm": "0.0.1"},
+    )
+    refused = cli(*args)
+    assert refused.exit_code == 1 and "--allow-mixed" in refused.output
+    assert cli(*args, "--allow-mixed").exit_code == 0
+    shown = cli("info", tmp_path / "s", "digits/val", "--json")
+    assert sorted(w["timm"] for w in json.loads(shown.output)["mixed"]) == sorted(
+        ["0.0.1", real("cpu")["timm"]]
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import zipfile
@@ -60,3 +61,65 @@ def test_cli_module_in_the_wheel_is_the_root_cli_and_is_the_entry_point(wheel: P
     assert archive.read("bob_cache/cli.py") == (REPO / "cli.py").read_bytes()
     entry_points = next(n for n in archive.namelist() if n.endswith("entry_points.txt"))
     assert "bob-cache = bob_cache.cli:main" in archive.read(entry_points).decode()
+
+
+# --- the layering: core and stores import no command, no CLI, and no stage at import time ---
+
+FACE = ("bob_cache.cli", "bob_cache.commands")
+STAGES = ("bob_cache.pipelines", "pipelines")
+
+
+def _imported_names(node: ast.AST) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+        return [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+    return []
+
+
+def _under(name: str, packages: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
+def forbidden_imports(source: str) -> list[str]:
+    """Imports of the face anywhere, and of a stage at module import time (not in a def)."""
+    found: list[str] = []
+
+    def visit(node: ast.AST, *, in_function: bool) -> None:
+        for name in _imported_names(node):
+            if _under(name, FACE) or (not in_function and _under(name, STAGES)):
+                found.append(f"line {node.lineno}: {name}")
+        nested = in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for child in ast.iter_child_nodes(node):
+            visit(child, in_function=nested)
+
+    visit(ast.parse(source), in_function=False)
+    return found
+
+
+def test_the_import_check_catches_face_and_stage_imports() -> None:
+    assert forbidden_imports("from bob_cache.commands.common import out") != []
+    assert forbidden_imports("from bob_cache import cli") != []
+    assert forbidden_imports("import bob_cache.cli") != []
+    assert forbidden_imports("from bob_cache.pipelines import get_stage") != []
+    assert forbidden_imports("if True:\n    import bob_cache.pipelines.extract") != []
+    assert forbidden_imports("class A:\n    from bob_cache.pipelines import probe") != []
+    assert forbidden_imports("def f():\n    from bob_cache.pipelines import probe") == []
+    assert forbidden_imports("def f():\n    from bob_cache.commands import common") != []
+    assert forbidden_imports("from bob_cache.stores import open_store") == []
+
+
+def test_core_and_stores_import_no_command_and_no_stage() -> None:
+    core = [
+        p
+        for p in (REPO / "bob_cache").rglob("*.py")
+        if p.relative_to(REPO / "bob_cache").parts[0] not in ("commands", "cli.py")
+    ]
+    files = [*core, *(REPO / "stores").rglob("*.py")]
+    assert len(files) > 30 and REPO / "bob_cache" / "errors.py" in files
+    offenders = {
+        str(p.relative_to(REPO)): bad
+        for p in files
+        if (bad := forbidden_imports(p.read_text(encoding="utf-8")))
+    }
+    assert not offenders, f"core/stores modules import the face or a stage: {offenders}"

@@ -19,6 +19,7 @@ from bob_cache.backbones.factory import create_backbone
 from bob_cache.config import DECODE_MODES
 from bob_cache.data.device_decode import DevicePreprocess, EncodedBatch
 from bob_cache.data.images import to_chw
+from bob_cache.device import autocast
 from bob_cache.errors import SpecMismatchError, WeightsError
 
 
@@ -26,12 +27,19 @@ class Embedder:
     """A frozen backbone and the one output a feature set holds: PIL images → vectors."""
 
     def __init__(
-        self, backbone: Backbone, output: str, *, device: torch.device, decode: str = "pil"
+        self,
+        backbone: Backbone,
+        output: str,
+        *,
+        device: torch.device,
+        decode: str = "pil",
+        precision: str = "fp32",
     ) -> None:
         self.backbone = backbone.to(device)
         self.output = output
         self.device = device
         self.decode = decode
+        self.precision = precision
         self._transform = backbone.transform()
         self._on_device = (
             DevicePreprocess(backbone.data_config, device) if decode == "torch" else None
@@ -39,13 +47,14 @@ class Embedder:
 
     @torch.inference_mode()
     def embed(self, images: list[Any]) -> np.ndarray:
-        """``(N, D)`` float32 features of PIL ``images``, as extraction computed them
-        (resized on the device like ``--decode torch`` when the set was extracted so)."""
+        """``(N, D)`` float32 features of PIL ``images``, as extraction computed them: at the
+        set's precision (autocast), resized on the device when it was extracted so."""
         if self._on_device is not None:
             batch, _ = self._on_device(EncodedBatch.of_images([to_chw(i) for i in images]))
         else:
             batch = torch.stack([self._transform(image) for image in images]).to(self.device)
-        out = self.backbone(self.backbone.normalize(batch))
+        with autocast(self.device, self.precision):
+            out = self.backbone(self.backbone.normalize(batch))
         return out[self.output].float().cpu().numpy()
 
 
@@ -86,12 +95,20 @@ def embedder_from_provenance(
     if _preprocessing(backbone) != _without_decode(spec["preprocessing"]):
         backbone = create_backbone(info["name"], image_size=size, **options)
     _check_matches(backbone, spec)
-    decode = _decode_mode(spec["preprocessing"].get("decode", DECODE_MODES["pil"]))
-    return Embedder(backbone, info["output"], device=torch.device(device), decode=decode)
+    decode = _decode_mode(spec["preprocessing"].get("decode", "pil"))
+    return Embedder(
+        backbone,
+        info["output"],
+        device=torch.device(device),
+        decode=decode,
+        precision=spec.get("precision", "fp32"),
+    )
 
 
 def _decode_mode(recorded: str) -> str:
-    for mode, text in DECODE_MODES.items():
+    if recorded in DECODE_MODES:
+        return recorded
+    for mode, text in DECODE_MODES.items():  # sets from before the id was recorded
         if text == recorded:
             return mode
     raise SpecMismatchError(

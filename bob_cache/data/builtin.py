@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from bob_cache.data.source import DataSource, Sample, register_source
+from bob_cache.data.source import DataSource, Sample, content_digest, register_source
 from bob_cache.errors import DataNotFoundError, did_you_mean
 
 _BUILTINS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray, list[str]]]] = {}
@@ -49,6 +49,9 @@ class BuiltinSource(DataSource):
 
     def open_image(self, sample: Sample) -> Image.Image:
         return Image.fromarray(self.images[sample.location]).convert("RGB")
+
+    def digest(self, sample: Sample) -> str:
+        return content_digest(np.ascontiguousarray(self.images[sample.location]).tobytes())
 
     def fingerprint_rows(self) -> list[Any]:
         import hashlib

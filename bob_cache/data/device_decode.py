@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from bob_cache.backbones.backbone import eval_steps
 from bob_cache.data.images import error_reason, open_image_file, to_chw
-from bob_cache.data.source import DataSource, Sample
+from bob_cache.data.source import DataSource, Sample, content_digest
 from bob_cache.errors import SpecError
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -52,7 +52,7 @@ def tensor_steps(data_config: dict[str, Any]) -> torch.nn.Module:
 
 
 class EncodedImageDataset(Dataset):
-    """Rows of one split as ``(payload, encoded, row, error)``: a JPEG file's bytes
+    """Rows of one split as ``(payload, encoded, row, error, digest)``: a JPEG file's bytes
     (``encoded=True``), or any other image decoded with PIL to a full-size uint8 ``(C, H, W)``
     tensor. Reading never stops a run: a failure yields an empty payload and the error."""
 
@@ -62,15 +62,19 @@ class EncodedImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, bool, int, str]:
-        sample = self.samples[index]
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, bool, int, str, str]:
+        sample, digest = self.samples[index], ""
         try:
             data = self.source.read_bytes(sample)
-            if data is not None and data[:3] == _JPEG_MAGIC:
-                return torch.frombuffer(bytearray(data), dtype=torch.uint8), True, index, ""
-            return to_chw(self.source.open_image(sample)), False, index, ""
+            if data is None:
+                image, digest = self.source.load(sample)
+                return to_chw(image), False, index, "", digest
+            digest = content_digest(data)
+            if data[:3] == _JPEG_MAGIC:
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8), True, index, "", digest
+            return to_chw(open_image_file(io.BytesIO(data))), False, index, "", digest
         except Exception as exc:  # recorded as an invalid row, like the PIL path
-            return torch.zeros(0, dtype=torch.uint8), False, index, error_reason(exc)
+            return torch.zeros(0, dtype=torch.uint8), False, index, error_reason(exc), digest
 
 
 @dataclass
@@ -83,6 +87,7 @@ class EncodedBatch:
     decoded: list[torch.Tensor | None]  # uint8 (C, H, W) where the row is not a JPEG
     rows: torch.Tensor
     errors: list[str]
+    digests: list[str] = field(default_factory=list)
 
     @classmethod
     def of_images(cls, images: list[torch.Tensor]) -> EncodedBatch:
@@ -105,8 +110,8 @@ class EncodedBatch:
         return out
 
 
-def collate_encoded(batch: list[tuple[torch.Tensor, bool, int, str]]) -> EncodedBatch:
-    payloads, encoded, rows, errors = zip(*batch, strict=True)
+def collate_encoded(batch: list[tuple[torch.Tensor, bool, int, str, str]]) -> EncodedBatch:
+    payloads, encoded, rows, errors, digests = zip(*batch, strict=True)
     jpeg = [
         p if e else torch.zeros(0, dtype=torch.uint8)
         for p, e in zip(payloads, encoded, strict=True)
@@ -117,6 +122,7 @@ def collate_encoded(batch: list[tuple[torch.Tensor, bool, int, str]]) -> Encoded
         decoded=[None if e or not len(p) else p for p, e in zip(payloads, encoded, strict=True)],
         rows=torch.as_tensor(rows),
         errors=list(errors),
+        digests=list(digests),
     )
 
 

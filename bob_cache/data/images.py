@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from bob_cache.data.source import DataSource, Sample
+from bob_cache.data.source import DataSource, Sample, content_digest
 
 IMAGE_EXTENSIONS = (
     ".jpg",
@@ -53,7 +54,7 @@ def error_reason(exc: BaseException) -> str:
 
 
 class ImageDataset(Dataset):
-    """Rows of one split: returns ``(uint8 image tensor, row index, error message)``.
+    """Rows of one split: ``(uint8 image tensor, row index, error message, content digest)``.
 
     An image that cannot be decoded yields a blank tensor and a non-empty error, so one bad
     file never stops a run; the extraction stage records it as an invalid row.
@@ -74,16 +75,24 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str, str]:
+        sample, digest = self.samples[index], ""
         try:
-            image = self.source.open_image(self.samples[index])
-            return self.transform(image), index, ""
+            data = self.source.read_bytes(sample)
+            if data is None:
+                image, digest = self.source.load(sample)
+            else:
+                digest = content_digest(data)
+                image = open_image_file(io.BytesIO(data))
+            return self.transform(image), index, "", digest
         except Exception as exc:  # any decode failure becomes a recorded invalid row
             blank = torch.zeros(self.input_size, dtype=torch.uint8)
-            return blank, index, error_reason(exc)
+            return blank, index, error_reason(exc), digest
 
 
-def collate_rows(batch: list[tuple[torch.Tensor, int, str]]) -> tuple[torch.Tensor, Any, list[str]]:
-    """Stack images; keep row indices as a tensor and errors as a list of strings."""
-    images, rows, errors = zip(*batch, strict=True)
-    return torch.stack(images), torch.as_tensor(rows), list(errors)
+def collate_rows(
+    batch: list[tuple[torch.Tensor, int, str, str]],
+) -> tuple[torch.Tensor, Any, list[str], list[str]]:
+    """Stack images; keep row indices as a tensor, errors and digests as lists of strings."""
+    images, rows, errors, digests = zip(*batch, strict=True)
+    return torch.stack(images), torch.as_tensor(rows), list(errors), list(digests)

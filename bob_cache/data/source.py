@@ -7,6 +7,8 @@ it never decodes images while listing. Kinds register with :func:`register_sourc
 
 from __future__ import annotations
 
+import hashlib
+import io
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -51,6 +53,22 @@ class DataSource(ABC):
         """The encoded file of ``sample`` (None where images are not files)."""
         return None
 
+    def digest(self, sample: Sample) -> str:
+        """Hash of ``sample``'s stored content (its file's bytes); raises if unreadable."""
+        data = self.read_bytes(sample)
+        if data is None:
+            raise NotImplementedError(f"{type(self).__name__} must define digest()")
+        return content_digest(data)
+
+    def load(self, sample: Sample) -> tuple[Image.Image, str]:
+        """Read ``sample`` once: the decoded RGB image and the digest of the bytes read."""
+        data = self.read_bytes(sample)
+        if data is None:
+            return self.open_image(sample), self.digest(sample)
+        from bob_cache.data.images import open_image_file
+
+        return open_image_file(io.BytesIO(data)), content_digest(data)
+
     def fingerprint_rows(self) -> list[Any]:
         """Per-sample facts that identify the data (overridden to add file sizes)."""
         return [(split, s.id, s.label) for split, rows in self.splits.items() for s in rows]
@@ -86,6 +104,11 @@ class DataSource(ABC):
             "class_names": self.class_names,
             "splits": {k: len(v) for k, v in self.splits.items()},
         }
+
+
+def content_digest(data: bytes | memoryview) -> str:
+    """The content hash stored per row: BLAKE2b, 128 bits, hex."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def default_name(stem: str) -> str:

@@ -12,7 +12,7 @@ from bob_cache.stores import FeatureSet
 
 def committed_shards(fs: FeatureSet) -> list[int]:
     """Shards whose rows are stored and committed."""
-    return np.flatnonzero(fs.group["shard_committed"][:]).tolist()
+    return fs.committed_shards()
 
 
 def shard_vectors(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -138,12 +139,15 @@ def test_dataset_records_unreadable_images_instead_of_failing(image_folder: Path
         lambda im: __import__("torchvision").transforms.functional.to_tensor(im.resize((8, 8))),
         (3, 8, 8),
     )
-    x0, _, e0 = ds[0]
-    x1, _, e1 = ds[1]
-    _, _, e2 = ds[2]
+    x0, _, e0, d0 = ds[0]
+    x1, _, e1, d1 = ds[1]
+    _, _, e2, _ = ds[2]
     assert e0 == "" and x0.shape == (3, 8, 8)
     assert "UnidentifiedImageError" in e1 and float(x1.abs().sum()) == 0.0
     assert "truncated" in e2 or "OSError" in e2
+    # Each row carries the BLAKE2b digest of the bytes it read, unreadable rows too.
+    assert d0 == hashlib.blake2b(Path(samples[0].location).read_bytes(), digest_size=16).hexdigest()
+    assert d1 == hashlib.blake2b(b"not an image", digest_size=16).hexdigest()
 
 
 def test_default_names_are_made_store_safe(tmp_path: Path) -> None:

@@ -66,7 +66,7 @@ def test_features_equal_a_direct_forward_and_carry_provenance(
     )
     assert a["spec"]["preprocessing"]["input_size"] == [3, 32, 32]
     assert {"torch", "timm", "zarr", "numpy", "python"} <= set(a["versions"])
-    assert a["complete"] and a["n_invalid"] == 0 and a["created"]
+    assert fs.complete and fs.n_invalid == 0 and a["created"] and a["device"] == "cpu"
 
 
 def test_rerun_is_a_no_op_and_new_data_makes_a_new_feature_set(
@@ -94,7 +94,7 @@ def test_unreadable_images_become_invalid_rows_or_stop_a_strict_run(
     fs = open_store(tmp_path / "s").get(summary.feature_sets[0]["group"])
     row = list(fs.array("ids")[:]).index(bad.relative_to(image_folder).as_posix())
     assert np.isnan(fs.features[row]).all() and not fs.array("valid")[row]
-    assert "truncated" in str(fs.array("error")[row]).lower() and fs.attrs["n_invalid"] == 1
+    assert "truncated" in str(fs.array("error")[row]).lower() and fs.n_invalid == 1
 
     with pytest.raises(
         InvalidImageError, match=r"--strict makes this fatal; shards committed before it are kept"
@@ -158,16 +158,16 @@ def test_writer_marks_non_finite_model_outputs_invalid(tmp_path: Path) -> None:
         provenance={"dataset": {"name": "d"}, "split": "train", "backbone": {"slug": "m.t"}},
         n_rows=4, dim=2,
     )  # fmt: skip
-    fs = store.require(
-        request, resolve_layout(chunk_rows=2, shard_rows=4), labels=np.zeros(4), ids=list("abcd")
-    )
+    fs = store.require(request, resolve_layout(chunk_rows=2, shard_rows=4))
     out = np.ones((4, 2), np.float32)
     out[2, 0] = np.inf
-    with ShardWriter({"final": fs}) as writer:
-        writer.put(np.arange(2), {"final": out[:2]}, ["", ""])
-        writer.put(np.arange(2, 4), {"final": out[2:]}, ["", ""])
+    with ShardWriter({"final": fs}, labels=np.zeros(4, np.int64), ids=list("abcd")) as writer:
+        writer.put(np.arange(2), {"final": out[:2]}, ["", ""], ["h0", "h1"])
+        writer.put(np.arange(2, 4), {"final": out[2:]}, ["", ""], ["h2", "h3"])
     assert fs.invalid_rows() == [("c", NON_FINITE)]
-    assert fs.finalize() and fs.attrs["n_invalid"] == 1
+    assert fs.finalize() and fs.n_invalid == 1
+    assert list(fs.array("digest")[:]) == ["h0", "h1", "h2", "h3"]
+    assert list(fs.array("ids")[:]) == list("abcd")
 
 
 def test_default_workers_use_every_spare_core_only_when_a_gpu_runs_the_model(

@@ -25,13 +25,11 @@ def partial_set(store: Path, x: np.ndarray, y: np.ndarray, shards: list[int]) ->
                     "backbone": {"slug": "model.tag", "name": "model", "arch": "model"}},
         n_rows=len(x), dim=x.shape[1], dtype="float32",
     )  # fmt: skip
-    fs = open_store(store, mode="a").require(
-        request, layout, labels=y, ids=[f"r{i}" for i in range(len(x))]
-    )
-    for shard in shards:
-        a, b = layout.shard_bounds(shard, len(x))
-        errors = ["unreadable" if i == a + 3 else "" for i in range(a, b)]  # one invalid row
-        fs.write_shard(shard, x[a:b], errors)
+    fs = open_store(store, mode="a").require(request, layout)
+    starts = {layout.shard_bounds(s, len(x))[0] for s in shards}
+    errors = ["unreadable" if i - 3 in starts else "" for i in range(len(x))]  # one per shard
+    ids = [f"r{i}" for i in range(len(x))]
+    fs.write_rows(x, labels=y, ids=ids, errors=errors, shards=shards)
     fs.finalize()
 
 

@@ -1,4 +1,4 @@
-"""Retrieval commands: ``index build|update|ls``, ``query``, ``serve``, ``retrieval-eval``."""
+"""The retrieval family: ``index build|update|ls``, ``query``, ``serve``, ``retrieval-eval``."""
 
 from __future__ import annotations
 
@@ -7,22 +7,24 @@ from typing import Annotated, Any
 
 import typer
 
-from bob_cache.cli_common import (
+from bob_cache.commands.common import (
+    BackboneOpt,
+    DatasetOpt,
     DeviceOpt,
+    FeatureOpt,
     JsonOpt,
+    QuietOpt,
+    ResultsOpt,
+    StoreArg,
     StoreOpt,
     err,
+    handle_errors,
     out,
     print_json,
     print_table,
-    user_errors,
+    require_existing_store,
 )
 
-DatasetOpt = Annotated[str, typer.Option(help="Dataset name (see `bob-cache ls`).")]
-BackboneOpt = Annotated[str, typer.Option(help="Backbone name or label used at extraction.")]
-FeatureOpt = Annotated[
-    str | None, typer.Option(help="Feature key (a unique prefix) when several match.")
-]
 SplitOpt = Annotated[str, typer.Option(help="Split that forms the searchable database.")]
 IndexNameOpt = Annotated[
     str | None, typer.Option("--index", help="Index name (default: the newest one).")
@@ -34,18 +36,8 @@ MetricOpt = Annotated[str, typer.Option(help="cosine or l2.")]
 RESULT_COLUMNS = ("query", "rank", "id", "class", "score")
 INDEX_COLUMNS = ("name", "kind", "metric", "rows", "search_param", "search_value", "recall")
 
-index_app = typer.Typer(
-    help="Build and update FAISS indexes stored beside their feature sets.",
-    no_args_is_help=True,
-)
 
-
-@index_app.command(
-    "build",
-    epilog="Example: bob-cache index build --store ./bob-store --dataset digits "
-    "--backbone resnet18 --kind auto --max-memory 4GB",
-)
-@user_errors
+@handle_errors
 def index_build(
     dataset: DatasetOpt,
     backbone: BackboneOpt,
@@ -77,13 +69,14 @@ def index_build(
         typer.Option("--gpu/--no-gpu", help="faiss-gpu (default: when it sees a GPU)."),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild an existing index.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Build a FAISS index of a feature set, tuned for a target recall."""
     from bob_cache.pipelines import get_stage
     from bob_cache.pipelines.index import IndexConfig
 
+    require_existing_store(store)  # the index stage opens the store for writing
     params = {"nlist": nlist, "m": m, "bits": bits, "M": hnsw_m}
     config = IndexConfig(
         store=store, dataset=dataset, backbone=backbone, feature=feature, split=split,
@@ -94,12 +87,7 @@ def index_build(
     _print_index(get_stage("index")(config), as_json)
 
 
-@index_app.command(
-    "update",
-    epilog="Example: bob-cache index update --store ./bob-store --dataset digits "
-    "--backbone resnet18",
-)
-@user_errors
+@handle_errors
 def index_update(
     dataset: DatasetOpt,
     backbone: BackboneOpt,
@@ -107,13 +95,14 @@ def index_update(
     feature: FeatureOpt = None,
     split: SplitOpt = "train",
     index: IndexNameOpt = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Add the feature set's newly committed rows to an existing index."""
     from bob_cache.pipelines import get_stage
     from bob_cache.pipelines.index import IndexConfig
 
+    require_existing_store(store)  # the index stage opens the store for writing
     config = IndexConfig(
         store=store, dataset=dataset, backbone=backbone, feature=feature, split=split,
         name=index, update=True, quiet=quiet or as_json,
@@ -121,16 +110,16 @@ def index_update(
     _print_index(get_stage("index")(config), as_json)
 
 
-@index_app.command("ls", epilog="Example: bob-cache index ls ./bob-store")
-@user_errors
+@handle_errors
 def index_ls(
-    store: Annotated[str, typer.Argument(help="Store directory or fsspec URL.")],
+    store: StoreArg,
     as_json: JsonOpt = False,
 ) -> None:
     """List the indexes in a store."""
     from bob_cache.stores import open_store
     from bob_cache.stores.index_store import list_indexes
 
+    require_existing_store(store)
     rows = [
         {"group": fs.path, **r.to_dict()}
         for fs in open_store(store).feature_sets()
@@ -175,7 +164,7 @@ def _print_index(summary: Any, as_json: bool) -> None:
         out.print(f"  auto: {r['reason']}", highlight=False)
 
 
-@user_errors
+@handle_errors
 def query(
     dataset: DatasetOpt,
     backbone: BackboneOpt,
@@ -203,6 +192,7 @@ def query(
         raise QueryError(
             f"Pass exactly one of --image, --id or --vectors (got {', '.join(given) or 'none'})."
         )
+    require_existing_store(store)
     searcher = get_stage("query")(
         QueryConfig(store, dataset, backbone, feature, split, index, weights, device)
     )
@@ -243,7 +233,7 @@ def _load_vectors(path: Path | None) -> Any:
         ) from exc
 
 
-@user_errors
+@handle_errors
 def serve(
     dataset: DatasetOpt,
     backbone: BackboneOpt,
@@ -263,6 +253,7 @@ def serve(
     from bob_cache.pipelines.query import QueryConfig
     from bob_cache.pipelines.serve import serve as run_server
 
+    require_existing_store(store)
     searcher = get_stage("query")(
         QueryConfig(store, dataset, backbone, feature, split, index, weights, device)
     )
@@ -274,7 +265,7 @@ def serve(
     run_server(searcher, host=host, port=port, max_upload_mb=max_upload_mb, max_batch=max_batch)
 
 
-@user_errors
+@handle_errors
 def retrieval_eval(
     dataset: DatasetOpt,
     backbone: BackboneOpt,
@@ -297,9 +288,7 @@ def retrieval_eval(
     ] = 0.2,
     seed: Annotated[int, typer.Option(help="classes: seed of the query draw.")] = 0,
     metric: MetricOpt = "cosine",
-    results: Annotated[
-        str | None, typer.Option(envvar="BOB_CACHE_RESULTS", help="Results directory.")
-    ] = None,
+    results: ResultsOpt = None,
     force: Annotated[
         bool, typer.Option("--force", help="Rerun a config already in results.")
     ] = False,
@@ -309,6 +298,7 @@ def retrieval_eval(
     from bob_cache.pipelines import get_stage
     from bob_cache.pipelines.retrieval_eval import RetrievalEvalConfig
 
+    require_existing_store(store)
     config = RetrievalEvalConfig(
         store=store, dataset=dataset, backbone=backbone, feature=feature, split=split,
         protocol=protocol, gnd=gnd, query_split=query_split, query_fraction=query_fraction,
@@ -333,8 +323,23 @@ def retrieval_eval(
     print_table(rows, ("method", "queries", *metrics))
 
 
-def register_retrieval_commands(app: typer.Typer) -> None:
-    """Add the retrieval commands to the main app."""
+def register(app: typer.Typer) -> None:
+    """Add the retrieval family's commands (and the ``index`` sub-app) to ``app``."""
+    index_app = typer.Typer(
+        help="Build and update FAISS indexes stored beside their feature sets.",
+        no_args_is_help=True,
+    )
+    index_app.command(
+        "build",
+        epilog="Example: bob-cache index build --store ./bob-store --dataset digits "
+        "--backbone resnet18 --kind auto --max-memory 4GB",
+    )(index_build)
+    index_app.command(
+        "update",
+        epilog="Example: bob-cache index update --store ./bob-store --dataset digits "
+        "--backbone resnet18",
+    )(index_update)
+    index_app.command("ls", epilog="Example: bob-cache index ls ./bob-store")(index_ls)
     app.add_typer(index_app, name="index")
     app.command(
         epilog="Example: bob-cache query --store ./bob-store --dataset digits --backbone "

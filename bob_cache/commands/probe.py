@@ -1,0 +1,159 @@
+"""The probe family: ``probe`` (classify from cached features) and ``results`` (show the table)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from bob_cache.commands.common import (
+    BackboneOpt,
+    DatasetOpt,
+    DeviceOpt,
+    FeatureOpt,
+    JsonOpt,
+    ResultsOpt,
+    StoreOpt,
+    err,
+    handle_errors,
+    out,
+    print_json,
+    print_table,
+    require_existing_store,
+)
+
+PROBE_COLUMNS = (
+    "method", "setting", "top1", "top5", "balanced_accuracy", "macro_f1", "roc_auc", "train_rows",
+    "val_rows",
+)  # fmt: skip
+
+
+@handle_errors
+def probe(
+    dataset: DatasetOpt,
+    backbone: BackboneOpt,
+    store: StoreOpt = "bob-store",
+    feature: FeatureOpt = None,
+    method: Annotated[str, typer.Option(help="linear, knn, or all (comma-separated).")] = "all",
+    train_split: Annotated[str, typer.Option(help="Training split.")] = "train",
+    val_split: Annotated[
+        str, typer.Option(help="Validation split (held out from train if absent).")
+    ] = "val",
+    test_split: Annotated[str, typer.Option(help="Test split.")] = "test",
+    val_fraction: Annotated[
+        float, typer.Option(help="Share of train held out when there is no val split.")
+    ] = 0.1,
+    seeds: Annotated[
+        str, typer.Option(help="Seeds for few-shot subsets and the BoB recipe.")
+    ] = "0",
+    shots: Annotated[
+        str | None, typer.Option(help="Few-shot: images per class, e.g. 1,5,10.")
+    ] = None,
+    fraction: Annotated[
+        str | None, typer.Option(help="Few-shot: share of train, e.g. 0.01,0.1.")
+    ] = None,
+    k: Annotated[
+        str, typer.Option(help="kNN neighbour counts (one search for all).")
+    ] = "10,20,100,200",
+    temperature: Annotated[float, typer.Option(help="kNN vote temperature.")] = 0.07,
+    recipe: Annotated[
+        str,
+        typer.Option(help="Linear probe: sweep (C chosen, then a converged fit) or bob (BoB's)."),
+    ] = "sweep",
+    epochs: Annotated[int, typer.Option(help="Epochs of --recipe bob.")] = 90,
+    device: DeviceOpt = "auto",
+    results: ResultsOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Recompute units already in the results table.")
+    ] = False,
+    stream: Annotated[
+        bool | None,
+        typer.Option(
+            "--stream/--in-memory",
+            help="Stream features shard by shard (default: only when they exceed --max-memory).",
+        ),
+    ] = None,
+    max_memory: Annotated[
+        float | None,
+        typer.Option(help="GiB of features to hold in memory (default: a quarter of RAM)."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Classify from cached features: linear probe, kNN and few-shot, on CPU or GPU."""
+    from bob_cache.config import parse_numbers
+    from bob_cache.pipelines import get_stage
+    from bob_cache.pipelines.probe import METHODS, ProbeConfig
+
+    require_existing_store(store)
+    methods = METHODS if method == "all" else tuple(m.strip() for m in method.split(","))
+    config = ProbeConfig(
+        store=store, dataset=dataset, backbone=backbone, feature=feature, methods=methods,
+        train_split=train_split, val_split=val_split, test_split=test_split,
+        val_fraction=val_fraction, seeds=parse_numbers(seeds, int, "--seeds"),
+        shots=parse_numbers(shots, int, "--shots"),
+        fractions=parse_numbers(fraction, float, "--fraction"),
+        ks=parse_numbers(k, int, "--k"), temperature=temperature, recipe=recipe, epochs=epochs,
+        device=device, results=results, force=force, stream=stream, max_memory_gb=max_memory,
+    )  # fmt: skip
+    summary = get_stage("probe")(config)
+    if as_json:
+        print_json(summary.to_dict())
+        return
+    s = summary
+    out.print(
+        f"Probed [bold]{s.dataset}[/] × [bold]{s.backbone}[/] (feature {s.feature_key}): "
+        f"{s.units_run} unit(s) run, {s.units_skipped} already in {s.results} "
+        f"({s.seconds:.1f} s).",
+        highlight=False,
+    )
+    if s.unlabeled_rows_dropped:
+        err.print(f"  note: {s.unlabeled_rows_dropped} unlabeled row(s) (label -1) were left out")
+    if s.unseen_test_classes:
+        err.print(f"  note: test classes absent from train (always wrong): {s.unseen_test_classes}")
+    columns = [c for c in PROBE_COLUMNS if any(c in row for row in s.table)]
+    print_table(s.table, columns)
+
+
+@handle_errors
+def results(
+    directory: Annotated[
+        str | None, typer.Argument(envvar="BOB_CACHE_RESULTS", help="Results directory.")
+    ] = None,
+    dataset: Annotated[str | None, typer.Option(help="Only this dataset.")] = None,
+    backbone: Annotated[str | None, typer.Option(help="Only this backbone label.")] = None,
+    method: Annotated[
+        str | None, typer.Option(help="Only this method (linear, knn@20, ...).")
+    ] = None,
+    metric: Annotated[str | None, typer.Option(help="Only these metrics, comma-separated.")] = None,
+    long: Annotated[
+        bool, typer.Option("--long", help="Print raw long-format rows instead of the pivot.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the results table, filtered, as mean ± std over seeds."""
+    from bob_cache.stores.results import ResultsTable, summarize
+
+    table = ResultsTable.open(directory)
+    frame = table.read(dataset=dataset, backbone=backbone, method=method)
+    metrics = [m.strip() for m in metric.split(",")] if metric else None
+    if metrics and not long:
+        frame = frame[frame["metric"].isin(metrics)]
+    shown = frame if long else summarize(frame, metrics=metrics)
+    records = shown.to_dict(orient="records")
+    if as_json:
+        print_json(records)
+    elif not records:
+        out.print(f"No results in '{table.directory}' match. Run `bob-cache probe` first.")
+    else:
+        print_table(records, list(shown.columns))
+
+
+def register(app: typer.Typer) -> None:
+    """Add the probe family's commands to ``app``."""
+    app.command(
+        epilog="Example: bob-cache probe --dataset digits --backbone resnet18 --method all "
+        "--shots 1,5"
+    )(probe)
+    app.command(epilog="Example: bob-cache results ./bob-results --dataset digits --metric top1")(
+        results
+    )

@@ -1,0 +1,113 @@
+"""The store family: ``ls``, ``info`` and ``verify`` of a feature store."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from bob_cache.commands.common import (
+    FEATURE_SET_COLUMNS,
+    JsonOpt,
+    StoreArg,
+    err,
+    handle_errors,
+    out,
+    print_json,
+    print_table,
+    require_existing_store,
+)
+
+
+@handle_errors
+def list_sets(store: StoreArg, as_json: JsonOpt = False) -> None:
+    """List the feature sets in a store."""
+    from bob_cache.stores import open_store
+
+    require_existing_store(store)
+    rows = open_store(store).list()
+    if as_json:
+        print_json(rows)
+    elif not rows:
+        out.print(f"Store '{store}' holds no feature sets yet.")
+    else:
+        print_table(rows, (*FEATURE_SET_COLUMNS[:1], "dataset", *FEATURE_SET_COLUMNS[1:]))
+
+
+@handle_errors
+def info(
+    store: StoreArg,
+    group: Annotated[
+        str, typer.Argument(help="Group path, or a unique prefix of the feature key.")
+    ],
+    split: Annotated[
+        str | None,
+        typer.Option(help="The split to show when the key is shared by several splits."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print a feature set's full provenance."""
+    from bob_cache.stores import open_store
+
+    require_existing_store(store)
+    fs = open_store(store).get(group, split=split)
+    data = {"group": fs.path, **fs.info(), "attributes": fs.attrs}
+    if as_json:
+        print_json(data)
+        return
+    for k, v in fs.info().items():
+        out.print(f"[bold]{k}[/]: {v}", highlight=False)
+    out.print_json(json.dumps(fs.attrs, default=str))
+
+
+@handle_errors
+def verify(
+    store: StoreArg,
+    group: Annotated[
+        str | None, typer.Option(help="Only this feature set (group path or key prefix).")
+    ] = None,
+    split: Annotated[
+        str | None, typer.Option(help="With --group: the split, when its key has several.")
+    ] = None,
+    repair: Annotated[
+        bool,
+        typer.Option("--repair", help="Un-commit damaged shards so `extract` recomputes them."),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Read every chunk of every feature set and report damage (exit 1 if any)."""
+    from bob_cache.stores import open_store, verify_store
+
+    require_existing_store(store)  # --repair opens for writing, which would create a store
+    reports = verify_store(
+        open_store(store, mode="a" if repair else "r"), group=group, split=split, repair=repair
+    )
+    damaged = [r for r in reports if not r.ok]
+    if as_json:
+        print_json([r.to_dict() for r in reports])
+    else:
+        for r in reports:
+            state = "ok" if r.ok else "[bold red]DAMAGED[/]"
+            done = "complete" if r.complete else f"incomplete ({r.committed}/{r.shards} shards)"
+            out.print(f"{state}  {r.group}  {r.rows} rows, {done}")
+            for problem in r.problems:
+                out.print(f"    {problem}", highlight=False)
+        if damaged:
+            fix = "`bob-cache verify --repair`, then the `extract` command `bob-cache info` shows"
+            hint = (
+                "repaired: rerun the same `bob-cache extract` command" if repair else f"run {fix}"
+            )
+            count = f"{len(damaged)} of {len(reports)} feature set(s) damaged"
+            err.print(f"{count}; {hint} to recompute them.")
+    if damaged:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the store family's commands to ``app``."""
+    app.command(name="ls", epilog="Example: bob-cache ls ./bob-store --json")(list_sets)
+    app.command(
+        epilog="Example: bob-cache info ./bob-store digits/train/resnet18.tv_in1k/3f2a9c1b7d4e"
+    )(info)
+    app.command(epilog="Example: bob-cache verify ./bob-store --repair")(verify)
