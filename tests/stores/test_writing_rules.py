@@ -200,3 +200,30 @@ def test_writers_started_at_the_same_instant_share_one_set(tmp_path: Path) -> No
     fs = open_store(path).get(request_for().path)
     assert {created for _, created, _ in seen} == {fs.attrs["created"]}  # one create won
     assert fs.complete and sorted(s for s, _, _ in seen) == list(range(n))
+
+
+def test_a_kill_before_consolidation_is_repaired_by_finalizing_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import warnings
+
+    import xarray as xr
+    import zarr
+
+    fs = create(open_store(tmp_path / "store", mode="a"))
+    for shard in range(3):
+        put(fs, shard)
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise Killed("consolidate")
+
+    monkeypatch.setattr(zarr, "consolidate_metadata", killed)
+    with pytest.raises(Killed):
+        fs.finalize()
+    monkeypatch.undo()
+    assert fs.complete  # every shard is committed; only the metadata copy is missing
+    assert fs.finalize()  # what rerunning the extraction does
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = xr.open_zarr(tmp_path / "store", group=fs.path)
+    assert ds["features"].shape == (N, fs.dim)
