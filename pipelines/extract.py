@@ -11,6 +11,7 @@ feature set, each taking every N-th shard.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -195,6 +196,10 @@ class Extraction:
             )
         return SplitPlan(split, samples, labels, targets, sorted(missing), len(mine - missing))
 
+    @functools.cached_property
+    def request(self) -> dict[str, Any]:
+        return self.config.request()
+
     @property
     def writer(self) -> dict[str, str]:
         """This run's environment, recorded in every shard it commits."""
@@ -221,6 +226,7 @@ class Extraction:
             },
             "versions": library_versions(),
             "device": self.device.type,
+            "request": self.request,
             "command": command_without_part(self.config.command),
         }
         return FeatureSetRequest(

@@ -80,6 +80,7 @@ class ProbeConfig:
     device: str = "auto"
     results: str | None = None
     force: bool = False
+    include_full: bool = True  # False: only the few-shot settings (the battle's few-shot task)
     stream: bool | None = None  # None: stream when the splits exceed max_memory_gb
     max_memory_gb: float | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -96,6 +97,8 @@ class ProbeConfig:
             raise SpecError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}.")
         if not self.seeds:
             raise SpecError("--seeds is empty; pass at least one seed, e.g. --seeds 0,1,2.")
+        if not (self.include_full or self.shots or self.fractions):
+            raise SpecError("Nothing to probe: no full setting and no --shots or --fraction.")
 
 
 @dataclass
@@ -190,17 +193,10 @@ def probe(config: ProbeConfig) -> ProbeSummary:
     done = table.config_hashes()
     for method in config.methods:
         unit = _linear_unit(config, device) if method == "linear" else _knn_unit(config, device)
-        seeded = method == "linear" and config.recipe == "bob"
         for setting in settings:
-            if setting.is_full and not seeded and setting.seed != config.seeds[0]:
-                continue  # deterministic on the full split: one run is enough
-            spec = {
-                "method": method,
-                "setting": setting.name,
-                "seed": setting.seed,
-                **_config_identity(config, data, method),
-            }
-            config_hash = stable_hash(spec)
+            if not _runs(config, method, setting.name, setting.seed):
+                continue
+            config_hash = _unit_hash(config, data.feature_key, method, setting.name, setting.seed)
             if not config.force and config_hash in done:
                 summary.units_skipped += 1
                 continue
@@ -317,7 +313,7 @@ def _settings(config: ProbeConfig, data: ProbeData) -> Iterator[Setting]:
         raise SpecError(
             "Few-shot subsets need single-label data; drop --shots/--fraction for multi-label sets."
         )
-    for seed in config.seeds:
+    for seed in config.seeds if config.include_full else ():
         yield Setting("full", seed, data.train, data.y_train, data.ids_train)
     draws = [(f"{k}-shot", partial(sample_shots, shots=k)) for k in config.shots] + [
         (f"{f:g}-fraction", partial(sample_fraction, fraction=f)) for f in config.fractions
@@ -367,12 +363,41 @@ def _knn_unit(config: ProbeConfig, device: Any) -> Unit:
     return run
 
 
-def _config_identity(config: ProbeConfig, data: ProbeData, method: str) -> dict[str, Any]:
+def unit_hashes(config: ProbeConfig, feature_key: str) -> set[str]:
+    """The config hash of every unit ``probe(config)`` runs on the set ``feature_key``: when
+    the results table holds them all, there is nothing left to do (the battle's check)."""
+    names = (["full"] if config.include_full else []) + [f"{k}-shot" for k in config.shots]
+    names += [f"{f:g}-fraction" for f in config.fractions]
+    return {
+        _unit_hash(config, feature_key, method, name, seed)
+        for method in config.methods
+        for name in names
+        for seed in config.seeds
+        if _runs(config, method, name, seed)
+    }
+
+
+def _runs(config: ProbeConfig, method: str, setting: str, seed: int) -> bool:
+    """Whether a (method, setting, seed) unit runs: the full split is deterministic except
+    for the BoB recipe, so one seed is enough there."""
+    if setting != "full":
+        return True
+    seeded = method == "linear" and config.recipe == "bob"
+    return config.include_full and (seeded or seed == config.seeds[0])
+
+
+def _unit_hash(config: ProbeConfig, feature_key: str, method: str, setting: str, seed: int) -> str:
+    spec = {"method": method, "setting": setting, "seed": seed,
+            **_config_identity(config, feature_key, method)}  # fmt: skip
+    return stable_hash(spec)
+
+
+def _config_identity(config: ProbeConfig, feature_key: str, method: str) -> dict[str, Any]:
     """Everything that changes a unit's numbers (the results-table config hash)."""
     ident: dict[str, Any] = {
         "stage": "probe",
         "dataset": config.dataset,
-        "feature_key": data.feature_key,
+        "feature_key": feature_key,
         "splits": [config.train_split, config.val_split, config.test_split, config.val_fraction],
         "subsets": "id-hash",  # few-shot subsets and hold-outs drawn by a hash of the row ids
     }

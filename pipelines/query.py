@@ -3,12 +3,18 @@ vector, by stored id, or by image (embedded with the set's own backbone and prep
 
 Everything a result row needs (ids, labels, class names) is read into memory when the
 :class:`Searcher` opens, so answering costs the index search plus O(k) lookups, whatever
-the number of stored rows.
+the number of stored rows. A feature set without a built index is searched exactly (its
+stored rows in an in-memory flat index), and the searcher says so (:attr:`Searcher.note`).
+
+Bad input cannot hurt: ragged, wrong-sized or non-finite vectors, ids of rows without
+features, and images whose header claims more pixels than the limits are refused with a
+:class:`~bob_cache.errors.QueryError` before any search or decode; images are decoded a
+bounded number of pixels at a time.
 """
 
 from __future__ import annotations
 
-import io
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,17 +24,35 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bob_cache.errors import DataNotFoundError, QueryError, UnknownIdError, did_you_mean
+from bob_cache.errors import InvalidRowError, QueryError, UnknownIdError, did_you_mean
 from bob_cache.pipelines.registry import register_stage
 from bob_cache.pipelines.selection import select_feature_sets
+from bob_cache.provenance import utc_now
 from bob_cache.retrieval import faiss_ops
+from bob_cache.retrieval.exact import EXACT_METRIC, exact_index
 from bob_cache.retrieval.kinds import get_kind
+from bob_cache.retrieval.query_inputs import (
+    MAX_IMAGE_PIXELS,
+    MAX_REQUEST_PIXELS,
+    check_request_pixels,
+    decode_image,
+    group_by_pixels,
+    image_size,
+    parse_vectors,
+)
 from bob_cache.retrieval.vectors import read_rows
 from bob_cache.stores import FeatureSet, open_store
-from bob_cache.stores.index_store import IndexRecord, check_index, get_record, index_reader
+from bob_cache.stores.index_store import (
+    IndexRecord,
+    check_index,
+    get_record,
+    index_reader,
+    list_indexes,
+)
 
 RESULT_COLUMNS = ("query", "rank", "row", "id", "label", "class", "score")
-MAX_IMAGE_PIXELS = 80_000_000  # refuse decompression bombs beyond ~9000 × 9000
+EXACT_KIND = "exact (no index built)"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,21 +71,34 @@ class QueryConfig:
 
 
 class Searcher:
-    """An opened feature set + index. Thread-safe: searches are serialized by a lock."""
+    """An opened feature set + index. Thread-safe: searches are serialized by a lock.
+
+    ``exact``: the set has no built index; ``index`` is an in-memory flat index of its
+    committed rows, built at open (exact neighbours, memory of 4·D bytes per row).
+    """
 
     def __init__(
-        self, fs: FeatureSet, record: IndexRecord, index: Any, *, config: QueryConfig
+        self,
+        fs: FeatureSet,
+        record: IndexRecord,
+        index: Any,
+        *,
+        config: QueryConfig,
+        exact: bool = False,
     ) -> None:
         self.fs, self.record, self.index, self.config = fs, record, index, config
-        self.pending_shards = check_index(fs, record)
+        self.exact = exact
+        self.pending_shards = [] if exact else check_index(fs, record)
         faiss_ops.set_search_param(index, get_kind(record.kind), record.search_value)
         self.ids = fs.group["ids"][:]
         self.labels = fs.group["labels"][:]
+        self.valid = fs.group["valid"][:]
         names = fs.attrs.get("dataset", {}).get("class_names") or []
         self.class_names = np.asarray(names, dtype=object)
         self._row_of: dict[str, int] | None = None
         self._embedder: Any = None
         self._lock = threading.RLock()
+        self._decode_lock = threading.Lock()
 
     @classmethod
     def open(cls, config: QueryConfig) -> Searcher:
@@ -71,48 +108,112 @@ class Searcher:
             store, dataset=config.dataset, backbone=config.backbone, feature=config.feature,
             splits=(config.split,),
         ).values()  # fmt: skip
+        if config.index is None and not list_indexes(fs):
+            return cls._open_exact(fs, config)
         record = get_record(fs, config.index)
         index = faiss_ops.read_index(index_reader(fs, record.name))
         return cls(fs, record, index, config=config)
+
+    @classmethod
+    def _open_exact(cls, fs: FeatureSet, config: QueryConfig) -> Searcher:
+        """No index built: search the committed rows exactly, from an in-memory flat index."""
+        index, shards = exact_index(fs)
+        record = IndexRecord(
+            name="", kind="flat", metric=EXACT_METRIC, params={}, feature_key=fs.key,
+            feature_set=fs.path, feature_set_created=str(fs.attrs.get("created", "")),
+            shards=shards, rows=int(index.ntotal), dim=fs.dim, reason=EXACT_KIND,
+            created=utc_now(),
+        )  # fmt: skip
+        searcher = cls(fs, record, index, config=config, exact=True)
+        log.info("%s", searcher.note)
+        return searcher
 
     @property
     def n_indexed(self) -> int:
         return int(self.index.ntotal)
 
+    @property
+    def index_name(self) -> str | None:
+        """The built index searched (None: no index built, exact search)."""
+        return None if self.exact else self.record.name
+
+    @property
+    def index_kind(self) -> str:
+        return EXACT_KIND if self.exact else self.record.kind
+
+    @property
+    def note(self) -> str | None:
+        """What a user should know about how queries are answered (None: nothing)."""
+        if not self.exact:
+            return None
+        return (
+            f"No index is built for '{self.fs.path}': searching its {self.n_indexed} stored "
+            f"rows exactly ({EXACT_METRIC}, in memory). Build one with `bob-cache index build` "
+            "for faster queries on large sets."
+        )
+
     # --- queries: Hits (arrays, the lean path the server uses) -------------------------------
-    def search(self, vectors: np.ndarray, k: int = 10) -> Hits:
-        """Neighbours of each row of ``vectors`` (``(D,)`` or ``(N, D)``)."""
-        x = np.asarray(vectors, dtype=np.float32)
-        x = x[None] if x.ndim == 1 else x
-        if x.ndim != 2 or x.shape[1] != self.fs.dim:
-            raise QueryError(
-                f"Query vectors have shape {tuple(np.shape(vectors))}, but the index holds "
-                f"{self.fs.dim}-dimensional features of '{self.fs.path}'. Pass (N, "
-                f"{self.fs.dim}) vectors from the same backbone and layer."
-            )
-        if not np.isfinite(x).all():
-            raise QueryError("Query vectors contain NaN or inf; pass finite values.")
+    def search(self, vectors: np.ndarray | Sequence[Sequence[float]], k: int = 10) -> Hits:
+        """Neighbours of each row of ``vectors`` (``(D,)`` or ``(N, D)``).
+
+        Raises:
+            QueryError: ragged or non-numeric rows, the wrong dimension, NaN/inf, bad ``k``.
+        """
+        x = parse_vectors(vectors, self.fs.dim, where=self.fs.path)
         self._check_k(k)
         return self._hits(*self._search(faiss_ops.prepare(x, self.record.metric), k))
 
     def search_by_ids(self, ids: Sequence[str], k: int = 10) -> Hits:
-        """Neighbours of stored rows named by id; each query's own row is left out."""
+        """Neighbours of stored rows named by id; each query's own row is left out.
+
+        Raises:
+            UnknownIdError: an id names no stored row.
+            InvalidRowError: an id names a row without features (unreadable image, or its
+                shard not extracted yet).
+        """
         rows = np.asarray([self._row(i) for i in ids], dtype=np.int64)
+        for id_, row in zip(ids, rows.tolist(), strict=True):
+            self._check_usable(id_, row)
         self._check_k(k, extra=1)
         x = read_rows(self.fs, rows, self.record.metric)
+        if not np.isfinite(x).all():  # valid rows hold finite features; never search NaN
+            bad = int(rows[~np.isfinite(x).all(axis=1)][0])
+            raise InvalidRowError(
+                f"Row '{self.ids[bad]}' (row {bad}) of '{self.fs.path}' holds NaN or inf "
+                "features. Re-extract the set (`bob-cache extract --overwrite`), or query "
+                "another id."
+            )
         scores, found = self._search(x, k + 1)
         keep = found != rows[:, None]
         scores = np.stack([s[m][:k] for s, m in zip(scores, keep, strict=True)])
         found = np.stack([f[m][:k] for f, m in zip(found, keep, strict=True)])
         return self._hits(scores, found, queries=[str(i) for i in ids])
 
-    def search_by_images(self, images: Sequence[str | Path | bytes], k: int = 10) -> Hits:
-        """Neighbours of image files or encoded image bytes, embedded like the stored rows."""
+    def search_by_images(
+        self,
+        images: Sequence[str | Path | bytes],
+        k: int = 10,
+        *,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
+        max_request_pixels: int = MAX_REQUEST_PIXELS,
+    ) -> Hits:
+        """Neighbours of image files or encoded image bytes, embedded like the stored rows.
+
+        Every image's header is checked against ``max_image_pixels`` and their sum against
+        ``max_request_pixels`` before anything is decoded; images are then decoded and
+        embedded in groups of at most ``max_image_pixels`` decoded pixels (one image when it
+        alone is that large), one group at a time across all threads, so memory stays
+        bounded whatever requests hold.
+
+        Raises:
+            ImageTooLargeError: an image, or the images together, over the pixel limits.
+            QueryError: an image that cannot be decoded.
+        """
         self._check_k(k)
-        decoded = [decode_image(image) for image in images]
-        with self._lock:  # one model forward at a time: threads would oversubscribe the CPU
-            vectors = self.embedder.embed(decoded)
-            scores, rows = self._search(faiss_ops.prepare(vectors, self.record.metric), k)
+        sizes = [image_size(image, max_pixels=max_image_pixels) for image in images]
+        check_request_pixels(sizes, max_request_pixels)
+        vectors = self._embed(images, sizes, group_pixels=max_image_pixels)
+        scores, rows = self._search(faiss_ops.prepare(vectors, self.record.metric), k)
         return self._hits(scores, rows)
 
     # --- queries: tables ---------------------------------------------------------------------
@@ -124,9 +225,11 @@ class Searcher:
         """:meth:`search_by_ids` as a table, with a ``query_id`` column."""
         return self.search_by_ids(ids, k).to_frame()
 
-    def search_images(self, images: Sequence[str | Path | bytes], k: int = 10) -> pd.DataFrame:
-        """:meth:`search_by_images` as a table."""
-        return self.search_by_images(images, k).to_frame()
+    def search_images(
+        self, images: Sequence[str | Path | bytes], k: int = 10, **limits: int
+    ) -> pd.DataFrame:
+        """:meth:`search_by_images` as a table (``limits``: its pixel limits)."""
+        return self.search_by_images(images, k, **limits).to_frame()
 
     @property
     def embedder(self) -> Any:
@@ -144,9 +247,53 @@ class Searcher:
         with self._lock:
             return faiss_ops.search(self.index, x, k)
 
+    def _embed(
+        self,
+        images: Sequence[str | Path | bytes],
+        sizes: Sequence[tuple[int, int]],
+        *,
+        group_pixels: int,
+    ) -> np.ndarray:
+        """Embeddings of ``images``, decoded a group of at most ``group_pixels`` at a time.
+
+        Decoding a group and embedding it hold the decode lock, so across all concurrent
+        requests one group of decoded pixels is in memory at a time; searches only wait for
+        the model forward (the search lock), not for decoding.
+        """
+        out: list[np.ndarray] = []
+        for group in group_by_pixels(sizes, group_pixels):
+            with self._decode_lock:
+                decoded = [decode_image(images[i], max_pixels=group_pixels) for i in group]
+                with self._lock:  # one model forward at a time: threads oversubscribe the CPU
+                    out.append(self.embedder.embed(decoded))
+                del decoded  # freed before the next group (of any request) is decoded
+        return np.concatenate(out) if out else np.zeros((0, self.fs.dim), np.float32)
+
+    def _check_usable(self, id_: str, row: int) -> None:
+        """Refuse a row without features: its image was unreadable, or not extracted yet."""
+        if self.valid[row]:
+            return
+        where = f"Row '{id_}' (row {row}) of '{self.fs.path}'"
+        reason = str(self.fs.group["error"][row])
+        if reason:
+            raise InvalidRowError(
+                f"{where} has no features: its image could not be read when the set was "
+                f"extracted ({reason}). Query another id, or fix the image and re-extract."
+            )
+        shard = row // self.fs.layout.shard_rows
+        raise InvalidRowError(
+            f"{where} has no features yet: its shard {shard} is not extracted. Finish "
+            "`bob-cache extract` (rerun it to resume), or query another id."
+        )
+
     def _check_k(self, k: int, *, extra: int = 0) -> None:
         if k < 1:
             raise QueryError(f"-k must be at least 1, got {k}.")
+        if self.n_indexed - extra < 1:
+            raise QueryError(
+                f"'{self.fs.path}' has {self.n_indexed} searchable rows, too few to answer. "
+                "Extract more images (`bob-cache extract`), then query again."
+            )
         if k + extra > self.n_indexed:
             raise QueryError(
                 f"-k {k} asks for more neighbours than the {self.n_indexed - extra} rows the "
@@ -230,26 +377,6 @@ def _record(s: Searcher, i: int, row: int, score: float, label: Any) -> dict[str
     label = int(label)
     return {"rank": i + 1, "row": row, "id": str(s.ids[row]), "label": label,
             "class": s.class_name(label), "score": score}  # fmt: skip
-
-
-def decode_image(image: str | Path | bytes) -> Any:
-    """A PIL RGB image from a path or encoded bytes, with a clear error when it is not one."""
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-    if isinstance(image, (str, Path)) and not Path(image).is_file():
-        raise DataNotFoundError(f"Query image '{image}' does not exist. Check the path.")
-    what = f"'{image}'" if isinstance(image, (str, Path)) else "the uploaded file"
-    try:
-        source = io.BytesIO(image) if isinstance(image, bytes) else image
-        with Image.open(source) as img:
-            img.load()
-            return img.convert("RGB")
-    except Exception as exc:  # PIL raises many types for undecodable input
-        raise QueryError(
-            f"Cannot decode {what} as an image ({type(exc).__name__}: {exc}). Pass a JPEG, "
-            "PNG, WebP, BMP, TIFF or GIF file."
-        ) from exc
 
 
 @register_stage("query")

@@ -5,6 +5,11 @@ the query set, the rest the database; relevant = same class. ``gnd``: queries an
 are named by a Revisited Oxford/Paris ground-truth file; database rows it does not name act
 as distractors (the R1M setting); Easy, Medium and Hard are reported. Ranking is exact
 (every database row scored), so the numbers measure the features, not an index.
+
+``--metrics-definition`` picks how AP and precision@k are computed (see
+:mod:`bob_cache.retrieval.metrics`): ``sklearn`` (the classes default) or ``revisitop`` (the
+gnd default; BoB's definitions for every dataset). The definition is part of each row's
+``protocol`` text and of its config hash, so rows under different definitions never mix.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from bob_cache.retrieval.gnd import PROTOCOLS, GroundTruth, load_ground_truth, m
 from bob_cache.retrieval.kinds import parse_metric
 from bob_cache.retrieval.metrics import (
     classes_block_metrics,
+    get_metrics_definition,
     gnd_query_metrics,
     mean_block_metrics,
     mean_metrics,
@@ -37,6 +43,9 @@ from bob_cache.stores import FeatureSet, open_store
 from bob_cache.stores.results import ResultsTable
 
 EVAL_PROTOCOLS = ("classes", "gnd")
+# --metrics-definition when none is given: classes keeps scikit-learn's AP, which its rows used
+# before the option existed; gnd uses revisitop's compute_map, the protocol's own definitions.
+DEFAULT_METRICS_DEFINITION = {"classes": "sklearn", "gnd": "revisitop"}
 _BLOCK = 256  # queries scored per matrix product
 
 
@@ -55,6 +64,7 @@ class RetrievalEvalConfig:
     query_fraction: float = 0.2
     seed: int = 0
     metric: str = "cosine"
+    metrics_definition: str = ""  # "" = the protocol's default
     results: str | None = None
     force: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -69,6 +79,12 @@ class RetrievalEvalConfig:
             raise SpecError("--protocol gnd needs --gnd FILE (Revisited Oxford/Paris format).")
         if not 0 < self.query_fraction < 1:
             raise SpecError(f"--query-fraction must be between 0 and 1, got {self.query_fraction}.")
+        self.metrics_definition = resolve_metrics_definition(self.protocol, self.metrics_definition)
+
+
+def resolve_metrics_definition(protocol: str, name: str = "") -> str:
+    """``name`` checked against the registry, or ``protocol``'s default when empty."""
+    return get_metrics_definition(name or DEFAULT_METRICS_DEFINITION[protocol]).name
 
 
 @dataclass
@@ -79,6 +95,7 @@ class RetrievalEvalSummary:
     backbone: str
     feature_key: str
     protocol: str
+    metrics_definition: str = ""
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     queries: dict[str, int] = field(default_factory=dict)
     queries_skipped: dict[str, int] = field(default_factory=dict)
@@ -104,8 +121,9 @@ def retrieval_eval(config: RetrievalEvalConfig) -> RetrievalEvalSummary:
     )  # fmt: skip
     db_set = sets[config.split]
     summary = RetrievalEvalSummary(
-        config.dataset, db_set.attrs["backbone"]["slug"], db_set.key, config.protocol
-    )
+        config.dataset, db_set.attrs["backbone"]["slug"], db_set.key, config.protocol,
+        config.metrics_definition,
+    )  # fmt: skip
     table = ResultsTable.open(config.results)
     summary.results = str(table.directory)
     ident = _identity(config, db_set, query_split)
@@ -149,7 +167,11 @@ def _classes(config: RetrievalEvalConfig, fs: FeatureSet, summary: RetrievalEval
         skipped += int((~has).sum())
         counted += int(has.sum())
         if has.any():
-            blocks.append(classes_block_metrics(scores[has], relevant[has]))
+            blocks.append(
+                classes_block_metrics(
+                    scores[has], relevant[has], definition=config.metrics_definition
+                )
+            )
     summary.metrics["classes"] = mean_block_metrics(blocks)
     summary.queries["classes"] = counted
     summary.queries_skipped["classes"] = skipped
@@ -180,8 +202,11 @@ def _gnd(
                 if not len(pos):
                     skipped[protocol] += 1
                     continue
+                ignored = np.concatenate([im_rows[ign], own])
                 per[protocol].append(
-                    gnd_query_metrics(ranking, im_rows[pos], np.concatenate([im_rows[ign], own]))
+                    gnd_query_metrics(
+                        ranking, im_rows[pos], ignored, definition=config.metrics_definition
+                    )
                 )
     for protocol in PROTOCOLS:
         summary.metrics[f"gnd-{protocol}"] = mean_metrics(per[protocol])
@@ -228,6 +253,11 @@ def _identity(config: RetrievalEvalConfig, fs: FeatureSet, query_split: str) -> 
         "stage": "retrieval", "feature_key": fs.key, "protocol": config.protocol,
         "split": config.split, "metric": config.metric,
     }  # fmt: skip
+    # Rows written before --metrics-definition existed were classes rows under sklearn's
+    # definitions (they keep their hash) or gnd rows with plain precision@k (no definition
+    # matches them, so every gnd identity names its definition).
+    if (config.protocol, config.metrics_definition) != ("classes", "sklearn"):
+        ident["metrics_definition"] = config.metrics_definition
     if config.protocol == "classes":
         ident["queries"] = [config.query_fraction, config.seed]
     else:
@@ -247,11 +277,29 @@ def _rows(
             f"{config.query_fraction:g}-queries" if config.protocol == "classes" else "gnd"
         ),
         "seed": config.seed, "config_hash": config_hash, "versions": library_versions(),
-        "time": utc_now(), "train_rows": 0, "val_rows": 0,
-        "protocol": "no fitting: labels (or the ground truth) only judge relevance",
+        "time": utc_now(), "train_rows": 0, "val_rows": 0, "protocol": _protocol_text(config),
     }  # fmt: skip
     return [
         {**base, "method": method, "metric": metric, "value": float(value)}
         for method, values in summary.metrics.items()
         for metric, value in values.items()
     ]
+
+
+def _protocol_text(config: RetrievalEvalConfig) -> str:
+    """The ``protocol`` column: who judges relevance, and the metric definitions used."""
+    definition = get_metrics_definition(config.metrics_definition)
+    if config.protocol == "classes":
+        judge = "no fitting: a query's class judges relevance"
+    else:
+        judge = "no fitting: the ground truth judges relevance (ignored images removed first)"
+    return f"{judge}; {definition.description}"
+
+
+def config_hash(config: RetrievalEvalConfig, feature_key: str) -> str:
+    """The results-table config hash of ``config`` on the feature set ``feature_key`` (the
+    battle's done check: the stage writes its rows under this hash)."""
+    from types import SimpleNamespace
+
+    fs: Any = SimpleNamespace(key=feature_key)
+    return stable_hash(_identity(config, fs, config.query_split or config.split))

@@ -4,7 +4,9 @@ Every evaluation appends rows (one metric value each) as a new parquet file, so 
 runs never rewrite each other's output; readers see the union. Reports are built only from
 this table. Each row says which labelled rows produced it: ``train_rows`` (the reported model
 was fitted on them), ``val_rows`` (they only chose hyper-parameters; disjoint from
-``train_rows``) and ``protocol`` (how, in words).
+``train_rows``) and ``protocol`` (how, in words). Rows imported from elsewhere (``bob-cache
+results import``) carry their ``source``; own rows have ``source == ""``. A row may name its
+``task`` (``linear``, ``knn``, ...); empty means the ranking's rules decide.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from bob_cache.stores.location import translate_write_errors
 COLUMNS = (
     "run_id", "stage", "dataset", "split", "backbone", "feature_key", "method", "setting",
     "metric", "value", "seed", "config_hash", "versions", "time", "train_rows", "val_rows",
-    "protocol",
+    "protocol", "source", "task",
 )  # fmt: skip
+# Columns a writer may leave out (and tables written before they existed lack): their fill.
+OPTIONAL = {"source": "", "task": ""}
 SUMMARY_KEYS = ("dataset", "backbone", "method", "setting")
 DEFAULT_RESULTS = "bob-results"
 
@@ -46,10 +50,10 @@ class ResultsTable:
         """Write ``rows`` as one new parquet file; returns its path (None when empty)."""
         if not rows:
             return None
-        missing = set(COLUMNS) - set(rows[0])
+        missing = set(COLUMNS) - set(OPTIONAL) - set(rows[0])
         if missing:
             raise ValueError(f"result rows lack columns {sorted(missing)}")
-        frame = pd.DataFrame([{c: r[c] for c in COLUMNS} for r in rows])
+        frame = _fill_optional(pd.DataFrame([{c: r.get(c) for c in COLUMNS} for r in rows]))
         frame["versions"] = frame["versions"].map(
             lambda v: v if isinstance(v, str) else json.dumps(v)
         )
@@ -76,6 +80,7 @@ class ResultsTable:
         for column in COLUMNS:  # tables written before a column existed
             if column not in frame:
                 frame[column] = None
+        frame = _fill_optional(frame)
         for column, value in filters.items():
             if value is not None:
                 frame = frame[frame[column] == value]
@@ -111,6 +116,13 @@ def summarize(frame: pd.DataFrame, *, metrics: Sequence[str] | None = None) -> p
     table = stats.pivot(index=keys[:-1], columns="metric", values="cell").reset_index()
     table.columns.name = None
     return table.merge(rows, on=list(SUMMARY_KEYS), how="left")
+
+
+def _fill_optional(frame: pd.DataFrame) -> pd.DataFrame:
+    """Optional columns as text, their fill where a row (or an older table) has none."""
+    for column, fill in OPTIONAL.items():
+        frame[column] = frame[column].astype(object).where(frame[column].notna(), fill).astype(str)
+    return frame
 
 
 def _span(values: pd.Series) -> str:

@@ -408,3 +408,92 @@ def test_allow_mixed_lets_extract_resume_in_another_environment(
     assert sorted(w["timm"] for w in json.loads(shown.output)["mixed"]) == sorted(
         ["0.0.1", real("cpu")["timm"]]
     )
+
+
+def test_query_without_an_index_searches_exactly_and_says_so(cli, tmp_path: Path) -> None:
+    store = tmp_path / "s"
+    args = ["--data", "builtin:digits", "--split", "val", "--limit", "24", *TINY]
+    assert cli("extract", *args, "--store", store).exit_code == 0
+    found = cli("query", "--store", store, "--dataset", "digits", "--backbone", "test_resnet",
+                "--split", "val", "--id", "digits/00011", "-k", "3", "--json")  # fmt: skip
+    assert found.exit_code == 0, found.output
+    assert "No index is built" in found.output and "exactly" in found.output
+
+
+# --- the report family: results (a group whose default shows the table), import, report ---
+
+
+@pytest.mark.parametrize("command", ["results", "results import", "report"])
+def test_report_family_help_has_examples(cli, command: str) -> None:
+    result = cli(*command.split(), "--help")
+    assert result.exit_code == 0
+    assert "Example: bob-cache " + command in result.output
+
+
+PAPER_CSV = """dataset,backbone,method,setting,metric,value,seed
+digits,resnet50.paper,linear,full,top1,0.95,0
+digits,vit.paper,linear,full,top1,0.91,0
+digits,mae.paper,linear,full,top1,0.62,0
+digits,resnet50.paper,knn@20,full,top1,0.80,0
+digits,vit.paper,knn@20,full,top1,0.99,0
+digits,mae.paper,knn@20,full,top1,0.50,0
+"""
+
+
+def test_results_import_round_trips_and_reimport_is_a_no_op(cli, tmp_path: Path) -> None:
+    csv = tmp_path / "paper.csv"
+    csv.write_text(PAPER_CSV)
+    res = tmp_path / "res"
+    first = cli("results", "import", csv, "--results", res, "--source", "BoB paper")
+    assert first.exit_code == 0, first.output
+    assert "Imported 6 of 6 row(s)" in first.output
+    again = cli("results", "import", csv, "--results", res, "--source", "BoB paper")
+    assert "Imported 0 of 6" in again.output and "6 row(s) were already imported" in again.output
+    rows = json.loads(cli("results", res, "--long", "--json").stdout)
+    assert len(rows) == 6 and {r["source"] for r in rows} == {"BoB paper"}
+    assert {r["protocol"] for r in rows} == {"imported"} and rows[0]["train_rows"] is None
+    pivot = cli("results", res, "--metric", "top1")  # `results DIR` is still the default
+    assert pivot.exit_code == 0 and "resnet50.paper" in pivot.output and "0.9500" in pivot.output
+
+
+def test_results_import_of_a_bad_csv_lists_the_problems_and_exits_1(cli, tmp_path: Path) -> None:
+    csv = tmp_path / "bad.csv"
+    csv.write_text("dataset,backbone,method,setting,metric,value\nd,b,linear,full,top1,x\n"
+                   "d,,linear,full,top1,0.5\n")  # fmt: skip
+    result = cli("results", "import", csv, "--results", tmp_path / "res", "--source", "s")
+    assert result.exit_code == 1
+    assert "line 2: value 'x' is not a number" in result.output
+    assert "line 3: empty backbone" in result.output and "Traceback" not in result.output
+
+
+def test_report_command_writes_the_report(cli, tmp_path: Path) -> None:
+    csv = tmp_path / "paper.csv"
+    csv.write_text(PAPER_CSV)
+    res = tmp_path / "res"
+    assert cli("results", "import", csv, "--results", res, "--source", "paper").exit_code == 0
+    result = cli("report", res, "--out", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["top_backbone"] == "vit.paper" and summary["tasks"] == ["linear", "knn"]
+    assert Path(summary["files"]["html"]).is_file() and Path(summary["files"]["md"]).is_file()
+    empty = cli("report", tmp_path / "nothing", "--out", tmp_path / "out2")
+    assert empty.exit_code == 1 and "No results in" in empty.output
+    assert "bob-cache probe" in empty.output
+
+
+def test_report_suite_names_the_report_and_picks_its_metadata(cli, tmp_path: Path) -> None:
+    csv = tmp_path / "paper.csv"
+    csv.write_text(PAPER_CSV)
+    res = tmp_path / "res"
+    assert cli("results", "import", csv, "--results", res, "--source", "paper").exit_code == 0
+    (res / "backbones-mini.json").write_text(json.dumps({"vit.paper": {"label": "ViT-B (paper)"}}))
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        "name: mini\nbackbones:\n  - name: resnet18\n    random_init: true\n"
+        "datasets:\n  - name: digits\n    data: builtin:digits\ntasks:\n  - kind: linear\n"
+    )
+    result = cli("report", res, "--out", tmp_path / "out", "--suite", suite)
+    assert result.exit_code == 0, result.output
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert markdown.startswith("# bob-cache report: mini")
+    assert "Top backbone: ViT-B (paper) (vit.paper)" in markdown

@@ -51,8 +51,18 @@ def test_wheel_holds_only_the_bob_cache_package(wheel: Path) -> None:
     ):
         for source in (REPO / folder).rglob("*.py"):
             expected.add(f"{installed}/{source.relative_to(REPO / folder).as_posix()}")
+    expected |= {
+        f"bob_cache/pipelines/{page.relative_to(REPO / 'pipelines').as_posix()}"
+        for page in (REPO / "pipelines" / "static").glob("*.html")
+    }
+    expected |= {
+        f"bob_cache/pipelines/templates/{template.name}"
+        for template in (REPO / "pipelines" / "templates").glob("*.j2")
+    }
+    assert "bob_cache/pipelines/static/search.html" in expected  # the query service's page
+    assert "bob_cache/pipelines/templates/report.html.j2" in expected  # the report's template
     missing = sorted(expected - set(names))
-    assert not missing, f"modules left out of the wheel: {missing}"
+    assert not missing, f"modules and data files left out of the wheel: {missing}"
     assert not any(n.startswith("tests/") for n in names)
 
 

@@ -81,6 +81,7 @@ class Backbone(nn.Module):
         weights: WeightsChoice,
         data_config: dict[str, Any],
         outputs: list[Output],
+        conversion: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.model = model.eval().requires_grad_(False)
@@ -91,6 +92,7 @@ class Backbone(nn.Module):
         self.weights = weights
         self.data_config = data_config
         self.outputs = outputs
+        self.conversion = conversion
         shape = (1, -1, 1, 1)
         self.register_buffer(
             "mean", torch.tensor(data_config["mean"]).view(shape), persistent=False
@@ -112,12 +114,16 @@ class Backbone(nn.Module):
         return f"{prefix}{self.arch}.{self.weights.tag(self.pretrained_tag)}"
 
     def identity(self) -> dict[str, Any]:
-        """Everything about the model itself that changes the numbers."""
-        return {
+        """Everything about the model itself that changes the numbers (with the converter
+        and architecture options of an official checkpoint, when it was loaded from one)."""
+        ident = {
             "provider": self.provider,
             "arch": self.arch,
             "weights": self.weights.identity(self.pretrained_tag),
         }
+        if self.conversion is not None:
+            ident["conversion"] = self.conversion
+        return ident
 
     def describe(self) -> dict[str, Any]:
         """Provenance: identity plus human-facing details."""
@@ -128,6 +134,7 @@ class Backbone(nn.Module):
             "model": f"{self.arch}.{self.pretrained_tag}" if self.pretrained_tag else self.arch,
             "weights": self.weights.describe(self.pretrained_tag),
             "params": self.num_params(),
+            **({"conversion": self.conversion} if self.conversion is not None else {}),
         }
 
     def num_params(self) -> int:

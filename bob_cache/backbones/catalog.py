@@ -2,7 +2,9 @@
 
 Names follow the paper's backbones; ``model`` is the timm ``arch.tag`` whose weights match
 the paper's checkpoint most closely. Entries with ``model=None`` are in the study but have
-no timm weights: convert their checkpoint and pass it with ``--weights``.
+no timm weights; those in ``_OFFICIAL`` load their official checkpoint file as downloaded
+(``--weights FILE``), converted to a timm architecture by the named converter and evaluated
+with the official linear evaluation's preprocessing.
 """
 
 from __future__ import annotations
@@ -10,7 +12,11 @@ from __future__ import annotations
 from bob_cache.backbones.registry import BackboneEntry, register_backbone
 
 IN1K, IN21K = "ImageNet-1k", "ImageNet-21k"
-_MISSING = "not in timm; convert the checkpoint and use --weights"
+_FB = "https://dl.fbaipublicfiles.com"
+# Resize(256) + CenterCrop(224) with ImageNet statistics, as the official linear evaluations.
+_EVAL_224 = {"crop_pct": 0.875, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+_BILINEAR = {**_EVAL_224, "interpolation": "bilinear"}
+_BICUBIC = {**_EVAL_224, "interpolation": "bicubic"}  # DINO's eval_linear.py
 
 # fmt: off
 _CATALOG = [
@@ -36,19 +42,19 @@ _CATALOG = [
     ("efficientnet_b4", "efficientnet_b4.ra2_in1k", "EfficientNet", "supervised", IN1K, 17548616, 1792),
     ("dino_vit_small", "vit_small_patch16_224.dino", "ViT", "DINO", IN1K, 21665664, 384),
     ("dino_vit_base", "vit_base_patch16_224.dino", "ViT", "DINO", IN1K, 85798656, 768),
-    ("dino_resnet50", None, "ResNet", "DINO", IN1K, 23508032, 2048, _MISSING),
-    ("mocov3_vit_small", None, "ViT", "MoCo v3", IN1K, 21665664, 384, _MISSING),
-    ("mocov3_vit_base", None, "ViT", "MoCo v3", IN1K, 85798656, 768, _MISSING),
-    ("mocov3_resnet50", None, "ResNet", "MoCo v3", IN1K, 23508032, 2048, _MISSING),
+    ("dino_resnet50", None, "ResNet", "DINO", IN1K, 23508032, 2048),
+    ("mocov3_vit_small", None, "ViT", "MoCo v3", IN1K, 21665664, 384),
+    ("mocov3_vit_base", None, "ViT", "MoCo v3", IN1K, 85798656, 768),
+    ("mocov3_resnet50", None, "ResNet", "MoCo v3", IN1K, 23508032, 2048),
     ("mae_vit_base", "vit_base_patch16_224.mae", "ViT", "MAE", IN1K, 85798656, 768),
-    ("vicreg_resnet50", None, "ResNet", "VICReg", IN1K, 23508032, 2048, _MISSING),
-    ("vicregl_convnext_base", None, "ConvNeXt", "VICRegL", IN1K, 87566464, 1024, _MISSING),
+    ("vicreg_resnet50", None, "ResNet", "VICReg", IN1K, 23508032, 2048),
+    ("vicregl_convnext_base", None, "ConvNeXt", "VICRegL", IN1K, 87566464, 1024),
     ("clip_vit_base_laion2b", "vit_base_patch16_clip_224.laion2b", "ViT", "CLIP", "LAION-2B", 85799424, 768),
     ("clip_vit_base_openai", "vit_base_patch16_clip_224.openai", "ViT", "CLIP", "WIT-400M (OpenAI)", 85799424, 768),
     ("clip_resnet50_openai", "resnet50_clip.openai", "ResNet", "CLIP", "WIT-400M (OpenAI)", 36218720, 2048),
     ("sam_vit_base", "samvit_base_patch16.sa1b", "ViT", "SAM", "SA-1B", 89670912, 256),
-    ("midas_vit_large", None, "ViT", "MiDaS", "MIX-6 depth", None, 1024, _MISSING),
-    ("stable_diffusion_encoder", None, "U-Net encoder", "Stable Diffusion", "LAION-2B", None, None, _MISSING),
+    ("midas_vit_large", None, "ViT", "MiDaS", "MIX-6 depth", 303690752, 1024),
+    ("stable_diffusion_encoder", None, "U-Net encoder", "Stable Diffusion", "LAION-2B", 382876624, 1280),
     # Newer self-supervised models that users place against the BoB field.
     ("dinov2_vit_small", "vit_small_patch14_dinov2.lvd142m", "ViT", "DINOv2", "LVD-142M", 22056192, 384),
     ("dinov2_vit_base", "vit_base_patch14_dinov2.lvd142m", "ViT", "DINOv2", "LVD-142M", 86579712, 768),
@@ -56,7 +62,59 @@ _CATALOG = [
     ("resnet18", "resnet18.tv_in1k", "ResNet", "supervised", IN1K, 11176512, 512),
     ("mobilenetv2", "mobilenetv2_100.ra_in1k", "MobileNetV2", "supervised", IN1K, 2223872, 1280),
 ]
+
+# name → timm arch [+ options], converter, official file, its URL, preprocessing
+_OFFICIAL = {
+    "dino_resnet50": dict(
+        arch="resnet50", converter="torchvision_resnet", data_config=_BICUBIC,
+        checkpoint="dino_resnet50_pretrain.pth",
+        source_url=f"{_FB}/dino/dino_resnet50_pretrain/dino_resnet50_pretrain.pth",
+    ),
+    "mocov3_vit_small": dict(  # MoCo v3's ViT-S has 12 heads (timm's vit_small has 6)
+        arch="vit_small_patch16_224", arch_kwargs={"num_heads": 12}, converter="mocov3",
+        data_config=_BILINEAR, checkpoint="vit-s-300ep.pth.tar",
+        source_url=f"{_FB}/moco-v3/vit-s-300ep/vit-s-300ep.pth.tar",
+    ),
+    "mocov3_vit_base": dict(
+        arch="vit_base_patch16_224", converter="mocov3", data_config=_BILINEAR,
+        checkpoint="vit-b-300ep.pth.tar",
+        source_url=f"{_FB}/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar",
+    ),
+    "mocov3_resnet50": dict(
+        arch="resnet50", converter="mocov3", data_config=_BILINEAR,
+        checkpoint="r-50-1000ep.pth.tar",
+        source_url=f"{_FB}/moco-v3/r-50-1000ep/r-50-1000ep.pth.tar",
+    ),
+    "vicreg_resnet50": dict(
+        arch="resnet50", converter="torchvision_resnet", data_config=_BILINEAR,
+        checkpoint="resnet50.pth", source_url=f"{_FB}/vicreg/resnet50.pth",
+    ),
+    "vicregl_convnext_base": dict(  # VICRegL normalizes each position before pooling
+        arch="convnext_base", arch_kwargs={"head_norm_first": True},
+        converter="vicregl_convnext", data_config=_BILINEAR,
+        checkpoint="convnext_base_alpha0.9.pth",
+        source_url=f"{_FB}/vicregl/convnext_base_alpha0.9.pth",
+    ),
+    "midas_vit_large": dict(  # DPT-Large; timm's own vit_large_patch16_384 preprocessing
+        arch="vit_large_patch16_384", converter="midas_dpt",
+        checkpoint="dpt_large_384.pt",
+        source_url="https://github.com/isl-org/MiDaS/releases/download/v3/dpt_large_384.pt",
+    ),
+    "stable_diffusion_encoder": dict(  # BoB's SDEncoder: VAE + U-Net encoder, prompt context
+        provider="stable_diffusion", arch="sd_v1_encoder", converter="stable_diffusion_v1",
+        checkpoint="sd-v1-4.ckpt",
+        source_url="https://huggingface.co/CompVis/stable-diffusion-v-1-4-original/resolve/main/sd-v1-4.ckpt",
+    ),
+}
 # fmt: on
 
+
+def _note(row: tuple) -> str:
+    official = _OFFICIAL.get(row[0])
+    if official is None:
+        return row[7] if len(row) > 7 else ""
+    return f"not in timm; --weights {official['checkpoint']} from {official['source_url']}"
+
+
 for _row in _CATALOG:
-    register_backbone(BackboneEntry(*_row[:7], note=_row[7] if len(_row) > 7 else ""))
+    register_backbone(BackboneEntry(*_row[:7], note=_note(_row), **_OFFICIAL.get(_row[0], {})))

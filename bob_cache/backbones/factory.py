@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Protocol
 
 from bob_cache.backbones.backbone import Backbone, WeightsChoice
+from bob_cache.backbones.converters import checkpoint_required
 from bob_cache.backbones.pooling import POOL_CHOICES
 from bob_cache.backbones.registry import get_backbone_entry, list_backbones
+from bob_cache.backbones.stable_diffusion import StableDiffusionProvider
 from bob_cache.backbones.timm_provider import TimmProvider
 from bob_cache.backbones.torchvision_provider import TorchvisionProvider
 from bob_cache.backbones.weights import parse_weights_file
@@ -49,16 +51,21 @@ def register_provider(provider: Provider, *prefixes: str) -> None:
 
 register_provider(TimmProvider())
 register_provider(TorchvisionProvider(), "tv")
+register_provider(StableDiffusionProvider())
 
 
 def resolve_backbone_name(name: str) -> tuple[Provider, str]:
     """Map a user-facing name to ``(provider, model id)``.
 
     Registry names come first (``resnet50`` is BoB's torchvision-weights ResNet-50), then
-    ``provider:model`` names, then any timm ``arch`` or ``arch.tag``.
+    ``provider:model`` names, then any timm ``arch`` or ``arch.tag``. Entries that load an
+    official checkpoint file have no provider model of their own: :func:`create_backbone`
+    builds them from ``--weights``.
     """
     entry = get_backbone_entry(name)
     if entry is not None:
+        if entry.needs_checkpoint:
+            raise checkpoint_required(entry)
         if entry.model is None:
             raise BackboneUnavailableError(
                 f"Backbone '{name}' ({entry.method}, {entry.family}) is in the BoB study but "
@@ -94,7 +101,8 @@ def create_backbone(
     Args:
         name: registry name (``resnet50``), timm name (``convnext_tiny.fb_in22k``) or
             ``tv:<torchvision model>``.
-        weights: local ``.safetensors``/``.pth`` checkpoint (loaded with ``weights_only``).
+        weights: local ``.safetensors``/``.pth`` checkpoint (loaded with ``weights_only``);
+            for entries such as ``dino_resnet50``, their official checkpoint as downloaded.
         random_init: skip pretrained weights; parameters are drawn with ``seed``.
         seed: seed of the random initialization.
         layers: ``final`` and/or intermediate layers (module names or indices).
@@ -109,13 +117,29 @@ def create_backbone(
         raise SpecError("No layers requested. Pass --layers final (the default) or layer names.")
     if image_size is not None and image_size < 16:
         raise SpecError(f"--image-size {image_size} is too small; expected at least 16 pixels.")
+    entry = get_backbone_entry(name)
+    if entry is not None and entry.needs_checkpoint:
+        if weights is None and not random_init:
+            raise checkpoint_required(entry)
+        return _PROVIDERS[entry.provider].create(  # type: ignore[call-arg]
+            str(entry.arch),
+            name=name,
+            weights=_weights_choice(weights, random_init=random_init, seed=seed),
+            layers=list(layers),
+            pool=pool,
+            image_size=image_size,
+            official=entry,
+        )
     provider, model = resolve_backbone_name(name)
-    if weights is not None:
-        choice = WeightsChoice("file", file=parse_weights_file(weights))
-    elif random_init:
-        choice = WeightsChoice("random", seed=seed)
-    else:
-        choice = WeightsChoice("pretrained")
+    choice = _weights_choice(weights, random_init=random_init, seed=seed)
     return provider.create(
         model, name=name, weights=choice, layers=list(layers), pool=pool, image_size=image_size
     )
+
+
+def _weights_choice(weights: str | Path | None, *, random_init: bool, seed: int) -> WeightsChoice:
+    if weights is not None:
+        return WeightsChoice("file", file=parse_weights_file(weights))
+    if random_init:
+        return WeightsChoice("random", seed=seed)
+    return WeightsChoice("pretrained")

@@ -2,19 +2,25 @@
 
 An entry maps a short BoB-style name (``resnet50``, ``dino_vit_base``) to a provider model
 id (``resnet50.tv_in1k``) with its pretraining method and data. Entries whose weights timm
-does not ship keep ``model=None`` and say so in the listing; any other timm model name
-works without an entry.
+does not ship keep ``model=None`` and say so in the listing; those whose official checkpoint
+fits a timm architecture name it (``arch``) with the converter that maps its keys, the file
+and where to download it. Any other timm model name works without an entry.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
 @dataclass(frozen=True)
 class BackboneEntry:
-    """One registered backbone."""
+    """One registered backbone.
+
+    Entries loaded from an official checkpoint name the timm ``arch`` (built with
+    ``arch_kwargs``) that ``converter`` maps the file ``checkpoint`` (from ``source_url``) to;
+    ``data_config`` overrides the preprocessing with the official evaluation's.
+    """
 
     name: str
     model: str | None
@@ -25,10 +31,22 @@ class BackboneEntry:
     feature_dim: int | None = None
     note: str = ""
     provider: str = "timm"
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
+    data_config: dict[str, Any] = field(default_factory=dict, hash=False)
+    converter: str | None = None
+    checkpoint: str | None = None
+    source_url: str | None = None
 
     @property
     def available(self) -> bool:
+        """Whether the provider ships weights for it (no file needed)."""
         return self.model is not None
+
+    @property
+    def needs_checkpoint(self) -> bool:
+        """Whether it loads from an official checkpoint file through a converter."""
+        return self.converter is not None
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "available": self.available}

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import inspect
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from bob_cache.backbones.backbone import Backbone, Output, WeightsChoice
+from bob_cache.backbones.converters import load_official_checkpoint
 from bob_cache.backbones.pooling import get_pool
 from bob_cache.backbones.weights import fit_state_dict, load_state_dict
 from bob_cache.errors import BackboneUnavailableError, SpecError
+
+if TYPE_CHECKING:
+    from bob_cache.backbones.registry import BackboneEntry
 
 
 class TimmBackbone(Backbone):
@@ -92,10 +96,13 @@ class TimmProvider:
         layers: list[str],
         pool: str,
         image_size: int | None,
+        official: BackboneEntry | None = None,
     ) -> TimmBackbone:
-        net = _build(model, weights=weights, image_size=image_size)
+        """Build ``model``; with ``official`` (a registry entry with a converter), ``model``
+        is its ``arch``, built with its options, and a weights file is its official checkpoint."""
+        net = _build(model, weights=weights, image_size=image_size, official=official)
         arch = model.partition(".")[0]
-        tag = net.pretrained_cfg.get("tag") or None
+        tag = None if official is not None else net.pretrained_cfg.get("tag") or None
         data_config = _data_config(net, image_size)
         outputs = resolve_outputs(net, arch=arch, layers=layers, pool=pool)
         return TimmBackbone(
@@ -107,6 +114,7 @@ class TimmProvider:
             weights=weights,
             data_config=data_config,
             outputs=outputs,
+            conversion=_conversion_identity(official),
         )
 
 
@@ -146,9 +154,17 @@ def _layer_index(layer: str, modules: list[str], arch: str) -> int:
     )
 
 
-def _build(model: str, *, weights: WeightsChoice, image_size: int | None) -> torch.nn.Module:
-
+def _build(
+    model: str,
+    *,
+    weights: WeightsChoice,
+    image_size: int | None,
+    official: BackboneEntry | None = None,
+) -> torch.nn.Module:
     kwargs: dict[str, Any] = {}
+    if official is not None:  # no classifier: the official checkpoints carry none
+        kwargs.update(num_classes=0, **official.arch_kwargs)
+        kwargs["pretrained_cfg_overlay"] = dict(official.data_config)
     if image_size is not None:
         kwargs["img_size"] = image_size
     pretrained = weights.kind == "pretrained"
@@ -159,12 +175,21 @@ def _build(model: str, *, weights: WeightsChoice, image_size: int | None) -> tor
         except TypeError as exc:  # architectures without an img_size argument (CNNs)
             if "img_size" not in str(exc):
                 raise
-            net = _create(model, pretrained=pretrained)
-    if weights.kind == "file" and weights.file is not None:
+            kwargs.pop("img_size", None)
+            net = _create(model, pretrained=pretrained, **kwargs)
+    if weights.kind == "file" and weights.file is not None and official is not None:
+        load_official_checkpoint(net, weights.file, official)
+    elif weights.kind == "file" and weights.file is not None:
         head = net.pretrained_cfg.get("classifier") or "head"
         heads = (head,) if isinstance(head, str) else tuple(head)
         fit_state_dict(net, load_state_dict(weights.file), name=model, optional_prefixes=heads)
     return net.eval()
+
+
+def _conversion_identity(official: BackboneEntry | None) -> dict[str, Any] | None:
+    if official is None:
+        return None
+    return {"converter": official.converter, "arch_kwargs": dict(official.arch_kwargs)}
 
 
 def _create(model: str, *, pretrained: bool, **kwargs: Any) -> torch.nn.Module:

@@ -12,6 +12,17 @@ from torch import nn
 from bob_cache.errors import WeightsError
 from bob_cache.hashing import file_sha256
 
+
+class _PickledClassName:
+    """Stands in for a class that old training checkpoints pickle by name only (as a dict key
+    of their callback states); it is never instantiated, so loading runs no foreign code."""
+
+
+# PyTorch Lightning checkpoints (Stable Diffusion's sd-v1-4.ckpt) key callback states by class.
+_NAME_ONLY_GLOBALS = [
+    (_PickledClassName, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint")
+]
+
 _WRAPPER_KEYS = ("state_dict", "model", "model_state", "module", "teacher", "model_ema")
 _PREFIXES = ("", "module.", "model.", "backbone.", "encoder.", "teacher.backbone.", "visual.")
 
@@ -51,7 +62,8 @@ def load_state_dict(weights: WeightsFile) -> dict[str, torch.Tensor]:
 
             obj = load_file(str(path), device="cpu")
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(_NAME_ONLY_GLOBALS):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # the unpickler fails on garbage with arbitrary exception types
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(
@@ -89,21 +101,26 @@ def fit_state_dict(
         if k in state and state[k].shape != expected[k].shape
     ]
     if missing or unexpected or wrong_shape:
-        details = "; ".join(
-            f"{label} ({len(items)}): {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
-            for label, items in (
-                ("missing", missing),
-                ("unexpected", unexpected),
-                ("wrong shape", wrong_shape),
-            )
-            if items
-        )
+        details = describe_mismatch(missing, unexpected, wrong_shape)
         raise WeightsError(
             f"The weights file does not fit architecture '{name}': {details}. "
             "Check that --backbone names the architecture the checkpoint was trained with "
             "(and --image-size, for ViTs with fixed position embeddings)."
         )
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+
+
+def describe_mismatch(missing: list[str], unexpected: list[str], wrong_shape: list[str]) -> str:
+    """``missing (2): a, b; unexpected (1): c`` — the first three keys of each non-empty list."""
+    return "; ".join(
+        f"{label} ({len(items)}): {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+        for label, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong shape", wrong_shape),
+        )
+        if items
+    )
 
 
 def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""The probe family: ``probe`` (classify from cached features) and ``results`` (show the table)."""
+"""The probe family: ``probe`` (classify from cached features)."""
 
 from __future__ import annotations
 
@@ -114,46 +114,9 @@ def probe(
     print_table(s.table, columns)
 
 
-@handle_errors
-def results(
-    directory: Annotated[
-        str | None, typer.Argument(envvar="BOB_CACHE_RESULTS", help="Results directory.")
-    ] = None,
-    dataset: Annotated[str | None, typer.Option(help="Only this dataset.")] = None,
-    backbone: Annotated[str | None, typer.Option(help="Only this backbone label.")] = None,
-    method: Annotated[
-        str | None, typer.Option(help="Only this method (linear, knn@20, ...).")
-    ] = None,
-    metric: Annotated[str | None, typer.Option(help="Only these metrics, comma-separated.")] = None,
-    long: Annotated[
-        bool, typer.Option("--long", help="Print raw long-format rows instead of the pivot.")
-    ] = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """Show the results table, filtered, as mean ± std over seeds."""
-    from bob_cache.stores.results import ResultsTable, summarize
-
-    table = ResultsTable.open(directory)
-    frame = table.read(dataset=dataset, backbone=backbone, method=method)
-    metrics = [m.strip() for m in metric.split(",")] if metric else None
-    if metrics and not long:
-        frame = frame[frame["metric"].isin(metrics)]
-    shown = frame if long else summarize(frame, metrics=metrics)
-    records = shown.to_dict(orient="records")
-    if as_json:
-        print_json(records)
-    elif not records:
-        out.print(f"No results in '{table.directory}' match. Run `bob-cache probe` first.")
-    else:
-        print_table(records, list(shown.columns))
-
-
 def register(app: typer.Typer) -> None:
     """Add the probe family's commands to ``app``."""
     app.command(
         epilog="Example: bob-cache probe --dataset digits --backbone resnet18 --method all "
         "--shots 1,5"
     )(probe)
-    app.command(epilog="Example: bob-cache results ./bob-results --dataset digits --metric top1")(
-        results
-    )

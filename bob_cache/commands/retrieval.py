@@ -205,17 +205,23 @@ def query(
     else:
         table = searcher.search_vectors(_load_vectors(vectors), k)
         names = [f"vector {i}" for i in range(int(table["query"].max()) + 1)]
-    if searcher.pending_shards:
-        err.print(
-            f"  note: {len(searcher.pending_shards)} committed shard(s) are not indexed yet; "
-            "run `bob-cache index update` to search them too."
-        )
+    _print_notes(searcher)
     table["query"] = [names[q] for q in table["query"]]
     records = table.drop(columns=["query_id"], errors="ignore").to_dict(orient="records")
     if as_json:
         print_json(records)
     else:
         print_table(records, (*RESULT_COLUMNS[:2], "id", "label", "class", "score"))
+
+
+def _print_notes(searcher: Any) -> None:
+    if searcher.note:
+        err.print(f"  note: {searcher.note}", highlight=False)
+    if searcher.pending_shards:
+        err.print(
+            f"  note: {len(searcher.pending_shards)} committed shard(s) are not indexed yet; "
+            "run `bob-cache index update` to search them too."
+        )
 
 
 def _load_vectors(path: Path | None) -> Any:
@@ -247,8 +253,19 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     max_upload_mb: Annotated[float, typer.Option(help="Largest request body.")] = 20.0,
     max_batch: Annotated[int, typer.Option(help="Most queries per request.")] = 256,
+    max_image_mp: Annotated[
+        float, typer.Option(help="Largest image (megapixels, from its header) a request may hold.")
+    ] = 40.0,
+    max_request_mp: Annotated[
+        float, typer.Option(help="Most megapixels decoded for one request, all images together.")
+    ] = 200.0,
+    images_root: Annotated[
+        Path | None,
+        typer.Option(help="Where the images are now, if moved (the search page's thumbnails)."),
+    ] = None,
 ) -> None:
-    """Serve nearest-neighbour queries over HTTP (JSON; see the README for the endpoints)."""
+    """Serve nearest-neighbour queries over HTTP: JSON endpoints and a search page at /."""
+    from bob_cache.data.thumbnails import thumbnail_problem
     from bob_cache.pipelines import get_stage
     from bob_cache.pipelines.query import QueryConfig
     from bob_cache.pipelines.serve import serve as run_server
@@ -258,11 +275,19 @@ def serve(
         QueryConfig(store, dataset, backbone, feature, split, index, weights, device)
     )
     err.print(
-        f"Serving {searcher.fs.path} ({searcher.record.kind} index, {searcher.n_indexed} rows) "
-        f"on http://{host}:{port} — GET /health, POST /query/image|id|vector. Ctrl-C stops.",
+        f"Serving {searcher.fs.path} ({searcher.index_kind}, {searcher.n_indexed} rows) "
+        f"on http://{host}:{port} — search page at /, GET /health, "
+        "POST /query/image|id|vector. Ctrl-C stops.",
         highlight=False,
     )
-    run_server(searcher, host=host, port=port, max_upload_mb=max_upload_mb, max_batch=max_batch)
+    _print_notes(searcher)
+    problem = thumbnail_problem(searcher.fs.attrs.get("dataset", {}), images_root)
+    if problem:
+        err.print(f"  note: {problem}", highlight=False)
+    run_server(
+        searcher, host=host, port=port, max_upload_mb=max_upload_mb, max_batch=max_batch,
+        max_image_mp=max_image_mp, max_request_mp=max_request_mp, images_root=images_root,
+    )  # fmt: skip
 
 
 @handle_errors
@@ -288,6 +313,15 @@ def retrieval_eval(
     ] = 0.2,
     seed: Annotated[int, typer.Option(help="classes: seed of the query draw.")] = 0,
     metric: MetricOpt = "cosine",
+    metrics_definition: Annotated[
+        str | None,
+        typer.Option(
+            help="How AP and precision@k are computed: sklearn (scikit-learn's AP, hits in "
+            "top k / k; the classes default) or revisitop (revisitop's compute_map as in BoB's "
+            "published numbers: trapezoidal AP, k capped at the last positive's rank; the gnd "
+            "default). Recorded in every row."
+        ),
+    ] = None,
     results: ResultsOpt = None,
     force: Annotated[
         bool, typer.Option("--force", help="Rerun a config already in results.")
@@ -302,7 +336,8 @@ def retrieval_eval(
     config = RetrievalEvalConfig(
         store=store, dataset=dataset, backbone=backbone, feature=feature, split=split,
         protocol=protocol, gnd=gnd, query_split=query_split, query_fraction=query_fraction,
-        seed=seed, metric=metric, results=results, force=force,
+        seed=seed, metric=metric, metrics_definition=metrics_definition or "", results=results,
+        force=force,
     )  # fmt: skip
     s = get_stage("retrieval-eval")(config)
     if as_json:
@@ -311,7 +346,8 @@ def retrieval_eval(
     state = "already in" if s.skipped else "added to"
     out.print(
         f"Retrieval on [bold]{s.dataset}[/] × [bold]{s.backbone}[/] ({s.protocol}, "
-        f"{s.database_rows} database rows): {state} {s.results} ({s.seconds:.1f} s).",
+        f"{s.metrics_definition} metrics, {s.database_rows} database rows): {state} "
+        f"{s.results} ({s.seconds:.1f} s).",
         highlight=False,
     )
     rows = [

@@ -4,10 +4,15 @@ The file is JSON (or the revisitop ``gnd_*.pkl``, same structure) with ``imlist`
 image names), ``qimlist`` (query image names) and ``gnd``: one object per query with
 ``easy``, ``hard`` and ``junk`` lists of ``imlist`` positions. Names match stored ids
 exactly or by file stem (``all_souls_000013`` matches ``jpg/all_souls_000013.jpg``).
+
+A ``.pkl`` is read by a restricted unpickler that builds only plain containers, strings and
+numbers (what revisitop's files hold): a pickle naming any other class or function (the way
+a malicious pickle runs code) is refused before anything is called.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 from dataclasses import dataclass
@@ -17,6 +22,16 @@ from typing import Any
 import numpy as np
 
 from bob_cache.errors import DataNotFoundError, GroundTruthError
+
+# The only globals a ground-truth pickle may name: builtin containers and numbers. Protocol 2+
+# writes dict, list, tuple, str, int, float and bool with opcodes of their own; sets (before
+# protocol 4) and the rest are named as globals. Python 2 pickles say ``__builtin__``.
+SAFE_GLOBALS = frozenset(
+    (module, name)
+    for module in ("builtins", "__builtin__")
+    for name in ("dict", "list", "tuple", "set", "frozenset", "str", "int", "float", "bool")
+)
+SAFE_CONTENTS = "dicts, lists, tuples, sets, strings, numbers and booleans"
 
 PROTOCOLS = {  # name → (positive lists, ignored lists)
     "easy": (("easy",), ("junk", "hard")),
@@ -54,7 +69,9 @@ def load_ground_truth(path: str | Path) -> GroundTruth:
     if not p.is_file():
         raise DataNotFoundError(f"Ground-truth file '{path}' does not exist. Check --gnd.")
     try:
-        raw: Any = pickle.loads(p.read_bytes()) if p.suffix == ".pkl" else json.loads(p.read_text())
+        raw: Any = load_pickle(p) if p.suffix == ".pkl" else json.loads(p.read_text())
+    except GroundTruthError:
+        raise
     except Exception as exc:  # json/pickle raise many types on garbage
         raise GroundTruthError(
             f"Cannot read ground truth '{path}' ({type(exc).__name__}: {exc}). Expected JSON "
@@ -62,6 +79,35 @@ def load_ground_truth(path: str | Path) -> GroundTruth:
             '"junk": []}, ...]} or a revisitop gnd_*.pkl.'
         ) from exc
     return _validate(raw, path)
+
+
+class _GroundTruthUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only :data:`SAFE_GLOBALS` (no other class or callable)."""
+
+    def __init__(self, data: bytes, path: Path) -> None:
+        super().__init__(io.BytesIO(data), encoding="latin1")  # latin1: Python 2 str pickles
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in SAFE_GLOBALS:
+            raise GroundTruthError(
+                f"Refusing to unpickle {module}.{name} from '{self.path}': ground-truth files "
+                f"hold only {SAFE_CONTENTS}, so this file is not one (a pickle that names "
+                "other objects can run code when loaded). Pass a revisitop gnd_*.pkl, or the "
+                "ground truth as JSON."
+            )
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise GroundTruthError(
+            f"Refusing to unpickle a persistent id from '{self.path}': ground-truth files hold "
+            f"only {SAFE_CONTENTS}. Pass a revisitop gnd_*.pkl, or the ground truth as JSON."
+        )
+
+
+def load_pickle(path: Path) -> Any:
+    """Unpickle a ground-truth file with :class:`_GroundTruthUnpickler` (never runs code)."""
+    return _GroundTruthUnpickler(path.read_bytes(), path).load()
 
 
 def _validate(raw: Any, path: str | Path) -> GroundTruth:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +193,51 @@ def test_ground_truth_file_is_validated(tmp_path: Path) -> None:
         load_ground_truth(tmp_path / "broken.json")
     with pytest.raises(DataNotFoundError, match="Check --gnd"):
         load_ground_truth(tmp_path / "absent.json")
+
+
+REVISITOP_LIKE = {  # the structure of revisitop's gnd_roxford5k.pkl, in miniature
+    "imlist": ["all_souls_000013", "all_souls_000026", "oxford_003410"],
+    "qimlist": ["all_souls_000013"],
+    "gnd": [{"bbx": [136.5, 34.1, 648.5, 955.4], "easy": [1], "hard": [2], "junk": [0]}],
+}
+
+
+@pytest.mark.parametrize("protocol", [2, 4, pickle.HIGHEST_PROTOCOL])
+def test_revisitop_style_pickles_load(tmp_path: Path, protocol: int) -> None:
+    raw = {**REVISITOP_LIKE, "extra": ({1, 2}, frozenset({3}), (True, None, 1.5))}
+    path = tmp_path / "gnd_test.pkl"
+    path.write_bytes(pickle.dumps(raw, protocol=protocol))
+    truth = load_ground_truth(path)
+    assert truth.imlist == REVISITOP_LIKE["imlist"] and truth.qimlist == ["all_souls_000013"]
+    pos, ign = truth.split(0, "medium")
+    assert pos.tolist() == [1, 2] and ign.tolist() == [0]
+
+
+class _RunsCode:
+    """What a malicious pickle looks like: unpickling it calls a function of its choosing."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "gnd_evil.pkl"
+    evil.write_bytes(pickle.dumps({**REVISITOP_LIKE, "gnd": [_RunsCode(marker)]}))
+    with pytest.raises(GroundTruthError, match=r"Refusing to unpickle (posix|os)\.system from"):
+        load_ground_truth(evil)
+    assert not marker.exists()
+    pickle.loads(evil.read_bytes())  # the control: plain pickle would have run it
+    assert marker.exists()
+    marker.unlink()
+    nested = tmp_path / "gnd_nested.pkl"  # a harmless-looking class is refused just the same
+    nested.write_bytes(pickle.dumps({**REVISITOP_LIKE, "imlist": np.array(["a", "b", "c"])}))
+    with pytest.raises(GroundTruthError, match=r"hold only dicts, lists.*ground truth as JSON"):
+        load_ground_truth(nested)
+    assert not marker.exists()
 
 
 def test_names_match_ids_exactly_or_by_stem() -> None:

@@ -98,8 +98,10 @@ def test_an_index_from_another_feature_set_is_refused(tmp_path: Path) -> None:
 def test_missing_index_names_the_build_command(tmp_path: Path) -> None:
     x, y = blobs(100, classes=4, dim=8)
     write_feature_sets(tmp_path / "s", {"train": (x, y)})
+    exact = Searcher.open(QueryConfig(str(tmp_path / "s"), "toy", "model"))
+    assert exact.index_name is None and "bob-cache index build" in exact.note
     with pytest.raises(IndexNotFoundError, match="bob-cache index build"):
-        Searcher.open(QueryConfig(str(tmp_path / "s"), "toy", "model"))
+        Searcher.open(QueryConfig(str(tmp_path / "s"), "toy", "model", index="flat"))
     build_index(cfg(tmp_path / "s", kind="flat"))
     with pytest.raises(IndexNotFoundError, match="It has: flat"):
         Searcher.open(QueryConfig(str(tmp_path / "s"), "toy", "model", index="hnsw"))

@@ -4,6 +4,7 @@ by id and by vector, through the Python API and the CLI, and their bad inputs.""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,9 @@ import pytest
 
 from bob_cache.errors import (
     DataNotFoundError,
+    ImageTooLargeError,
+    IndexNotFoundError,
+    InvalidRowError,
     QueryError,
     SpecMismatchError,
     UnknownIdError,
@@ -20,6 +24,7 @@ from bob_cache.pipelines.index import IndexConfig, build_index
 from bob_cache.pipelines.query import QueryConfig, Searcher, query
 from bob_cache.stores import open_store
 from tests.conftest import TINY, run_cli, write_image_folder
+from tests.pipelines.conftest import BROKEN_ID
 
 
 def searcher(store: Path, **kw: object) -> Searcher:
@@ -128,3 +133,109 @@ def test_top_level_api_and_lean_hits(photo_store) -> None:
     }  # fmt: skip
     table = bob_cache.query(str(store), dataset="photos", backbone="test_resnet", ids=[s.ids[0]])
     assert table["query_id"].unique().tolist() == [str(s.ids[0])]
+
+
+# --- inputs that cannot hurt ----------------------------------------------------------------
+def test_ragged_non_finite_and_misshapen_vectors_are_refused(photo_store) -> None:
+    store, _ = photo_store
+    s = searcher(store)
+    dim = s.fs.dim
+    nan_row, big_row = [0.5] * dim, [0.5] * dim
+    nan_row[3], big_row[0] = float("nan"), 1e39
+    cases = {
+        "ragged": ([[1.0, 2.0], [1.0]], r"rows of different lengths \(1, 2\)"),
+        "nan": ([[0.5] * dim, nan_row], r"Query vector\(s\) 1 contain NaN or inf"),
+        "inf": ([[float("inf")] * dim], "contain NaN or inf"),
+        "beyond float32": ([big_row], "beyond float32's range"),
+        "text": ([["a"] * dim], r"do not form an \(N, D\) array of numbers"),
+        "wrong dim": ([[1.0] * (dim - 1)], rf"Pass \(N, {dim}\) vectors"),
+    }
+    for name, (vectors, message) in cases.items():
+        with pytest.raises(QueryError, match=message):
+            s.search(vectors)
+        with pytest.raises(QueryError, match=message):  # the table API (and the CLI) too
+            s.search_vectors(np.asarray(vectors, dtype=object) if name == "ragged" else vectors)
+
+
+def test_an_id_of_an_unreadable_row_is_refused_with_its_reason(unindexed_store) -> None:
+    s = Searcher.open(QueryConfig(str(unindexed_store), "photos", "test_resnet"))
+    row = int(np.flatnonzero(~s.valid)[0])
+    assert str(s.ids[row]) == BROKEN_ID and not np.isfinite(s.fs.features[row]).all()
+    reason = str(s.fs.group["error"][row])
+    assert reason
+    with pytest.raises(InvalidRowError, match=r"has no features: its image could not be read"):
+        s.search_ids(["cat/cat_00.png", BROKEN_ID], k=2)
+    with pytest.raises(QueryError, match=re.escape(reason[:40])):  # InvalidRowError is one
+        s.search_by_ids([BROKEN_ID], k=1)
+    assert len(s.search_ids(["cat/cat_00.png"], k=2)) == 2
+
+
+def test_a_set_without_an_index_is_searched_exactly(unindexed_store) -> None:
+    s = Searcher.open(QueryConfig(str(unindexed_store), "photos", "test_resnet"))
+    assert s.exact and s.index_name is None and s.index_kind == "exact (no index built)"
+    assert "No index is built" in (s.note or "") and "bob-cache index build" in (s.note or "")
+    x = s.fs.features[:].astype(np.float32)
+    rows = np.flatnonzero(s.valid)
+    assert s.n_indexed == len(rows) == 9
+    unit = x[rows] / np.linalg.norm(x[rows], axis=1, keepdims=True)
+    rng = np.random.default_rng(0)
+    queries = x[rows[:4]] + rng.normal(0, 0.05, size=(4, x.shape[1])).astype(np.float32)
+    truth = rows[np.argsort(-(queries @ unit.T), axis=1)[:, :6]]
+    assert s.search(queries, k=6).rows.tolist() == truth.tolist()
+    own = s.search_ids([str(s.ids[rows[0]])], k=8)["row"].tolist()
+    order = rows[np.argsort(-(unit @ unit[0]))]
+    assert own == order[order != rows[0]].tolist()  # every other valid row, exact order
+    with pytest.raises(IndexNotFoundError, match="has no retrieval index"):
+        Searcher.open(QueryConfig(str(unindexed_store), "photos", "test_resnet", index="nope"))
+
+
+def test_image_headers_are_checked_before_any_pixel_is_decoded(
+    photo_store, blank_png, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from PIL import ImageFile
+
+    from bob_cache.pipelines.query import decode_image, image_size
+
+    store, _ = photo_store
+    s = searcher(store)
+    decoded: list[tuple[int, int]] = []
+    load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: decoded.append(im.size) or load(im))
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(blank_png(20_000, 20_000))
+    with pytest.raises(
+        ImageTooLargeError, match=r"too large to decode.*over the 40 MP per-image limit"
+    ):
+        image_size(bomb)
+    with pytest.raises(ImageTooLargeError, match=r"8000 × 6000 = 48.0 MP, over the 40 MP"):
+        decode_image(blank_png(8000, 6000))
+    with pytest.raises(ImageTooLargeError, match=r"100 × 100 = 0.0 MP, over the 0.005 MP"):
+        decode_image(blank_png(100, 100), max_pixels=5000)
+    with pytest.raises(ImageTooLargeError, match=r"3 images .* 108.0 MP together, over the 100"):
+        s.search_by_images([blank_png(6000, 6000)] * 3, k=1, max_request_pixels=100_000_000)
+    with pytest.raises(ImageTooLargeError, match="per-image limit"):
+        s.search_images([blank_png(64, 64), bomb], k=1)  # the good one is not decoded either
+    assert decoded == []
+    assert decode_image(blank_png(64, 48)).size == (64, 48) and set(decoded) == {(64, 48)}
+
+
+def test_images_are_decoded_and_embedded_a_bounded_number_of_pixels_at_a_time(
+    photo_store, blank_png
+) -> None:
+    store, _ = photo_store
+    s = searcher(store)
+
+    class Recorder:  # stands in for the backbone: records what each forward receives
+        def __init__(self) -> None:
+            self.groups: list[list[tuple[int, int]]] = []
+
+        def embed(self, images: list) -> np.ndarray:
+            self.groups.append([im.size for im in images])
+            return np.ones((len(images), s.fs.dim), np.float32)
+
+    s._embedder = recorder = Recorder()
+    sizes = [(100, 100), (100, 50), (100, 100), (100, 100), (40, 40)]
+    hits = s.search_by_images([blank_png(*wh) for wh in sizes], k=2, max_image_pixels=20_000)
+    assert hits.rows.shape == (5, 2)
+    assert recorder.groups == [[(100, 100), (100, 50)], [(100, 100), (100, 100)], [(40, 40)]]
+    assert all(sum(w * h for w, h in g) <= 20_000 for g in recorder.groups)

@@ -3,9 +3,6 @@ and a bounded load test."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,36 +12,23 @@ import pytest
 
 from bob_cache.pipelines.query import QueryConfig, Searcher
 from bob_cache.pipelines.serve import create_app
-from bob_cache.retrieval.loadtest import load_test
+from bob_cache.retrieval.loadtest import load_test, serve_in_thread
 
 
 @pytest.fixture(scope="module")
 def server(photo_store: tuple[Path, Path]) -> Iterator[tuple[str, Searcher, Path]]:
-    import uvicorn
-
     store, photos = photo_store
     searcher = Searcher.open(QueryConfig(str(store), "photos", "test_resnet"))
     app = create_app(searcher, max_upload_mb=0.05, max_batch=4)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    instance = uvicorn.Server(config)
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not instance.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert instance.started
-    yield f"http://127.0.0.1:{port}", searcher, photos
-    instance.should_exit = True
-    thread.join(10)
+    with serve_in_thread(app) as url:
+        yield url, searcher, photos
 
 
 def test_health_and_queries_by_image_id_and_vector(server) -> None:
     url, searcher, photos = server
     health = httpx.get(f"{url}/health").json()
     assert health["status"] == "ok" and health["rows"] == 15 and health["image_queries"]
+    assert health["index"] == "flat" and health["kind"] == "flat" and "note" not in health
     image = sorted(photos.glob("astronaut/*.png"))[0]
     files = [("files", (image.name, image.read_bytes(), "image/png"))] * 2
     answer = httpx.post(f"{url}/query/image", files=files, params={"k": 3}).json()

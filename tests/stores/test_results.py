@@ -62,3 +62,110 @@ def test_rows_missing_columns_are_refused(tmp_path: Path) -> None:
     del bad["seed"]
     with pytest.raises(ValueError, match="seed"):
         ResultsTable.open(tmp_path).append([bad])
+
+
+# --- the source column, and rows imported from a CSV ---
+
+
+def test_rows_without_source_or_task_read_back_empty(tmp_path: Path) -> None:
+    own = row()
+    del own["source"], own["task"]
+    table = ResultsTable.open(tmp_path)
+    table.append([own, row(config_hash="h2", source="paper", task="knn")])
+    frame = table.read().sort_values("config_hash")
+    assert list(frame["source"]) == ["", "paper"] and list(frame["task"]) == ["", "knn"]
+
+
+def test_a_table_written_before_the_source_column_stays_readable(tmp_path: Path) -> None:
+    import pandas as pd
+
+    old = {c: v for c, v in row(versions="{}").items() if c not in ("source", "task")}
+    pd.DataFrame([old]).to_parquet(tmp_path / "part-old.parquet", index=False)
+    table = ResultsTable.open(tmp_path)
+    table.append([row(config_hash="h2", source="paper")])
+    frame = table.read().set_index("config_hash")
+    assert frame.loc["h1", "source"] == "" and frame.loc["h2", "source"] == "paper"
+    assert frame.loc["h1", "task"] == ""
+    assert len(summarize(table.read())) == 1
+
+
+def write_csv(path: Path, text: str) -> Path:
+    path.write_text(text.strip() + "\n", encoding="utf-8")
+    return path
+
+
+GOOD = """
+dataset,backbone,method,setting,metric,value,seed,source
+digits,resnet50.paper,linear,full,top1,0.95,0,
+digits,resnet50.paper,linear,full,top5,0.99,0,
+digits,resnet50.paper,classes,0.2-queries,map,0.41,,other paper
+digits,resnet50.paper,linear,full,paper_score,3.5,,
+"""
+
+
+def test_import_fills_every_column_and_records_the_source(tmp_path: Path) -> None:
+    from bob_cache.stores.results_import import PROTOCOL, import_results
+
+    summary = import_results(write_csv(tmp_path / "x.csv", GOOD), results=tmp_path / "r",
+                             source="BoB paper")  # fmt: skip
+    assert (summary.rows, summary.added, summary.already_imported) == (4, 4, 0)
+    assert summary.sources == ["BoB paper", "other paper"]  # a row's own source wins
+    assert summary.unknown_metrics == ["paper_score"]  # allowed, but stated
+    frame = ResultsTable.open(tmp_path / "r").read()
+    assert list(frame.columns) == list(COLUMNS)
+    frame = frame.set_index("metric")
+    assert frame.loc["top1", "source"] == "BoB paper"
+    assert frame.loc["map", "source"] == "other paper"
+    assert frame.loc["top1", "stage"] == "probe" and frame.loc["map", "stage"] == "retrieval"
+    assert frame.loc["top1", "value"] == 0.95 and frame.loc["top1", "seed"] == 0
+    assert (frame["protocol"] == PROTOCOL).all() and (frame["versions"] == "{}").all()
+    assert frame["config_hash"].nunique() == 4 and frame["run_id"].nunique() == 1
+
+
+def test_reimporting_the_same_file_adds_nothing(tmp_path: Path) -> None:
+    from bob_cache.stores.results_import import import_results
+
+    csv = write_csv(tmp_path / "x.csv", GOOD)
+    import_results(csv, results=tmp_path / "r", source="BoB paper")
+    again = import_results(csv, results=tmp_path / "r", source="BoB paper")
+    assert (again.added, again.already_imported) == (0, 4)
+    assert len(ResultsTable.open(tmp_path / "r").read()) == 4
+    other = import_results(csv, results=tmp_path / "r", source="another source")
+    assert other.added == 3  # the row with its own source is the same row
+
+
+def test_a_bad_csv_lists_every_problem_with_its_line(tmp_path: Path) -> None:
+    from bob_cache.errors import ResultsImportError
+    from bob_cache.stores.results_import import import_results
+
+    bad = write_csv(tmp_path / "bad.csv", """
+dataset,backbone,method,setting,metric,value,seed
+digits,resnet50,linear,full,top1,0.9,0
+digits,,linear,full,top1,abc,0
+digits,resnet50,linear,full,top1,0.9,0
+digits,resnet50,linear,5-shot,top1,0.5,1.5
+digits,resnet50,linear,full,top5,0.9,0,extra
+""")  # fmt: skip
+    with pytest.raises(ResultsImportError) as caught:
+        import_results(bad, results=tmp_path / "r", source="s")
+    message = str(caught.value)
+    assert "5 problem(s); nothing was imported" in message
+    assert "line 3: empty backbone" in message and "line 3: value 'abc' is not a number" in message
+    assert "line 4: repeats line 2" in message
+    assert "line 5: seed '1.5' is not an integer" in message
+    assert "line 6: more cells than the header" in message
+    assert not (tmp_path / "r").exists()
+
+
+def test_import_needs_the_columns_a_source_and_the_file(tmp_path: Path) -> None:
+    from bob_cache.errors import DataNotFoundError, ResultsImportError
+    from bob_cache.stores.results_import import import_results
+
+    lacking = write_csv(tmp_path / "a.csv", "dataset,backbone,value\nd,b,1\n")
+    with pytest.raises(ResultsImportError, match="lacks the column.s. method, setting, metric"):
+        import_results(lacking, results=tmp_path / "r", source="s")
+    sourceless = write_csv(tmp_path / "b.csv", GOOD.replace(",other paper", ","))
+    with pytest.raises(ResultsImportError, match="line 2: no source: .*pass --source"):
+        import_results(sourceless, results=tmp_path / "r")
+    with pytest.raises(DataNotFoundError, match="No results CSV"):
+        import_results(tmp_path / "missing.csv", results=tmp_path / "r", source="s")

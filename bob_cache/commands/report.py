@@ -1,0 +1,177 @@
+"""The report family: ``results`` (show the table), ``results import`` (add external rows)
+and ``report`` (the ranked, plotted report)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from bob_cache.commands.common import (
+    JsonOpt,
+    ResultsOpt,
+    err,
+    handle_errors,
+    out,
+    print_json,
+    print_table,
+)
+
+ResultsArg = Annotated[
+    str | None, typer.Argument(envvar="BOB_CACHE_RESULTS", help="Results directory.")
+]
+
+
+class ResultsGroup(TyperGroup):
+    """``results [DIR]`` shows the table; ``results import ...`` runs the subcommand.
+
+    Click would read a leading subcommand name as the group's DIR argument; so when the first
+    argument names a subcommand, the group's own parameters are parsed from nothing. Options
+    may follow DIR (``results DIR --long``), as they could before ``results`` was a group.
+    """
+
+    allow_interspersed_args = True
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] in self.commands:
+            return super().parse_args(ctx, ["--", "", *args])  # DIR="" (unused), then the rest
+        return super().parse_args(ctx, args)
+
+
+@handle_errors
+def results(
+    ctx: typer.Context,
+    directory: ResultsArg = None,
+    dataset: Annotated[str | None, typer.Option(help="Only this dataset.")] = None,
+    backbone: Annotated[str | None, typer.Option(help="Only this backbone label.")] = None,
+    method: Annotated[
+        str | None, typer.Option(help="Only this method (linear, knn@20, ...).")
+    ] = None,
+    metric: Annotated[str | None, typer.Option(help="Only these metrics, comma-separated.")] = None,
+    long: Annotated[
+        bool, typer.Option("--long", help="Print raw long-format rows instead of the pivot.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the results table, filtered, as mean ± std over seeds (or import rows into it)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from bob_cache.stores.results import ResultsTable, summarize
+
+    table = ResultsTable.open(directory)
+    frame = table.read(dataset=dataset, backbone=backbone, method=method)
+    metrics = [m.strip() for m in metric.split(",")] if metric else None
+    if metrics and not long:
+        frame = frame[frame["metric"].isin(metrics)]
+    shown = frame if long else summarize(frame, metrics=metrics)
+    records = _records(shown)
+    if as_json:
+        print_json(records)
+    elif not records:
+        out.print(f"No results in '{table.directory}' match. Run `bob-cache probe` first.")
+    else:
+        print_table(records, list(shown.columns))
+
+
+@handle_errors
+def import_results(
+    file: Annotated[
+        str,
+        typer.Argument(
+            help="CSV of rows: dataset, backbone, method, "
+            "setting, metric, value[, seed, split, ...]."
+        ),
+    ],
+    results: ResultsOpt = None,
+    source: Annotated[
+        str | None,
+        typer.Option(help="Where the rows come from (a paper, a tool); fills empty source cells."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Import results rows from elsewhere (a CSV); they stay marked with their source."""
+    from bob_cache.stores.results_import import import_results as run_import
+
+    summary = run_import(file, results=results, source=source)
+    if as_json:
+        print_json(summary.to_dict())
+        return
+    s = summary
+    out.print(
+        f"Imported {s.added} of {s.rows} row(s) from {s.file} into {s.results} "
+        f"(source: {', '.join(s.sources)}).",
+        highlight=False,
+    )
+    if s.already_imported:
+        err.print(f"  note: {s.already_imported} row(s) were already imported; skipped")
+    if s.unknown_metrics:
+        err.print(f"  note: metrics bob-cache does not compute: {', '.join(s.unknown_metrics)}")
+    if s.ignored_columns:
+        err.print(f"  note: columns ignored: {', '.join(s.ignored_columns)}")
+
+
+@handle_errors
+def report(
+    directory: ResultsArg = None,
+    out_dir: Annotated[str, typer.Option("--out", help="Folder the report is written to.")] = (
+        "bob-report"
+    ),
+    suite: Annotated[
+        str | None,
+        typer.Option(help="Battle suite file: names the report and picks its backbone metadata."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rank the backbones of a results table and write report.md, report.html and plots."""
+    from bob_cache.pipelines.report import build_report
+
+    name, suite_results = _suite(suite)
+    summary = build_report(directory or suite_results, out_dir, suite_name=name)
+    if as_json:
+        print_json(summary.to_dict())
+        return
+    s = summary
+    top = f"top backbone {s.top_backbone}" if s.top_backbone else "no backbone could be ranked"
+    out.print(
+        f"Report of {s.rows} row(s) ({len(s.backbones)} backbone(s), {len(s.tasks)} task(s)): "
+        f"{top}. Wrote {s.files['html']} and {s.files['md']} ({s.seconds:.1f} s).",
+        highlight=False,
+    )
+    if s.missing_cells:
+        err.print(f"  note: {len(s.missing_cells)} backbone × task × dataset cell(s) have no "
+                  "rows; the report lists them")  # fmt: skip
+    for note in s.notes:
+        err.print(f"  note: {note}")
+
+
+def _suite(path: str | None) -> tuple[str | None, str | None]:
+    """The suite's name (its metadata file beside the results is found by it) and results."""
+    if path is None:
+        return None, None
+    from bob_cache.pipelines.battle import load_battle_suite
+
+    loaded = load_battle_suite(path)
+    return loaded.name, loaded.model.results
+
+
+def _records(frame: Any) -> list[dict[str, Any]]:
+    """Rows as dicts with None (not NaN) where a value is missing, so JSON stays valid."""
+    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the report family's commands (and the ``results`` group) to ``app``."""
+    results_app = typer.Typer(cls=ResultsGroup, invoke_without_command=True)
+    results_app.callback(
+        epilog="Example: bob-cache results ./bob-results --dataset digits --metric top1"
+    )(results)
+    results_app.command(
+        "import",
+        epilog="Example: bob-cache results import bob-paper.csv --source 'Goldblum et al. 2023'",
+    )(import_results)
+    app.add_typer(results_app, name="results")
+    app.command(
+        epilog="Example: bob-cache report ./bob-results --out ./bob-report --suite suite.yaml"
+    )(report)

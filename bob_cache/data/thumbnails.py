@@ -1,0 +1,187 @@
+"""Small JPEG thumbnails of a feature set's rows, read from the images its provenance records.
+
+A folder set's images are ``root / id`` under the folder given to ``--data``; a manifest
+set's are the files its manifest lists (under their common folder); a built-in set's are
+rendered in memory. ``images_root`` replaces the recorded folder when the images moved.
+
+Only ids of the feature set are served, and only from files whose real path (symlinks
+resolved) lies inside the images root: anything else raises
+:class:`~bob_cache.errors.ThumbnailNotFoundError`, whatever the id spells.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from bob_cache.errors import ThumbnailNotFoundError
+
+THUMB_SIZE = 160  # longest side, pixels
+CACHE_SIZE = 1024  # thumbnails kept in memory (a few KB each)
+JPEG_QUALITY = 85
+
+
+class Thumbnails:
+    """JPEG thumbnails of the rows named by ``ids``, cached (bounded, least recently used).
+
+    Args:
+        dataset: the feature set's ``dataset`` provenance (``kind``, ``origin``).
+        ids: the feature set's row ids; no other id is ever served.
+        images_root: the folder the images are in now (default: the recorded one).
+        size: longest side of a thumbnail.
+        cache_size: most thumbnails kept in memory.
+    """
+
+    def __init__(
+        self,
+        dataset: Mapping[str, Any],
+        ids: Collection[str],
+        *,
+        images_root: str | Path | None = None,
+        size: int = THUMB_SIZE,
+        cache_size: int = CACHE_SIZE,
+    ) -> None:
+        self.size = size
+        self._ids = ids
+        self._kind = str(dataset.get("kind") or "")
+        self._origin = str(dataset.get("origin") or "")
+        images = _locate(dataset, images_root)
+        self.root, self.problem, self._path_of = images.root, images.problem, images.path_of
+        self._cached = functools.lru_cache(maxsize=cache_size)(self._render)
+
+    @property
+    def available(self) -> bool:
+        """True when thumbnails can be served (else :attr:`problem` says why not)."""
+        return self.problem is None
+
+    def jpeg(self, id_: str) -> bytes:
+        """The JPEG thumbnail of row ``id_`` (at most :attr:`size` pixels a side).
+
+        Raises:
+            ThumbnailNotFoundError: ``id_`` is not a row, its image lies outside the images
+                root, or it is missing or unreadable.
+        """
+        if id_ not in self._ids:
+            raise ThumbnailNotFoundError(f"No row with id '{id_}' in this feature set.")
+        if self.problem is not None:
+            raise ThumbnailNotFoundError(self.problem)
+        return self._cached(id_)
+
+    def _render(self, id_: str) -> bytes:
+        try:
+            image = self._open(id_)
+            image.thumbnail((self.size, self.size))
+            out = io.BytesIO()
+            image.convert("RGB").save(out, format="JPEG", quality=JPEG_QUALITY)
+        except ThumbnailNotFoundError:
+            raise
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise ThumbnailNotFoundError(
+                f"The image of row '{id_}' cannot be read ({type(exc).__name__})."
+            ) from exc
+        return out.getvalue()
+
+    def _open(self, id_: str) -> Image.Image:
+        if self._kind == "builtin":
+            source, samples = _builtin(self._origin)
+            if id_ not in samples:
+                raise ThumbnailNotFoundError(f"'{self._origin}' has no image '{id_}'.")
+            return source.open_image(samples[id_])
+        path = self._find(id_)
+        if path is None:
+            raise ThumbnailNotFoundError(f"The image of row '{id_}' is not under the images root.")
+        with Image.open(path) as image:
+            image.draft("RGB", (self.size, self.size))  # JPEGs decode at a reduced scale
+            image.load()
+            return image.copy()
+
+    def _find(self, id_: str) -> str | None:
+        relative = self._path_of(id_) if self._path_of is not None else None
+        if self.root is None or relative is None:
+            return None
+        return _inside(self.root, os.path.join(self.root, relative))
+
+
+def thumbnail_problem(
+    dataset: Mapping[str, Any], images_root: str | Path | None = None
+) -> str | None:
+    """Why a feature set's rows have no thumbnails (None: they have)."""
+    return _locate(dataset, images_root).problem
+
+
+PathOf = Callable[[str], str | None]
+
+
+@dataclass(frozen=True)
+class _Images:
+    """Where a feature set's images are: the real root and each id's path under it."""
+
+    root: Path | None = None
+    path_of: PathOf | None = None
+    problem: str | None = None
+
+
+def _locate(dataset: Mapping[str, Any], images_root: str | Path | None) -> _Images:
+    kind, origin = str(dataset.get("kind") or ""), str(dataset.get("origin") or "")
+    if kind == "builtin":
+        return _Images()
+    if kind not in ("folder", "manifest") or not origin:
+        return _Images(problem=f"The feature set records no image folder (data kind "
+                       f"'{kind or 'unknown'}'), so results have no thumbnails.")  # fmt: skip
+    recorded, path_of = _folder(origin) if kind == "folder" else _manifest(origin)
+    root = Path(os.path.realpath(Path(images_root).expanduser() if images_root else recorded))
+    if not root.is_dir():
+        how = "--images-root" if images_root else "recorded at extraction"
+        return _Images(problem=(
+            f"The images root '{root}' ({how}) does not exist, so results have no thumbnails. "
+            "Pass --images-root DIR with the folder the images are in now."
+        ))  # fmt: skip
+    return _Images(root, path_of)
+
+
+def _folder(origin: str) -> tuple[Path, PathOf]:
+    return Path(origin), lambda id_: id_
+
+
+def _manifest(origin: str) -> tuple[Path, PathOf]:
+    """The manifest's listed files: under their common folder (ids → paths relative to it).
+
+    A manifest that can no longer be read maps ids to paths under its folder.
+    """
+    from bob_cache.data import parse_source
+
+    base = Path(origin).parent
+    try:
+        source = parse_source(origin)
+    except Exception:  # moved or changed: ids are the relative paths of an id-less manifest
+        return base, lambda id_: id_
+    files = {s.id: str(s.location) for rows in source.splits.values() for s in rows}
+    root = Path(os.path.commonpath([os.path.dirname(f) for f in files.values()] or [str(base)]))
+    relative = {i: os.path.relpath(f, root) for i, f in files.items()}
+    return root, relative.get
+
+
+def _inside(root: Path, path: str) -> str | None:
+    """``path`` with symlinks resolved when it is a file inside ``root`` (else None)."""
+    try:
+        real = os.path.realpath(path)
+    except (OSError, ValueError):  # a NUL byte, a symlink loop
+        return None
+    if os.path.commonpath([root, real]) != str(root) or not os.path.isfile(real):
+        return None
+    return real
+
+
+@functools.lru_cache(maxsize=4)
+def _builtin(origin: str) -> tuple[Any, dict[str, Any]]:
+    from bob_cache.data import parse_source
+
+    source = parse_source(origin)
+    return source, {s.id: s for rows in source.splits.values() for s in rows}

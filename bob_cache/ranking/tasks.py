@@ -1,0 +1,127 @@
+"""Which task a results row belongs to, and which metric ranks each task.
+
+A task kind registers a rule (a vectorised test over result rows) and its primary metrics
+(the first of them that a dataset reports is the one ranked). Rules are tried in
+registration order; a row's own non-empty ``task`` value wins over every rule. Later stages
+(ood, finetune) add their kinds with :func:`register_task`; nothing here changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+
+from bob_cache.errors import SpecError
+
+RowTest = Callable[[pd.DataFrame], pd.Series]
+# `K-shot` and `F-fraction` settings as the probe stage names them (F formatted with :g).
+FEW_SHOT_SETTING = r"\d+-shot|[0-9.e+-]+-fraction"
+
+
+@dataclass(frozen=True)
+class TaskKind:
+    """A task: which rows belong to it and which metrics rank it (first present wins)."""
+
+    name: str
+    matches: RowTest
+    primary: tuple[str, ...]
+
+
+_TASKS: dict[str, TaskKind] = {}
+
+
+def register_task(name: str, matches: RowTest, *, primary: Sequence[str]) -> TaskKind:
+    """Add a task kind; ``matches(frame)`` returns a boolean Series over the rows."""
+    if name in _TASKS:
+        raise ValueError(f"Task '{name}' is already registered")
+    _TASKS[name] = TaskKind(name, matches, tuple(primary))
+    return _TASKS[name]
+
+
+def get_task(name: str) -> TaskKind | None:
+    """The registered task kind called ``name``, or None."""
+    return _TASKS.get(name)
+
+
+def list_tasks() -> list[str]:
+    """Names of the registered task kinds, in registration (and report) order."""
+    return list(_TASKS)
+
+
+def assign_tasks(frame: pd.DataFrame) -> pd.Series:
+    """The task of every row: its own ``task`` value, else the first matching rule, else ``""``."""
+    task = pd.Series("", index=frame.index, dtype=object)
+    for kind in _TASKS.values():
+        free = task == ""
+        task[free & kind.matches(frame).fillna(False).astype(bool)] = kind.name
+    if "task" in frame:
+        own = frame["task"].astype(object).where(frame["task"].notna(), "").astype(str).str.strip()
+        task = own.where(own != "", task)
+    return task
+
+
+def resolve_primary_metrics(
+    frame: pd.DataFrame, overrides: Mapping[str, str | Sequence[str]] | None = None
+) -> dict[tuple[str, str], str]:
+    """The ranked metric of each (dataset, task) of ``frame`` (which has a ``task`` column).
+
+    Args:
+        frame: result rows with their task.
+        overrides: task → metric (or metrics in order of preference), replacing the task
+            kind's own primary metrics.
+
+    Returns:
+        ``{(dataset, task): metric}``; a pair that reports none of its candidates is absent.
+    """
+    chosen: dict[tuple[str, str], str] = {}
+    for (dataset, task), rows in frame.groupby(["dataset", "task"], sort=False):
+        candidates = _candidates(str(task), overrides or {})
+        present = set(rows["metric"])
+        metric = next((m for m in candidates if m in present), None)
+        if metric is not None:
+            chosen[(str(dataset), str(task))] = metric
+    return chosen
+
+
+def _candidates(task: str, overrides: Mapping[str, str | Sequence[str]]) -> tuple[str, ...]:
+    if task in overrides:
+        given = overrides[task]
+        metrics = (given,) if isinstance(given, str) else tuple(given)
+        if not metrics:
+            raise SpecError(f"The primary metric of task '{task}' is empty; name one, e.g. top1.")
+        return metrics
+    kind = _TASKS.get(task)
+    return kind.primary if kind else ()
+
+
+def _column(frame: pd.DataFrame, name: str) -> pd.Series:
+    return frame[name].astype(object).where(frame[name].notna(), "").astype(str)
+
+
+def _is_linear(f: pd.DataFrame) -> pd.Series:
+    return (
+        (_column(f, "stage") == "probe")
+        & (_column(f, "method") == "linear")
+        & (_column(f, "setting") == "full")
+    )
+
+
+def _is_few_shot(f: pd.DataFrame) -> pd.Series:
+    return (_column(f, "stage") == "probe") & _column(f, "setting").str.fullmatch(FEW_SHOT_SETTING)
+
+
+def _is_knn(f: pd.DataFrame) -> pd.Series:
+    return _column(f, "method").str.fullmatch(r"knn@\d+") & (_column(f, "setting") == "full")
+
+
+def _is_retrieval(f: pd.DataFrame) -> pd.Series:
+    return _column(f, "stage") == "retrieval"
+
+
+# top1 ranks classification; multi-label sets report no top1, so their ROC-AUC is used.
+register_task("linear", _is_linear, primary=("top1", "roc_auc"))
+register_task("few-shot", _is_few_shot, primary=("top1", "roc_auc"))
+register_task("knn", _is_knn, primary=("top1", "roc_auc"))
+register_task("retrieval", _is_retrieval, primary=("map", "mAP"))

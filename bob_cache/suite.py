@@ -1,0 +1,335 @@
+"""Battle suite files: backbones × datasets × tasks, in YAML, validated before any work.
+
+A suite names the backbones (with their extraction options and display metadata), the
+datasets (a ``--data`` source each, and their splits) and the tasks (kinds registered by the
+battle stage, each with its options). Loading checks the whole file and reports every
+problem at once, each with its key path, line and the valid choices.
+
+``${NAME}`` in any string is replaced by the environment variable ``NAME`` (an error names
+it when unset); relative paths resolve against the suite file's folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from bob_cache.errors import BobCacheError, did_you_mean
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class SuiteError(BobCacheError, ValueError):
+    """A suite file that cannot run: every problem, each with its line."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackboneSpec(_Model):
+    """One contender: what to extract with, and how the report shows it."""
+
+    name: str = Field(description="registry name, timm name or tv:<model>")
+    label: str | None = Field(None, description="display name in the report")
+    weights: str | None = None
+    random_init: bool = False
+    seed: int = 0
+    layers: tuple[str, ...] = ("final",)
+    pool: str = "default"
+    image_size: int | None = Field(None, ge=16)
+    precision: str = "auto"
+    dtype: str = "float16"
+    decode: str = "pil"
+    family: str | None = None
+    method: str | None = None
+    data: str | None = None
+    params: int | None = Field(None, ge=0)
+
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, value: str) -> str:
+        if value not in PRECISIONS:
+            raise ValueError(f"expected one of {', '.join(PRECISIONS)}")
+        return value
+
+    @property
+    def display(self) -> str:
+        return self.label or self.name
+
+
+class DatasetSpec(_Model):
+    """One dataset: a ``--data`` source, and the splits the tasks use."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+    data: str
+    limit: int | None = Field(None, ge=1)
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    retrieval_split: str = "train"
+    gnd: str | None = None
+
+
+class TaskSpec(BaseModel):
+    """One task kind with its options (checked by the kind's own schema)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    kind: str
+    datasets: tuple[str, ...] | None = None  # default: every dataset
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class RunOptions(_Model):
+    """Options shared by every job of a suite."""
+
+    device: str = "auto"
+    batch_size: int = Field(64, ge=1)
+    workers: int | None = Field(None, ge=0)
+    shard_rows: int | None = Field(None, ge=1)
+
+
+class SuiteModel(_Model):
+    name: str
+    description: str = ""
+    store: str | None = None
+    results: str | None = None
+    backbones: tuple[BackboneSpec, ...] = Field(min_length=1)
+    datasets: tuple[DatasetSpec, ...] = Field(min_length=1)
+    tasks: tuple[TaskSpec, ...] = Field(min_length=1)
+    options: RunOptions = RunOptions()
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A loaded, checked suite."""
+
+    model: SuiteModel
+    path: Path
+    task_options: dict[int, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def backbones(self) -> tuple[BackboneSpec, ...]:
+        return self.model.backbones
+
+    @property
+    def datasets(self) -> tuple[DatasetSpec, ...]:
+        return self.model.datasets
+
+    @property
+    def tasks(self) -> tuple[TaskSpec, ...]:
+        return self.model.tasks
+
+    @property
+    def options(self) -> RunOptions:
+        return self.model.options
+
+    def datasets_of(self, task: TaskSpec) -> list[DatasetSpec]:
+        wanted = task.datasets
+        return [d for d in self.datasets if wanted is None or d.name in wanted]
+
+
+# A task kind's checker: its options → (parsed options, problems as (key path, message)).
+TaskChecker = Callable[[dict[str, Any]], tuple[Any, list[tuple[tuple[Any, ...], str]]]]
+
+
+def load_suite(
+    path: str | Path,
+    *,
+    task_kinds: dict[str, TaskChecker],
+    check_backbone: Callable[[BackboneSpec], str | None] | None = None,
+) -> Suite:
+    """Read and check a suite file; every problem is reported at once.
+
+    Args:
+        path: the YAML file.
+        task_kinds: registered task kinds and the checker of each one's options.
+        check_backbone: returns a problem (e.g. unknown name, with close matches) or None.
+
+    Raises:
+        SuiteError: the file is missing or not YAML, or any value is wrong.
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise SuiteError(
+            f"Suite file '{path}' does not exist. Pass a YAML suite, e.g. suites/demo.yaml."
+        )
+    try:
+        node = yaml.compose(file.read_text())
+    except yaml.YAMLError as exc:
+        raise SuiteError(f"Suite '{path}' is not valid YAML: {exc}") from exc
+    if node is None:
+        raise SuiteError(f"Suite '{path}' is empty. See suites/demo.yaml for the layout.")
+    lines = _lines(node)
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    raw = _expand(yaml.safe_load(file.read_text()), (), problems)
+    model: SuiteModel | None = None
+    try:
+        model = SuiteModel.model_validate(raw)
+    except ValidationError as exc:
+        problems += [(tuple(e["loc"]), _message(e, raw)) for e in exc.errors()]
+    # Each item is also checked on its own, so one bad entry hides no other problem.
+    section = raw if isinstance(raw, dict) else {}
+    backbones = _parse_items(section.get("backbones"), BackboneSpec, file.parent)
+    datasets = _parse_items(section.get("datasets"), DatasetSpec, file.parent)
+    tasks = _parse_items(section.get("tasks"), TaskSpec, file.parent)
+    task_options: dict[int, Any] = {}
+    for i, task in tasks.items():
+        if task.kind not in task_kinds:
+            hint = did_you_mean(task.kind, task_kinds)
+            choices = ", ".join(sorted(task_kinds))
+            problems.append((("tasks", i, "kind"), f"unknown task kind '{task.kind}'.{hint} "
+                             f"Valid kinds: {choices}"))  # fmt: skip
+            continue
+        parsed, found = task_kinds[task.kind](task.options)
+        task_options[i] = parsed
+        problems += [(("tasks", i, *loc), msg) for loc, msg in found]
+    for i, backbone in backbones.items():
+        problem = check_backbone(backbone) if check_backbone else None
+        if problem:
+            problems.append((("backbones", i, "name"), problem))
+    for i, dataset in datasets.items():
+        problem = _check_data(dataset.data)
+        if problem:
+            problems.append((("datasets", i, "data"), problem))
+    problems += _check_names(
+        list(backbones.values()),
+        list(datasets.values()),
+        tasks,
+        raw_count=len(section.get("datasets") or []),
+    )
+    if model is not None:
+        model = model.model_copy(update={
+            "backbones": tuple(backbones[i] for i in range(len(model.backbones))),
+            "datasets": tuple(datasets[i] for i in range(len(model.datasets))),
+        })  # fmt: skip
+    if problems:
+        listed = "\n".join(f"  - {_where(loc, lines)}: {msg}" for loc, msg in problems)
+        raise SuiteError(
+            f"Suite '{path}' has {len(problems)} problem(s); nothing was run:\n{listed}"
+        )
+    assert model is not None
+    return Suite(model=model, path=file, task_options=task_options)
+
+
+def _parse_items(items: Any, model: type[BaseModel], base: Path) -> dict[int, Any]:
+    """The entries of a list section that parse on their own (others are reported by the
+    whole-file validation), with their paths resolved against the suite's folder."""
+    out = {}
+    for i, item in enumerate(items if isinstance(items, list) else []):
+        try:
+            parsed = model.model_validate(item)
+        except ValidationError:
+            continue
+        fields = {k: _resolve(getattr(parsed, k), base) for k in ("data", "gnd", "weights")
+                  if k in model.model_fields}  # fmt: skip
+        out[i] = parsed.model_copy(update=fields) if fields else parsed
+    return out
+
+
+def _check_names(
+    backbones: list[BackboneSpec],
+    datasets: list[DatasetSpec],
+    tasks: dict[int, TaskSpec],
+    *,
+    raw_count: int,
+) -> list[tuple[tuple[Any, ...], str]]:
+    problems = []
+    names = [d.name for d in datasets]
+    for i, task in tasks.items():
+        for j, name in enumerate(task.datasets or ()):
+            if name not in names and len(names) == raw_count:
+                hint = did_you_mean(name, names)
+                problems.append((("tasks", i, "datasets", j), f"unknown dataset '{name}'.{hint} "
+                                 f"The suite's datasets: {', '.join(names)}"))  # fmt: skip
+    for what, items in (("backbones", [b.display for b in backbones]), ("datasets", names)):
+        seen = set()
+        for i, item in enumerate(items):
+            if item in seen:
+                problems.append(((what, i), f"'{item}' appears twice; give one a `label`"))
+            seen.add(item)
+    return problems
+
+
+def _check_data(data: str) -> str | None:
+    if data.startswith("builtin:") or "://" in data or _VAR.search(data):
+        return None  # an unset variable is reported already
+    if not Path(data).exists():
+        return f"data source '{data}' does not exist (a folder, .csv/.jsonl manifest or builtin:)"
+    return None
+
+
+def _resolve(value: str | None, base: Path) -> str | None:
+    if value is None or value.startswith("builtin:") or "://" in value:
+        return value
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _expand(value: Any, loc: tuple[Any, ...], problems: list) -> Any:
+    if isinstance(value, str):
+        missing = [v for v in _VAR.findall(value) if v not in os.environ]
+        for name in missing:
+            problems.append((loc, f"environment variable ${{{name}}} is not set; export it"))
+        return _VAR.sub(lambda m: os.environ.get(m.group(1), m.group(0)), value)
+    if isinstance(value, dict):
+        return {k: _expand(v, (*loc, k), problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, (*loc, i), problems) for i, v in enumerate(value)]
+    return value
+
+
+def _lines(node: yaml.Node, loc: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], int]:
+    """Line (1-based) of every key path in a composed YAML document."""
+    out = {loc: node.start_mark.line + 1}
+    if isinstance(node, yaml.MappingNode):
+        for key, child in node.value:
+            out.update(_lines(child, (*loc, key.value)))
+            out[(*loc, key.value)] = key.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, child in enumerate(node.value):
+            out.update(_lines(child, (*loc, i)))
+    return out
+
+
+def _where(loc: Iterable[Any], lines: dict[tuple[Any, ...], int]) -> str:
+    loc = tuple(loc)
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            return f"{path} (line {lines[loc[:n]]})"
+    return path
+
+
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "backbones": BackboneSpec,
+    "datasets": DatasetSpec,
+    "options": RunOptions,
+}
+
+
+def _message(error: Any, raw: Any) -> str:
+    kind, msg, loc = error["type"], error["msg"], tuple(error["loc"])
+    if kind == "extra_forbidden":
+        model = _SECTIONS.get(str(loc[0]), SuiteModel) if len(loc) > 1 else SuiteModel
+        hint = did_you_mean(str(loc[-1]), model.model_fields)
+        return f"unknown key.{hint} Valid keys: {', '.join(model.model_fields)}"
+    if kind == "missing":
+        return "required key is missing"
+    return msg.removeprefix("Value error, ")

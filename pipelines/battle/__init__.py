@@ -1,0 +1,161 @@
+"""The battle stage: a suite of backbones × datasets × tasks, planned against what the store
+and the results table already hold, and run on Dask.
+
+``battle(config)`` loads and checks the suite (every problem at once), plans every job,
+skips the done ones, runs the rest (extraction first, each task after its extraction), and
+records the backbones' display metadata beside the results for the report.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bob_cache.pipelines.battle.execute import Outcome, dask_client, execute
+from bob_cache.pipelines.battle.plan import Job, Plan, plan_battle
+from bob_cache.pipelines.battle.tasks import TaskKind, list_tasks, register_task
+from bob_cache.pipelines.registry import register_stage
+from bob_cache.stores.results import DEFAULT_RESULTS
+from bob_cache.suite import BackboneSpec, Suite, load_suite
+
+__all__ = [
+    "BattleConfig",
+    "BattleSummary",
+    "Job",
+    "Plan",
+    "TaskKind",
+    "battle",
+    "load_battle_suite",
+    "register_task",
+]
+DEFAULT_STORE = "bob-store"
+METADATA_FILE = "backbones-{suite}.json"
+
+
+@dataclass
+class BattleConfig:
+    """Options of ``bob-cache battle``."""
+
+    suite: str
+    store: str | None = None
+    results: str | None = None
+    dry_run: bool = False
+    scheduler: str | None = None
+    workers: int | None = None
+    device: str | None = None
+    threads: int | None = None
+    on_plan: Callable[[Plan], None] | None = None
+    on_done: Callable[[Job, Outcome], None] | None = None
+
+
+@dataclass
+class BattleSummary:
+    """What the battle planned and how each job ended."""
+
+    suite: str
+    store: str
+    results: str
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+    outcomes: list[dict[str, Any]] = field(default_factory=list)
+    already_done: int = 0
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [o for o in self.outcomes if o["status"] != "done"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "failed": self.failed}
+
+
+def load_battle_suite(path: str | Path) -> Suite:
+    """Load a suite checked against the registered task kinds and backbone names."""
+    checkers = {name: kind.check for name, kind in list_tasks().items()}
+    return load_suite(path, task_kinds=checkers, check_backbone=_check_backbone)
+
+
+@register_stage("battle")
+def battle(config: BattleConfig) -> BattleSummary:
+    """Plan the suite, run what is not done, and say how every job ended."""
+    started = time.perf_counter()
+    suite = load_battle_suite(config.suite)
+    store = config.store or suite.model.store or DEFAULT_STORE
+    results = config.results or suite.model.results or DEFAULT_RESULTS
+    plan = plan_battle(suite, store=store, results=results, device=config.device)
+    summary = BattleSummary(suite.name, store, results, jobs=[j.to_dict() for j in plan.jobs])
+    summary.already_done = len(plan.jobs) - len(plan.todo)
+    if config.on_plan:
+        config.on_plan(plan)
+    if plan.todo and not config.dry_run:
+        gpus = sum(1 for j in plan.todo if j.gpu) and _local_gpus()
+        with dask_client(scheduler=config.scheduler, workers=config.workers, gpus=gpus) as client:
+            outcomes = execute(
+                plan, client, threads=config.threads, on_done=config.on_done or (lambda j, o: None)
+            )
+        summary.outcomes = [outcomes[j.id].to_dict() for j in plan.todo if j.id in outcomes]
+    if not config.dry_run:
+        write_metadata(suite, store, results)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def backbone_metadata(backbone: BackboneSpec) -> dict[str, Any]:
+    """Display metadata: the suite's values, filled from the registry where it knows them."""
+    from bob_cache.backbones.registry import get_backbone_entry
+
+    entry = get_backbone_entry(backbone.name)
+    known = entry.to_dict() if entry else {}
+    return {
+        "label": backbone.display, "name": backbone.name,
+        **{k: getattr(backbone, k) if getattr(backbone, k) is not None else known.get(k)
+           for k in ("family", "method", "data", "params")},
+    }  # fmt: skip
+
+
+def write_metadata(suite: Suite, store: str, results: str) -> Path | None:
+    """``{backbone slug: metadata}`` for every backbone extracted so far, beside the results
+    (the report reads it to label, size and colour the backbones)."""
+    from bob_cache.stores import open_store
+
+    if not Path(store, "zarr.json").is_file() and "://" not in store:
+        return None
+    by_name = {b.name: backbone_metadata(b) for b in suite.backbones}
+    names = {d.name for d in suite.datasets}
+    mapping: dict[str, dict[str, Any]] = {}
+    for fs in open_store(store).feature_sets():
+        b = fs.attrs.get("backbone", {})
+        if fs.attrs["dataset"]["name"] in names and b.get("name") in by_name:
+            mapping[b["slug"]] = by_name[b["name"]]
+    path = Path(results) / METADATA_FILE.format(suite=suite.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(mapping, indent=2, sort_keys=True))
+    tmp.replace(path)
+    return path
+
+
+def _check_backbone(backbone: BackboneSpec) -> str | None:
+    from bob_cache.backbones.factory import resolve_backbone_name
+    from bob_cache.errors import BackboneUnavailableError, UnknownBackboneError
+
+    try:
+        resolve_backbone_name(backbone.name)
+    except UnknownBackboneError as exc:
+        return str(exc)
+    except BackboneUnavailableError as exc:
+        return None if backbone.weights else str(exc)
+    if backbone.weights and backbone.random_init:
+        return "weights and random_init exclude each other"
+    if backbone.weights and not Path(backbone.weights).is_file():
+        return f"weights file '{backbone.weights}' does not exist"
+    return None
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -1,0 +1,165 @@
+"""Running a battle's jobs on Dask: each job a task with its dependencies.
+
+The local default is an in-process cluster (one worker thread: jobs run one after another,
+each using every core); ``workers=N`` starts a ``LocalCluster`` of N processes sharing the
+cores; ``scheduler="tcp://HOST:PORT"`` sends the same jobs to a running cluster, whose
+workers must reach the store and the results directory. Extraction jobs on CUDA ask for a
+``GPU`` worker resource. A failing job is reported; the jobs that do not need it go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from bob_cache.errors import BobCacheError
+from bob_cache.pipelines.battle.plan import Job, Plan
+
+CONNECT_TIMEOUT_S = 10
+
+
+class SchedulerError(BobCacheError, ConnectionError):
+    """The Dask scheduler named by --scheduler does not answer, or cannot run the jobs."""
+
+
+@dataclass
+class Outcome:
+    """How one job ended."""
+
+    job: str
+    status: str  # "done", "failed", "not run"
+    seconds: float = 0.0
+    error: str = ""
+    result: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"job": self.job, "status": self.status, "seconds": round(self.seconds, 2),
+                "error": self.error}  # fmt: skip
+
+
+def run_job(job: Job, threads: int, *deps: dict[str, Any]) -> dict[str, Any]:
+    """Execute one job on a worker (module-level so Dask can ship it)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    started = time.perf_counter()
+    try:
+        result = job.run(*deps)
+    except BobCacheError:
+        raise
+    except Exception as exc:  # keep the worker's traceback in the message
+        where = traceback.format_exc(limit=-3).strip().splitlines()
+        raise RuntimeError(f"{type(exc).__name__}: {exc} [{' | '.join(where[-3:])}]") from exc
+    result["wall_seconds"] = time.perf_counter() - started
+    return result
+
+
+@contextmanager
+def dask_client(*, scheduler: str | None, workers: int | None, gpus: int) -> Iterator[Any]:
+    """A client on the requested cluster, closed (and a local cluster stopped) afterwards."""
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
+        except (OSError, TimeoutError) as exc:
+            raise SchedulerError(
+                f"No Dask scheduler answers at '{scheduler}' within {CONNECT_TIMEOUT_S} s "
+                f"({type(exc).__name__}). Start one (`dask scheduler`, then `dask worker "
+                f"{scheduler}`), check the address, or drop --scheduler to run locally."
+            ) from exc
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    resources = {"GPU": gpus} if gpus else None
+    kwargs: dict[str, Any] = {"dashboard_address": ":0", "resources": resources,
+                              "silence_logs": logging.WARNING}  # fmt: skip
+    if workers:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, **kwargs)
+    else:
+        cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False, **kwargs)
+    client = Client(cluster)
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()
+
+
+def execute(
+    plan: Plan,
+    client: Any,
+    *,
+    threads: int | None = None,
+    on_done: Callable[[Job, Outcome], None] = lambda job, outcome: None,
+) -> dict[str, Outcome]:
+    """Submit every job that is not done (with its dependencies) and wait for all.
+
+    Args:
+        threads: torch threads per job (default: the cores shared among the workers of a
+            machine). Floating-point sums, and so the last digits of some results, depend on it.
+    """
+    todo = plan.todo
+    _check_gpu(client, todo)
+    threads = threads or _threads_per_job(client)
+    token = uuid.uuid4().hex[:8]
+    futures: dict[str, Any] = {}
+    for job in todo:
+        deps = [futures[d] if d in futures else {"keys": list(plan.get(d).keys)} for d in job.deps]
+        futures[job.id] = client.submit(
+            run_job, job, threads, *deps, key=f"{job.id}-{token}", pure=False, retries=0,
+            resources={"GPU": 1} if job.gpu else None,
+        )  # fmt: skip
+    from distributed import as_completed
+
+    outcomes: dict[str, Outcome] = {}
+    by_key = {f.key: job_id for job_id, f in futures.items()}
+    for future in as_completed(list(futures.values())):
+        job = plan.get(by_key[future.key])
+        outcomes[job.id] = _outcome(job, future, outcomes, plan)
+        on_done(job, outcomes[job.id])
+    return outcomes
+
+
+def _outcome(job: Job, future: Any, outcomes: dict[str, Outcome], plan: Plan) -> Outcome:
+    if future.status == "finished":
+        result = future.result()
+        return Outcome(job.id, "done", result.get("wall_seconds", 0.0), result=result)
+    failed = [d for d in job.deps if d in outcomes and outcomes[d].status != "done"]
+    if failed:
+        return Outcome(job.id, "not run", error=f"needs {failed[0]}, which failed")
+    exc = future.exception()
+    return Outcome(job.id, "failed", error=str(exc) or type(exc).__name__)
+
+
+def _check_gpu(client: Any, todo: list[Job]) -> None:
+    if not any(j.gpu for j in todo):
+        return
+    workers = client.scheduler_info().get("workers", {}).values()
+    if not any(w.get("resources", {}).get("GPU") for w in workers):
+        raise SchedulerError(
+            "Extraction jobs need a GPU, but no Dask worker offers the `GPU` resource. Start "
+            "GPU workers with `dask worker ADDRESS --resources GPU=1`, or set `options: "
+            "{device: cpu}` in the suite."
+        )
+
+
+def _threads_per_job(client: Any) -> int:
+    """Torch threads per job: the cores divided among the workers on one machine."""
+    workers = client.scheduler_info().get("workers", {}).values()
+    hosts: dict[str, int] = {}
+    for w in workers:
+        host = str(w.get("host", ""))
+        hosts[host] = hosts.get(host, 0) + int(w.get("nthreads", 1))
+    per_host = max(hosts.values(), default=1)
+    return max(1, (os.cpu_count() or 1) // per_host) if per_host > 1 else 0

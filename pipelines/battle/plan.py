@@ -1,0 +1,182 @@
+"""Planning a battle: one extraction job per backbone × dataset, then each task on its
+feature sets, and what the store and the results table already hold.
+
+Extraction is done when every split of the dataset has a complete feature set recorded with
+the same request (options as given) over the same data (fingerprint). A task is done when
+the results table holds the config hash of every unit its stage would run on each of the
+extraction's feature sets. Nothing here loads a model or reads features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from bob_cache.config import ExtractConfig
+from bob_cache.data import parse_source
+from bob_cache.pipelines.battle.tasks import TaskContext, get_task
+from bob_cache.stores import FeatureStore, open_store
+from bob_cache.stores.results import ResultsTable
+from bob_cache.suite import BackboneSpec, DatasetSpec, Suite
+
+
+@dataclass
+class Job:
+    """One unit of the battle: an extraction, or a task on one backbone × dataset."""
+
+    id: str
+    kind: str  # "extract" or a task kind
+    dataset: str
+    backbone: str  # display label
+    detail: str = ""
+    deps: tuple[str, ...] = ()
+    done: bool = False
+    gpu: bool = False
+    run: Any = None  # ExtractRun or TaskRun: called with the results of ``deps``
+    keys: tuple[str, ...] = ()  # extraction: the feature keys, when known
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "dataset": self.dataset,
+                "backbone": self.backbone, "detail": self.detail, "deps": list(self.deps),
+                "done": self.done}  # fmt: skip
+
+
+@dataclass
+class Plan:
+    """Every job of a suite, in dependency order."""
+
+    suite: str
+    store: str
+    results: str
+    jobs: list[Job] = field(default_factory=list)
+
+    @property
+    def todo(self) -> list[Job]:
+        return [j for j in self.jobs if not j.done]
+
+    def get(self, job_id: str) -> Job:
+        return next(j for j in self.jobs if j.id == job_id)
+
+
+def plan_battle(suite: Suite, *, store: str, results: str, device: str | None = None) -> Plan:
+    """All jobs of ``suite``, each marked done or not."""
+    device = device or suite.options.device
+    fstore = open_store(store) if _exists(store) else None
+    done_hashes = ResultsTable.open(results).config_hashes()
+    plan = Plan(suite.name, store, results)
+    sources = {d.name: parse_source(d.data, name=d.name) for d in suite.datasets}
+    for dataset in suite.datasets:
+        for backbone in suite.backbones:
+            config = extract_config(suite, backbone, dataset, store=store, device=device)
+            keys = _extracted(fstore, config, sources[dataset.name]) if fstore else None
+            extract = Job(
+                id=f"extract/{dataset.name}/{backbone.display}", kind="extract",
+                dataset=dataset.name, backbone=backbone.display, done=keys is not None,
+                gpu=_uses_gpu(device), run=ExtractRun(config), keys=tuple(keys or ()),
+            )  # fmt: skip
+            plan.jobs.append(extract)
+            ctx = TaskContext(store=store, results=results, device=device, backbone=backbone.name)
+            for i, task in enumerate(suite.tasks):
+                if dataset not in suite.datasets_of(task):
+                    continue
+                kind, options = get_task(task.kind), suite.task_options[i]
+                done = keys is not None and all(
+                    kind.done_hashes(kind.config(options, dataset, key, ctx), key) <= done_hashes
+                    for key in keys
+                )
+                plan.jobs.append(Job(
+                    id=f"{task.kind}#{i}/{dataset.name}/{backbone.display}", kind=task.kind,
+                    dataset=dataset.name, backbone=backbone.display,
+                    detail=kind.describe(options), deps=(extract.id,), done=done,
+                    run=TaskRun(task.kind, options, dataset, ctx),
+                ))  # fmt: skip
+    return plan
+
+
+@dataclass(frozen=True)
+class ExtractRun:
+    """Run one extraction; returns its feature keys and a summary (picklable for Dask)."""
+
+    config: ExtractConfig
+
+    def __call__(self) -> dict[str, Any]:
+        from bob_cache.pipelines import get_stage
+
+        summary = get_stage("extract")(self.config)
+        keys = sorted({f["key"] for f in summary.feature_sets})
+        return {"keys": keys, "slug": summary.backbone, "rows_computed": summary.rows_computed,
+                "invalid_rows": summary.invalid_rows, "seconds": summary.total_seconds}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TaskRun:
+    """Run one task kind's stage on every feature set of its extraction."""
+
+    kind: str
+    options: Any
+    dataset: DatasetSpec
+    ctx: TaskContext
+
+    def __call__(self, extraction: dict[str, Any]) -> dict[str, Any]:
+        from bob_cache.pipelines import get_stage
+
+        kind = get_task(self.kind)
+        runs = [
+            get_stage(kind.stage)(kind.config(self.options, self.dataset, key, self.ctx))
+            for key in extraction["keys"]
+        ]
+        seconds = sum(getattr(r, "seconds", 0.0) for r in runs)
+        return {"keys": extraction["keys"], "seconds": seconds}
+
+
+def extract_config(
+    suite: Suite, backbone: BackboneSpec, dataset: DatasetSpec, *, store: str, device: str
+) -> ExtractConfig:
+    """The extraction a suite asks for one backbone × dataset."""
+    o = suite.options
+    return ExtractConfig(
+        data=dataset.data, backbone=backbone.name, store=store, name=dataset.name, split="all",
+        weights=backbone.weights, random_init=backbone.random_init, seed=backbone.seed,
+        layers=backbone.layers, pool=backbone.pool, image_size=backbone.image_size,
+        dtype=backbone.dtype, precision=backbone.precision, device=device,
+        batch_size=o.batch_size, workers=o.workers, decode=backbone.decode, limit=dataset.limit,
+        shard_rows=o.shard_rows, quiet=True,
+        command=f"bob-cache battle {suite.path.name}  # {backbone.display} × {dataset.name}",
+    )  # fmt: skip
+
+
+def _extracted(store: FeatureStore, config: ExtractConfig, source: Any) -> list[str] | None:
+    """Keys of the complete sets that hold this extraction for every split, or None."""
+    request, fingerprint = config.request(), source.fingerprint()
+    keys: dict[str, set[str]] = {split: set() for split in source.splits}
+    for fs in store.feature_sets():
+        a = fs.attrs
+        if (
+            a.get("request") == request
+            and a["dataset"].get("fingerprint") == fingerprint
+            and a["dataset"].get("name") == config.name
+            and a.get("split") in keys
+            and fs.complete
+        ):
+            keys[a["split"]].add(fs.key)
+    found = set.intersection(*keys.values()) if keys else set()
+    per_output = len(config.layers)
+    return sorted(found) if len(found) >= per_output else None
+
+
+def _exists(store: str) -> bool:
+    from pathlib import Path
+
+    from bob_cache.stores.location import is_url
+
+    return is_url(store) or (Path(store) / "zarr.json").is_file()
+
+
+def _uses_gpu(device: str) -> bool:
+    if device.startswith("cuda"):
+        return True
+    if device != "auto":
+        return False
+    import torch
+
+    return torch.cuda.is_available()

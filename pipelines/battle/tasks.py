@@ -1,0 +1,210 @@
+"""The battle's task registry: each task kind says how to check its options, which stage
+runs it on one feature set, and which results-table rows mean it is done.
+
+Kinds register with :func:`register_task`; the planner only ever looks them up, so a new
+stage (ood, finetune, dense) adds a kind without touching the planner.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bob_cache.errors import SpecError, did_you_mean
+from bob_cache.suite import DatasetSpec
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """Where a task's stage reads and writes, and on what device."""
+
+    store: str
+    results: str
+    device: str
+    backbone: str  # the name the set was extracted with
+
+
+class TaskKind(ABC):
+    """One kind of task: options schema, the stage that runs it, and its done check."""
+
+    name: ClassVar[str]
+    stage: ClassVar[str]
+    Options: ClassVar[type[BaseModel]]
+
+    def check(self, options: dict[str, Any]) -> tuple[Any, list[tuple[tuple[Any, ...], str]]]:
+        """Parse this kind's options; problems as ``(key path, message)``."""
+        try:
+            return self.Options.model_validate(options), []
+        except ValidationError as exc:
+            return None, [(tuple(e["loc"]), _message(e, self.Options)) for e in exc.errors()]
+
+    @abstractmethod
+    def config(self, options: Any, dataset: DatasetSpec, key: str, ctx: TaskContext) -> Any:
+        """The stage's config for one feature set (``key``)."""
+
+    @abstractmethod
+    def done_hashes(self, config: Any, key: str) -> set[str]:
+        """Results-table config hashes that are all present once the task is done."""
+
+    def describe(self, options: Any) -> str:
+        """A short summary of the options for plan listings."""
+        return ""
+
+
+_TASKS: dict[str, TaskKind] = {}
+
+
+def register_task(kind: type[TaskKind]) -> type[TaskKind]:
+    """Class decorator: register a task kind under its ``name``."""
+    _TASKS[kind.name] = kind()
+    return kind
+
+
+def get_task(name: str) -> TaskKind:
+    if name not in _TASKS:
+        raise SpecError(
+            f"Unknown task kind '{name}'.{did_you_mean(name, _TASKS)} Known: {', '.join(_TASKS)}."
+        )
+    return _TASKS[name]
+
+
+def list_tasks() -> dict[str, TaskKind]:
+    return dict(_TASKS)
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _ProbeKind(TaskKind):
+    stage = "probe"
+
+    def config(self, options: Any, dataset: DatasetSpec, key: str, ctx: TaskContext) -> Any:
+        from bob_cache.pipelines.probe import ProbeConfig
+
+        return ProbeConfig(
+            store=ctx.store, dataset=dataset.name, backbone=ctx.backbone, feature=key,
+            results=ctx.results, device=ctx.device, train_split=dataset.train_split,
+            val_split=dataset.val_split, test_split=dataset.test_split, **self.probe(options),
+        )  # fmt: skip
+
+    def done_hashes(self, config: Any, key: str) -> set[str]:
+        from bob_cache.pipelines.probe import unit_hashes
+
+        return unit_hashes(config, key)
+
+    @abstractmethod
+    def probe(self, options: Any) -> dict[str, Any]:
+        """ProbeConfig fields for this kind."""
+
+
+@register_task
+class LinearTask(_ProbeKind):
+    """Linear probe on the full training split (C chosen on val, refit on train + val)."""
+
+    name = "linear"
+
+    class Options(_Options):
+        recipe: str = Field("sweep", pattern="^(sweep|bob)$")
+        epochs: int = Field(90, ge=1)
+        seeds: tuple[int, ...] = (0,)
+
+    def probe(self, options: Any) -> dict[str, Any]:
+        return {"methods": ("linear",), "recipe": options.recipe, "epochs": options.epochs,
+                "seeds": options.seeds}  # fmt: skip
+
+    def describe(self, options: Any) -> str:
+        return options.recipe
+
+
+@register_task
+class KnnTask(_ProbeKind):
+    """Weighted kNN on the full training split."""
+
+    name = "knn"
+
+    class Options(_Options):
+        k: tuple[int, ...] = Field((10, 20, 100, 200), min_length=1)
+        temperature: float = Field(0.07, gt=0)
+
+    def probe(self, options: Any) -> dict[str, Any]:
+        return {"methods": ("knn",), "ks": options.k, "temperature": options.temperature}
+
+    def describe(self, options: Any) -> str:
+        return "k=" + ",".join(map(str, options.k))
+
+
+@register_task
+class FewShotTask(_ProbeKind):
+    """Few-shot subsets of train (k per class or a fraction), linear and/or kNN."""
+
+    name = "few-shot"
+
+    class Options(_Options):
+        shots: tuple[int, ...] = ()
+        fractions: tuple[float, ...] = ()
+        methods: tuple[str, ...] = ("linear",)
+        seeds: tuple[int, ...] = (0, 1, 2)
+        k: tuple[int, ...] = (10, 20)
+
+    def check(self, options: dict[str, Any]) -> tuple[Any, list[tuple[tuple[Any, ...], str]]]:
+        parsed, problems = super().check(options)
+        if parsed is not None:
+            if not (parsed.shots or parsed.fractions):
+                problems.append((("shots",), "give shots (e.g. [1, 5]) and/or fractions"))
+            bad = [m for m in parsed.methods if m not in ("linear", "knn")]
+            if bad:
+                problems.append((("methods",), f"unknown {bad}; valid choices: linear, knn"))
+            if any(not 0 < f < 1 for f in parsed.fractions):
+                problems.append((("fractions",), "fractions must be between 0 and 1"))
+        return parsed, problems
+
+    def probe(self, options: Any) -> dict[str, Any]:
+        return {"methods": options.methods, "shots": options.shots,
+                "fractions": options.fractions, "seeds": options.seeds, "ks": options.k,
+                "include_full": False}  # fmt: skip
+
+    def describe(self, options: Any) -> str:
+        parts = [f"{s}-shot" for s in options.shots] + [f"{f:g}" for f in options.fractions]
+        return f"{','.join(parts)} × {len(options.seeds)} seeds"
+
+
+@register_task
+class RetrievalTask(TaskKind):
+    """Retrieval mAP and precision@k: the classes protocol, or gnd when the dataset has one."""
+
+    name = "retrieval"
+    stage = "retrieval-eval"
+
+    class Options(_Options):
+        metric: str = Field("cosine", pattern="^(cosine|l2|ip)$")
+        query_fraction: float = Field(0.2, gt=0, lt=1)
+        seed: int = 0
+
+    def config(self, options: Any, dataset: DatasetSpec, key: str, ctx: TaskContext) -> Any:
+        from bob_cache.pipelines.retrieval_eval import RetrievalEvalConfig
+
+        return RetrievalEvalConfig(
+            store=ctx.store, dataset=dataset.name, backbone=ctx.backbone, feature=key,
+            split=dataset.retrieval_split, protocol="gnd" if dataset.gnd else "classes",
+            gnd=dataset.gnd, query_fraction=options.query_fraction, seed=options.seed,
+            metric=options.metric, results=ctx.results,
+        )  # fmt: skip
+
+    def done_hashes(self, config: Any, key: str) -> set[str]:
+        from bob_cache.pipelines.retrieval_eval import config_hash
+
+        return {config_hash(config, key)}
+
+    def describe(self, options: Any) -> str:
+        return options.metric
+
+
+def _message(error: Any, model: type[BaseModel]) -> str:
+    if error["type"] == "extra_forbidden":
+        hint = did_you_mean(str(error["loc"][-1]), model.model_fields)
+        return f"unknown option.{hint} Valid options: {', '.join(model.model_fields)}"
+    return str(error["msg"]).removeprefix("Value error, ")

@@ -1,0 +1,150 @@
+"""The battle stage: planning against the store and the results table, skipping what is
+done, running on Dask (in-process and a LocalCluster), and reporting failures."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bob_cache.pipelines.battle import BattleConfig, battle, load_battle_suite
+from bob_cache.pipelines.battle.execute import SchedulerError
+from bob_cache.pipelines.battle.plan import plan_battle
+from bob_cache.stores.results import ResultsTable
+
+SUITE = """\
+name: tiny
+backbones:
+{backbones}
+datasets:
+  - name: digits
+    data: builtin:digits
+    limit: 60
+tasks:
+  - kind: linear
+  - kind: knn
+    k: [5]
+  - kind: few-shot
+    shots: [1]
+    seeds: [0]
+  - kind: retrieval
+options:
+  workers: 0
+  shard_rows: 32
+"""
+BACKBONE = """\
+  - name: test_resnet
+    label: {label}
+    random_init: true
+    seed: {seed}
+    image_size: 32
+    family: ResNet
+    method: random init
+    params: 1000
+"""
+
+
+def suite_file(tmp_path: Path, seeds: list[int], extra: str = "") -> Path:
+    text = "".join(BACKBONE.format(label=f"r{s}", seed=s) for s in seeds) + extra
+    path = tmp_path / "suite.yaml"
+    path.write_text(SUITE.format(backbones=text.rstrip("\n")))
+    return path
+
+
+def run(tmp_path: Path, suite: Path, **kwargs: object):
+    return battle(BattleConfig(suite=str(suite), store=str(tmp_path / "store"),
+                               results=str(tmp_path / "results"), **kwargs))  # fmt: skip
+
+
+def rows(results: Path) -> pd.DataFrame:
+    frame = ResultsTable.open(results).read()
+    keys = ["backbone", "feature_key", "stage", "method", "setting", "metric", "seed"]
+    return frame.sort_values(keys)[[*keys, "value", "config_hash"]].reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A battle of two backbones, run once in-process."""
+    tmp = tmp_path_factory.mktemp("battle")
+    summary = run(tmp, suite_file(tmp, [0, 1]), threads=1)
+    assert not summary.failed and len(summary.outcomes) == 10
+    return tmp
+
+
+def test_a_battle_runs_every_job_and_a_second_run_does_nothing(finished: Path) -> None:
+    frame = rows(finished / "results")
+    assert set(frame["backbone"]) == {"test_resnet.random-s0", "test_resnet.random-s1"}
+    per = frame.groupby("backbone")["stage"].value_counts().unstack()
+    assert (per["retrieval"] > 0).all() and (per["probe"] > 0).all()
+    settings = set(frame["setting"])
+    assert {"full", "1-shot"} <= settings
+    again = run(finished, finished / "suite.yaml")
+    assert again.outcomes == [] and again.already_done == 10
+    assert len(ResultsTable.open(finished / "results").read()) == len(frame)  # nothing added
+
+
+def test_adding_a_backbone_plans_only_its_jobs(finished: Path, tmp_path: Path) -> None:
+    path = suite_file(tmp_path, [0, 1, 2])
+    suite = load_battle_suite(path)
+    plan = plan_battle(suite, store=str(finished / "store"), results=str(finished / "results"))
+    assert {(j.kind, j.backbone) for j in plan.todo} == {
+        (k, "r2") for k in ("extract", "linear", "knn", "few-shot", "retrieval")
+    }
+
+
+def test_the_backbones_metadata_lands_beside_the_results(finished: Path) -> None:
+    meta = json.loads((finished / "results" / "backbones-tiny.json").read_text())
+    assert meta["test_resnet.random-s1"] == {
+        "label": "r1", "name": "test_resnet", "family": "ResNet", "method": "random init",
+        "data": None, "params": 1000,
+    }  # fmt: skip
+
+
+def test_a_dry_run_writes_nothing(tmp_path: Path) -> None:
+    summary = run(tmp_path, suite_file(tmp_path, [0]), dry_run=True)
+    assert len(summary.jobs) == 5 and summary.outcomes == []
+    assert not (tmp_path / "store").exists() and not (tmp_path / "results").exists()
+
+
+def test_a_failing_job_is_reported_and_the_others_finish(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.pth"
+    bad.write_bytes(b"not a checkpoint")
+    extra = f"  - name: test_resnet\n    label: broken\n    weights: {bad}\n"
+    summary = run(tmp_path, suite_file(tmp_path, [0], extra))
+    status = {o["job"]: o for o in summary.outcomes}
+    assert status["extract/digits/broken"]["status"] == "failed"
+    assert "Cannot read weights file" in status["extract/digits/broken"]["error"]
+    assert status["linear#0/digits/broken"]["status"] == "not run"
+    assert "needs extract/digits/broken" in status["linear#0/digits/broken"]["error"]
+    assert all(o["status"] == "done" for j, o in status.items() if j.endswith("/r0"))
+    assert len(summary.failed) == 5
+
+
+def test_the_cli_exits_1_and_names_the_failed_jobs(cli, tmp_path: Path) -> None:
+    bad = tmp_path / "broken.pth"
+    bad.write_bytes(b"not a checkpoint")
+    extra = f"  - name: test_resnet\n    label: broken\n    weights: {bad}\n"
+    suite = suite_file(tmp_path, [], extra)
+    result = cli("battle", suite, "--store", tmp_path / "s", "--results", tmp_path / "r")
+    assert result.exit_code == 1
+    assert (
+        "5 job(s) did not finish" in result.output and "Cannot read weights file" in result.output
+    )
+
+
+def test_a_scheduler_that_does_not_answer_fails_fast_and_clearly(tmp_path: Path) -> None:
+    started = time.monotonic()
+    with pytest.raises(SchedulerError, match=r"No Dask scheduler answers at 'tcp://127.0.0.1:9'"):
+        run(tmp_path, suite_file(tmp_path, [0]), scheduler="tcp://127.0.0.1:9")
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.slow
+def test_a_local_cluster_of_two_workers_gives_the_same_rows(finished: Path, tmp_path: Path) -> None:
+    summary = run(tmp_path, suite_file(tmp_path, [0, 1]), workers=2, threads=1)
+    assert not summary.failed
+    ours, theirs = rows(tmp_path / "results"), rows(finished / "results")
+    pd.testing.assert_frame_equal(ours, theirs)
