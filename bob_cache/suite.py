@@ -276,8 +276,8 @@ def _check_data(data: str) -> str | None:
 
 
 def _resolve(value: str | None, base: Path) -> str | None:
-    if value is None or value.startswith("builtin:") or "://" in value:
-        return value
+    if value is None or value.startswith("builtin:") or "://" in value or _VAR.search(value):
+        return value  # (an unset variable is reported already)
     p = Path(value).expanduser()
     return str(p if p.is_absolute() else (base / p).resolve())
 

@@ -59,7 +59,7 @@ def list_converters() -> list[str]:
 
 
 def describe_checkpoint(entry: BackboneEntry) -> str:
-    """``the official <file> (<url>)`` for messages."""
+    """``the official <name> checkpoint <file> (<url>)``, for messages."""
     return f"the official {entry.name} checkpoint {entry.checkpoint} ({entry.source_url})"
 
 
@@ -68,7 +68,7 @@ def checkpoint_required(entry: BackboneEntry) -> CheckpointRequiredError:
     return CheckpointRequiredError(
         f"{entry.name} has no timm weights; download the official checkpoint "
         f"{entry.checkpoint} ({entry.source_url}) and pass --weights FILE "
-        f"(it is converted to timm '{entry.arch}' on load), or use --random-init."
+        f"(it is converted to {_target(entry)} on load), or use --random-init."
     )
 
 
@@ -93,7 +93,7 @@ def load_official_checkpoint(model: nn.Module, weights: WeightsFile, entry: Back
     ]
     if missing or unexpected or wrong_shape:
         raise WeightsError(
-            f"'{weights.path.name}' does not fit {entry.name} (timm '{entry.arch}' after "
+            f"'{weights.path.name}' does not fit {entry.name} ({_target(entry)} after "
             f"conversion): {describe_mismatch(missing, unexpected, wrong_shape)}. Expected "
             f"{expected}; pass that file with --weights (ViTs also need the default "
             "--image-size)."
@@ -131,6 +131,10 @@ def select_keys(
             "file with --weights."
         )
     return kept
+
+
+def _target(entry: BackboneEntry) -> str:
+    return f"timm '{entry.arch}'" if entry.provider == "timm" else f"'{entry.arch}'"
 
 
 def _sample(keys: Iterable[str], n: int = 3) -> str:

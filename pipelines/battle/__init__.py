@@ -150,7 +150,7 @@ def _check_backbone(backbone: BackboneSpec) -> str | None:
         return None if backbone.weights else str(exc)
     if backbone.weights and backbone.random_init:
         return "weights and random_init exclude each other"
-    if backbone.weights and not Path(backbone.weights).is_file():
+    if backbone.weights and "${" not in backbone.weights and not Path(backbone.weights).is_file():
         return f"weights file '{backbone.weights}' does not exist"
     return None
 
