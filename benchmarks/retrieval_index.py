@@ -121,7 +121,15 @@ def make_data(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     from bob_cache.stores import FeatureSetRequest, open_store, resolve_layout
 
-    model = ClusterModel(args.dim, args.clusters, seed=args.seed, spread=args.spread)
+    model = ClusterModel(
+        args.dim,
+        args.clusters,
+        seed=args.seed,
+        spread=args.spread,
+        offset=getattr(args, "offset", 0.6),
+        noise=getattr(args, "noise", 0.1),
+        rank=getattr(args, "rank", 64),
+    )
     started = time.perf_counter()
     labels = model.labels(args.rows, np.random.default_rng([args.seed, 1]))
     fstore = open_store(work / "store", mode="a")
@@ -270,11 +278,21 @@ def child_build(spec: dict[str, Any]) -> None:
     print(json.dumps(out, default=str))
 
 
-def build(work: Path, name: str, kind: str, max_memory: str | None, target: float) -> dict:
+def build(
+    work: Path,
+    name: str,
+    kind: str,
+    max_memory: str | None,
+    target: float,
+    *,
+    store: str | None = None,
+    dataset: str = DATASET,
+    backbone: str = BACKBONE,
+) -> dict:
     spec = {
-        "store": str(work / "store"),
-        "dataset": DATASET,
-        "backbone": BACKBONE,
+        "store": store or str(work / "store"),
+        "dataset": dataset,
+        "backbone": backbone,
         "kind": kind,
         "max_memory": max_memory,
         "target_recall": target,
@@ -331,10 +349,18 @@ def qps_batched(index: Any, q: np.ndarray, *, min_seconds: float = 1.0) -> tuple
             return n / el, first
 
 
-def open_searcher(work: Path, name: str) -> Any:
+def open_searcher(
+    work: Path,
+    name: str,
+    *,
+    store: str | None = None,
+    dataset: str = DATASET,
+    backbone: str = BACKBONE,
+) -> Any:
     from bob_cache.pipelines.query import QueryConfig, Searcher
 
-    return Searcher.open(QueryConfig(str(work / "store"), DATASET, BACKBONE, index=name))
+    config = QueryConfig(store or str(work / "store"), dataset, backbone, index=name)
+    return Searcher.open(config)
 
 
 def sweep_index(work: Path, name: str, q: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
@@ -629,6 +655,9 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--clusters", type=int, default=None, help="default: rows/500, 100..4000")
     p.add_argument("--spread", type=float, default=1.25, help="within-cluster spread (norm)")
+    p.add_argument("--offset", type=float, default=0.6, help="cluster offset from its supercluster")
+    p.add_argument("--noise", type=float, default=0.1, help="isotropic noise (norm)")
+    p.add_argument("--rank", type=int, default=64, help="rank of a cluster's spread subspace")
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--budgets", default="4GB,1GB")
     p.add_argument("--target-recall", type=float, default=0.95)
@@ -651,6 +680,9 @@ def main() -> None:
         k: getattr(args, k)
         for k in ("rows", "dim", "clusters", "spread", "queries", "target_recall", "seed")
     }
+    for k, default in (("offset", 0.6), ("noise", 0.1), ("rank", 64)):  # older runs lack these
+        if getattr(args, k) != default:
+            key_args[k] = getattr(args, k)
     state = State(out.with_suffix(".partial.json"), args.fresh, key_args)
     state.data["machine"] = machine()
 

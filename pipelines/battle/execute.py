@@ -81,11 +81,16 @@ def dask_client(*, scheduler: str | None, workers: int | None, gpus: int) -> Ite
         finally:
             client.close()
         return
+    import dask
+
     resources = {"GPU": gpus} if gpus else None
     kwargs: dict[str, Any] = {"dashboard_address": ":0", "resources": resources,
                               "silence_logs": logging.WARNING}  # fmt: skip
-    if workers:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, **kwargs)
+    if workers:  # non-daemonic worker processes, so extraction can start its image loaders
+        with dask.config.set({"distributed.worker.daemon": False}):
+            cluster = LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, **kwargs
+            )
     else:
         cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False, **kwargs)
     client = Client(cluster)

@@ -9,7 +9,7 @@ extraction's feature sets. Nothing here loads a model or reads features.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bob_cache.config import ExtractConfig
@@ -100,9 +100,16 @@ class ExtractRun:
     config: ExtractConfig
 
     def __call__(self) -> dict[str, Any]:
+        import multiprocessing
+
         from bob_cache.pipelines import get_stage
 
-        summary = get_stage("extract")(self.config)
+        config = self.config
+        if multiprocessing.current_process().daemon and config.workers != 0:
+            # A daemonic Dask worker cannot start loader processes: decode in-process. Start
+            # workers with DASK_DISTRIBUTED__WORKER__DAEMON=False to decode in parallel.
+            config = replace(config, workers=0)
+        summary = get_stage("extract")(config)
         keys = sorted({f["key"] for f in summary.feature_sets})
         return {"keys": keys, "slug": summary.backbone, "rows_computed": summary.rows_computed,
                 "invalid_rows": summary.invalid_rows, "seconds": summary.total_seconds}  # fmt: skip

@@ -110,3 +110,21 @@ def test_the_shipped_suites_load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     root = Path(__file__).resolve().parents[2] / "suites"
     demo = load_battle_suite(root / "demo.yaml")
     assert len(demo.backbones) == 3 and {t.kind for t in demo.tasks} >= {"linear", "retrieval"}
+
+
+def test_the_bob_suite_loads_once_its_locations_are_set(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import re
+
+    root = Path(__file__).resolve().parents[2] / "suites" / "bob.yaml"
+    for name in sorted(set(re.findall(r"\$\{(\w+)\}", root.read_text()))):
+        target = tmp_path / name
+        if name.endswith("_CKPT"):
+            target.write_bytes(b"checkpoint")
+        else:
+            target.mkdir()
+        monkeypatch.setenv(name, str(target))
+    suite = load_battle_suite(root)
+    assert len(suite.backbones) >= 30 and len(suite.datasets) == 6
+    assert {t.kind for t in suite.tasks} == {"linear", "knn", "few-shot", "retrieval"}
