@@ -11,7 +11,6 @@ from __future__ import annotations
 import shlex
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from importlib import metadata
 from typing import Any
 
 import numpy as np
@@ -19,6 +18,7 @@ import numpy as np
 from bob_cache.data import DataSource, Sample
 from bob_cache.errors import DataChangedError, MixedEnvironmentError
 from bob_cache.progress import progress_bar
+from bob_cache.provenance import library_versions
 from bob_cache.stores import FeatureSet
 
 WRITER_LIBRARIES = ("torch", "timm")
@@ -26,13 +26,8 @@ WRITER_LIBRARIES = ("torch", "timm")
 
 def writer_identity(device_type: str) -> dict[str, str]:
     """What a shard's commit record says about the environment that computed it."""
-    out = {"device": device_type}
-    for name in WRITER_LIBRARIES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+    versions = library_versions()
+    return {"device": device_type, **{name: versions[name] for name in WRITER_LIBRARIES}}
 
 
 def check_writers(fs: FeatureSet, current: dict[str, str], *, allow_mixed: bool) -> None:

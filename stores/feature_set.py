@@ -23,22 +23,20 @@ import contextlib
 import json
 import socket
 import uuid
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.group import GroupMetadata
 from zarr.core.sync import sync
 
 from bob_cache.errors import FeatureOverflowError, SpecError, SpecMismatchError
 from bob_cache.hashing import canonical_json
 from bob_cache.provenance import utc_now
+from bob_cache.stores.group_metadata import consolidate, create_group
 from bob_cache.stores.layout import StorageLayout
-from bob_cache.stores.location import put_exclusive, translate_write_errors
+from bob_cache.stores.location import translate_write_errors
 
 FORMAT_VERSION = 2
 MARKER = "bob_cache"
@@ -105,7 +103,7 @@ class FeatureSet:
                 f"Unknown storage dtype '{request.dtype}'. Expected one of {', '.join(DTYPES)}."
             )
         with translate_write_errors(location, f"feature set '{request.path}' metadata"):
-            group = _create_group(root, request, layout)
+            group = create_group(root, request, layout, marker=_marker())
             fs = cls(group, location=location)
             fs._check_matches(request, layout)
             fs._create_arrays(request, layout, label_shape=label_shape)
@@ -419,6 +417,10 @@ class FeatureSet:
         return out
 
 
+def _marker() -> dict[str, Any]:
+    return {MARKER: {"format": FORMAT_VERSION, "kind": "feature_set"}}
+
+
 def cast_features(
     features: np.ndarray, dtype: np.dtype | str, *, valid: np.ndarray, ids: Sequence[str]
 ) -> np.ndarray:
@@ -443,58 +445,6 @@ def cast_features(
         )
     out[~valid] = np.nan
     return out
-
-
-def consolidate(store: Any, path: str, *, attempts: int = 3) -> None:
-    """Consolidate the store root's metadata so ``xarray.open_zarr(store, group=path)`` opens
-    the set fast. Writers may race here: each retries until its own set is included."""
-    for _ in range(attempts):
-        with warnings.catch_warnings():  # consolidated metadata is not in the v3 spec yet
-            warnings.simplefilter("ignore")
-            zarr.consolidate_metadata(store, zarr_format=3)
-            root = zarr.open_group(store, mode="r", use_consolidated=True)
-        meta = root.metadata.consolidated_metadata
-        if meta is not None and path in meta.flattened_metadata:
-            return
-
-
-def _create_group(
-    root: zarr.Group, request: FeatureSetRequest, layout: StorageLayout
-) -> zarr.Group:
-    attrs = {
-        MARKER: {"format": FORMAT_VERSION, "kind": "feature_set"},
-        "key": request.key,
-        "spec": request.spec,
-        "storage": layout.to_dict(),
-        "n_rows": request.n_rows,
-        "dim": request.dim,
-        **request.provenance,
-        "created": utc_now(),
-    }
-    parent = request.path.rpartition("/")[0]
-    if parent:
-        _require_plain_group(root, parent)
-    body = group_metadata_bytes(json.loads(json.dumps(attrs, default=str)))
-    put_exclusive(root.store, f"{_join(root.path, request.path)}/zarr.json", body)
-    return zarr.open_group(root.store, path=_join(root.path, request.path), mode="r+",
-                           use_consolidated=False)  # fmt: skip
-
-
-def _require_plain_group(root: zarr.Group, path: str) -> None:
-    parts = path.split("/")
-    body = group_metadata_bytes()
-    for i in range(1, len(parts) + 1):
-        put_exclusive(root.store, f"{_join(root.path, '/'.join(parts[:i]))}/zarr.json", body)
-
-
-def group_metadata_bytes(attributes: dict[str, Any] | None = None) -> bytes:
-    """The ``zarr.json`` of a Zarr v3 group with ``attributes``."""
-    meta = GroupMetadata(attributes=attributes or {})
-    return meta.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
-
-
-def _join(*parts: str) -> str:
-    return "/".join(p.strip("/") for p in parts if p.strip("/"))
 
 
 def _diff(

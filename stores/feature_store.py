@@ -15,12 +15,8 @@ import zarr
 from zarr.abc.store import Store
 
 from bob_cache.errors import FeatureSetNotFoundError, SpecError, StoreError
-from bob_cache.stores.feature_set import (
-    MARKER,
-    FeatureSet,
-    FeatureSetRequest,
-    group_metadata_bytes,
-)
+from bob_cache.stores.feature_set import MARKER, FeatureSet, FeatureSetRequest
+from bob_cache.stores.group_metadata import group_metadata_bytes
 from bob_cache.stores.layout import StorageLayout
 from bob_cache.stores.location import (
     StoreLike,

@@ -169,3 +169,27 @@ def test_import_needs_the_columns_a_source_and_the_file(tmp_path: Path) -> None:
         import_results(sourceless, results=tmp_path / "r")
     with pytest.raises(DataNotFoundError, match="No results CSV"):
         import_results(tmp_path / "missing.csv", results=tmp_path / "r", source="s")
+
+
+def _append_many(directory: str, writer: int, barrier: object) -> None:
+    table = ResultsTable.open(directory)
+    barrier.wait()  # type: ignore[attr-defined]
+    for i in range(20):
+        table.append([row(run_id=f"w{writer}", config_hash=f"w{writer}-{i}", value=i)])
+
+
+def test_concurrent_writers_lose_no_rows(tmp_path: Path) -> None:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(4)
+    procs = [
+        ctx.Process(target=_append_many, args=(str(tmp_path / "r"), w, barrier)) for w in range(4)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * 4
+    frame = ResultsTable.open(tmp_path / "r").read()
+    assert len(frame) == 80 and frame["config_hash"].nunique() == 80
