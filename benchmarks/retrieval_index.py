@@ -120,6 +120,7 @@ def make_data(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from numpy.lib.format import open_memmap
 
     from bob_cache.stores import FeatureSetRequest, open_store, resolve_layout
+    from bob_cache.stores.feature_set import ShardRows
 
     model = ClusterModel(
         args.dim,
@@ -148,7 +149,7 @@ def make_data(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         dtype="float16",
     )
     ids = [f"v{i:08d}" for i in range(args.rows)]
-    fs = fstore.require(request, layout, labels=labels, ids=ids, overwrite=True)
+    fs = fstore.require(request, layout, overwrite=True)
     vectors = open_memmap(
         work / "vectors.npy", mode="w+", dtype=np.float32, shape=(args.rows, args.dim)
     )
@@ -156,7 +157,7 @@ def make_data(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     for shard in range(n_shards):
         a, b = layout.shard_bounds(shard, args.rows)
         x = model.sample(labels[a:b], np.random.default_rng([args.seed, 2, shard]))
-        fs.write_shard(shard, x, [""] * (b - a))
+        fs.write_shard(shard, x, ShardRows(labels[a:b], ids[a:b], [""] * (b - a), [""] * (b - a)))
         vectors[a:b] = normalized(x.astype(np.float16))
         if shard == 0:  # what the store holds is what the .npy holds
             back = normalized(fs.features[a:b])

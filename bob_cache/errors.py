@@ -105,6 +105,25 @@ class IndexMismatchError(StoreError, ValueError):
     """An index built from another feature set than the one being queried."""
 
 
+class HeadNotFoundError(StoreError, KeyError):
+    """No stored probe head of that name (or none at all) beside the selected feature sets."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class HeadDamagedError(StoreError, ValueError):
+    """A stored probe head whose arrays are missing, incomplete or malformed."""
+
+
+class StaleHeadError(StoreError, ValueError):
+    """A probe head fitted on shards that were uncommitted or recomputed since."""
+
+
+class HeadMismatchError(StoreError, ValueError):
+    """A probe head fitted on another feature key than the set it is asked to classify."""
+
+
 class QueryError(BobCacheError, ValueError):
     """A query that cannot be answered as given (unknown id, wrong dimension, bad k, ...)."""
 
@@ -148,6 +167,17 @@ class DeviceError(BobCacheError, RuntimeError):
 
 class FeatureOverflowError(BobCacheError, OverflowError):
     """Feature values do not fit the storage dtype (would be stored as inf)."""
+
+
+class DetectorError(BobCacheError, ValueError):
+    """An OOD detector, its options, fit stream, state or scores that cannot be used as given."""
+
+
+class UnknownDetectorError(DetectorError, KeyError):
+    """An OOD detector name that the detector registry does not know."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 def did_you_mean(name: str, candidates: Iterable[str], *, n: int = 3) -> str:

@@ -13,6 +13,11 @@ Protocols, per setting (each row records ``train_rows``, ``val_rows`` and ``prot
 * ``K-shot`` / ``F-fraction``: a subset of train drawn by a hash of the row ids and the seed.
   Every method sees only the subset's labels: the linear probe chooses C by cross-validation
   inside it (or uses a fixed C when a class has one row) and is refit on it.
+
+Each linear unit of a single-label set stores its head (the model that produced the reported
+test numbers) beside the training split's feature set, named by the unit's config hash
+(:mod:`bob_cache.stores.head_store`), before its rows are appended: a kill in between leaves
+a unit that the next run fits again, replacing the head.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from bob_cache.device import resolve_device
-from bob_cache.errors import SpecError
+from bob_cache.errors import SpecError, StoreNotWritableError
 from bob_cache.hashing import stable_hash
 from bob_cache.metrics import classification_metrics, multilabel_metrics
 from bob_cache.pipelines.registry import register_stage
@@ -50,7 +55,8 @@ from bob_cache.probes import (
 )
 from bob_cache.probes.features import load_rows
 from bob_cache.provenance import library_versions, utc_now
-from bob_cache.stores import open_store
+from bob_cache.stores import FeatureSet, open_store
+from bob_cache.stores.head_store import HeadParams, HeadRecord, write_head
 from bob_cache.stores.results import ResultsTable, summarize
 
 METHODS = ("linear", "knn")
@@ -118,6 +124,9 @@ class ProbeData:
     backbone: str
     unseen_test_classes: list[int]
     unlabeled_rows_dropped: int = 0
+    sets: dict[str, FeatureSet] = field(default_factory=dict)  # by split
+    generations: dict[str, dict[str, str]] = field(default_factory=dict)  # by set path, at load
+    class_names: list[str] = field(default_factory=list)
 
     def metrics(self, scores: np.ndarray) -> dict[str, float]:
         if self.multilabel:
@@ -143,6 +152,8 @@ class ProbeSummary:
     unseen_test_classes: list[int] = field(default_factory=list)
     unlabeled_rows_dropped: int = 0
     table: list[dict[str, Any]] = field(default_factory=list)
+    heads: list[str] = field(default_factory=list)  # names of the heads stored by this run
+    heads_note: str = ""  # why heads were not stored, if they were not
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -173,6 +184,7 @@ class UnitResult:
     train_rows: int
     val_rows: int
     protocol: str
+    head: HeadParams | None = None  # the linear model that produced ``metrics``
 
 
 Unit = Callable[[ProbeData, Setting], list[UnitResult]]
@@ -191,6 +203,7 @@ def probe(config: ProbeConfig) -> ProbeSummary:
     summary.unlabeled_rows_dropped = data.unlabeled_rows_dropped
     context = {"run_id": uuid.uuid4().hex[:12], "versions": library_versions()}
     done = table.config_hashes()
+    heads = _HeadSink(config, data, summary, context["versions"])
     for method in config.methods:
         unit = _linear_unit(config, device) if method == "linear" else _knn_unit(config, device)
         for setting in settings:
@@ -201,6 +214,7 @@ def probe(config: ProbeConfig) -> ProbeSummary:
                 summary.units_skipped += 1
                 continue
             results = unit(data, setting)
+            heads.store(results, setting, config_hash)  # before the rows: see the module doc
             table.append(_rows(config, data, results, setting, config_hash, context))
             summary.units_run += 1
     frame = table.read(dataset=config.dataset, backbone=data.backbone, feature_key=data.feature_key)
@@ -245,6 +259,9 @@ def load_probe_data(config: ProbeConfig) -> ProbeData:
         splits=(config.train_split, config.test_split), optional=(config.val_split,),
     )  # fmt: skip
     stream = _should_stream(config, sets)
+    generations = {  # read before the rows, so a shard recomputed meanwhile reads as stale
+        fs.path: {str(s): g for s, g in fs.generations().items()} for fs in sets.values()
+    }
     dropped = 0
 
     def labeled(split: str) -> tuple[Features, np.ndarray, np.ndarray]:
@@ -275,7 +292,8 @@ def load_probe_data(config: ProbeConfig) -> ProbeData:
     )
     return ProbeData(
         train, y_train, ids_train, val, y_val, test, y_test, n_outputs, multilabel, first.key,
-        first.attrs["backbone"]["slug"], [int(c) for c in unseen], dropped,
+        first.attrs["backbone"]["slug"], [int(c) for c in unseen], dropped, sets, generations,
+        list(first.attrs.get("dataset", {}).get("class_names") or []),
     )  # fmt: skip
 
 
@@ -335,7 +353,7 @@ def _linear_unit(config: ProbeConfig, device: Any) -> Unit:
             )
             metrics = data.metrics(bob_scores(net, data.test))
             how = f"BoB recipe ({config.epochs} epochs) fitted on train_rows"
-            return [UnitResult("linear-bob", metrics, s.train.n, 0, how)]
+            return [UnitResult("linear-bob", metrics, s.train.n, 0, how, _bob_head(net))]
         kw = {"n_outputs": data.n_outputs, "score": data.val_score, "device": device}
         if s.is_full:
             result = sweep(s.train, s.y, data.val, data.y_val, **kw)
@@ -344,9 +362,73 @@ def _linear_unit(config: ProbeConfig, device: Any) -> Unit:
         metrics = {**data.metrics(result.model.scores(data.test)), "C": result.C}
         if not np.isnan(result.val_score):
             metrics["val_score"] = result.val_score
-        return [UnitResult("linear", metrics, result.train_rows, result.val_rows, result.protocol)]
+        model = result.model
+        head = HeadParams(model.weight, model.bias, model.standardizer.mean, model.standardizer.std)
+        return [
+            UnitResult("linear", metrics, result.train_rows, result.val_rows, result.protocol, head)
+        ]
 
     return run
+
+
+def _bob_head(net: Any) -> HeadParams:
+    """The BoB probe (non-affine BatchNorm, then linear) as a head: its running statistics are
+    the standardization (it predicts what the net does, up to float rounding)."""
+    scale = (net.norm.running_var + net.norm.eps).sqrt()
+    return HeadParams(
+        *(t.detach().float().cpu().numpy() for t in (net.head.weight, net.head.bias)),
+        net.norm.running_mean.float().cpu().numpy(), scale.float().cpu().numpy(),
+    )  # fmt: skip
+
+
+class _HeadSink:
+    """Stores each linear unit's head beside the training split's feature set (single-label
+    sets only). A store this run may not write gets no heads, and the summary says why."""
+
+    def __init__(
+        self, config: ProbeConfig, data: ProbeData, summary: ProbeSummary, versions: dict
+    ) -> None:
+        self.config, self.data, self.summary, self.versions = config, data, summary, versions
+        self.home: FeatureSet | None = None  # a writable handle, opened at the first head
+
+    def store(self, results: list[UnitResult], setting: Setting, config_hash: str) -> None:
+        if self.data.multilabel or self.summary.heads_note:
+            return
+        for r in results:
+            if r.head is None:
+                continue
+            try:
+                write_head(self._home(), self._record(r, setting, config_hash), r.head)
+            except StoreNotWritableError as exc:
+                self.summary.heads_note = f"probe heads were not stored: {exc}"
+                return
+            self.summary.heads.append(config_hash)
+
+    def _home(self) -> FeatureSet:
+        if self.home is None:
+            c = self.config
+            store = open_store(c.store, mode="a", storage_options=c.storage_options or None)
+            path = self.data.sets[c.train_split].path
+            self.home = FeatureSet(store.root[path], location=store.location)
+        return self.home
+
+    def _record(self, r: UnitResult, setting: Setting, config_hash: str) -> HeadRecord:
+        c, d = self.config, self.data
+        used = [d.sets[c.train_split]]
+        chose = setting.is_full and r.val_rows and c.val_split != c.train_split
+        if chose and c.val_split in d.sets:
+            used.append(d.sets[c.val_split])  # C was chosen on it
+        return HeadRecord(
+            name=config_hash, method=r.name, setting=setting.name, seed=setting.seed,
+            C=r.metrics.get("C"), classes=d.class_names, n_classes=d.n_outputs, dim=used[0].dim,
+            dataset=c.dataset, backbone=d.backbone, feature_key=d.feature_key,
+            feature_set=used[0].path, generations={fs.path: d.generations[fs.path] for fs in used},
+            sets_created={fs.path: str(fs.attrs.get("created", "")) for fs in used},
+            train_rows=r.train_rows, val_rows=r.val_rows, protocol=r.protocol,
+            splits={"train": c.train_split, "val": c.val_split, "test": c.test_split},
+            metrics={k: float(v) for k, v in r.metrics.items() if k != "C"},
+            versions=self.versions,
+        )  # fmt: skip
 
 
 def _knn_unit(config: ProbeConfig, device: Any) -> Unit:

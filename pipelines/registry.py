@@ -12,7 +12,10 @@ Stage = Callable[..., Any]
 _STAGES: dict[str, Stage] = {}
 # Stage modules register themselves on import; they are imported on first lookup so that
 # `import bob_cache` stays light (torch, faiss and zarr load only when a stage runs).
-_STAGE_MODULES = ("extract", "probe", "index", "query", "retrieval_eval", "battle", "report")
+_STAGE_MODULES = (
+    "extract", "probe", "predict", "index", "query", "retrieval_eval", "battle", "report",
+    "shift",
+)  # fmt: skip
 
 
 def _load_stages() -> None:

@@ -39,6 +39,16 @@ training is slow (OPQ48_96 on 20k x 64 took ~13 min on 2 busy cores); faiss's Op
 makes that ~2x worse when the cores are shared, so OMP_WAIT_POLICY=PASSIVE helps on a busy machine
 (set it alike for every peer).
 
+``--val-queries``/``--val-truth``: a second query set on which the recall of autofaiss's own
+pick is reported too (``val_recall_at_k``), so that a comparison can set another tool's target
+from it without looking at the reported queries.
+
+``--curve 16,32,64``: no build; load ``knn.index`` and ``index_infos.json`` from --workdir and
+measure recall@k and queries/s at each value of autofaiss's own search parameter (the one its
+``index_param`` string leads with: efSearch for HNSW, nprobe for IVF; for IVF-HNSW the quantizer's
+efSearch follows autofaiss's rule, 2 × nprobe), stopping after the first value whose recall
+reaches --stop-recall. Only --queries, --truth, --k, --workdir and the timing options apply.
+
 stdout gets exactly one JSON line; autofaiss's logging, tqdm and faiss prints go to stderr.
 """
 
@@ -59,11 +69,11 @@ import numpy as np
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--vectors", required=True, help="float32 (N, D) .npy database vectors")
+    p.add_argument("--vectors", help="float32 (N, D) .npy database vectors (build only)")
     p.add_argument("--queries", required=True, help="float32 (nq, D) .npy queries")
     p.add_argument("--truth", required=True, help="int64 (nq, >=k) .npy exact neighbour ids")
-    p.add_argument("--max-memory", required=True, help="autofaiss max_index_memory_usage, e.g. 4GB")
-    p.add_argument("--metric", choices=("ip", "l2"), required=True)
+    p.add_argument("--max-memory", help="autofaiss max_index_memory_usage, e.g. 4GB (build only)")
+    p.add_argument("--metric", choices=("ip", "l2"), help="build only")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--workdir", required=True, help="index, infos and temporary files go here")
     p.add_argument(
@@ -95,7 +105,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--min-seconds", type=float, default=2.0, help="minimum timed span per QPS figure"
     )
     p.add_argument("--batch", type=int, default=1000, help="batch size of the batched QPS figure")
-    return p.parse_args(argv)
+    p.add_argument("--val-queries", help="float32 (nv, D) .npy second query set (recall only)")
+    p.add_argument("--val-truth", help="int64 (nv, >=k) .npy exact neighbour ids of --val-queries")
+    p.add_argument("--curve", help="comma-separated search-parameter values: measure, no build")
+    p.add_argument("--stop-recall", type=float, default=0.999, help="--curve stops after this")
+    args = p.parse_args(argv)
+    if not args.curve and not (args.vectors and args.max_memory and args.metric):
+        p.error("a build needs --vectors, --max-memory and --metric")
+    return args
 
 
 def peak_rss_gib() -> float:
@@ -232,6 +249,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     faiss.omp_set_num_threads(args.threads)
     _, ids = index.search(queries, args.k)
     recall = recall_at_k(ids, truth, args.k)
+    val_recall = None
+    if args.val_queries:
+        vq = np.ascontiguousarray(np.load(args.val_queries), dtype=np.float32)
+        val_recall = round(
+            recall_at_k(index.search(vq, args.k)[1], np.load(args.val_truth), args.k), 5
+        )
     qps1, n1 = qps_batch1(index, queries, args.k, args.min_seconds)
     qpsb, nb = qps_batched(index, queries, args.k, args.batch, args.min_seconds)
 
@@ -256,6 +279,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "peak_rss_gib_after_build": round(rss_after_build, 4),
         "index_bytes": os.path.getsize(index_path),
         "recall_at_k": round(recall, 5),
+        "val_recall_at_k": val_recall,
         "qps_batch1": round(qps1, 1),
         "qps_batch1_queries": n1,
         "qps_batch1000": round(qpsb, 1),
@@ -274,6 +298,60 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def param_string(index_param: str, value: int) -> str:
+    """autofaiss's search-parameter string with its leading parameter set to ``value``."""
+    pairs = dict(p.split("=", 1) for p in index_param.split(",") if p)
+    primary = "nprobe" if "nprobe" in pairs else "efSearch"
+    if primary == "nprobe" and "efSearch" in pairs:  # IVF-HNSW: autofaiss uses 2 x nprobe
+        pairs["efSearch"] = str(2 * value)
+    pairs[primary] = str(value)
+    return ",".join(f"{k}={v}" for k, v in pairs.items())
+
+
+def run_curve(args: argparse.Namespace) -> dict[str, Any]:
+    """Recall and queries/s of the built index along its own search parameter."""
+    import faiss
+
+    workdir = os.path.abspath(args.workdir)
+    index = faiss.read_index(os.path.join(workdir, "knn.index"))
+    with open(os.path.join(workdir, "index_infos.json")) as f:
+        infos = json.load(f)
+    own = infos.get("index_param") or ""
+    queries = np.ascontiguousarray(np.load(args.queries), dtype=np.float32)
+    truth = np.load(args.truth)
+    faiss.omp_set_num_threads(args.threads)
+    values = [int(v) for v in args.curve.split(",") if v.strip()] if own else [0]
+    points = []
+    for value in values:
+        params = param_string(own, value) if own else ""
+        if params:
+            faiss.ParameterSpace().set_index_parameters(index, params)
+        qpsb, _ = qps_batched(index, queries, args.k, args.batch, args.min_seconds)
+        recall = recall_at_k(index.search(queries, args.k)[1], truth, args.k)
+        qps1, n1 = qps_batch1(index, queries, args.k, args.min_seconds)
+        points.append(
+            {
+                "value": value or None,
+                "params": params,
+                "recall": round(recall, 5),
+                "qps_batch1": round(qps1, 2),
+                "batch1_queries": n1,
+                "qps_batch1000": round(qpsb, 2),
+            }
+        )
+        print(f"  autofaiss {params or 'exact'}: {points[-1]}", file=sys.stderr, flush=True)
+        if recall >= args.stop_recall:
+            break
+    return {
+        "peer": "autofaiss",
+        "faiss_version": faiss.__version__,
+        "index_key": infos.get("index_key"),
+        "own_params": own,
+        "param": (own.split(",")[0].split("=")[0] or None) if own else None,
+        "points": points,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Everything but the final JSON goes to stderr, including C-level prints from faiss:
@@ -282,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     saved = os.dup(1)
     os.dup2(2, 1)
     try:
-        result = run(args)
+        result = run_curve(args) if args.curve else run(args)
     finally:
         sys.stdout.flush()
         os.dup2(saved, 1)

@@ -1,8 +1,10 @@
-"""The probe family: ``probe`` (classify from cached features)."""
+"""The probe family: ``probe`` (classify from cached features) and ``predict`` (classify
+stored rows or new images with a probe head it stored)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
@@ -110,8 +112,73 @@ def probe(
         err.print(f"  note: {s.unlabeled_rows_dropped} unlabeled row(s) (label -1) were left out")
     if s.unseen_test_classes:
         err.print(f"  note: test classes absent from train (always wrong): {s.unseen_test_classes}")
+    if s.heads:
+        err.print(f"  stored {len(s.heads)} probe head(s) for `bob-cache predict`", highlight=False)
+    if s.heads_note:
+        err.print(f"  note: {s.heads_note}", highlight=False)
     columns = [c for c in PROBE_COLUMNS if any(c in row for row in s.table)]
     print_table(s.table, columns)
+
+
+PREDICT_COLUMNS = ("query", "class", "predicted_class", "probability", "top")
+
+
+@handle_errors
+def predict(
+    dataset: DatasetOpt,
+    backbone: BackboneOpt,
+    store: StoreOpt = "bob-store",
+    feature: FeatureOpt = None,
+    head: Annotated[
+        str | None,
+        typer.Option(
+            help="Stored head (name or prefix; default: the newest full-setting linear head). "
+            "`bob-cache ls STORE --heads` lists them."
+        ),
+    ] = None,
+    split: Annotated[
+        str | None, typer.Option(help="Classify this split's stored rows (e.g. test).")
+    ] = None,
+    image: Annotated[
+        list[Path] | None, typer.Option(help="Image file to classify (repeatable).")
+    ] = None,
+    k: Annotated[int, typer.Option("-k", help="Classes shown per prediction.")] = 3,
+    weights: Annotated[
+        str | None, typer.Option(help="Checkpoint, when the recorded weights file moved.")
+    ] = None,
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Classify stored rows (--split) or new images (--image) with a stored probe head."""
+    from bob_cache.pipelines import get_stage
+    from bob_cache.pipelines.predict import PredictConfig
+
+    require_existing_store(store)
+    config = PredictConfig(
+        store=store, dataset=dataset, backbone=backbone, feature=feature, head=head, split=split,
+        images=[str(p) for p in image or ()], k=k, weights=weights, device=device,
+    )  # fmt: skip
+    result = get_stage("predict")(config)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    h = result.head
+    top1 = h.metrics.get("top1")
+    out.print(
+        f"Head [bold]{h.name}[/] ({h.method}, {h.setting}, seed {h.seed}"
+        f"{f', C={h.C:.3g}' if h.C is not None else ''}"
+        f"{f', test top1 {top1:.4f}' if top1 is not None else ''}) on {result.feature_set}:",
+        highlight=False,
+    )
+    print_table([_row(r) for r in result.records()], PREDICT_COLUMNS)
+    if result.accuracy is not None:
+        n = int((result.labels >= 0).sum())
+        out.print(f"Accuracy on {n} labeled row(s): {result.accuracy:.4f}", highlight=False)
+
+
+def _row(record: dict[str, Any]) -> dict[str, Any]:
+    top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in record["top"])
+    return {**record, "probability": f"{record['probability']:.3f}", "top": top}
 
 
 def register(app: typer.Typer) -> None:
@@ -120,3 +187,7 @@ def register(app: typer.Typer) -> None:
         epilog="Example: bob-cache probe --dataset digits --backbone resnet18 --method all "
         "--shots 1,5"
     )(probe)
+    app.command(
+        epilog="Example: bob-cache predict --store ./bob-store --dataset digits --backbone "
+        "resnet18 --image seven.png --json"
+    )(predict)

@@ -19,20 +19,44 @@ from bob_cache.commands.common import (
     require_existing_store,
 )
 
+HEAD_COLUMNS = (
+    "group", "name", "method", "setting", "seed", "C", "top1", "train_rows", "created", "state",
+)  # fmt: skip
+
 
 @handle_errors
-def list_sets(store: StoreArg, as_json: JsonOpt = False) -> None:
-    """List the feature sets in a store."""
+def list_sets(
+    store: StoreArg,
+    heads: Annotated[
+        bool,
+        typer.Option("--heads", help="List the stored probe heads instead (for `predict`)."),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the feature sets in a store (with their probe-head count), or its probe heads."""
     from bob_cache.stores import open_store
+    from bob_cache.stores.head_store import count_heads, list_store_heads
 
     require_existing_store(store)
-    rows = open_store(store).list()
+    opened = open_store(store)
+    if heads:
+        rows = list_store_heads(opened)
+        columns, none = HEAD_COLUMNS, "no probe heads yet (`bob-cache probe` stores them)"
+    else:
+        rows = [{**fs.info(), "heads": count_heads(fs)} for fs in opened.feature_sets()]
+        columns = (*FEATURE_SET_COLUMNS[:1], "dataset", *FEATURE_SET_COLUMNS[1:], "heads")
+        none = "no feature sets yet"
     if as_json:
         print_json(rows)
     elif not rows:
-        out.print(f"Store '{store}' holds no feature sets yet.")
+        out.print(f"Store '{store}' holds {none}.")
     else:
-        print_table(rows, (*FEATURE_SET_COLUMNS[:1], "dataset", *FEATURE_SET_COLUMNS[1:]))
+        short = {"C": "{:.3g}", "top1": "{:.4f}"}  # raw values stay in --json
+        shown = [
+            {**r, **{k: f.format(r[k]) for k, f in short.items() if r.get(k) is not None}}
+            for r in rows
+        ]
+        print_table(shown, columns)
 
 
 @handle_errors

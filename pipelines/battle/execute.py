@@ -160,11 +160,12 @@ def _check_gpu(client: Any, todo: list[Job]) -> None:
 
 
 def _threads_per_job(client: Any) -> int:
-    """Torch threads per job: the cores divided among the workers on one machine."""
+    """Torch threads per job: a machine's cores divided among its workers' threads. Set
+    explicitly, because Dask's nanny starts worker processes with OMP_NUM_THREADS=1."""
     workers = client.scheduler_info().get("workers", {}).values()
     hosts: dict[str, int] = {}
     for w in workers:
         host = str(w.get("host", ""))
         hosts[host] = hosts.get(host, 0) + int(w.get("nthreads", 1))
     per_host = max(hosts.values(), default=1)
-    return max(1, (os.cpu_count() or 1) // per_host) if per_host > 1 else 0
+    return max(1, (os.cpu_count() or 1) // per_host)
