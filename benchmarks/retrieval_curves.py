@@ -45,9 +45,11 @@ import gc
 import itertools
 import json
 import math
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -231,7 +233,14 @@ def pick_value(build: dict[str, Any], target: float) -> int | None:
 
 
 # --- comparison ------------------------------------------------------------------------------
-def compare(state: ri.State, work: Path, budget: str, ctx: dict[str, Any], python: str) -> dict:
+def compare(
+    state: ri.State,
+    work: Path,
+    budget: str,
+    ctx: dict[str, Any],
+    python: str,
+    passes_wanted: int = PASSES,
+) -> dict:
     from bob_cache.retrieval.auto import parse_memory, resolve_kind
 
     rows, dim = state.data["data"]["rows"], state.data["data"]["dim"]
@@ -257,22 +266,26 @@ def compare(state: ri.State, work: Path, budget: str, ctx: dict[str, Any], pytho
         for t in ts
     }
     passes = []
-    for i in range(PASSES):
+    for i in range(passes_wanted):
 
         def one_pass() -> dict[str, Any]:
             out: dict[str, Any] = {"bob": {}, "bob_picks": {}}
-            for name, b in builds.items():
-                out["bob"][name] = bob_points(work, name, bob_grid(b), ctx, STOP_RECALL)
-            for label, p in picks.items():
-                out["bob_picks"][label] = bob_points(work, p["index"], [p["value"]], ctx, 2.0)[0]
+            with OtherLoad() as load_bob:
+                for name, b in builds.items():
+                    out["bob"][name] = bob_points(work, name, bob_grid(b), ctx, STOP_RECALL)
+                for label, p in picks.items():
+                    pick = bob_points(work, p["index"], [p["value"]], ctx, 2.0)
+                    out["bob_picks"][label] = pick[0]
             values = ",".join(map(str, peer_grid(af)))
-            out["autofaiss"] = autofaiss(
-                work, budget, python, "--curve", values, "--min-seconds", "1"
-            )
             own = str(peer_own_value(af))
-            out["autofaiss_pick"] = autofaiss(
-                work, budget, python, "--curve", own, "--min-seconds", "1", "--stop-recall", "2"
-            )["points"][0]
+            with OtherLoad() as load_peer:
+                out["autofaiss"] = autofaiss(
+                    work, budget, python, "--curve", values, "--min-seconds", "1"
+                )
+                out["autofaiss_pick"] = autofaiss(
+                    work, budget, python, "--curve", own, "--min-seconds", "1", "--stop-recall", "2"
+                )["points"][0]
+            out["other_processes_cores"] = {"bob": load_bob.cores, "autofaiss": load_peer.cores}
             return out
 
         passes.append(state.step(f"curves:{budget}:pass{i + 1}", one_pass))
@@ -284,6 +297,27 @@ def compare(state: ri.State, work: Path, budget: str, ctx: dict[str, Any], pytho
         "passes": passes,
         **best_of(passes),
     }
+
+
+class OtherLoad:
+    """How many cores processes other than this one and its children kept busy, on average
+    (from /proc/stat): the machine is shared, so every timed pass records it."""
+
+    def __enter__(self) -> OtherLoad:
+        self.start = _cpu_now()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        (w0, b0, o0), (w1, b1, o1) = self.start, _cpu_now()
+        self.cores = round(max(0.0, (b1 - b0) - (o1 - o0)) / max(w1 - w0, 1e-9), 2)
+
+
+def _cpu_now() -> tuple[float, float, float]:
+    """(wall s, CPU s all processes spent busy, CPU s this process and its children spent)."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    t = os.times()
+    return time.perf_counter(), busy, t.user + t.system + t.children_user + t.children_system
 
 
 def best_of(passes: list[dict[str, Any]]) -> dict[str, Any]:
@@ -383,7 +417,8 @@ def summarize(report: dict[str, Any]) -> str:
             r = b["record"]
             lines.append(
                 f"| bob auto (target {res['picks'][label]['target']}) | {r['kind']} "
-                f"{ri._params(r['params'])} | {r['search_param'] or '-'}={p['value']} | "
+                f"{ri._params(r['params'])} | "
+                f"{_setting(r['search_param'], p['value'])} | "
                 f"{p['recall']:.4f} | {p['qps_batch1']:.1f} | {p['qps_batch1000']:.1f} | "
                 f"{r['build_seconds']:.0f} | {r['bytes'] / 2**20:.0f} |"
             )
@@ -404,6 +439,13 @@ def summarize(report: dict[str, Any]) -> str:
                     f"| {name} | {p['value']} | {p['recall']:.4f} | {p['qps_batch1']:.1f} | "
                     f"{p['qps_batch1000']:.1f} |"
                 )
+        loads = "; ".join(
+            f"pass {i + 1}: {p['other_processes_cores']['bob']} (bob) / "
+            f"{p['other_processes_cores']['autofaiss']} (autofaiss)"
+            for i, p in enumerate(res["passes"])
+            if "other_processes_cores" in p
+        )
+        lines += ["", f"Cores kept busy by other processes while timing: {loads or 'n/a'}."]
         lines += [
             "",
             "| recall@10 | (why) | bob index | bob q/s b1 | autofaiss q/s b1 | bob / autofaiss |",
@@ -417,6 +459,10 @@ def summarize(report: dict[str, Any]) -> str:
                 f"{'-' if row['ratio'] is None else row['ratio']} |"
             )
     return "\n".join(lines)
+
+
+def _setting(param: str | None, value: Any) -> str:
+    return f"{param}={value}" if param else "exact"
 
 
 def _fmt(v: float | None, floor: bool) -> str:
@@ -496,6 +542,10 @@ def main() -> None:
             "--autofaiss-python", default=str(ROOT / ".venv-autofaiss" / "bin" / "python")
         )
         sp.add_argument("--fresh", action="store_true")
+        sp.add_argument("--passes", type=int, default=PASSES, help="interleaved timing passes")
+        sp.add_argument(
+            "--remeasure", action="store_true", help="keep data and builds, time the curves again"
+        )
     pl = sub.add_parser("plot", help="PNG of the curves in JSON reports")
     pl.add_argument("paths", nargs="+", type=Path)
     args = p.parse_args()
@@ -522,9 +572,12 @@ def main() -> None:
     state.data["peer_versions"] = peer_versions(args.autofaiss_python)
     make = synthetic_data if args.mode == "synthetic" else feature_data
     state.step("data", lambda: make(args, work))
+    if args.remeasure:
+        for key in [k for k in state.data if k.startswith("curves:")]:
+            del state.data[key]
     results = {}
     for budget in budgets:
-        res = compare(state, work, budget, ctx, args.autofaiss_python)
+        res = compare(state, work, budget, ctx, args.autofaiss_python, args.passes)
         res["matched"] = matched(res)
         results[budget] = res
     report = {

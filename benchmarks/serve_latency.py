@@ -319,12 +319,12 @@ class Probe:
                     setattr(obj, name, value)
 
 
-def phase_medians(probe: Probe, requests: list[list]) -> dict[str, float]:
+def phase_medians(marks: dict[str, dict[str, float]], requests: list[list]) -> dict[str, float]:
     """Median ms of each phase (and of the whole) over ``requests`` ``[seq, sent, recv, ...]``."""
     names = [m for m, _ in PHASES]
     rows = []
     for seq, sent, recv, *_ in requests:
-        rec = {"sent": sent, **probe.marks.get(seq, {}), "recv": recv}
+        rec = {"sent": sent, **marks.get(seq, {}), "recv": recv}
         if all(m in rec for m in names):
             rows.append([rec[b] - rec[a] for a, b in itertools.pairwise(names)] + [recv - sent])
     if not rows:
@@ -334,7 +334,7 @@ def phase_medians(probe: Probe, requests: list[list]) -> dict[str, float]:
     return {**out, "total (median of sums)": round(float(med[-1]), 3), "requests": len(rows)}
 
 
-# --- the load client: in this process, or in a child process (``--client``) ---------------
+# --- the load client: in the server's process, or in a child process (``--client``) -------
 def client_round(url: str, jpeg: bytes, *, k: int, requests: int, concurrency: int,
                  tag: str, warmup: int = 5) -> dict[str, Any]:  # fmt: skip
     """``requests`` uploads of ``jpeg`` from ``concurrency`` threads; per request
@@ -361,16 +361,10 @@ def client_round(url: str, jpeg: bytes, *, k: int, requests: int, concurrency: i
     return {"report": report.to_dict(), "requests": log[warmup:]}
 
 
-def child_round(url: str, jpeg_path: Path, **kw: Any) -> dict[str, Any]:
-    """:func:`client_round` run by a separate Python process."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--client", url, "--jpeg",
-           str(jpeg_path), "--client-args", json.dumps(kw)]  # fmt: skip
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout)
-
-
-def client_main(url: str, jpeg_path: str, kw: str) -> None:
-    print(json.dumps(client_round(url, Path(jpeg_path).read_bytes(), **json.loads(kw))))
+def child(mode: str, task: dict[str, Any]) -> dict[str, Any]:
+    """``task`` run by a separate Python process (``--client`` or ``--server``)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), f"--{mode}", json.dumps(task)]
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
 
 def chelsea_jpeg() -> bytes:
@@ -384,7 +378,7 @@ def chelsea_jpeg() -> bytes:
 
 def bare_forward(jpeg: bytes, reps: int = 100, *, thread: bool = False) -> dict[str, float]:
     """Median of timm resnet18's forward on one preprocessed image (eval, inference_mode),
-    in this thread or in a fresh one (as the service's worker threads are)."""
+    in this thread or in a second one (while this thread's OpenMP team is alive)."""
     import timm
     import torch
     from PIL import Image
@@ -404,24 +398,23 @@ def bare_forward(jpeg: bytes, reps: int = 100, *, thread: bool = False) -> dict[
                 model(x)
                 times.append(time.perf_counter() - t)
 
-    if thread:
-        worker = threading.Thread(target=run)
-        worker.start()
-        worker.join()
-    else:
-        run()
+    in_thread(run) if thread else run()
     t = np.asarray(times) * 1e3
     return {
         "p50_ms": round(float(np.median(t)), 3),
         "p99_ms": round(float(np.percentile(t, 99)), 3),
         "mean_ms": round(float(t.mean()), 3),
         "reps": reps,
-        "thread": "fresh thread" if thread else "main thread",
     }
 
 
-def bare_pair(jpeg: bytes) -> dict[str, Any]:
-    return {"main": bare_forward(jpeg), "thread": bare_forward(jpeg, thread=True)}
+def in_thread(fn: Callable[[], Any]) -> Any:
+    """``fn()`` in a short-lived thread (its OpenMP team ends with it)."""
+    out: list[Any] = []
+    worker = threading.Thread(target=lambda: out.append(fn()))
+    worker.start()
+    worker.join()
+    return out[0] if out else None
 
 
 def median_ms(fn: Any, reps: int) -> float:
@@ -436,16 +429,20 @@ def median_ms(fn: Any, reps: int) -> float:
 
 
 def in_process_parts(searcher: Any, jpeg: bytes, k: int) -> dict[str, float]:
-    """The query path's pieces called directly (no HTTP), in this thread."""
+    """The query path's pieces called directly (no HTTP); torch work where the service's
+    goes (the model thread, or the calling thread in the ``request-thread`` variant)."""
     import torch
 
+    from bob_cache.backbones import rebuild
     from bob_cache.pipelines.query import decode_image
     from bob_cache.retrieval import faiss_ops
 
     image = decode_image(jpeg)
     emb = searcher.embedder
     vec = faiss_ops.prepare(emb.embed([image]), searcher.record.metric)
-    batch = emb.backbone.normalize(emb._transform(image).unsqueeze(0))
+    batch = rebuild.on_model_thread(
+        lambda: emb.backbone.normalize(emb._transform(image).unsqueeze(0))
+    )
 
     def forward() -> None:
         with torch.inference_mode():
@@ -454,12 +451,48 @@ def in_process_parts(searcher: Any, jpeg: bytes, k: int) -> dict[str, float]:
     return {
         "decode_ms": median_ms(lambda: decode_image(jpeg), 100),
         "transform_ms": median_ms(lambda: emb._transform(image), 100),
-        "forward_ms (Backbone)": median_ms(forward, 50),
+        "forward_ms (Backbone)": median_ms(lambda: rebuild.on_model_thread(forward), 50),
         "embed_ms (transform+forward)": median_ms(lambda: emb.embed([image]), 50),
         "index_search_ms": median_ms(lambda: searcher.index.search(vec, k), 200),
         "search_vectors_ms": median_ms(lambda: searcher.search(vec, k), 200),
         "search_images_ms": median_ms(lambda: searcher.search_by_images([jpeg], k), 50),
     }
+
+
+CLIENTS = ("in-process", "separate process")
+# where the service runs the model: on whichever threadpool worker took the request (as
+# before issue 10), or on the process's one model thread (``rebuild.on_model_thread``)
+VARIANTS = ("request-thread", "model-thread")
+
+
+def server_main(task: dict[str, Any]) -> dict[str, Any]:
+    """One server process: the service under uvicorn in a thread, answering both clients in
+    alternating rounds; per-request client timestamps and server marks."""
+    from bob_cache.backbones import rebuild
+    from bob_cache.pipelines.query import QueryConfig, Searcher
+    from bob_cache.pipelines.serve import create_app
+
+    if task["variant"] == "request-thread":
+        rebuild.on_model_thread = lambda fn, *a: fn(*a)
+    searcher = Searcher.open(QueryConfig(task["store"], task["name"], task["backbone"]))
+    app = create_app(searcher)
+    jpeg = Path(task["jpeg"]).read_bytes()
+    parts = in_thread(lambda: in_process_parts(searcher, jpeg, task["k"]))
+    probe = Probe()
+    runs: dict[str, dict[int, list[dict]]] = {client: {} for client in CLIENTS}
+    with Server(probe.app(app)) as url, probe.patched(searcher):
+        for c in task["concurrency"]:
+            for r in range(task["rounds"]):
+                kw = {"k": task["k"], "concurrency": c, "requests": task["requests"]}
+                for client in CLIENTS if r % 2 == 0 else CLIENTS[::-1]:
+                    kw["tag"] = f"{task['tag']}-{client[:3]}-c{c}-r{r}"
+                    if client == CLIENTS[0]:
+                        run = client_round(url, jpeg, **kw)
+                    else:
+                        run = child("client", {"url": url, "jpeg": task["jpeg"], **kw})
+                    runs[client].setdefault(c, []).append(run)
+    return {"parts": parts, "torch_threads": probe.torch_threads, "runs": runs,
+            "marks": probe.marks}  # fmt: skip
 
 
 def combine(rounds: list[dict]) -> dict[str, Any]:
@@ -479,48 +512,37 @@ def combine(rounds: list[dict]) -> dict[str, Any]:
     }
 
 
-CLIENTS = ("in-process", "separate process")
-
-
-def measure_size(store: Path, name: str, backbone: str, jpeg: bytes, args: Any) -> dict:
+def measure_size(store: Path, name: str, backbone: str, jpeg_path: Path, args: Any) -> dict:
+    """Server processes of both variants, launched alternately ``args.launches`` times each."""
     from bob_cache.pipelines.query import QueryConfig, Searcher
-    from bob_cache.pipelines.serve import create_app
 
-    searcher = Searcher.open(QueryConfig(str(store), name, backbone))
-    app = create_app(searcher)
-    parts = in_process_parts(searcher, jpeg, args.k)
-    jpeg_path = HERE / "out" / "serve" / "chelsea.jpg"
-    jpeg_path.write_bytes(jpeg)
-    probe = Probe()
-    rounds: dict[tuple[str, int], list[dict]] = {}
-    with Server(probe.app(app)) as url, probe.patched(searcher):
-        for c in args.concurrency:
-            for r in range(args.rounds):
-                n = args.requests // args.rounds + (r < args.requests % args.rounds)
-                kw = {"k": args.k, "requests": n, "concurrency": c}
-                order = CLIENTS if r % 2 == 0 else CLIENTS[::-1]
-                for client in order:
-                    tag = f"{name}-{client[:3]}-c{c}-r{r}"
-                    run = (client_round(url, jpeg, tag=tag, **kw) if client == CLIENTS[0]
-                           else child_round(url, jpeg_path, tag=tag, **kw))  # fmt: skip
-                    rounds.setdefault((client, c), []).append(run)
-    loads: dict[str, dict] = {}
-    for (client, c), runs in rounds.items():
-        entry = combine(runs)
-        entry["phases"] = phase_medians(probe, [r for rd in runs for r in rd["requests"]])
-        loads.setdefault(client, {})[c] = entry
-        print(f"  {name} {client} c={c}: "
-              f"{ {k: v for k, v in entry.items() if k != 'phases'} }",
-              file=sys.stderr, flush=True)  # fmt: skip
+    record = Searcher.open(QueryConfig(str(store), name, backbone)).record.to_dict()
+    per_launch = max(1, args.requests // (args.launches * args.rounds))
+    launches: dict[str, list[dict]] = {v: [] for v in args.variants}
+    for i in range(args.launches):
+        for variant in args.variants if i % 2 == 0 else args.variants[::-1]:
+            task = {"store": str(store), "name": name, "backbone": backbone, "k": args.k,
+                    "variant": variant, "jpeg": str(jpeg_path), "tag": f"{variant}-{i}",
+                    "rounds": args.rounds, "requests": per_launch,
+                    "concurrency": args.concurrency}  # fmt: skip
+            launches[variant].append(child("server", task))
+    variants = {}
+    for variant, runs in launches.items():
+        marks = {seq: m for run in runs for seq, m in run["marks"].items()}
+        loads: dict[str, dict] = {}
+        for client in CLIENTS:
+            for c in args.concurrency:
+                rounds = [rd for run in runs for rd in run["runs"][client][str(c)]]
+                entry = combine(rounds)
+                entry["phases"] = phase_medians(marks, [r for rd in rounds for r in rd["requests"]])
+                loads.setdefault(client, {})[c] = entry
+                brief = {k: v for k, v in entry.items() if k != "phases"}
+                print(f"  {name} {variant} {client} c={c}: {brief}", file=sys.stderr, flush=True)
+        variants[variant] = {"parts": [run["parts"] for run in runs],
+                             "torch_threads": runs[0]["torch_threads"], "load": loads}  # fmt: skip
     keys = ("kind", "params", "search_param", "search_value", "recall", "bytes",
             "build_seconds", "reason")  # fmt: skip
-    return {
-        "rows": searcher.n_indexed,
-        "index": {k: searcher.record.to_dict()[k] for k in keys},
-        "parts": parts,
-        "torch_threads": probe.torch_threads,
-        "load": loads,
-    }
+    return {"rows": record["rows"], "index": {k: record[k] for k in keys}, "variants": variants}
 
 
 def main() -> None:
@@ -528,19 +550,27 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--sizes", default="10000,1000000")
-    p.add_argument("--requests", type=int, default=200, help="per client and concurrency")
-    p.add_argument("--rounds", type=int, default=4, help="alternating client rounds")
+    p.add_argument("--requests", type=int, default=200, help="per variant, client, concurrency")
+    p.add_argument("--launches", type=int, default=2, help="server processes per variant")
+    p.add_argument("--rounds", type=int, default=2, help="alternating client rounds per launch")
     p.add_argument("--concurrency", default="1,4")
+    p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--out", type=Path, default=HERE / "out" / "serve-latency.json")
-    p.add_argument("--client", help=argparse.SUPPRESS)  # child mode: the load client only
-    p.add_argument("--jpeg", help=argparse.SUPPRESS)
-    p.add_argument("--client-args", help=argparse.SUPPRESS)
+    p.add_argument("--client", help=argparse.SUPPRESS)  # child modes (a JSON task)
+    p.add_argument("--server", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.client:
-        client_main(args.client, args.jpeg, args.client_args)
+    if args.client or args.server:
+        task = json.loads(args.client or args.server)
+        if args.client:
+            task["jpeg"] = Path(task["jpeg"]).read_bytes()
+            out = client_round(task.pop("url"), task.pop("jpeg"), **task)
+        else:
+            out = server_main(task)
+        print(json.dumps(out))
         return
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.variants = args.variants.split(",")
     sizes = [int(s) for s in args.sizes.split(",")]
     import torch
 
@@ -552,6 +582,8 @@ def main() -> None:
     src = extract_source(store)
     backbone = src["backbone"]["slug"]
     jpeg = chelsea_jpeg()
+    jpeg_path = work / "chelsea.jpg"
+    jpeg_path.write_bytes(jpeg)
     report: dict[str, Any] = {
         "machine": {
             **machine(),
@@ -563,8 +595,8 @@ def main() -> None:
         "dim": src["dim"],
         "jpeg_bytes": len(jpeg),
         "requests": args.requests,
-        "rounds": args.rounds,
         "k": args.k,
+        "variants": args.variants,
     }
     names = {}
     for rows in sizes:
@@ -582,29 +614,36 @@ def main() -> None:
         gc.collect()
     report["bare_before"] = bare_pair(jpeg)
     report["sizes"] = {
-        rows: measure_size(store, names[rows], backbone, jpeg, args) for rows in sizes
+        rows: measure_size(store, names[rows], backbone, jpeg_path, args) for rows in sizes
     }
     report["bare_after"] = bare_pair(jpeg)
-    report["summary"] = summarize(report, sizes, args.concurrency)
+    report["summary"] = summarize(report, sizes, args)
     args.out.write_text(json.dumps(report, indent=1, default=str))
     print(report["summary"]["markdown"])
     print(f"\nfigures: {args.out}", file=sys.stderr)
 
 
-def summarize(report: dict, sizes: list[int], conc: list[int]) -> dict[str, Any]:
-    m = report["machine"]
+def bare_pair(jpeg: bytes) -> dict[str, Any]:
+    """The bare forward in this (main) thread, then in a second thread while the main
+    thread's OpenMP team is alive (two teams on the cores)."""
+    return {"main": bare_forward(jpeg), "second_thread": bare_forward(jpeg, thread=True)}
+
+
+def summarize(report: dict, sizes: list[int], args: Any) -> dict[str, Any]:
+    m, conc = report["machine"], args.concurrency
     before, after = report["bare_before"], report["bare_after"]
     bare = (before["main"]["p50_ms"] + after["main"]["p50_ms"]) / 2
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']} ({m['torch_threads']} "
         f"threads), faiss {m['faiss']}. Bare timm resnet18 forward (1 image, 224 px) p50: "
         f"{before['main']['p50_ms']:.1f} ms before / {after['main']['p50_ms']:.1f} ms after "
-        f"the load tests (main thread; in a fresh thread {before['thread']['p50_ms']:.1f} / "
-        f"{after['thread']['p50_ms']:.1f} ms). p50 − bare uses their mean, {bare:.1f} ms.",
+        f"the load tests (in a second thread beside the first one's team: "
+        f"{before['second_thread']['p50_ms']:.1f} / {after['second_thread']['p50_ms']:.1f} ms)."
+        f" p50 − bare uses their mean, {bare:.1f} ms.",
         "",
-        "| rows | index | index search ms | client | concurrency | p50 ms | p90 ms | p99 ms | "
-        "req/s | p50 − bare ms | p99 / p50 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| rows | index | model runs on | client | concurrency | p50 ms | p90 ms | p99 ms | "
+        "req/s | server forward p50 ms | p50 − bare ms | p99 / p50 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     goals: dict[str, Any] = {}
     for rows in sizes:
@@ -612,51 +651,66 @@ def summarize(report: dict, sizes: list[int], conc: list[int]) -> dict[str, Any]
         idx = s["index"]
         kind = (f"{idx['kind']} {idx['search_param'] or ''}"
                 f"{'=' + str(idx['search_value']) if idx['search_value'] else ''}")  # fmt: skip
-        for client in CLIENTS:
-            for c in conc:
-                ld = s["load"][client][c]
-                lines.append(
-                    f"| {rows:,} | {kind} | {s['parts']['index_search_ms']:.3f} | {client} | "
-                    f"{c} | {ld['p50_ms']:.1f} | {ld['p90_ms']:.1f} | {ld['p99_ms']:.1f} | "
-                    f"{ld['requests_per_second']:.1f} | {ld['p50_ms'] - bare:+.1f} | "
-                    f"{ld['p99_ms'] / ld['p50_ms']:.2f} |"
-                )
-            c1 = s["load"][client][conc[0]]
-            goals[f"p50_within_10ms_of_bare_{rows}_{client}"] = c1["p50_ms"] - bare <= 10
-            goals[f"p99_under_2x_p50_{rows}_{client}"] = {
-                c: s["load"][client][c]["p99_ms"] < 2 * s["load"][client][c]["p50_ms"] for c in conc
-            }
-    lines += phase_table(report, sizes, conc[0])
-    lines += ["", "| rows | " + " | ".join(report["sizes"][sizes[0]]["parts"]) + " |",
-              "| --- |" + " --- |" * len(report["sizes"][sizes[0]]["parts"])]  # fmt: skip
+        for variant, v in s["variants"].items():
+            for client in CLIENTS:
+                for c in conc:
+                    ld = v["load"][client][c]
+                    fwd = ld["phases"].get("forward (resnet18)", float("nan"))
+                    lines.append(
+                        f"| {rows:,} | {kind} | {variant} | {client} | {c} | "
+                        f"{ld['p50_ms']:.1f} | {ld['p90_ms']:.1f} | {ld['p99_ms']:.1f} | "
+                        f"{ld['requests_per_second']:.1f} | {fwd:.1f} | "
+                        f"{ld['p50_ms'] - bare:+.1f} | {ld['p99_ms'] / ld['p50_ms']:.2f} |"
+                    )
+                ld = v["load"][client]
+                key = f"{rows}_{variant}_{client}"
+                goals[f"p50_within_10ms_of_bare_{key}"] = ld[conc[0]]["p50_ms"] - bare <= 10
+                goals[f"p99_under_2x_p50_{key}"] = {
+                    c: ld[c]["p99_ms"] < 2 * ld[c]["p50_ms"] for c in conc
+                }
     for rows in sizes:
-        pt = report["sizes"][rows]["parts"]
-        lines.append(f"| {rows:,} | " + " | ".join(f"{v:.3f}" for v in pt.values()) + " |")
+        lines += phase_table(report["sizes"][rows], rows, conc[0])
+    for rows in sizes:
+        lines += parts_table(report["sizes"][rows], rows)
     if len(sizes) >= 2:
         lo, hi = report["sizes"][sizes[0]], report["sizes"][sizes[-1]]
-        for client in CLIENTS:
-            growth = hi["load"][client][conc[0]]["p50_ms"] - lo["load"][client][conc[0]]["p50_ms"]
-            search = hi["parts"]["index_search_ms"] - lo["parts"]["index_search_ms"]
-            goals[f"growth_p50_ms_{client}"] = round(growth, 3)
-            goals[f"growth_within_index_cost_{client}"] = growth <= search
-            lines.append(
-                f"\np50 growth {sizes[0]:,} → {sizes[-1]:,} rows ({client}, concurrency "
-                f"{conc[0]}): {growth:+.2f} ms; index search growth: {search:+.3f} ms."
-            )
+        for variant in args.variants:
+            search = (hi["variants"][variant]["parts"][0]["index_search_ms"]
+                      - lo["variants"][variant]["parts"][0]["index_search_ms"])  # fmt: skip
+            for client in CLIENTS:
+                p50 = [x["variants"][variant]["load"][client][conc[0]]["p50_ms"] for x in (lo, hi)]
+                growth = p50[1] - p50[0]
+                goals[f"growth_within_index_cost_{variant}_{client}"] = growth <= search
+                lines.append(
+                    f"\np50 growth {sizes[0]:,} → {sizes[-1]:,} rows ({variant}, {client}, "
+                    f"concurrency {conc[0]}): {growth:+.2f} ms; index search growth: "
+                    f"{search:+.3f} ms."
+                )
     return {"markdown": "\n".join(lines), "goals": goals, "bare_p50_ms": bare}
 
 
-def phase_table(report: dict, sizes: list[int], c: int) -> list[str]:
-    """Per-phase medians (ms) of concurrency ``c`` for each size and client."""
-    cols = [(rows, client) for rows in sizes for client in CLIENTS]
-    phases = [report["sizes"][rows]["load"][client][c]["phases"] for rows, client in cols]
-    head = " | ".join(f"{rows:,} {client}" for rows, client in cols)
-    lines = ["", f"Per-phase medians, ms (concurrency {c}):", "", f"| phase | {head} |",
-             "| --- |" + " --- |" * len(cols)]  # fmt: skip
-    labels = [label for _, label in PHASES[1:]] + ["total (median of sums)"]
-    for label in labels:
+def phase_table(size: dict, rows: int, c: int) -> list[str]:
+    """Per-phase medians (ms) at concurrency ``c`` for each variant and client."""
+    cols = [(v, client) for v in size["variants"] for client in CLIENTS]
+    phases = [size["variants"][v]["load"][client][c]["phases"] for v, client in cols]
+    head = " | ".join(f"{v}, {client}" for v, client in cols)
+    lines = ["", f"Per-phase medians at {rows:,} rows, ms (concurrency {c}):", "",
+             f"| phase | {head} |", "| --- |" + " --- |" * len(cols)]  # fmt: skip
+    for label in [label for _, label in PHASES[1:]] + ["total (median of sums)"]:
         vals = " | ".join(f"{ph.get(label, float('nan')):.2f}" for ph in phases)
         lines.append(f"| {label} | {vals} |")
+    return lines
+
+
+def parts_table(size: dict, rows: int) -> list[str]:
+    """The query path's pieces called directly in each server process (first launch)."""
+    names = list(next(iter(size["variants"].values()))["parts"][0])
+    lines = ["", f"Direct calls at {rows:,} rows, median ms (no HTTP):", "",
+             "| model runs on | " + " | ".join(names) + " |",
+             "| --- |" + " --- |" * len(names)]  # fmt: skip
+    for variant, v in size["variants"].items():
+        pt = v["parts"][0]
+        lines.append(f"| {variant} | " + " | ".join(f"{pt[n]:.3f}" for n in names) + " |")
     return lines
 
 

@@ -48,6 +48,7 @@ def run_job(job: Job, threads: int, *deps: dict[str, Any]) -> dict[str, Any]:
     """Execute one job on a worker (module-level so Dask can ship it)."""
     import torch
 
+    before = torch.get_num_threads()  # an in-process worker shares the caller's setting
     if threads:
         torch.set_num_threads(threads)
     started = time.perf_counter()
@@ -58,6 +59,8 @@ def run_job(job: Job, threads: int, *deps: dict[str, Any]) -> dict[str, Any]:
     except Exception as exc:  # keep the worker's traceback in the message
         where = traceback.format_exc(limit=-3).strip().splitlines()
         raise RuntimeError(f"{type(exc).__name__}: {exc} [{' | '.join(where[-3:])}]") from exc
+    finally:
+        torch.set_num_threads(before)
     result["wall_seconds"] = time.perf_counter() - started
     return result
 
