@@ -47,13 +47,16 @@ class Outcome:
 def run_job(job: Job, threads: int, *deps: dict[str, Any]) -> dict[str, Any]:
     """Execute one job on a worker (module-level so Dask can ship it)."""
     import torch
+    from threadpoolctl import threadpool_limits
 
     before = torch.get_num_threads()  # an in-process worker shares the caller's setting
     if threads:
         torch.set_num_threads(threads)
     started = time.perf_counter()
     try:
-        result = job.run(*deps)
+        # BLAS and OpenMP (FAISS) pools too: the nanny's OMP_NUM_THREADS=1 would cap them.
+        with threadpool_limits(limits=threads or None):
+            result = job.run(*deps)
     except BobCacheError:
         raise
     except Exception as exc:  # keep the worker's traceback in the message
