@@ -465,6 +465,22 @@ CLIENTS = ("in-process", "separate process")
 VARIANTS = ("request-thread", "model-thread")
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of each of this process's threads, by name (Python's threads) or by
+    native id (threads Python did not start: OpenMP and BLAS pools)."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[names.get(int(tid), f"native {tid}")] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def server_main(task: dict[str, Any]) -> dict[str, Any]:
     """One server process: the service under uvicorn in a thread, answering both clients in
     alternating rounds; per-request client timestamps and server marks."""
@@ -480,8 +496,10 @@ def server_main(task: dict[str, Any]) -> dict[str, Any]:
     parts = in_thread(lambda: in_process_parts(searcher, jpeg, task["k"]))
     probe = Probe()
     runs: dict[str, dict[int, list[dict]]] = {client: {} for client in CLIENTS}
+    cpu: dict[int, dict[str, float]] = {}
     with Server(probe.app(app)) as url, probe.patched(searcher):
         for c in task["concurrency"]:
+            cpu_before, wall = thread_cpu(), time.perf_counter()
             for r in range(task["rounds"]):
                 kw = {"k": task["k"], "concurrency": c, "requests": task["requests"]}
                 for client in CLIENTS if r % 2 == 0 else CLIENTS[::-1]:
@@ -491,8 +509,11 @@ def server_main(task: dict[str, Any]) -> dict[str, Any]:
                     else:
                         run = child("client", {"url": url, "jpeg": task["jpeg"], **kw})
                     runs[client].setdefault(c, []).append(run)
+            wall = time.perf_counter() - wall
+            busy = {k: v - cpu_before.get(k, 0.0) for k, v in thread_cpu().items()}
+            cpu[c] = {k: round(v / wall, 3) for k, v in busy.items() if v / wall >= 0.02}
     return {"parts": parts, "torch_threads": probe.torch_threads, "runs": runs,
-            "marks": probe.marks}  # fmt: skip
+            "marks": probe.marks, "thread_cpu_share": cpu}  # fmt: skip
 
 
 def combine(rounds: list[dict]) -> dict[str, Any]:
@@ -538,8 +559,14 @@ def measure_size(store: Path, name: str, backbone: str, jpeg_path: Path, args: A
                 loads.setdefault(client, {})[c] = entry
                 brief = {k: v for k, v in entry.items() if k != "phases"}
                 print(f"  {name} {variant} {client} c={c}: {brief}", file=sys.stderr, flush=True)
+        per_launch = []
+        for run in runs:
+            p50 = {f"{client} c={c}": combine(run["runs"][client][str(c)])["p50_ms"]
+                   for client in CLIENTS for c in args.concurrency}  # fmt: skip
+            per_launch.append({**p50, "thread_cpu_share": run["thread_cpu_share"]})
         variants[variant] = {"parts": [run["parts"] for run in runs],
-                             "torch_threads": runs[0]["torch_threads"], "load": loads}  # fmt: skip
+                             "torch_threads": runs[0]["torch_threads"], "load": loads,
+                             "per_launch_p50_ms": per_launch}  # fmt: skip
     keys = ("kind", "params", "search_param", "search_value", "recall", "bytes",
             "build_seconds", "reason")  # fmt: skip
     return {"rows": record["rows"], "index": {k: record[k] for k in keys}, "variants": variants}
