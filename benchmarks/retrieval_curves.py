@@ -29,7 +29,7 @@ Protocol, per memory budget:
    level below a curve's cheapest point takes that point's q/s, marked ≥). Ratios bob/autofaiss
    are within this run.
 
-    python benchmarks/retrieval_curves.py synthetic            # 300k × 512, seed 1 (~15 min)
+    python benchmarks/retrieval_curves.py synthetic            # 300k × 512, seed 1 (~13 min)
     python benchmarks/retrieval_curves.py features --store S --dataset digits \\
         --backbone mobilenet_v2 --budgets 1GB
     python benchmarks/retrieval_curves.py plot benchmarks/out/curves-*.json
