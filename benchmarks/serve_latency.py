@@ -1,16 +1,21 @@
-"""Single-image query latency through the HTTP service (issue 4, issue 10), at 10k and 1M rows.
+"""Single-image query latency through the HTTP service (issues 4 and 10), at 10k and 1M rows.
 
 A real feature set is extracted first (``bob-cache extract --backbone resnet18 --random-init``
 over a few ``builtin:digits`` images) to get resnet18's exact provenance; larger synthetic
 feature sets then copy its spec and provenance (so the service rebuilds the same resnet18 to
 embed uploads) but hold 10k and 1M clustered 512-d rows. Each gets an index built with
-``--kind auto``; the service (``create_app`` under uvicorn, in a thread of this process, on a
-free loopback port) answers ``POST /query/image`` uploads of one JPEG (scikit-image's
-``chelsea``, 451×300) from a bounded load test (httpx clients, concurrency 1 then 4).
+``--kind auto``. For each size, server processes (``--server``) run the service
+(``create_app`` under uvicorn, in a thread, on a free loopback port), which answers
+``POST /query/image`` uploads of one JPEG (scikit-image's ``chelsea``, 451×300) from a
+bounded load test (httpx clients, concurrency 1 then 4).
 
-Two clients, in alternating rounds of the same run: ``in-process`` (the load client's
-threads live in the server's process and share its GIL) and ``separate process`` (a child
-Python process runs the same load client and returns its per-request timestamps as JSON).
+Two clients, in alternating rounds against the same server: ``in-process`` (the load
+client's threads live in the server's process and share its GIL) and ``separate process``
+(a child Python process, ``--client``, runs the same load client and returns its
+per-request timestamps as JSON). Two variants of the service, in alternating server
+processes: ``request-thread`` (the model built, run and the index searched on whichever
+thread took the request, as before issue 10) and ``compute-thread`` (all of that on the
+process's one compute thread, ``query.on_compute_thread``).
 
 Every request carries an ``x-bench-seq`` header; the server records timestamps of its phases
 (request received, body read, multipart parsed, endpoint entered in the worker thread,
@@ -19,9 +24,11 @@ the functions the service calls, and the client records when it sent and when it
 parsed answer. ``time.perf_counter`` is ``CLOCK_MONOTONIC`` on Linux, so the child's and the
 server's timestamps share one clock.
 
-Baselines measured in the same run: the bare timm resnet18 forward on one preprocessed
-image (eval mode, ``torch.inference_mode``; before and after the load tests, in the main
-thread and in a fresh thread), and the index's own search time at each size.
+Baselines measured in the same run, in this (orchestrating) process, which serves nothing:
+the bare timm resnet18 forward on one preprocessed image (eval mode, ``torch.inference_mode``;
+before and after the load tests; in the main thread, and in a second thread while the
+first one's OpenMP team lives), and, in each server process before it serves, the query
+path's pieces called directly.
 
     python benchmarks/serve_latency.py                 # 10k and 1M rows
     python benchmarks/serve_latency.py --sizes 10000   # quick check
@@ -429,40 +436,39 @@ def median_ms(fn: Any, reps: int) -> float:
 
 
 def in_process_parts(searcher: Any, jpeg: bytes, k: int) -> dict[str, float]:
-    """The query path's pieces called directly (no HTTP); torch work where the service's
-    goes (the model thread, or the calling thread in the ``request-thread`` variant)."""
+    """The query path's pieces called directly (no HTTP); torch and faiss work where the
+    service's goes (the compute thread, or the calling thread in the ``request-thread``
+    variant)."""
     import torch
 
-    from bob_cache.backbones import rebuild
-    from bob_cache.pipelines.query import decode_image
-    from bob_cache.retrieval import faiss_ops
+    from bob_cache.pipelines import query
 
-    image = decode_image(jpeg)
+    run = query.on_compute_thread  # looked up now: the variant may have replaced it
+    image = query.decode_image(jpeg)
     emb = searcher.embedder
-    vec = faiss_ops.prepare(emb.embed([image]), searcher.record.metric)
-    batch = rebuild.on_model_thread(
-        lambda: emb.backbone.normalize(emb._transform(image).unsqueeze(0))
-    )
+    vec = query.faiss_ops.prepare(run(emb.embed, [image]), searcher.record.metric)
+    batch = run(lambda: emb.backbone.normalize(emb._transform(image).unsqueeze(0)))
 
     def forward() -> None:
         with torch.inference_mode():
             emb.backbone(batch)
 
     return {
-        "decode_ms": median_ms(lambda: decode_image(jpeg), 100),
+        "decode_ms": median_ms(lambda: query.decode_image(jpeg), 100),
         "transform_ms": median_ms(lambda: emb._transform(image), 100),
-        "forward_ms (Backbone)": median_ms(lambda: rebuild.on_model_thread(forward), 50),
-        "embed_ms (transform+forward)": median_ms(lambda: emb.embed([image]), 50),
-        "index_search_ms": median_ms(lambda: searcher.index.search(vec, k), 200),
+        "forward_ms (Backbone)": median_ms(lambda: run(forward), 50),
+        "embed_ms (transform+forward)": median_ms(lambda: run(emb.embed, [image]), 50),
+        "index_search_ms": median_ms(lambda: run(searcher.index.search, vec, k), 200),
         "search_vectors_ms": median_ms(lambda: searcher.search(vec, k), 200),
         "search_images_ms": median_ms(lambda: searcher.search_by_images([jpeg], k), 50),
     }
 
 
 CLIENTS = ("in-process", "separate process")
-# where the service runs the model: on whichever threadpool worker took the request (as
-# before issue 10), or on the process's one model thread (``rebuild.on_model_thread``)
-VARIANTS = ("request-thread", "model-thread")
+# where the service builds and runs the model and searches the index: on whichever
+# threadpool worker took the request (as before issue 10), or on the process's one compute
+# thread (``query.on_compute_thread``)
+VARIANTS = ("request-thread", "compute-thread")
 
 
 def thread_cpu() -> dict[str, float]:
@@ -484,12 +490,12 @@ def thread_cpu() -> dict[str, float]:
 def server_main(task: dict[str, Any]) -> dict[str, Any]:
     """One server process: the service under uvicorn in a thread, answering both clients in
     alternating rounds; per-request client timestamps and server marks."""
-    from bob_cache.backbones import rebuild
+    from bob_cache.pipelines import query
     from bob_cache.pipelines.query import QueryConfig, Searcher
     from bob_cache.pipelines.serve import create_app
 
     if task["variant"] == "request-thread":
-        rebuild.on_model_thread = lambda fn, *a: fn(*a)
+        query.on_compute_thread = lambda fn, *a: fn(*a)
     searcher = Searcher.open(QueryConfig(task["store"], task["name"], task["backbone"]))
     app = create_app(searcher)
     jpeg = Path(task["jpeg"]).read_bytes()
@@ -512,8 +518,12 @@ def server_main(task: dict[str, Any]) -> dict[str, Any]:
             wall = time.perf_counter() - wall
             busy = {k: v - cpu_before.get(k, 0.0) for k, v in thread_cpu().items()}
             cpu[c] = {k: round(v / wall, 3) for k, v in busy.items() if v / wall >= 0.02}
-    return {"parts": parts, "torch_threads": probe.torch_threads, "runs": runs,
-            "marks": probe.marks, "thread_cpu_share": cpu}  # fmt: skip
+    record = searcher.record.to_dict()
+    keys = ("kind", "params", "search_param", "search_value", "recall", "bytes",
+            "build_seconds", "reason")  # fmt: skip
+    return {"rows": searcher.n_indexed, "index": {k: record[k] for k in keys}, "parts": parts,
+            "torch_threads": probe.torch_threads, "runs": runs, "marks": probe.marks,
+            "thread_cpu_share": cpu}  # fmt: skip
 
 
 def combine(rounds: list[dict]) -> dict[str, Any]:
@@ -535,9 +545,6 @@ def combine(rounds: list[dict]) -> dict[str, Any]:
 
 def measure_size(store: Path, name: str, backbone: str, jpeg_path: Path, args: Any) -> dict:
     """Server processes of both variants, launched alternately ``args.launches`` times each."""
-    from bob_cache.pipelines.query import QueryConfig, Searcher
-
-    record = Searcher.open(QueryConfig(str(store), name, backbone)).record.to_dict()
     per_launch = max(1, args.requests // (args.launches * args.rounds))
     launches: dict[str, list[dict]] = {v: [] for v in args.variants}
     for i in range(args.launches):
@@ -561,15 +568,19 @@ def measure_size(store: Path, name: str, backbone: str, jpeg_path: Path, args: A
                 print(f"  {name} {variant} {client} c={c}: {brief}", file=sys.stderr, flush=True)
         per_launch = []
         for run in runs:
-            p50 = {f"{client} c={c}": combine(run["runs"][client][str(c)])["p50_ms"]
-                   for client in CLIENTS for c in args.concurrency}  # fmt: skip
+            p50 = {}
+            for client in CLIENTS:
+                for c in args.concurrency:
+                    rounds = run["runs"][client][str(c)]
+                    ph = phase_medians(run["marks"], [r for rd in rounds for r in rd["requests"]])
+                    p50[f"{client} c={c}"] = combine(rounds)["p50_ms"]
+                    p50[f"{client} c={c} forward"] = ph.get("forward (resnet18)")
             per_launch.append({**p50, "thread_cpu_share": run["thread_cpu_share"]})
         variants[variant] = {"parts": [run["parts"] for run in runs],
                              "torch_threads": runs[0]["torch_threads"], "load": loads,
                              "per_launch_p50_ms": per_launch}  # fmt: skip
-    keys = ("kind", "params", "search_param", "search_value", "recall", "bytes",
-            "build_seconds", "reason")  # fmt: skip
-    return {"rows": record["rows"], "index": {k: record[k] for k in keys}, "variants": variants}
+    first = launches[args.variants[0]][0]
+    return {"rows": first["rows"], "index": first["index"], "variants": variants}
 
 
 def main() -> None:
@@ -578,7 +589,7 @@ def main() -> None:
     )
     p.add_argument("--sizes", default="10000,1000000")
     p.add_argument("--requests", type=int, default=200, help="per variant, client, concurrency")
-    p.add_argument("--launches", type=int, default=2, help="server processes per variant")
+    p.add_argument("--launches", type=int, default=3, help="server processes per variant")
     p.add_argument("--rounds", type=int, default=2, help="alternating client rounds per launch")
     p.add_argument("--concurrency", default="1,4")
     p.add_argument("--variants", default=",".join(VARIANTS))
@@ -668,7 +679,7 @@ def summarize(report: dict, sizes: list[int], args: Any) -> dict[str, Any]:
         f"{before['second_thread']['p50_ms']:.1f} / {after['second_thread']['p50_ms']:.1f} ms)."
         f" p50 − bare uses their mean, {bare:.1f} ms.",
         "",
-        "| rows | index | model runs on | client | concurrency | p50 ms | p90 ms | p99 ms | "
+        "| rows | index | model, search on | client | concurrency | p50 ms | p90 ms | p99 ms | "
         "req/s | server forward p50 ms | p50 − bare ms | p99 / p50 |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -733,7 +744,7 @@ def parts_table(size: dict, rows: int) -> list[str]:
     """The query path's pieces called directly in each server process (first launch)."""
     names = list(next(iter(size["variants"].values()))["parts"][0])
     lines = ["", f"Direct calls at {rows:,} rows, median ms (no HTTP):", "",
-             "| model runs on | " + " | ".join(names) + " |",
+             "| model, search on | " + " | ".join(names) + " |",
              "| --- |" + " --- |" * len(names)]  # fmt: skip
     for variant, v in size["variants"].items():
         pt = v["parts"][0]

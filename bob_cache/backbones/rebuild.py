@@ -7,14 +7,9 @@ reproduce that spec or it is refused.
 
 from __future__ import annotations
 
-import contextvars
 import json
-import os
-import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,40 +21,6 @@ from bob_cache.data.device_decode import DevicePreprocess, EncodedBatch
 from bob_cache.data.images import to_chw
 from bob_cache.device import autocast
 from bob_cache.errors import SpecMismatchError, WeightsError
-
-T = TypeVar("T")
-MODEL_THREAD = "bob-cache-model"
-_model_thread: ThreadPoolExecutor | None = None
-_model_thread_lock = threading.Lock()
-
-
-def on_model_thread(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` on the process's one model thread (created on first use), in a copy of
-    the caller's context (context variables carry over, as with ``asyncio.to_thread``).
-
-    torch's CPU ops run on an OpenMP thread team that belongs to the calling thread, and
-    GNU OpenMP stops spinning between parallel regions (it sleeps and wakes its threads
-    instead) as soon as the teams of all threads together outnumber the cores. A service
-    that ran forwards on whichever worker thread took the request grew a team per thread:
-    on 2 cores a resnet18 forward then took 20.5 ms instead of 14.5. One thread for every
-    query forward keeps one team.
-    """
-    global _model_thread
-    if threading.current_thread().name.startswith(MODEL_THREAD):
-        return fn(*args)
-    with _model_thread_lock:
-        if _model_thread is None:
-            _model_thread = ThreadPoolExecutor(1, thread_name_prefix=MODEL_THREAD)
-        pool = _model_thread
-    return pool.submit(contextvars.copy_context().run, fn, *args).result()
-
-
-def _forget_model_thread() -> None:  # a forked child has no such thread
-    global _model_thread
-    _model_thread = None
-
-
-os.register_at_fork(after_in_child=_forget_model_thread)
 
 
 class Embedder:
@@ -84,16 +45,10 @@ class Embedder:
             DevicePreprocess(backbone.data_config, device) if decode == "torch" else None
         )
 
+    @torch.inference_mode()
     def embed(self, images: list[Any]) -> np.ndarray:
         """``(N, D)`` float32 features of PIL ``images``, as extraction computed them: at the
-        set's precision (autocast), resized on the device when it was extracted so. On the
-        CPU this runs on the process's model thread (:func:`on_model_thread`)."""
-        if self.device.type == "cpu":
-            return on_model_thread(self._embed, images)
-        return self._embed(images)
-
-    @torch.inference_mode()
-    def _embed(self, images: list[Any]) -> np.ndarray:
+        set's precision (autocast), resized on the device when it was extracted so."""
         if self._on_device is not None:
             batch, _ = self._on_device(EncodedBatch.of_images([to_chw(i) for i in images]))
         else:
