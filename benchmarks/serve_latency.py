@@ -650,6 +650,8 @@ def main() -> None:
             flush=True,
         )
         gc.collect()
+    os.sync()  # writeback of a freshly built store or index would compete with the baseline
+    time.sleep(5)
     report["bare_before"] = bare_pair(jpeg)
     report["sizes"] = {
         rows: measure_size(store, names[rows], backbone, jpeg_path, args) for rows in sizes
