@@ -472,8 +472,8 @@ VARIANTS = ("request-thread", "compute-thread")
 
 
 def thread_cpu() -> dict[str, float]:
-    """CPU seconds of each of this process's threads, by name (Python's threads) or by
-    native id (threads Python did not start: OpenMP and BLAS pools)."""
+    """CPU seconds of each of this process's threads, by name (``native`` for threads Python
+    did not start: OpenMP and BLAS pools) and native id."""
     names = {t.native_id: t.name for t in threading.enumerate()}
     tick = os.sysconf("SC_CLK_TCK")
     out = {}
@@ -483,7 +483,7 @@ def thread_cpu() -> dict[str, float]:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        out[names.get(int(tid), f"native {tid}")] = (int(fields[11]) + int(fields[12])) / tick
+        out[f"{names.get(int(tid), 'native')} {tid}"] = (int(fields[11]) + int(fields[12])) / tick
     return out
 
 

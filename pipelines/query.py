@@ -64,12 +64,13 @@ _compute_lock = threading.Lock()
 def on_compute_thread(fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` on the process's one compute thread, in a copy of the caller's context.
 
-    torch and faiss share one GNU OpenMP runtime, which gives every thread that runs a
-    parallel region a team of its own, and stops spinning between regions (it sleeps and
-    wakes its threads instead) once all teams together outnumber the cores. A service whose
-    forwards and searches ran on whichever worker thread took the request kept several
-    teams: on 2 cores a resnet18 forward took 21–28 ms instead of 15. Building the model,
-    its forwards and the index searches all run here, so the process keeps one team.
+    torch and faiss share one GNU OpenMP runtime (faiss binds to the one torch loaded, and
+    importing this module loads torch). It gives every thread that runs a parallel region a
+    team of its own, and stops spinning between regions (it sleeps and wakes its threads
+    instead) once all teams together outnumber the cores. A service whose forwards and
+    searches ran on whichever worker thread took the request kept several teams: on 2 cores
+    a resnet18 forward took 20–26 ms instead of 14–16. Building the model, its forwards and
+    the index searches all run here, so the process keeps one team.
     """
     global _compute
     if threading.current_thread().name.startswith(COMPUTE_THREAD):
