@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bob_cache.pipelines.battle.execute import Outcome, dask_client, execute
-from bob_cache.pipelines.battle.plan import Job, Plan, plan_battle
+from bob_cache.pipelines.battle.plan import Job, Plan, plan_battle, store_exists
 from bob_cache.pipelines.battle.tasks import TaskKind, list_tasks, register_task
 from bob_cache.pipelines.registry import register_stage
 from bob_cache.stores.results import DEFAULT_RESULTS
@@ -121,7 +121,7 @@ def write_metadata(suite: Suite, store: str, results: str) -> Path | None:
     (the report reads it to label, size and colour the backbones)."""
     from bob_cache.stores import open_store
 
-    if not Path(store, "zarr.json").is_file() and "://" not in store:
+    if not store_exists(store):
         return None
     by_name = {b.name: backbone_metadata(b) for b in suite.backbones}
     names = {d.name for d in suite.datasets}

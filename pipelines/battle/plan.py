@@ -15,7 +15,7 @@ from typing import Any
 from bob_cache.config import ExtractConfig
 from bob_cache.data import parse_source
 from bob_cache.pipelines.battle.tasks import TaskContext, get_task
-from bob_cache.stores import FeatureStore, open_store
+from bob_cache.stores import FeatureSet, open_store
 from bob_cache.stores.results import ResultsTable
 from bob_cache.suite import BackboneSpec, DatasetSpec, Suite
 
@@ -61,14 +61,21 @@ class Plan:
 def plan_battle(suite: Suite, *, store: str, results: str, device: str | None = None) -> Plan:
     """All jobs of ``suite``, each marked done or not."""
     device = device or suite.options.device
-    fstore = open_store(store) if _exists(store) else None
+    # One listing of the store and one fingerprint per dataset serve every backbone's check.
+    sets = open_store(store).feature_sets() if store_exists(store) else None
     done_hashes = ResultsTable.open(results).config_hashes()
     plan = Plan(suite.name, store, results)
     sources = {d.name: parse_source(d.data, name=d.name) for d in suite.datasets}
+    fingerprints = {name: source.fingerprint() for name, source in sources.items()}
     for dataset in suite.datasets:
         for backbone in suite.backbones:
             config = extract_config(suite, backbone, dataset, store=store, device=device)
-            keys = _extracted(fstore, config, sources[dataset.name]) if fstore else None
+            source = sources[dataset.name]
+            keys = (
+                _extracted(sets, config, list(source.splits), fingerprints[dataset.name])
+                if sets is not None
+                else None
+            )
             extract = Job(
                 id=f"extract/{dataset.name}/{backbone.display}", kind="extract",
                 dataset=dataset.name, backbone=backbone.display, done=keys is not None,
@@ -152,11 +159,13 @@ def extract_config(
     )  # fmt: skip
 
 
-def _extracted(store: FeatureStore, config: ExtractConfig, source: Any) -> list[str] | None:
+def _extracted(
+    sets: list[FeatureSet], config: ExtractConfig, splits: list[str], fingerprint: str
+) -> list[str] | None:
     """Keys of the complete sets that hold this extraction for every split, or None."""
-    request, fingerprint = config.request(), source.fingerprint()
-    keys: dict[str, set[str]] = {split: set() for split in source.splits}
-    for fs in store.feature_sets():
+    request = config.request()
+    keys: dict[str, set[str]] = {split: set() for split in splits}
+    for fs in sets:
         a = fs.attrs
         if (
             a.get("request") == request
@@ -171,7 +180,8 @@ def _extracted(store: FeatureStore, config: ExtractConfig, source: Any) -> list[
     return sorted(found) if len(found) >= per_output else None
 
 
-def _exists(store: str) -> bool:
+def store_exists(store: str) -> bool:
+    """Whether ``store`` is an existing store (URLs are assumed to be)."""
     from pathlib import Path
 
     from bob_cache.stores.location import is_url
