@@ -27,6 +27,18 @@ sys.path.insert(0, str(HERE))
 import retrieval_index as ri  # noqa: E402
 
 
+class _OpsSearch:
+    """bob's query path: ``faiss_ops.search`` on the stored index, as ``Searcher`` calls it."""
+
+    def __init__(self, index: object) -> None:
+        self.index = index
+
+    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        from bob_cache.retrieval import faiss_ops
+
+        return faiss_ops.search(self.index, x, k)
+
+
 def main() -> None:
     import faiss
 
@@ -34,7 +46,8 @@ def main() -> None:
     q = np.load(work / "queries_test.npy")
     bob = ri.open_searcher(work, "auto-1GB-hnsw").index
     indexes = {
-        "bob IDMap2,HNSW32": bob,
+        "bob IDMap2,HNSW32 (index.search)": bob,
+        "bob IDMap2,HNSW32 (faiss_ops.search)": _OpsSearch(bob),
         "bob's graph without IDMap2": faiss.downcast_index(bob.index),
         "autofaiss HNSW32": faiss.read_index(str(work / "autofaiss-1GB" / "knn.index")),
     }
@@ -48,7 +61,8 @@ def main() -> None:
                 for threads in (2, 1):
                     faiss.omp_set_num_threads(threads)
                     for name, index in indexes.items():
-                        faiss.ParameterSpace().set_index_parameter(index, "efSearch", ef)
+                        target = index.index if isinstance(index, _OpsSearch) else index
+                        faiss.ParameterSpace().set_index_parameter(target, "efSearch", ef)
                         qps, n = ri.qps_batch1(index, q, min_seconds=1.0, max_seconds=5.0)
                         row = {
                             "busy_core": busy,

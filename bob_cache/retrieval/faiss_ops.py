@@ -83,13 +83,28 @@ _IO_BLOCK = 16 * 2**20
 
 
 def search(index: Any, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``index.search(x, k)``; a few queries on an exact CPU index are answered by a BLAS
-    scan of its vectors instead (same neighbours, scores equal to float rounding)."""
+    """``index.search(x, k)``, with two shortcuts that give the same neighbours.
+
+    An ``IDMap``/``IDMap2`` wrapper is searched through: the inner index answers and the ids
+    are mapped in numpy. FAISS's wrapper maps them in an OpenMP parallel loop on every call,
+    which wakes every OpenMP thread for a lone query; on a machine where another process
+    holds a core, that cost 40× in batch-1 queries/s (BENCHMARKS.md, issue 10). A few queries
+    on a large exact CPU index are answered by a BLAS scan of its vectors (scores equal to
+    float rounding).
+    """
     import faiss
 
+    if not isinstance(index, faiss.IndexIDMap):
+        return index.search(x, k)
     flat = _flat_of(index)
     if flat is None or len(x) > BLAS_SCAN_MAX_QUERIES or flat.ntotal < BLAS_SCAN_MIN_ROWS:
-        return index.search(x, k)
+        inner, ids = _unwrapped(index)
+        scores, rows = inner.search(x, k)
+        if ids is None:
+            return scores, rows
+        found = ids[rows]
+        found[rows < 0] = -1
+        return scores, found
     n, d = flat.ntotal, flat.d
     vectors = faiss.rev_swig_ptr(flat.get_xb(), n * d).reshape(n, d)
     ids = faiss.rev_swig_ptr(index.id_map.data(), n)
@@ -108,6 +123,21 @@ def search(index: Any, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return _padded(top_scores, ids[top], k, keep_max)
 
 
+_INNER: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _unwrapped(index: Any) -> tuple[Any, np.ndarray | None]:
+    """The index inside an ``IDMap`` wrapper (its downcast cached: it costs as much as a small
+    search) and a fresh view of its ids (None when empty)."""
+    import faiss
+
+    inner = _INNER.get(index)
+    if inner is None:
+        inner = _INNER[index] = faiss.downcast_index(index.index)
+    n = index.ntotal
+    return inner, (faiss.rev_swig_ptr(index.id_map.data(), n) if n else None)
+
+
 def _padded(
     scores: np.ndarray, rows: np.ndarray, k: int, keep_max: bool
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -121,7 +151,7 @@ def _flat_of(index: Any) -> Any:
     """The ``IndexFlat`` under an ``IDMap2,Flat`` CPU index (None for any other index)."""
     import faiss
 
-    if not isinstance(index, faiss.IndexIDMap2):
+    if not isinstance(index, faiss.IndexIDMap):
         return None
     inner = faiss.downcast_index(index.index)
     return inner if type(inner) in (faiss.IndexFlat, faiss.IndexFlatIP, faiss.IndexFlatL2) else None

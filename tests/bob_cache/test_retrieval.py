@@ -64,6 +64,35 @@ def test_a_few_exact_queries_scanned_by_blas_find_faiss_neighbours(
     assert found[0, 5:].tolist() == [-1, -1, -1] and np.isinf(scores[0, 5:]).all()
 
 
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_wrapped_indexes_are_searched_through_their_id_map_without_faiss_wrapper(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``IndexIDMap2.search`` wakes every OpenMP thread per call (40× slower batch-1 on a
+    shared machine): bob searches the inner index and maps ids itself, with equal answers."""
+    import faiss
+
+    x = faiss_ops.prepare(clustered(3000), "cosine")
+    spec = get_kind(kind)
+    index = faiss_ops.create_index(spec, x.shape[1], "cosine", spec.defaults(len(x), 32))
+    index.train(x)
+    index.add_with_ids(x, np.arange(len(x)) * 7 + 11)
+    faiss_ops.set_search_param(index, spec, 8 if kind != "flat" else None)
+    q = x[[5, 2999, 40]] + 0.01
+    want = index.search(q, 12)
+    monkeypatch.setattr(faiss.IndexIDMap2, "search", _refuse_wrapper_search)
+    for rows in (q, q[:1]):
+        scores, found = faiss_ops.search(index, rows, 12)
+        np.testing.assert_array_equal(found, want[1][: len(rows)])
+        np.testing.assert_allclose(scores, want[0][: len(rows)], rtol=1e-5, atol=1e-5)
+    empty = faiss_ops.create_index(get_kind("flat"), x.shape[1], "cosine", {})
+    assert (faiss_ops.search(empty, q, 3)[1] == -1).all()
+
+
+def _refuse_wrapper_search(*args: object, **kwargs: object) -> None:
+    raise AssertionError("IndexIDMap2.search was called: the OpenMP id mapping is back")
+
+
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])
 def test_tuned_index_reaches_the_recall_it_reports_on_fresh_queries(kind: str) -> None:
     x = faiss_ops.prepare(clustered(20000), "cosine")
