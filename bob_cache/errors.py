@@ -180,6 +180,14 @@ class UnknownDetectorError(DetectorError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class DetectorDamagedError(StoreError, ValueError):
+    """Stored OOD detector state whose arrays or record are missing or malformed."""
+
+
+class ClassMapError(BobCacheError, ValueError):
+    """A shift set whose classes cannot be matched to the ID set's (none shared, unknown names)."""
+
+
 def did_you_mean(name: str, candidates: Iterable[str], *, n: int = 3) -> str:
     """Return ' Did you mean 'a', 'b'?' for close matches, or '' when there are none."""
     matches = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.6)

@@ -95,6 +95,7 @@ def write_feature_sets(
     key: str = "feat00000001",
     shard_rows: int = 64,
     spec: dict | None = None,
+    class_names: list[str] | None = None,
 ) -> None:
     """Write complete feature sets (one per split, one key) through the store API."""
     from bob_cache.stores import FeatureSetRequest, open_store, resolve_layout
@@ -107,7 +108,7 @@ def write_feature_sets(
             key=key,
             spec=spec or {"layer": "final", "pool": "head", "dtype": "float32"},
             provenance={
-                "dataset": {"name": dataset, "class_names": []},
+                "dataset": {"name": dataset, "class_names": class_names or []},
                 "split": split,
                 "backbone": {
                     "slug": backbone,
