@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import typer
 
-from bob_cache.commands import battle, catalog, extract, probe, report, retrieval, shift, store
+from bob_cache.commands import battle, catalog, extract, ood, probe, report, retrieval, shift, store
 
 # The command families, in the order `bob-cache --help` lists them. A new family (ood,
 # finetune, battle) is one module with a `register(app)` function, added here.
-FAMILIES = (extract, probe, catalog, store, retrieval, battle, report, shift)
+FAMILIES = (extract, probe, catalog, store, retrieval, ood, battle, report, shift)
 
 app = typer.Typer(
     name="bob-cache",

@@ -153,23 +153,24 @@ def ood(config: OODConfig) -> OODReport:
         for name in names
     }
     mapping = read_class_map(config.class_map) if config.class_map else None
-    record, params = _head(store, config, train_fs, test_fs)
+    maps = {n: _class_map(train_fs, others[("shift", n)], mapping) for n in config.shifts}
+    for name in config.detect:
+        fs = others[("detect", name)]
+        if fs.n_rows - fs.n_invalid <= 0:
+            raise SpecError(
+                f"Detect set '{name}' ('{fs.path}') has no valid rows; extract images into it, "
+                "or leave it out of --detect."
+            )
+    record, params = _head(store, config, train_fs, test_fs)  # may fit one: checks come first
     stream = _should_stream(config, [train_fs, test_fs, *others.values()])
     id_test = load(test_fs, stream=stream)
     report = OODReport(config.dataset, record.backbone, train_fs.key, record.name, "")
     rows: list[dict[str, Any]] = []
     if config.shifts:
         shifted = {n: load(others[("shift", n)], stream=stream) for n in config.shifts}
-        maps = {n: _class_map(record, r, mapping) for n, r in shifted.items()}
         rows += _generalization(config, record, params, id_test, shifted, maps, report)
     if config.detect:
         detected = {n: load(others[("detect", n)], stream=stream) for n in config.detect}
-        for name, r in detected.items():
-            if r.n == 0:
-                raise SpecError(
-                    f"Detect set '{name}' ('{r.fs.path}') has no valid rows; extract images "
-                    "into it, or leave it out of --detect."
-                )
         rows += _detection(store, config, record, params, train_fs, id_test, detected, report)
     table = ResultsTable.open(config.results)
     report.results = str(table.directory)
@@ -217,10 +218,18 @@ def _should_stream(config: OODConfig, sets: list[FeatureSet]) -> bool:
     return sum(fs.n_rows * fs.dim * 4 for fs in sets) > config.budget
 
 
-def _class_map(record: HeadRecord, rows: Rows, mapping: dict[str, str] | None) -> ClassMap:
-    names = rows.class_names or [str(i) for i in range(int(rows.labels.max(initial=-1)) + 1)]
-    return resolve_class_map(record.classes, names, mapping=mapping,
-                             what=f"shift set '{rows.dataset}'")  # fmt: skip
+def _class_map(id_fs: FeatureSet, fs: FeatureSet, mapping: dict[str, str] | None) -> ClassMap:
+    return resolve_class_map(_class_names(id_fs), _class_names(fs), mapping=mapping,
+                             what=f"shift set '{fs.attrs['dataset']['name']}'")  # fmt: skip
+
+
+def _class_names(fs: FeatureSet) -> list[str]:
+    """The set's class names; label numbers when it has none."""
+    names = [str(c) for c in fs.attrs["dataset"].get("class_names") or []]
+    if names or not fs.n_rows:
+        return names
+    top = int(np.max(fs.array("labels")[:], initial=-1))
+    return [str(i) for i in range(top + 1)]
 
 
 def _logits(params: HeadParams, rows: Rows) -> np.ndarray:
@@ -302,11 +311,13 @@ def _detection(
                                      "n_id": m.n_id, "n_ood": m.n_ood, "state": how})  # fmt: skip
             setting = f"detect:{dataset}"
             unit = _unit_hash(config, record, name, setting)
-            protocol = (f"fit on {detector.n_fit} ID train rows (+ head); ID test ({m.n_id}) "
-                        f"vs {dataset} ({m.n_ood}); higher score = ID")  # fmt: skip
+            fitted = f"fit on {detector.n_fit} ID train rows" if detector.passes else "no fit"
+            protocol = (f"{fitted}{' + the head' if detector.needs_head else ''}; ID test "
+                        f"({m.n_id}) vs {dataset} ({m.n_ood}); higher score = ID")  # fmt: skip
+            # rows seen: the head's when the detector scores through it, else its own fit's
+            seen = {} if detector.needs_head else {"train_rows": detector.n_fit, "val_rows": 0}
             rows += [
-                {**_row(base, name, setting, metric, value, unit, record, protocol),
-                 "train_rows": detector.n_fit, "val_rows": 0}
+                {**_row(base, name, setting, metric, value, unit, record, protocol), **seen}
                 for metric, value in values.items()
             ]  # fmt: skip
     return rows
@@ -371,8 +382,6 @@ def _detector(
     if name == "knn":
         options = {**options, "bank_sink": bank_sink(group)}
     detector = create_detector(name, **options).fit(blocks, head=head)
-    if name == "knn" and detector.bank_rows.nbytes <= config.budget // 4:
-        detector.bank_rows = np.asarray(detector.bank_rows[...])  # small: search in memory
     finish_detector(home, group, DetectorRecord(
         name=group_name, detector=name, options=config.detector_options(name),
         head=key["head"], feature_key=fs.key, feature_set=fs.path,
@@ -381,6 +390,8 @@ def _detector(
         dim=int(detector.dim or 0),
         created=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
     ), detector.state())  # fmt: skip
+    if name == "knn" and detector.bank_rows.nbytes <= config.budget // 4:
+        detector.bank_rows = np.asarray(detector.bank_rows[...])  # small: search in memory
     return detector, "fitted"
 
 

@@ -350,3 +350,22 @@ def test_fit_inputs_are_checked(data):
         create_detector("knn").score(x)
     with pytest.raises(DetectorError, match="lacks"):
         restore_detector("mahalanobis", {"dim": D, "n_fit": 1, "means": np.zeros((1, D))})
+
+
+def test_knn_bank_on_zarr_scores_as_in_memory_across_bank_blocks(small, monkeypatch) -> None:
+    """A bank appended to a Zarr array and searched in blocks gives the in-memory scores."""
+    import zarr
+
+    import bob_cache.ood.knn as knn_module
+    from bob_cache.stores.detector_store import bank_sink
+
+    x, y, q = small["x"], small["y"], small["query"]
+    monkeypatch.setattr(knn_module, "BANK_BLOCK_ROWS", 37)  # many blocks, uneven last one
+    group = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+    stream = [(x[i : i + 50], y[i : i + 50]) for i in range(0, len(x), 50)]
+    on_disk = create_detector("knn", k=10, bank_sink=bank_sink(group)).fit(stream)
+    in_memory = create_detector("knn", k=10).fit([(x, y)])
+    assert isinstance(on_disk.bank_rows, zarr.Array) and group["bank"].shape == x.shape
+    np.testing.assert_allclose(on_disk.score(q), in_memory.score(q), rtol=0, atol=1e-5)
+    restored = restore_detector("knn", {**on_disk.state(), "dim": on_disk.dim, "n_fit": len(x)})
+    np.testing.assert_allclose(restored.score(q), in_memory.score(q), rtol=0, atol=1e-5)
