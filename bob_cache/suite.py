@@ -77,6 +77,9 @@ class DatasetSpec(_Model):
     test_split: str = "test"
     retrieval_split: str = "train"
     gnd: str | None = None
+    shift: tuple[str, ...] = Field((), description="datasets of this suite: shifted copies")
+    detect: tuple[str, ...] = Field((), description="datasets of this suite: OOD to detect")
+    evaluate: bool = Field(True, description="false: only extracted (a shift or detect set)")
 
 
 class TaskSpec(BaseModel):
@@ -141,8 +144,13 @@ class Suite:
         return self.model.options
 
     def datasets_of(self, task: TaskSpec) -> list[DatasetSpec]:
+        """The datasets ``task`` runs on: those it names, else every one with ``evaluate``."""
         wanted = task.datasets
-        return [d for d in self.datasets if wanted is None or d.name in wanted]
+        return (
+            [d for d in self.datasets if d.name in wanted]
+            if wanted is not None
+            else [d for d in self.datasets if d.evaluate]
+        )
 
 
 # A task kind's checker: its options → (parsed options, problems as (key path, message)).
@@ -258,6 +266,18 @@ def _check_names(
                 hint = did_you_mean(name, names)
                 problems.append((("tasks", i, "datasets", j), f"unknown dataset '{name}'.{hint} "
                                  f"The suite's datasets: {', '.join(names)}"))  # fmt: skip
+    for i, dataset in enumerate(datasets):
+        for role in ("shift", "detect"):
+            for j, name in enumerate(getattr(dataset, role)):
+                if name == dataset.name or (name not in names and len(names) == raw_count):
+                    why = (
+                        "is this dataset itself"
+                        if name == dataset.name
+                        else (f"is not a dataset of this suite.{did_you_mean(name, names)}")
+                    )
+                    problems.append((("datasets", i, role, j), f"'{name}' {why} List the "
+                                     "shifted or OOD data under datasets (with evaluate: false "
+                                     "to only extract it) and name it here."))  # fmt: skip
     for what, items in (("backbones", [b.display for b in backbones]), ("datasets", names)):
         seen = set()
         for i, item in enumerate(items):

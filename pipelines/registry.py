@@ -13,7 +13,7 @@ _STAGES: dict[str, Stage] = {}
 # Stage modules register themselves on import; they are imported on first lookup so that
 # `import bob_cache` stays light (torch, faiss and zarr load only when a stage runs).
 _STAGE_MODULES = (
-    "extract", "probe", "predict", "index", "query", "retrieval_eval", "battle", "report",
+    "extract", "probe", "predict", "index", "query", "retrieval_eval", "ood", "battle", "report",
     "shift",
 )  # fmt: skip
 

@@ -120,8 +120,23 @@ def _is_retrieval(f: pd.DataFrame) -> pd.Series:
     return _column(f, "stage") == "retrieval"
 
 
+def _is_ood_shift(f: pd.DataFrame) -> pd.Series:
+    setting = _column(f, "setting")
+    return (_column(f, "stage") == "ood") & setting.str.startswith("shift:") & (
+        setting != "shift:mean"
+    )
+
+
+def _is_ood_detection(f: pd.DataFrame) -> pd.Series:
+    return (_column(f, "stage") == "ood") & _column(f, "setting").str.startswith("detect:")
+
+
 # top1 ranks classification; multi-label sets report no top1, so their ROC-AUC is used.
 register_task("linear", _is_linear, primary=("top1", "roc_auc"))
 register_task("few-shot", _is_few_shot, primary=("top1", "roc_auc"))
 register_task("knn", _is_knn, primary=("top1", "roc_auc"))
 register_task("retrieval", _is_retrieval, primary=("map", "mAP"))
+# OOD generalization: top-1 on each shift set (the mean over shifts would count twice);
+# OOD detection: AUROC per detector and detect set (higher = better, as z-scores assume).
+register_task("ood", _is_ood_shift, primary=("top1",))
+register_task("ood-detection", _is_ood_detection, primary=("auroc",))

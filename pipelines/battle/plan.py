@@ -67,7 +67,8 @@ def plan_battle(suite: Suite, *, store: str, results: str, device: str | None = 
     plan = Plan(suite.name, store, results)
     sources = {d.name: parse_source(d.data, name=d.name) for d in suite.datasets}
     fingerprints = {name: source.fingerprint() for name, source in sources.items()}
-    for dataset in suite.datasets:
+    extracted: dict[tuple[str, str], Job] = {}
+    for dataset in suite.datasets:  # every extraction first: a task may read several
         for backbone in suite.backbones:
             config = extract_config(suite, backbone, dataset, store=store, device=device)
             source = sources[dataset.name]
@@ -82,19 +83,26 @@ def plan_battle(suite: Suite, *, store: str, results: str, device: str | None = 
                 gpu=_uses_gpu(device), run=ExtractRun(config), keys=tuple(keys or ()),
             )  # fmt: skip
             plan.jobs.append(extract)
+            extracted[dataset.name, backbone.display] = extract
+    for dataset in suite.datasets:
+        for backbone in suite.backbones:
+            extract = extracted[dataset.name, backbone.display]
+            keys = extract.keys if extract.done else None
             ctx = TaskContext(store=store, results=results, device=device, backbone=backbone.name)
             for i, task in enumerate(suite.tasks):
-                if dataset not in suite.datasets_of(task):
-                    continue
                 kind, options = get_task(task.kind), suite.task_options[i]
+                if dataset not in suite.datasets_of(task) or not kind.applies(options, dataset):
+                    continue
                 done = keys is not None and all(
                     kind.done_hashes(kind.config(options, dataset, key, ctx), key) <= done_hashes
                     for key in keys
                 )
+                reads = [extracted[name, backbone.display].id for name in
+                         dict.fromkeys(kind.reads(options, dataset))]  # fmt: skip
                 plan.jobs.append(Job(
                     id=f"{task.kind}#{i}/{dataset.name}/{backbone.display}", kind=task.kind,
                     dataset=dataset.name, backbone=backbone.display,
-                    detail=kind.describe(options), deps=(extract.id,), done=done,
+                    detail=kind.describe(options), deps=(extract.id, *reads), done=done,
                     run=TaskRun(task.kind, options, dataset, ctx),
                 ))  # fmt: skip
     return plan
@@ -131,7 +139,8 @@ class TaskRun:
     dataset: DatasetSpec
     ctx: TaskContext
 
-    def __call__(self, extraction: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, extraction: dict[str, Any], *read: dict[str, Any]) -> dict[str, Any]:
+        """Runs after ``extraction`` and the extractions it ``read``s (same backbone)."""
         from bob_cache.pipelines import get_stage
 
         kind = get_task(self.kind)

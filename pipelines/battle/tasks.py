@@ -53,6 +53,14 @@ class TaskKind(ABC):
         """A short summary of the options for plan listings."""
         return ""
 
+    def applies(self, options: Any, dataset: DatasetSpec) -> bool:
+        """Whether this kind has work on ``dataset`` (e.g. ood needs shift or detect sets)."""
+        return True
+
+    def reads(self, options: Any, dataset: DatasetSpec) -> tuple[str, ...]:
+        """Other datasets whose extraction (same backbone) the job reads."""
+        return ()
+
 
 _TASKS: dict[str, TaskKind] = {}
 
@@ -208,3 +216,61 @@ def _message(error: Any, model: type[BaseModel]) -> str:
         hint = did_you_mean(str(error["loc"][-1]), model.model_fields)
         return f"unknown option.{hint} Valid options: {', '.join(model.model_fields)}"
     return str(error["msg"]).removeprefix("Value error, ")
+
+
+@register_task
+class OODTask(TaskKind):
+    """Generalization on the dataset's shift sets and detection of its detect sets."""
+
+    name = "ood"
+    stage = "ood"
+
+    class Options(_Options):
+        detectors: tuple[str, ...] | None = None  # default: every registered detector
+        knn_k: int = Field(50, ge=1)
+        max_memory: str | None = None
+
+    def check(self, options: dict[str, Any]) -> tuple[Any, list[tuple[tuple[Any, ...], str]]]:
+        from bob_cache.ood import list_detectors
+
+        parsed, problems = super().check(options)
+        if parsed is not None and parsed.detectors is not None:
+            known = list_detectors()
+            for j, name in enumerate(parsed.detectors):
+                if name not in known:
+                    problems.append(
+                        (
+                            ("detectors", j),
+                            f"unknown detector '{name}'."
+                            f"{did_you_mean(name, known)} Known: {', '.join(known)}",
+                        )
+                    )
+        return parsed, problems
+
+    def applies(self, options: Any, dataset: DatasetSpec) -> bool:
+        return bool(dataset.shift or dataset.detect)
+
+    def reads(self, options: Any, dataset: DatasetSpec) -> tuple[str, ...]:
+        return (*dataset.shift, *dataset.detect)
+
+    def config(self, options: Any, dataset: DatasetSpec, key: str, ctx: TaskContext) -> Any:
+        from bob_cache.ood import list_detectors
+        from bob_cache.pipelines.ood import OODConfig
+        from bob_cache.retrieval.auto import parse_memory
+
+        budget = parse_memory(options.max_memory)
+        return OODConfig(
+            store=ctx.store, backbone=ctx.backbone, dataset=dataset.name, shifts=dataset.shift,
+            detect=dataset.detect, detectors=options.detectors or tuple(list_detectors()),
+            feature=key, knn_k=options.knn_k, train_split=dataset.train_split,
+            val_split=dataset.val_split, test_split=dataset.test_split, results=ctx.results,
+            device=ctx.device, max_memory_gb=budget / 2**30 if budget else None,
+        )  # fmt: skip
+
+    def done_hashes(self, config: Any, key: str) -> set[str]:
+        from bob_cache.pipelines.ood import unit_hashes
+
+        return unit_hashes(config, key)
+
+    def describe(self, options: Any) -> str:
+        return f"{len(options.detectors) if options.detectors else 'all'} detectors"

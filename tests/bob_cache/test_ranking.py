@@ -82,14 +82,33 @@ def test_each_row_gets_its_task_and_an_own_task_wins() -> None:
 
 def test_a_new_task_kind_registers_without_editing_the_rules(monkeypatch) -> None:
     monkeypatch.setattr(task_registry, "_TASKS", dict(task_registry._TASKS))
-    register_task("ood", lambda f: f["stage"] == "ood", primary=("auroc",))
-    frame = pd.DataFrame([row(b, "d", "msp", "full", v, stage="ood", metric="auroc")
+    register_task("dense", lambda f: f["stage"] == "dense", primary=("miou",))
+    frame = pd.DataFrame([row(b, "d", "fpn", "full", v, stage="dense", metric="miou")
                           for b, v in (("a", 0.9), ("b", 0.7), ("c", 0.8))])  # fmt: skip
     ranking = rank_backbones(frame, metadata=META)
-    assert ranking.task_names == ["ood"]
+    assert ranking.task_names == ["dense"]
     assert list(ranking.overall["backbone"]) == ["a", "c", "b"]
     with pytest.raises(ValueError, match="already registered"):
-        register_task("ood", lambda f: f["stage"] == "ood", primary=("auroc",))
+        register_task("dense", lambda f: f["stage"] == "dense", primary=("miou",))
+
+
+def test_ood_rows_rank_by_shift_top1_and_detection_auroc() -> None:
+    rows = []
+    for b, top1, auroc in (("a", 0.6, 0.7), ("b", 0.5, 0.9), ("c", 0.4, 0.8)):
+        rows += [row(b, "d", "linear", "shift:d-noise", top1, stage="ood"),
+                 row(b, "d", "linear", "shift:d-noise", 0.1, stage="ood", metric="drop"),
+                 row(b, "d", "linear", "shift:mean", top1, stage="ood"),
+                 row(b, "d", "linear", "id", 0.9, stage="ood"),
+                 row(b, "d", "knn", "detect:far", auroc, stage="ood", metric="auroc"),
+                 row(b, "d", "knn", "detect:far", 0.5, stage="ood", metric="fpr95")]  # fmt: skip
+    frame = pd.DataFrame(rows)
+    assert list(assign_tasks(frame)) == ["ood", "ood", "", "", "ood-detection",
+                                         "ood-detection"] * 3  # fmt: skip
+    ranking = rank_backbones(frame, metadata=META)
+    assert ranking.task_names == ["ood", "ood-detection"]
+    z = ranking.tasks.set_index(["task", "backbone"])["z"]
+    assert z["ood", "a"] > z["ood", "b"] > z["ood", "c"]
+    assert z["ood-detection", "b"] > z["ood-detection", "c"] > z["ood-detection", "a"]
 
 
 def test_zscores_are_scipys_within_each_setting_after_the_mean_over_seeds() -> None:

@@ -150,3 +150,64 @@ def test_a_local_cluster_of_two_workers_gives_the_same_rows(finished: Path, tmp_
     assert not summary.failed
     ours, theirs = rows(tmp_path / "results"), rows(finished / "results")
     pd.testing.assert_frame_equal(ours, theirs)
+
+
+OOD_SUITE = """\
+name: ood
+backbones:
+{backbone}
+datasets:
+  - name: digits
+    data: builtin:digits
+    limit: 60
+    shift: [digits-noise]
+    detect: [digits-noise]
+  - name: digits-noise
+    data: {shifted}
+    evaluate: false
+tasks:
+  - kind: linear
+  - kind: ood
+    detectors: [msp, knn, mahalanobis]
+    knn_k: 5
+options:
+  workers: 0
+  shard_rows: 32
+"""
+
+
+def test_an_ood_task_waits_for_its_shift_sets_and_ranks_in_the_report(tmp_path: Path) -> None:
+    from bob_cache.pipelines.shift import ShiftConfig, shift
+
+    made = shift(ShiftConfig(data="builtin:digits", out=str(tmp_path / "shifted"),
+                             corruptions=("gaussian_noise",), severities=(5,), limit=60,
+                             quiet=True))  # fmt: skip
+    path = tmp_path / "suite.yaml"
+    backbone = BACKBONE.format(label="r0", seed=0).rstrip("\n")
+    path.write_text(OOD_SUITE.format(backbone=backbone, shifted=made.outputs[0]["data"]))
+    plan = plan_battle(load_battle_suite(path), store=str(tmp_path / "store"),
+                       results=str(tmp_path / "results"))  # fmt: skip
+    kinds = [(j.kind, j.dataset) for j in plan.jobs]
+    assert kinds == [("extract", "digits"), ("extract", "digits-noise"), ("linear", "digits"),
+                     ("ood", "digits")]  # nothing runs on the evaluate: false set  # fmt: skip
+    assert plan.jobs[-1].deps == ("extract/digits/r0", "extract/digits-noise/r0")
+    summary = run(tmp_path, path, threads=1)
+    assert not summary.failed, summary.outcomes
+    frame = ResultsTable.open(tmp_path / "results").read(stage="ood")
+    assert {"shift:digits-noise", "detect:digits-noise"} <= set(frame.setting)
+    assert set(frame[frame.setting == "detect:digits-noise"].method) == {
+        "msp",
+        "knn",
+        "mahalanobis",
+    }
+    assert run(tmp_path, path).outcomes == []  # the ood job is done: its rows are there
+
+
+def test_shift_and_detect_names_must_be_datasets_of_the_suite(tmp_path: Path) -> None:
+    path = tmp_path / "suite.yaml"
+    text = OOD_SUITE.format(backbone=BACKBONE.format(label="r0", seed=0).rstrip("\n"),
+                            shifted="builtin:digits")  # fmt: skip
+    path.write_text(text.replace("shift: [digits-noise]", "shift: [digits-nois, digits]"))
+    with pytest.raises(Exception, match="(?s)datasets.0.shift.0.*Did you mean 'digits-noise'") as e:
+        load_battle_suite(path)
+    assert "is this dataset itself" in str(e.value)
