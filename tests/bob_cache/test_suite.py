@@ -107,9 +107,11 @@ def test_the_shipped_suites_load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"x")
     monkeypatch.setenv("BOB_CACHE_MOBILENET_WEIGHTS", str(weights))
+    monkeypatch.setenv("BOB_CACHE_DEMO_SHIFT", str(tmp_path))
     root = Path(__file__).resolve().parents[2] / "suites"
     demo = load_battle_suite(root / "demo.yaml")
     assert len(demo.backbones) == 3 and {t.kind for t in demo.tasks} >= {"linear", "retrieval"}
+    assert {t.kind for t in demo.tasks} >= {"ood"} and demo.datasets[0].shift == ("digits-noise",)
 
 
 def test_the_bob_suite_loads_once_its_locations_are_set(
