@@ -48,6 +48,9 @@ class ExtractConfig:
     shard_rows: int | None = None
     compression: str = "zstd:3"
     part: tuple[int, int] | None = None
+    scheduler: str | None = None  # a running Dask cluster spreads the shards over its workers
+    local_cluster: int | None = None  # ... or a LocalCluster of this many processes
+    parts: int | None = None  # parts the shards are split into on a cluster (default 2/worker)
     overwrite: bool = False
     allow_mixed: bool = False
     quiet: bool = False
@@ -65,6 +68,16 @@ class ExtractConfig:
             raise SpecError(
                 f"Unknown --decode '{self.decode}'. Expected {' or '.join(DECODE_MODES)}."
             )
+        if (self.scheduler or self.local_cluster) and self.part is not None:
+            raise SpecError(
+                "--part cannot be combined with --scheduler/--local-cluster: the cluster runs "
+                "every part itself. Drop --part (or --parts N to choose how many)."
+            )
+        if self.scheduler and self.local_cluster:
+            raise SpecError("Pass --scheduler or --local-cluster, not both.")
+        for option, value in (("--local-cluster", self.local_cluster), ("--parts", self.parts)):
+            if value is not None and value < 1:
+                raise SpecError(f"{option} must be at least 1, got {value}.")
         if self.part is not None and self.overwrite:
             raise SpecError(
                 "--overwrite cannot be combined with --part: it would delete shards other "

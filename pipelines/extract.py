@@ -88,6 +88,10 @@ class ExtractSummary:
 @register_stage("extract")
 def extract(config: ExtractConfig) -> ExtractSummary:
     """Run one extraction described by ``config``; returns its summary."""
+    if config.scheduler or config.local_cluster:
+        from bob_cache.pipelines.extract_cluster import extract_on_cluster
+
+        return extract_on_cluster(config)
     started = time.perf_counter()
     run = Extraction.prepare(config)
     summary = run.execute()

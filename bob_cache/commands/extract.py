@@ -105,6 +105,21 @@ def extract(
             help="K/N: compute every N-th shard from K (N processes share one feature set)."
         ),
     ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            help="tcp://HOST:PORT of a running Dask cluster: its workers share the "
+            "shards (they must reach the store)."
+        ),
+    ] = None,
+    local_cluster: Annotated[
+        int | None,
+        typer.Option(help="Start a Dask LocalCluster of N processes that share the shards."),
+    ] = None,
+    parts: Annotated[
+        int | None,
+        typer.Option(help="Parts the shards are split into on a cluster (default 2 per worker)."),
+    ] = None,
     overwrite: Annotated[
         bool,
         typer.Option(
@@ -132,7 +147,8 @@ def extract(
         image_size=image_size, dtype=dtype, precision=precision, device=device,
         batch_size=batch_size, workers=workers, decode=decode, limit=limit, strict=strict,
         chunk_rows=chunk_rows, shard_rows=shard_rows, compression=compression,
-        part=parse_part(part), overwrite=overwrite, allow_mixed=allow_mixed,
+        part=parse_part(part), scheduler=scheduler, local_cluster=local_cluster, parts=parts,
+        overwrite=overwrite, allow_mixed=allow_mixed,
         quiet=quiet or as_json,
         command=shlex.join(["bob-cache", *sys.argv[1:]]),
     )  # fmt: skip

@@ -122,8 +122,10 @@ def _is_retrieval(f: pd.DataFrame) -> pd.Series:
 
 def _is_ood_shift(f: pd.DataFrame) -> pd.Series:
     setting = _column(f, "setting")
-    return (_column(f, "stage") == "ood") & setting.str.startswith("shift:") & (
-        setting != "shift:mean"
+    return (
+        (_column(f, "stage") == "ood")
+        & setting.str.startswith("shift:")
+        & (setting != "shift:mean")
     )
 
 

@@ -15,9 +15,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bob_cache.pipelines.battle.execute import Outcome, dask_client, execute
+from bob_cache.pipelines.battle.execute import Outcome, execute
 from bob_cache.pipelines.battle.plan import Job, Plan, plan_battle, store_exists
 from bob_cache.pipelines.battle.tasks import TaskKind, list_tasks, register_task
+from bob_cache.pipelines.cluster import dask_client
 from bob_cache.pipelines.registry import register_stage
 from bob_cache.stores.results import DEFAULT_RESULTS
 from bob_cache.suite import BackboneSpec, Suite, load_suite

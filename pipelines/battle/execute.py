@@ -9,24 +9,17 @@ workers must reach the store and the results directory. Extraction jobs on CUDA 
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from bob_cache.errors import BobCacheError
 from bob_cache.pipelines.battle.plan import Job, Plan
-
-CONNECT_TIMEOUT_S = 10
-
-
-class SchedulerError(BobCacheError, ConnectionError):
-    """The Dask scheduler named by --scheduler does not answer, or cannot run the jobs."""
+from bob_cache.pipelines.cluster import SchedulerError
 
 
 @dataclass
@@ -66,45 +59,6 @@ def run_job(job: Job, threads: int, *deps: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(before)
     result["wall_seconds"] = time.perf_counter() - started
     return result
-
-
-@contextmanager
-def dask_client(*, scheduler: str | None, workers: int | None, gpus: int) -> Iterator[Any]:
-    """A client on the requested cluster, closed (and a local cluster stopped) afterwards."""
-    from distributed import Client, LocalCluster
-
-    if scheduler:
-        try:
-            client = Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
-        except (OSError, TimeoutError) as exc:
-            raise SchedulerError(
-                f"No Dask scheduler answers at '{scheduler}' within {CONNECT_TIMEOUT_S} s "
-                f"({type(exc).__name__}). Start one (`dask scheduler`, then `dask worker "
-                f"{scheduler}`), check the address, or drop --scheduler to run locally."
-            ) from exc
-        try:
-            yield client
-        finally:
-            client.close()
-        return
-    import dask
-
-    resources = {"GPU": gpus} if gpus else None
-    kwargs: dict[str, Any] = {"dashboard_address": ":0", "resources": resources,
-                              "silence_logs": logging.WARNING}  # fmt: skip
-    if workers:  # non-daemonic worker processes, so extraction can start its image loaders
-        with dask.config.set({"distributed.worker.daemon": False}):
-            cluster = LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True, **kwargs
-            )
-    else:
-        cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False, **kwargs)
-    client = Client(cluster)
-    try:
-        yield client
-    finally:
-        client.close()
-        cluster.close()
 
 
 def execute(

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from bob_cache.pipelines.battle import BattleConfig, battle, load_battle_suite
-from bob_cache.pipelines.battle.execute import SchedulerError
 from bob_cache.pipelines.battle.plan import plan_battle
+from bob_cache.pipelines.cluster import SchedulerError
 from bob_cache.stores.results import ResultsTable
 
 SUITE = """\

@@ -1,0 +1,105 @@
+"""Extraction on a Dask cluster: one feature set's shards spread over the workers.
+
+The shards are split into ``parts`` by the ``--part K/N`` protocol (shard ``s`` belongs to
+part ``s mod N``), and each part is one Dask task that extracts and commits its shards into
+the same store. A worker that dies mid-part loses only its uncommitted shard: the scheduler
+runs the part again elsewhere, and the part resumes from its committed shards. When every
+part has ended, one last pass in this process computes any shard still missing (a part that
+failed for good) and finalizes the sets, so the result equals a single-process run array by
+array. Workers must reach the store (a shared disk, or ``s3://``). On CUDA each part asks for
+one ``GPU`` worker resource; give each GPU its own worker (``CUDA_VISIBLE_DEVICES``).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import replace
+from typing import Any
+
+from bob_cache.config import ExtractConfig
+from bob_cache.errors import BobCacheError
+from bob_cache.pipelines.cluster import SchedulerError, dask_client
+
+PARTS_PER_WORKER = 2
+
+
+def extract_on_cluster(config: ExtractConfig) -> Any:
+    """Run ``config`` as parts on the cluster it names; returns the final pass's summary
+    with the rows and shards the parts computed added in."""
+    from bob_cache.pipelines.extract import extract
+
+    started = time.perf_counter()
+    base = replace(config, scheduler=None, local_cluster=None, parts=None, quiet=True)
+    gpu = config.device.startswith("cuda") or (config.device == "auto" and _has_cuda())
+    with dask_client(scheduler=config.scheduler, workers=config.local_cluster,
+                     gpus=1 if gpu else 0) as client:  # fmt: skip
+        info = client.scheduler_info().get("workers", {})
+        if gpu and not any(w.get("resources", {}).get("GPU") for w in info.values()):
+            raise SchedulerError(
+                f"Extraction on {config.device} needs Dask workers with the `GPU` resource, but "
+                f"none of the {len(info)} worker(s) at the scheduler offers it. Start them with "
+                "`dask worker ADDRESS --resources GPU=1` (one per GPU, CUDA_VISIBLE_DEVICES set "
+                "per worker), or pass --device cpu."
+            )
+        workers = max(1, len(info))
+        n = config.parts or PARTS_PER_WORKER * workers
+        token = uuid.uuid4().hex[:8]
+        threads = _torch_threads()
+        futures = [
+            client.submit(_run_part, replace(base, part=(k, n)), threads,
+                          key=f"extract-part-{k}-of-{n}-{token}", pure=False,
+                          resources={"GPU": 1} if gpu else None)
+            for k in range(n)
+        ]  # fmt: skip
+        parts = [_result(f) for f in futures]
+    summary = extract(replace(base, quiet=config.quiet))  # leftovers, finalize, the summary
+    summary.rows_computed += sum(p["rows_computed"] for p in parts if p)
+    summary.shards_computed += sum(p["shards_computed"] for p in parts if p)
+    summary.shards_skipped = max(0, summary.shards_skipped - summary.shards_computed)
+    summary.total_seconds = time.perf_counter() - started
+    return summary
+
+
+def _run_part(config: ExtractConfig, threads: int) -> dict[str, Any]:
+    """One part on a worker (module-level, so Dask can ship it), at ``threads`` torch threads:
+    a CPU forward's last bits depend on the thread count (Dask's nanny sets 1), so parts run
+    at the caller's count and the set equals what the caller would have computed alone."""
+    import multiprocessing
+
+    import torch
+
+    from bob_cache.pipelines.extract import extract
+
+    if multiprocessing.current_process().daemon and config.workers != 0:
+        config = replace(config, workers=0)  # a daemonic worker cannot start loader processes
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        s = extract(config)
+    finally:
+        torch.set_num_threads(before)
+    return {"rows_computed": s.rows_computed, "shards_computed": s.shards_computed}
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _result(future: Any) -> dict[str, Any] | None:
+    """A part's counts; a user error (bad data, refused resume) ends the run with its message,
+    any other failure leaves the part's shards to the final pass."""
+    try:
+        return future.result()
+    except BobCacheError:
+        raise
+    except Exception:
+        return None
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

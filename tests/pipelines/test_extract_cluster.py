@@ -1,0 +1,117 @@
+"""Extraction on Dask: a LocalCluster fills one feature set equal to a single-process run, a
+worker killed (SIGKILL) mid-extraction costs only its shard, and bad options fail clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bob_cache.config import ExtractConfig
+from bob_cache.errors import SpecError
+from bob_cache.pipelines.cluster import SchedulerError
+from bob_cache.pipelines.extract import extract
+from bob_cache.stores import open_store
+from tests.pipelines.test_many_writers import ARRAYS, OPTIONS
+
+DIGITS = {"data": "builtin:digits", "split": "train", "limit": 320}  # 20 shards of 16
+
+
+def run(store: Path, **kwargs: object):
+    return extract(ExtractConfig(store=str(store), **{**OPTIONS, **DIGITS, **kwargs}))
+
+
+def assert_same(a: Path, b: Path) -> None:
+    (fa,), (fb,) = open_store(a).feature_sets(), open_store(b).feature_sets()
+    assert fa.path == fb.path and fa.complete and fb.complete
+    assert fa.n_rows == 320
+    for name in ARRAYS:
+        np.testing.assert_array_equal(fa.array(name)[:], fb.array(name)[:], err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    store = tmp_path_factory.mktemp("reference") / "store"
+    run(store)
+    return store
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_extraction_costs_only_its_shard(reference: Path, tmp_path: Path):
+    import dask
+    from distributed import LocalCluster
+
+    with dask.config.set({"distributed.worker.daemon": False}):
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                               dashboard_address=":0")  # fmt: skip
+    store = tmp_path / "store"
+    try:
+        done: dict[str, object] = {}
+        worker = threading.Thread(
+            target=lambda: done.setdefault(
+                "summary", run(store, scheduler=cluster.scheduler_address, parts=2, batch_size=4)
+            )
+        )
+        worker.start()
+        pid = next(iter(cluster.workers.values())).process.process.pid
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not _committed(store):
+            time.sleep(0.05)
+        assert _committed(store), "no shard was committed in time"
+        os.kill(pid, signal.SIGKILL)  # mid-part: its other shards are still to do
+        killed_at = _committed(store)
+        worker.join(timeout=300)
+        assert not worker.is_alive()
+    finally:
+        cluster.close()
+    assert killed_at < 20  # the kill came before the set was finished
+    assert done["summary"].rows_computed >= 320 - 16 * killed_at
+    assert_same(reference, store)
+
+
+def _committed(store: Path) -> int:
+    try:
+        sets = open_store(store).feature_sets()
+    except Exception:
+        return 0
+    return sum(1 for fs in sets for r in fs.commits() if r is not None)
+
+
+def test_cluster_options_are_checked_before_any_work(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="--part cannot be combined with --scheduler"):
+        ExtractConfig(data="builtin:digits", backbone="x", local_cluster=2, part=(0, 2))
+    with pytest.raises(SpecError, match="--local-cluster must be at least 1"):
+        ExtractConfig(data="builtin:digits", backbone="x", local_cluster=0)
+    with pytest.raises(SpecError, match="not both"):
+        ExtractConfig(data="builtin:digits", backbone="x", local_cluster=2, scheduler="tcp://x:1")
+    started = time.monotonic()
+    with pytest.raises(SchedulerError, match=r"No Dask scheduler answers at 'tcp://127.0.0.1:9'"):
+        run(tmp_path / "store", scheduler="tcp://127.0.0.1:9")
+    assert time.monotonic() - started < 60
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.slow
+def test_cli_local_cluster_fills_the_set_a_single_process_would(
+    cli, reference: Path, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    args = ["extract", "--data", "builtin:digits", "--split", "train", "--limit", "320",
+            "--backbone", "test_resnet", "--random-init", "--image-size", "32", "--workers", "0",
+            "--batch-size", "8", "--shard-rows", "16", "--chunk-rows", "8", "--store", store,
+            "--local-cluster", "2", "--json"]  # fmt: skip
+    result = cli(*args)  # two worker processes fill one set, equal to one process's
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["rows_computed"] == 320 and summary["shards_computed"] == 20
+    assert_same(reference, store)
+    again = cli(*args)  # every shard committed: nothing to compute
+    assert again.exit_code == 0 and json.loads(again.stdout)["rows_computed"] == 0
+    bad = cli(*args[:-3], "--local-cluster", "2", "--part", "0/2")
+    assert bad.exit_code == 1 and "--part cannot be combined" in bad.output
