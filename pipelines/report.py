@@ -115,7 +115,7 @@ def build_report(
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     if metadata is None:
-        metadata, suite_name = find_suite_metadata(table.directory, suite_name)
+        metadata, suite_name = find_suite_metadata(table, suite_name)
     ranking = rank_backbones(
         frame, metadata=metadata, primary_metrics=primary_metrics, size_classes=size_classes
     )
@@ -133,21 +133,20 @@ def build_report(
 
 
 def find_suite_metadata(
-    results_dir: Path, suite_name: str | None = None
+    table: ResultsTable, suite_name: str | None = None
 ) -> tuple[dict[str, Any] | None, str | None]:
     """The battle's backbone metadata beside the results: ``suite_name``'s, or the only one
     there; returns it (None when absent or ambiguous) and the suite's name."""
-    pattern = SUITE_METADATA.format(suite=suite_name or "*")
-    found = sorted(results_dir.glob(pattern)) if results_dir.is_dir() else []
+    found = table.files(SUITE_METADATA.format(suite=suite_name or "*"))
     if len(found) != 1:
         return None, suite_name
-    name = suite_name or found[0].name.removeprefix("backbones-").removesuffix(".json")
+    name = suite_name or found[0].removeprefix("backbones-").removesuffix(".json")
     try:
-        return json.loads(found[0].read_text(encoding="utf-8")), name
+        return json.loads(table.read_bytes(found[0]).decode("utf-8")), name
     except (OSError, ValueError) as exc:
         raise StoreError(
-            f"Cannot read the backbone metadata '{found[0]}': {exc}. Rerun the battle to "
-            "rewrite it, or delete it (the report then uses the registry's metadata)."
+            f"Cannot read the backbone metadata '{table.path(found[0])}': {exc}. Rerun the "
+            "battle to rewrite it, or delete it (the report then uses the registry's metadata)."
         ) from exc
 
 

@@ -11,11 +11,14 @@ results import``) carry their ``source``; own rows have ``source == ""``. A row 
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import json
 import os
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ import pandas as pd
 
 from bob_cache.errors import StoreError
 from bob_cache.provenance import utc_now
-from bob_cache.stores.location import translate_write_errors
+from bob_cache.stores.location import is_url, translate_write_errors
 
 COLUMNS = (
     "run_id", "stage", "dataset", "split", "backbone", "feature_key", "method", "setting",
@@ -38,15 +41,40 @@ DEFAULT_RESULTS = "bob-results"
 
 @dataclass(frozen=True)
 class ResultsTable:
-    """A results directory (created on first write)."""
+    """A results directory, local or any fsspec URL (``s3://bucket/results``); created on
+    first write. ``storage_options`` go to fsspec (credentials, ``endpoint_url``); without
+    them s3fs reads the usual ``AWS_*`` environment variables."""
 
-    directory: Path
+    directory: Path | str  # a Path for local directories, else the URL as given
+    storage_options: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
-    def open(cls, directory: str | Path | None = None) -> ResultsTable:
-        return cls(Path(directory or DEFAULT_RESULTS).expanduser())
+    def open(
+        cls, directory: str | Path | None = None, *, storage_options: dict[str, Any] | None = None
+    ) -> ResultsTable:
+        location = str(directory or DEFAULT_RESULTS)
+        if is_url(location):
+            return cls(location.rstrip("/"), dict(storage_options or {}))
+        return cls(Path(location).expanduser())
 
-    def append(self, rows: Sequence[dict[str, Any]]) -> Path | None:
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.directory, Path)
+
+    @functools.cached_property
+    def _fs(self) -> tuple[Any, str]:
+        import fsspec
+
+        if self.is_local:
+            return fsspec.filesystem("file"), str(Path(self.directory).resolve())
+        fs, root = fsspec.core.url_to_fs(str(self.directory), **self.storage_options)
+        return fs, root
+
+    def path(self, name: str) -> str:
+        """The full path (local) or URL of file ``name`` in the table's directory."""
+        return f"{str(self.directory).rstrip('/')}/{name}"
+
+    def append(self, rows: Sequence[dict[str, Any]]) -> str | None:
         """Write ``rows`` as one new parquet file; returns its path (None when empty)."""
         if not rows:
             return None
@@ -57,21 +85,51 @@ class ResultsTable:
         frame["versions"] = frame["versions"].map(
             lambda v: v if isinstance(v, str) else json.dumps(v)
         )
-        path = self.directory / f"part-{utc_now().replace(':', '')}-{uuid.uuid4().hex[:8]}.parquet"
-        with translate_write_errors(str(self.directory), "results"):
-            self.directory.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            frame.to_parquet(tmp, index=False)
-            os.replace(tmp, path)  # readers never see a half-written file
-        return path
+        name = f"part-{utc_now().replace(':', '')}-{uuid.uuid4().hex[:8]}.parquet"
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, index=False)
+        self.write_bytes(name, buffer.getvalue())
+        return self.path(name)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write file ``name`` whole: readers see the old file or the new one, never a part
+        (local: a temporary file renamed; object stores: one PUT)."""
+        fs, root = self._fs
+        with (
+            translate_write_errors(str(self.directory), f"results file '{name}'"),
+            _remote(self.directory),
+        ):
+            if self.is_local:
+                Path(root).mkdir(parents=True, exist_ok=True)
+                tmp = Path(root) / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+                tmp.write_bytes(data)
+                os.replace(tmp, Path(root) / name)
+            else:
+                fs.pipe_file(f"{root}/{name}", data)
+
+    def read_bytes(self, name: str) -> bytes:
+        fs, root = self._fs
+        with _remote(self.directory):
+            return fs.cat_file(f"{root}/{name}")
+
+    def files(self, pattern: str) -> list[str]:
+        """Names of the table directory's files matching ``pattern`` (a glob), sorted."""
+        fs, root = self._fs
+        with _remote(self.directory):
+            if not fs.exists(root):
+                return []
+            return sorted(p.rsplit("/", 1)[-1] for p in fs.glob(f"{root}/{pattern}"))
 
     def read(self, **filters: str | None) -> pd.DataFrame:
         """All rows, optionally filtered by column equality (``dataset="digits"``)."""
-        files = sorted(self.directory.glob("part-*.parquet")) if self.directory.is_dir() else []
+        files = self.files("part-*.parquet")
         if not files:
             return pd.DataFrame(columns=list(COLUMNS))
         try:
-            frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+            frame = pd.concat(
+                [pd.read_parquet(io.BytesIO(self.read_bytes(f))) for f in files],
+                ignore_index=True,
+            )
         except (OSError, ValueError) as exc:
             raise StoreError(
                 f"Cannot read the results table in '{self.directory}': {exc}. Remove or move "
@@ -93,6 +151,24 @@ class ResultsTable:
     def config_hashes(self) -> set[str]:
         """The configuration hashes of every run that has written rows."""
         return set(self.read()["config_hash"])
+
+
+@contextlib.contextmanager
+def _remote(location: Path | str) -> Iterator[None]:
+    """Credential and endpoint failures of an object store → one message with the fix."""
+    if isinstance(location, Path):
+        yield
+        return
+    try:
+        yield
+    except StoreError:
+        raise
+    except Exception as exc:  # botocore and s3fs raise many kinds; all mean "cannot reach"
+        raise StoreError(
+            f"The results table at '{location}' cannot be reached ({type(exc).__name__}: "
+            f"{exc}). Check the URL, the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+            "or a profile) and the endpoint (AWS_ENDPOINT_URL for S3-compatible servers)."
+        ) from exc
 
 
 def summarize(frame: pd.DataFrame, *, metrics: Sequence[str] | None = None) -> pd.DataFrame:

@@ -117,10 +117,11 @@ def backbone_metadata(backbone: BackboneSpec) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def write_metadata(suite: Suite, store: str, results: str) -> Path | None:
+def write_metadata(suite: Suite, store: str, results: str) -> str | None:
     """``{backbone slug: metadata}`` for every backbone extracted so far, beside the results
     (the report reads it to label, size and colour the backbones)."""
     from bob_cache.stores import open_store
+    from bob_cache.stores.results import ResultsTable
 
     if not store_exists(store):
         return None
@@ -131,12 +132,10 @@ def write_metadata(suite: Suite, store: str, results: str) -> Path | None:
         b = fs.attrs.get("backbone", {})
         if fs.attrs["dataset"]["name"] in names and b.get("name") in by_name:
             mapping[b["slug"]] = by_name[b["name"]]
-    path = Path(results) / METADATA_FILE.format(suite=suite.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(mapping, indent=2, sort_keys=True))
-    tmp.replace(path)
-    return path
+    table = ResultsTable.open(results)
+    name = METADATA_FILE.format(suite=suite.name)
+    table.write_bytes(name, json.dumps(mapping, indent=2, sort_keys=True).encode())
+    return table.path(name)
 
 
 def _check_backbone(backbone: BackboneSpec) -> str | None:
