@@ -22,6 +22,7 @@ from bob_cache.stores.location import (
     StoreLike,
     open_zarr_store,
     put_exclusive,
+    translate_remote_errors,
     translate_write_errors,
 )
 
@@ -162,6 +163,7 @@ def open_store(
     """
     if mode not in ("r", "a"):
         raise ValueError(f"mode must be 'r' or 'a', not {mode!r}")
-    store = open_zarr_store(location, mode=mode, storage_options=storage_options)
     name = str(location) if isinstance(location, (str, Path)) else repr(location)
-    return FeatureStore(store, location=name, mode=mode)
+    with translate_remote_errors(location if isinstance(location, (str, Path)) else ""):
+        store = open_zarr_store(location, mode=mode, storage_options=storage_options)
+        return FeatureStore(store, location=name, mode=mode)

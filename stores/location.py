@@ -106,6 +106,32 @@ def translate_write_errors(location: str, what: str) -> Iterator[None]:
         raise StoreError(f"Writing {what} to the store at '{location}' failed: {exc}.") from exc
 
 
+@contextlib.contextmanager
+def translate_remote_errors(location: StoreLike) -> Iterator[None]:
+    """Failures to reach an object store (endpoint, credentials, bucket) → one
+    :class:`StoreError` that names the settings to check. Local paths pass through."""
+    if not is_url(location):
+        yield
+        return
+    try:
+        yield
+    except (StoreError, KeyError):
+        raise
+    except Exception as exc:  # botocore/s3fs/aiohttp raise many kinds; all mean "cannot reach"
+        if type(exc).__module__.split(".")[0] not in _REMOTE_MODULES and not isinstance(
+            exc, PermissionError | ConnectionError | TimeoutError
+        ):
+            raise
+        raise StoreError(
+            f"'{location}' cannot be reached ({type(exc).__name__}: {exc}). Check the URL, the "
+            "credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile) and the "
+            "endpoint (AWS_ENDPOINT_URL for S3-compatible servers)."
+        ) from exc
+
+
+_REMOTE_MODULES = {"botocore", "aiobotocore", "s3fs", "aiohttp", "gcsfs", "adlfs", "fsspec"}
+
+
 async def _put_exclusive(store: Store, key: str, data: bytes) -> bool:
     buffer = default_buffer_prototype().buffer.from_bytes(data)
     if isinstance(store, FsspecStore):

@@ -11,13 +11,12 @@ results import``) carry their ``source``; own rows have ``source == ""``. A row 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
 import json
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import pandas as pd
 
 from bob_cache.errors import StoreError
 from bob_cache.provenance import utc_now
-from bob_cache.stores.location import is_url, translate_write_errors
+from bob_cache.stores.location import is_url, translate_remote_errors, translate_write_errors
 
 COLUMNS = (
     "run_id", "stage", "dataset", "split", "backbone", "feature_key", "method", "setting",
@@ -97,7 +96,7 @@ class ResultsTable:
         fs, root = self._fs
         with (
             translate_write_errors(str(self.directory), f"results file '{name}'"),
-            _remote(self.directory),
+            translate_remote_errors(self.directory),
         ):
             if self.is_local:
                 Path(root).mkdir(parents=True, exist_ok=True)
@@ -109,13 +108,13 @@ class ResultsTable:
 
     def read_bytes(self, name: str) -> bytes:
         fs, root = self._fs
-        with _remote(self.directory):
+        with translate_remote_errors(self.directory):
             return fs.cat_file(f"{root}/{name}")
 
     def files(self, pattern: str) -> list[str]:
         """Names of the table directory's files matching ``pattern`` (a glob), sorted."""
         fs, root = self._fs
-        with _remote(self.directory):
+        with translate_remote_errors(self.directory):
             if not fs.exists(root):
                 return []
             return sorted(p.rsplit("/", 1)[-1] for p in fs.glob(f"{root}/{pattern}"))
@@ -151,24 +150,6 @@ class ResultsTable:
     def config_hashes(self) -> set[str]:
         """The configuration hashes of every run that has written rows."""
         return set(self.read()["config_hash"])
-
-
-@contextlib.contextmanager
-def _remote(location: Path | str) -> Iterator[None]:
-    """Credential and endpoint failures of an object store → one message with the fix."""
-    if isinstance(location, Path):
-        yield
-        return
-    try:
-        yield
-    except StoreError:
-        raise
-    except Exception as exc:  # botocore and s3fs raise many kinds; all mean "cannot reach"
-        raise StoreError(
-            f"The results table at '{location}' cannot be reached ({type(exc).__name__}: "
-            f"{exc}). Check the URL, the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
-            "or a profile) and the endpoint (AWS_ENDPOINT_URL for S3-compatible servers)."
-        ) from exc
 
 
 def summarize(frame: pd.DataFrame, *, metrics: Sequence[str] | None = None) -> pd.DataFrame:

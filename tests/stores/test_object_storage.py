@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,12 +19,16 @@ from tests.stores.test_contract import s3_server  # noqa: F401 (the moto server 
 
 
 @pytest.fixture
-def s3_env(s3_server: dict, monkeypatch: pytest.MonkeyPatch) -> str:  # noqa: F811
+def s3_env(s3_server: dict, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:  # noqa: F811
+    import s3fs
+
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server["endpoint_url"])
-    return f"s3://bob/{uuid.uuid4().hex[:8]}"
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec caches by options, not by environment
+    yield f"s3://bob/{uuid.uuid4().hex[:8]}"
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def test_results_table_round_trip_and_concurrent_appends(s3_env: str) -> None:
@@ -81,3 +86,17 @@ def test_every_artifact_lives_on_s3_through_the_cli(cli, s3_env: str, tmp_path: 
     assert {"probe", "ood"} <= set(frame.stage)
     listed = cli("ls", store, "--heads", "--json")
     assert listed.exit_code == 0 and "digits/train" in listed.stdout
+
+
+def test_a_store_at_an_unreachable_endpoint_exits_1_with_the_fix(
+    cli, s3_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    done = cli("ls", f"{s3_env}/store")
+    assert done.exit_code == 1
+    text = " ".join(done.output.split())
+    assert "cannot be reached" in text and "AWS_ENDPOINT_URL" in text
