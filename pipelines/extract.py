@@ -86,12 +86,17 @@ class ExtractSummary:
 
 
 @register_stage("extract")
-def extract(config: ExtractConfig) -> ExtractSummary:
-    """Run one extraction described by ``config``; returns its summary."""
+def extract(config: ExtractConfig) -> ExtractSummary | list[ExtractSummary]:
+    """Run one extraction described by ``config``; returns its summary (one per backbone
+    when ``config.backbone`` lists several: decode once, extract many)."""
     if config.scheduler or config.local_cluster:
         from bob_cache.pipelines.extract_cluster import extract_on_cluster
 
         return extract_on_cluster(config)
+    if "," in config.backbone:
+        from bob_cache.pipelines.extract_many import extract_many
+
+        return extract_many(config)
     started = time.perf_counter()
     run = Extraction.prepare(config)
     summary = run.execute()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -31,7 +31,8 @@ def extract(
     backbone: Annotated[
         str,
         typer.Option(
-            help="Registry name (see `bob-cache backbones`), timm name, or tv:<torchvision model>."
+            help="Registry name (see `bob-cache backbones`), timm name, or tv:<torchvision model>; "
+            "A,B,C extracts several from one decode of each image."
         ),
     ],
     store: StoreOpt = "bob-store",
@@ -152,11 +153,17 @@ def extract(
         quiet=quiet or as_json,
         command=shlex.join(["bob-cache", *sys.argv[1:]]),
     )  # fmt: skip
-    summary = get_stage("extract")(config)
-    if as_json:
-        print_json(summary.to_dict())
+    result = get_stage("extract")(config)
+    summaries = result if isinstance(result, list) else [result]
+    if as_json:  # one backbone: its summary; several (decode once): one summary each
+        print_json(summaries[0].to_dict() if len(summaries) == 1 else
+                   [s.to_dict() for s in summaries])  # fmt: skip
         return
-    s = summary
+    for s in summaries:
+        _print_summary(s)
+
+
+def _print_summary(s: Any) -> None:
     out.print(
         f"Extracted [bold]{s.dataset}[/] with [bold]{s.backbone}[/] on {s.device} ({s.precision}): "
         f"{s.rows} rows, {s.rows_computed} computed ({s.images_per_second:.1f} img/s, "

@@ -76,18 +76,58 @@ class ImageDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str, str]:
-        sample, digest = self.samples[index], ""
+        digest = ""
         try:
-            data = self.source.read_bytes(sample)
-            if data is None:
-                image, digest = self.source.load(sample)
-            else:
-                digest = content_digest(data)
-                image = open_image_file(io.BytesIO(data))
+            image, digest = decode_sample(self.source, self.samples[index])
             return self.transform(image), index, "", digest
         except Exception as exc:  # any decode failure becomes a recorded invalid row
             blank = torch.zeros(self.input_size, dtype=torch.uint8)
             return blank, index, error_reason(exc), digest
+
+
+def decode_sample(source: DataSource, sample: Sample) -> tuple[Image.Image, str]:
+    """The sample's RGB image and the digest of the bytes it was decoded from."""
+    data = source.read_bytes(sample)
+    if data is None:
+        return source.load(sample)
+    return open_image_file(io.BytesIO(data)), content_digest(data)
+
+
+class SharedDecodeDataset(Dataset):
+    """Rows decoded once and preprocessed for several backbones: ``(one uint8 tensor per
+    transform, row index, error message, content digest)`` (decode once, extract many)."""
+
+    def __init__(
+        self,
+        source: DataSource,
+        samples: Sequence[Sample],
+        transforms: Sequence[Callable[[Image.Image], torch.Tensor]],
+        input_sizes: Sequence[Sequence[int]],
+    ) -> None:
+        self.source, self.samples = source, samples
+        self.transforms, self.input_sizes = list(transforms), [tuple(s) for s in input_sizes]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[tuple[torch.Tensor, ...], int, str, str]:
+        digest = ""
+        try:
+            image, digest = decode_sample(self.source, self.samples[index])
+            return tuple(t(image) for t in self.transforms), index, "", digest
+        except Exception as exc:  # as ImageDataset: a recorded invalid row for every backbone
+            blanks = tuple(torch.zeros(s, dtype=torch.uint8) for s in self.input_sizes)
+            return blanks, index, error_reason(exc), digest
+
+
+def collate_shared(
+    batch: list[tuple[tuple[torch.Tensor, ...], int, str, str]],
+) -> tuple[list[torch.Tensor], Any, list[str], list[str]]:
+    """One stacked image batch per backbone; row indices, errors and digests as in
+    :func:`collate_rows`."""
+    images, rows, errors, digests = zip(*batch, strict=True)
+    stacked = [torch.stack(column) for column in zip(*images, strict=True)]
+    return stacked, torch.as_tensor(rows), list(errors), list(digests)
 
 
 def collate_rows(

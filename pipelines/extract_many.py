@@ -1,0 +1,123 @@
+"""Decode once, extract many: ``bob-cache extract --backbone A,B,C``.
+
+Each image is read and decoded once per batch and handed to every backbone with its own
+resize, crop and normalization (its own timm transform), so the data cost does not grow with
+the number of backbones. Each backbone keeps everything a separate run has: its own feature
+sets and keys, request and provenance, resume (a backbone whose shard is committed skips it),
+and batches (shard-aligned, same size), so its features equal a separate run's.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+from dataclasses import replace
+
+from torch.utils.data import DataLoader
+
+from bob_cache.config import ExtractConfig, resolve_workers
+from bob_cache.data.images import SharedDecodeDataset, collate_shared
+from bob_cache.errors import SpecError
+from bob_cache.pipelines.batching import ShardBatchSampler
+from bob_cache.pipelines.extract import (
+    Extraction,
+    ExtractSummary,
+    SplitPlan,
+    _finish,
+    _strict_error,
+)
+from bob_cache.pipelines.writer import ShardWriter
+from bob_cache.progress import progress_bar
+
+
+def backbone_names(config: ExtractConfig) -> list[str]:
+    """The comma-separated backbones of ``--backbone`` (one name: a plain extraction)."""
+    names = [n.strip() for n in config.backbone.split(",") if n.strip()]
+    if len(set(names)) < len(names):
+        raise SpecError(f"--backbone names a backbone twice: {config.backbone}.")
+    return names
+
+
+def extract_many(config: ExtractConfig) -> list[ExtractSummary]:
+    """Extract every backbone of ``config.backbone`` from one decode per image."""
+    names = backbone_names(config)
+    if config.weights:
+        raise SpecError(
+            "--weights names one checkpoint, but --backbone lists several. Extract a backbone "
+            "with its own weights file separately."
+        )
+    if config.decode != "pil":
+        raise SpecError(
+            "Several backbones at once decode on the host (--decode pil); --decode torch "
+            "decodes on the GPU per backbone. Run them separately, or drop --decode."
+        )
+    started = time.perf_counter()
+    runs = [Extraction.prepare(replace(config, backbone=name)) for name in names]
+    first = runs[0]
+    dims = [run.backbone.output_dims(run.device) for run in runs]
+    summaries = [
+        ExtractSummary(r.store.location, r.source.name, r.backbone.slug, str(r.device),
+                       r.precision)
+        for r in runs
+    ]  # fmt: skip
+    begun = time.perf_counter()
+    for split, rows in first.source.select(config.split).items():
+        samples = rows[: config.limit]
+        plans = [run.plan(split, samples, d) for run, d in zip(runs, dims, strict=True)]
+        for plan, summary in zip(plans, summaries, strict=True):
+            summary.rows += len(plan.samples)
+            summary.shards_skipped += plan.shards_skipped
+        computed = _run_split(runs, plans, config)
+        for plan, summary, n in zip(plans, summaries, computed, strict=True):
+            summary.rows_computed += n
+            summary.shards_computed += len(plan.shards)
+        for plan, summary in zip(plans, summaries, strict=True):
+            _finish([plan], summary)
+    for summary in summaries:
+        summary.seconds = time.perf_counter() - begun
+        summary.images_per_second = (
+            summary.rows_computed / summary.seconds if summary.seconds else 0
+        )
+        summary.total_seconds = time.perf_counter() - started
+    return summaries
+
+
+def _run_split(runs: list[Extraction], plans: list[SplitPlan], config: ExtractConfig) -> list[int]:
+    """Compute every backbone's missing shards of one split; rows computed per backbone."""
+    wanted = [set(p.shards) for p in plans]
+    shards = sorted(set().union(*wanted))
+    if not shards:
+        return [0] * len(runs)
+    first = runs[0]
+    sampler = ShardBatchSampler(
+        shards, shard_rows=first.layout.shard_rows, n_rows=len(plans[0].samples),
+        batch_size=config.batch_size,
+    )  # fmt: skip
+    dataset = SharedDecodeDataset(
+        first.source, plans[0].samples, [r.backbone.transform() for r in runs],
+        [r.backbone.data_config["input_size"] for r in runs],
+    )  # fmt: skip
+    workers = min(resolve_workers(config.workers, first.device.type), len(sampler))
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_shared,
+        pin_memory=first.device.type == "cuda", prefetch_factor=4 if workers else None,
+    )  # fmt: skip
+    computed = [0] * len(runs)
+    ids = [s.id for s in plans[0].samples]
+    desc = f"{first.source.name} × {len(runs)} backbones"
+    with ExitStack() as stack, progress_bar(sampler.n_selected_rows, desc=desc,
+                                            quiet=config.quiet) as bar:  # fmt: skip
+        writers = [
+            stack.enter_context(ShardWriter(p.targets, labels=p.labels, ids=ids, writer=r.writer))
+            for r, p in zip(runs, plans, strict=True)
+        ]
+        for images, rows, errors, digests in loader:
+            if config.strict and any(errors):
+                raise _strict_error(plans[0], rows, errors)
+            shard = int(rows[0]) // first.layout.shard_rows
+            for i, run in enumerate(runs):
+                if shard in wanted[i]:
+                    writers[i].put(rows.numpy(), run._forward(images[i]), errors, digests)
+                    computed[i] += len(rows)
+            bar.update(len(rows))
+    return computed
