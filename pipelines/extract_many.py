@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from bob_cache.config import ExtractConfig, resolve_workers
 from bob_cache.data.images import SharedDecodeDataset, collate_shared
-from bob_cache.errors import SpecError
+from bob_cache.errors import BobCacheError, SpecError
 from bob_cache.pipelines.batching import ShardBatchSampler
 from bob_cache.pipelines.extract import (
     Extraction,
@@ -46,13 +46,58 @@ def extract_many(config: ExtractConfig) -> list[ExtractSummary]:
             "--weights names one checkpoint, but --backbone lists several. Extract a backbone "
             "with its own weights file separately."
         )
-    if config.decode != "pil":
+    return extract_shared([replace(config, backbone=name) for name in names])
+
+
+SHARED = ("data", "name", "split", "limit", "store", "batch_size", "workers", "shard_rows",
+          "chunk_rows", "compression", "device", "strict")  # fmt: skip
+
+
+def extract_shared(
+    configs: list[ExtractConfig], *, failed: dict[int, str] | None = None
+) -> list[ExtractSummary | None]:
+    """One extraction per config (one backbone each, with its own weights, layers, pooling,
+    size, precision and dtype) from one decode per image. The configs must agree on the data,
+    the store and the batching (:data:`SHARED`), and decode on the host.
+
+    Args:
+        failed: when given, a backbone that cannot be prepared (e.g. an unreadable weights
+            file) is left out, its error message recorded here by index, and its summary is
+            None; the others go on. Otherwise the error is raised.
+    """
+    _check_shared(configs)
+    started = time.perf_counter()
+    runs: list[Extraction | None] = []
+    for i, c in enumerate(configs):
+        try:
+            runs.append(Extraction.prepare(c))
+        except BobCacheError as exc:
+            if failed is None:
+                raise
+            failed[i] = str(exc)
+            runs.append(None)
+    ready = [r for r in runs if r is not None]
+    done = iter(_extract_runs(ready, configs[0], started) if ready else [])
+    return [None if r is None else next(done) for r in runs]
+
+
+def _check_shared(configs: list[ExtractConfig]) -> None:
+    differ = [f for f in SHARED if len({str(getattr(c, f)) for c in configs}) > 1]
+    if differ:
+        raise SpecError(
+            f"Backbones extracted from one decode must share {', '.join(differ)}; run the "
+            "others separately."
+        )
+    if any(c.decode != "pil" for c in configs):
         raise SpecError(
             "Several backbones at once decode on the host (--decode pil); --decode torch "
             "decodes on the GPU per backbone. Run them separately, or drop --decode."
         )
-    started = time.perf_counter()
-    runs = [Extraction.prepare(replace(config, backbone=name)) for name in names]
+
+
+def _extract_runs(
+    runs: list[Extraction], config: ExtractConfig, started: float
+) -> list[ExtractSummary]:
     first = runs[0]
     dims = [run.backbone.output_dims(run.device) for run in runs]
     summaries = [
@@ -71,7 +116,6 @@ def extract_many(config: ExtractConfig) -> list[ExtractSummary]:
         for plan, summary, n in zip(plans, summaries, computed, strict=True):
             summary.rows_computed += n
             summary.shards_computed += len(plan.shards)
-        for plan, summary in zip(plans, summaries, strict=True):
             _finish([plan], summary)
     for summary in summaries:
         summary.seconds = time.perf_counter() - begun

@@ -69,6 +69,7 @@ def plan_battle(suite: Suite, *, store: str, results: str, device: str | None = 
     fingerprints = {name: source.fingerprint() for name, source in sources.items()}
     extracted: dict[tuple[str, str], Job] = {}
     for dataset in suite.datasets:  # every extraction first: a task may read several
+        todo: list[tuple[BackboneSpec, ExtractConfig]] = []
         for backbone in suite.backbones:
             config = extract_config(suite, backbone, dataset, store=store, device=device)
             source = sources[dataset.name]
@@ -77,6 +78,9 @@ def plan_battle(suite: Suite, *, store: str, results: str, device: str | None = 
                 if sets is not None
                 else None
             )
+            if keys is None and config.decode == "pil":
+                todo.append((backbone, config))  # decoded once with the others, below
+                continue
             extract = Job(
                 id=f"extract/{dataset.name}/{backbone.display}", kind="extract",
                 dataset=dataset.name, backbone=backbone.display, done=keys is not None,
@@ -84,6 +88,21 @@ def plan_battle(suite: Suite, *, store: str, results: str, device: str | None = 
             )  # fmt: skip
             plan.jobs.append(extract)
             extracted[dataset.name, backbone.display] = extract
+        if len(todo) == 1:
+            ((backbone, config),) = todo
+            job = Job(id=f"extract/{dataset.name}/{backbone.display}", kind="extract",
+                      dataset=dataset.name, backbone=backbone.display, gpu=_uses_gpu(device),
+                      run=ExtractRun(config))  # fmt: skip
+        elif todo:  # decode once, extract many: the data cost does not grow with backbones
+            labels = tuple(b.display for b, _ in todo)
+            job = Job(id=f"extract/{dataset.name}/{'+'.join(labels)}", kind="extract",
+                      dataset=dataset.name, backbone=f"{len(todo)} backbones, one decode",
+                      gpu=_uses_gpu(device),
+                      run=SharedExtractRun(labels, tuple(c for _, c in todo)))  # fmt: skip
+        for backbone, _ in todo:
+            extracted[dataset.name, backbone.display] = job
+        if todo:
+            plan.jobs.append(job)
     for dataset in suite.datasets:
         for backbone in suite.backbones:
             extract = extracted[dataset.name, backbone.display]
@@ -103,7 +122,7 @@ def plan_battle(suite: Suite, *, store: str, results: str, device: str | None = 
                     id=f"{task.kind}#{i}/{dataset.name}/{backbone.display}", kind=task.kind,
                     dataset=dataset.name, backbone=backbone.display,
                     detail=kind.describe(options), deps=(extract.id, *reads), done=done,
-                    run=TaskRun(task.kind, options, dataset, ctx),
+                    run=TaskRun(task.kind, options, dataset, ctx, backbone.display),
                 ))  # fmt: skip
     return plan
 
@@ -131,6 +150,34 @@ class ExtractRun:
 
 
 @dataclass(frozen=True)
+class SharedExtractRun:
+    """Extract several backbones of one dataset from one decode of each image; returns each
+    one's feature keys by display label (picklable for Dask)."""
+
+    labels: tuple[str, ...]
+    configs: tuple[ExtractConfig, ...]
+
+    def __call__(self) -> dict[str, Any]:
+        import multiprocessing
+
+        from bob_cache.pipelines.extract_many import extract_shared
+
+        configs = list(self.configs)
+        if multiprocessing.current_process().daemon:  # no loader processes in a daemon
+            configs = [replace(c, workers=0) for c in configs]
+        failed: dict[int, str] = {}
+        summaries = extract_shared(configs, failed=failed)  # a broken backbone spares the rest
+        by_label = {
+            label: {"keys": sorted({f["key"] for f in s.feature_sets}), "slug": s.backbone}
+            if s is not None else {"error": failed[i]}
+            for i, (label, s) in enumerate(zip(self.labels, summaries, strict=True))
+        }  # fmt: skip
+        ran = [s for s in summaries if s is not None]
+        return {"by_backbone": by_label, "rows_computed": sum(s.rows_computed for s in ran),
+                "seconds": max((s.total_seconds for s in ran), default=0.0)}  # fmt: skip
+
+
+@dataclass(frozen=True)
 class TaskRun:
     """Run one task kind's stage on every feature set of its extraction."""
 
@@ -138,11 +185,19 @@ class TaskRun:
     options: Any
     dataset: DatasetSpec
     ctx: TaskContext
+    label: str = ""  # the backbone's display label (its keys in a shared extraction)
 
     def __call__(self, extraction: dict[str, Any], *read: dict[str, Any]) -> dict[str, Any]:
         """Runs after ``extraction`` and the extractions it ``read``s (same backbone)."""
+        from bob_cache.errors import BackboneUnavailableError
         from bob_cache.pipelines import get_stage
 
+        if "by_backbone" in extraction:  # several backbones were decoded together
+            extraction = extraction["by_backbone"][self.label]
+            if "error" in extraction:
+                raise BackboneUnavailableError(
+                    f"the extraction of '{self.label}' failed: {extraction['error']}"
+                )
         kind = get_task(self.kind)
         runs = [
             get_stage(kind.stage)(kind.config(self.options, self.dataset, key, self.ctx))
