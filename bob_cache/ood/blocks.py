@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import numpy as np
+import torch
 
 from bob_cache.errors import DetectorError
 
@@ -26,7 +27,9 @@ BlockSource: TypeAlias = Iterable[Block] | Callable[[], Iterable[Block]]
 class LinearHead:
     """A classifier head ``logits = features @ weight.T + bias``; weight ``(K, D)``, bias ``(K,)``.
 
-    Both are kept in float64 (logits and energies are computed in float64).
+    Both are kept in float64 (the state). Logits come from one float32 matrix product (torch,
+    multithreaded: 2-3× faster than float64 at ImageNet's 1000 classes, relative error ~1e-7)
+    and are returned in float64, so softmax, logsumexp and the maxima reduce in float64.
     """
 
     weight: np.ndarray
@@ -56,8 +59,22 @@ class LinearHead:
         return int(self.weight.shape[1])
 
     def logits(self, features: np.ndarray) -> np.ndarray:
-        """``(n, K)`` float64 logits of float64 ``features``."""
-        return features @ self.weight.T + self.bias
+        """``(n, K)`` float64 logits of ``features`` (a float32 product, see the class doc)."""
+        return self.logits_tensor(features).numpy()
+
+    def logits_tensor(self, features: np.ndarray) -> torch.Tensor:
+        """The logits as a float64 CPU tensor (for torch reductions)."""
+        weight, bias = self._float32()
+        x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+        return torch.addmm(bias, x, weight.T).double()
+
+    def _float32(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = self.__dict__.get("_f32")
+        if cached is None:
+            cached = (torch.from_numpy(self.weight.astype(np.float32)),
+                      torch.from_numpy(self.bias.astype(np.float32)))  # fmt: skip
+            object.__setattr__(self, "_f32", cached)
+        return cached
 
 
 def parse_head(head: LinearHead | tuple[Any, Any] | None) -> LinearHead | None:

@@ -1,4 +1,5 @@
-"""Detectors on the linear head's logits ``z = x @ W.T + b`` (float64).
+"""Detectors on the linear head's logits ``z = x @ W.T + b`` (a float32 product, reduced in
+float64: see :class:`~bob_cache.ood.blocks.LinearHead`).
 
 * ``msp`` (Hendrycks & Gimpel 2017): ``max_k softmax(z)_k``.
 * ``maxlogit`` (Hendrycks et al. 2022): ``max_k z_k``.
@@ -22,7 +23,7 @@ from numbers import Real
 from typing import Any
 
 import numpy as np
-from scipy.special import logsumexp
+import torch
 
 from bob_cache.errors import DetectorError
 from bob_cache.ood.blocks import BlockSource, LinearHead, iter_blocks
@@ -44,9 +45,9 @@ class HeadDetector(Detector):
         self.head, self.dim = head, head.dim
 
     def _score(self, x: np.ndarray) -> np.ndarray:
-        return self._from_logits(self.head.logits(x))
+        return self._from_logits(self.head.logits_tensor(x)).numpy()
 
-    def _from_logits(self, logits: np.ndarray) -> np.ndarray:
+    def _from_logits(self, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def _state(self) -> State:
@@ -67,21 +68,21 @@ class HeadDetector(Detector):
 class MSP(HeadDetector):
     """Maximum softmax probability."""
 
-    def _from_logits(self, logits: np.ndarray) -> np.ndarray:
-        return np.exp(logits.max(axis=1) - logsumexp(logits, axis=1))
+    def _from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.exp(logits.amax(1) - torch.logsumexp(logits, 1))
 
 
 @register_detector("maxlogit")
 class MaxLogit(HeadDetector):
     """Maximum logit."""
 
-    def _from_logits(self, logits: np.ndarray) -> np.ndarray:
-        return logits.max(axis=1)
+    def _from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.amax(1)
 
 
-def energy(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Negative free energy ``T * logsumexp(logits / T)`` per row."""
-    return temperature * logsumexp(logits / temperature, axis=1)
+    return temperature * torch.logsumexp(logits / temperature, 1)
 
 
 @register_detector("energy")
@@ -96,7 +97,7 @@ class Energy(HeadDetector):
             )
         self.temperature = float(temperature)
 
-    def _from_logits(self, logits: np.ndarray) -> np.ndarray:
+    def _from_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return energy(logits, self.temperature)
 
     def _state(self) -> State:
@@ -143,7 +144,7 @@ class ReAct(HeadDetector):
         self.head, self.dim, self.n_fit = head, head.dim, rows
 
     def _score(self, x: np.ndarray) -> np.ndarray:
-        return energy(self.head.logits(np.minimum(x, self.threshold)))
+        return energy(self.head.logits_tensor(np.minimum(x, self.threshold))).numpy()
 
     def _state(self) -> State:
         return {

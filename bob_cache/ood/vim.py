@@ -65,7 +65,7 @@ class ViM(Detector):
         for x, _ in iter_blocks(stream, detector=self.name, labels=False, dim=head.dim):
             centered = x - origin
             second += centered.T @ centered
-            max_logit_sum += head.logits(x).max(axis=1).sum()
+            max_logit_sum += float(head.logits_tensor(x).amax(1).sum())
             rows += len(x)
         principal = resolve_principal_dim(self.principal_dim, head.dim)
         _, vectors = np.linalg.eigh((second + second.T) / (2 * rows))  # ascending eigenvalues
@@ -93,7 +93,7 @@ class ViM(Detector):
         return self.alpha * np.linalg.norm((x - self.origin) @ self.residual_space, axis=1)
 
     def _score(self, x: np.ndarray) -> np.ndarray:
-        return energy(self.head.logits(x)) - self.virtual_logit(x)
+        return energy(self.head.logits_tensor(x)).numpy() - self.virtual_logit(x)
 
     def _state(self) -> State:
         return {
