@@ -76,21 +76,29 @@ class ImageDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str, str]:
-        digest = ""
-        try:
-            image, digest = decode_sample(self.source, self.samples[index])
-            return self.transform(image), index, "", digest
-        except Exception as exc:  # any decode failure becomes a recorded invalid row
-            blank = torch.zeros(self.input_size, dtype=torch.uint8)
-            return blank, index, error_reason(exc), digest
+        image, digest, error = decode_sample(self.source, self.samples[index])
+        if image is not None:
+            try:
+                return self.transform(image), index, "", digest
+            except Exception as exc:  # a transform failure is a recorded invalid row too
+                error = error_reason(exc)
+        return torch.zeros(self.input_size, dtype=torch.uint8), index, error, digest
 
 
-def decode_sample(source: DataSource, sample: Sample) -> tuple[Image.Image, str]:
-    """The sample's RGB image and the digest of the bytes it was decoded from."""
-    data = source.read_bytes(sample)
-    if data is None:
-        return source.load(sample)
-    return open_image_file(io.BytesIO(data)), content_digest(data)
+def decode_sample(source: DataSource, sample: Sample) -> tuple[Image.Image | None, str, str]:
+    """``(RGB image, digest of the bytes read, error)``: an image that cannot be read or
+    decoded gives ``None`` and the reason (the digest of its bytes is kept when they were read),
+    so one bad file never stops a run; extraction records it as an invalid row."""
+    digest = ""
+    try:
+        data = source.read_bytes(sample)
+        if data is None:
+            image, digest = source.load(sample)
+            return image, digest, ""
+        digest = content_digest(data)
+        return open_image_file(io.BytesIO(data)), digest, ""
+    except Exception as exc:  # any decode failure becomes a recorded invalid row
+        return None, digest, error_reason(exc)
 
 
 class SharedDecodeDataset(Dataset):
@@ -111,13 +119,14 @@ class SharedDecodeDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[tuple[torch.Tensor, ...], int, str, str]:
-        digest = ""
-        try:
-            image, digest = decode_sample(self.source, self.samples[index])
-            return tuple(t(image) for t in self.transforms), index, "", digest
-        except Exception as exc:  # as ImageDataset: a recorded invalid row for every backbone
-            blanks = tuple(torch.zeros(s, dtype=torch.uint8) for s in self.input_sizes)
-            return blanks, index, error_reason(exc), digest
+        image, digest, error = decode_sample(self.source, self.samples[index])
+        if image is not None:
+            try:
+                return tuple(t(image) for t in self.transforms), index, "", digest
+            except Exception as exc:  # as ImageDataset: a recorded invalid row for every backbone
+                error = error_reason(exc)
+        blanks = tuple(torch.zeros(s, dtype=torch.uint8) for s in self.input_sizes)
+        return blanks, index, error, digest
 
 
 def collate_shared(
