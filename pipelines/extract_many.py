@@ -137,9 +137,15 @@ def _run_split(runs: list[Extraction], plans: list[SplitPlan], config: ExtractCo
         shards, shard_rows=first.layout.shard_rows, n_rows=len(plans[0].samples),
         batch_size=config.batch_size,
     )  # fmt: skip
+    # backbones whose resize and crop agree (normalization differs: it runs per batch) share
+    # one transformed tensor, as they share the decode
+    keys = [_resize_key(r) for r in runs]
+    unique = list(dict.fromkeys(keys))
+    which = [unique.index(k) for k in keys]
+    makers = {k: r for k, r in zip(keys, runs, strict=True)}
     dataset = SharedDecodeDataset(
-        first.source, plans[0].samples, [r.backbone.transform() for r in runs],
-        [r.backbone.data_config["input_size"] for r in runs],
+        first.source, plans[0].samples, [makers[k].backbone.transform() for k in unique],
+        [makers[k].backbone.data_config["input_size"] for k in unique],
     )  # fmt: skip
     workers = min(resolve_workers(config.workers, first.device.type), len(sampler))
     loader = DataLoader(
@@ -161,7 +167,13 @@ def _run_split(runs: list[Extraction], plans: list[SplitPlan], config: ExtractCo
             shard = int(rows[0]) // first.layout.shard_rows
             for i, run in enumerate(runs):
                 if shard in wanted[i]:
-                    writers[i].put(rows.numpy(), run._forward(images[i]), errors, digests)
+                    writers[i].put(rows.numpy(), run._forward(images[which[i]]), errors, digests)
                     computed[i] += len(rows)
             bar.update(len(rows))
     return computed
+
+
+def _resize_key(run: Extraction) -> str:
+    """What the uint8 transform depends on: the data config without mean and std."""
+    config = {k: v for k, v in run.backbone.data_config.items() if k not in ("mean", "std")}
+    return repr(sorted(config.items()))

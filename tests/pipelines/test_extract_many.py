@@ -16,7 +16,8 @@ from bob_cache.pipelines.extract import extract
 from bob_cache.stores import open_store
 from tests.pipelines.test_many_writers import ARRAYS
 
-BACKBONES = ("test_resnet", "test_efficientnet", "resnet18")  # three preprocessings
+# four preprocessings; test_efficientnet and test_vit share a resize (not a normalization)
+BACKBONES = ("test_resnet", "test_efficientnet", "resnet18", "test_vit")
 OPTIONS = {"data": "builtin:digits", "split": "val", "limit": 40, "random_init": True,
            "workers": 0, "batch_size": 8, "shard_rows": 16, "quiet": True}  # fmt: skip
 
@@ -37,15 +38,15 @@ def separate(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return store
 
 
-def test_three_backbones_from_one_decode_equal_three_runs(separate: Path, tmp_path: Path) -> None:
+def test_four_backbones_from_one_decode_equal_four_runs(separate: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
     summaries = run(store, ",".join(BACKBONES))
     assert [s.backbone.split(".")[0] for s in summaries] == list(BACKBONES)
     assert all(s.rows_computed == 40 for s in summaries)
     want, got = sets(separate), sets(store)
-    assert sorted(want) == sorted(got) and len(got) == 3  # same paths, so same keys
+    assert sorted(want) == sorted(got) and len(got) == 4  # same paths, so same keys
     pre = {json.dumps(fs.attrs["spec"]["preprocessing"], sort_keys=True) for fs in got.values()}
-    assert len(pre) == 3  # size, interpolation and normalization differ between them
+    assert len(pre) == 4  # size, interpolation and normalization differ between them
     for path, fs in got.items():
         assert fs.attrs["request"] == want[path].attrs["request"]  # as if run alone
         for name in ARRAYS:
@@ -54,12 +55,12 @@ def test_three_backbones_from_one_decode_equal_three_runs(separate: Path, tmp_pa
 
 def test_each_backbone_resumes_only_its_missing_shards(separate: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
-    run(store, ",".join(BACKBONES[:2]))  # the third is new
+    run(store, ",".join(BACKBONES[:2]))  # the last two are new
     eff = next(fs for fs in open_store(store, mode="a").feature_sets() if "efficientnet" in fs.path)
     eff.uncommit([1])
     summaries = run(store, ",".join(BACKBONES))
     computed = {s.backbone.split(".")[0]: s.rows_computed for s in summaries}
-    assert computed == {"test_resnet": 0, "test_efficientnet": 16, "resnet18": 40}
+    assert computed == {"test_resnet": 0, "test_efficientnet": 16, "resnet18": 40, "test_vit": 40}
     want = sets(separate)
     for path, fs in sets(store).items():
         np.testing.assert_array_equal(fs.features[:], want[path].features[:])
