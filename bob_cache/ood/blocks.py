@@ -98,8 +98,11 @@ def _open(source: BlockSource) -> Iterable[Block]:
     return source() if callable(source) else source
 
 
-def check_features(features: Any, *, dim: int | None, what: str) -> np.ndarray:
-    """``features`` as a finite float64 ``(n, D)`` array, ``D == dim`` when ``dim`` is given."""
+def check_features(
+    features: Any, *, dim: int | None, what: str, dtype: type = np.float64
+) -> np.ndarray:
+    """``features`` as a finite ``(n, D)`` array of ``dtype`` (float64 by default; detectors
+    that only take a float32 product ask for float32), ``D == dim`` when ``dim`` is given."""
     x = np.asarray(features)
     real = np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)
     if x.ndim != 2 or not real:
@@ -113,7 +116,11 @@ def check_features(features: Any, *, dim: int | None, what: str) -> np.ndarray:
             "features. Use features of the same backbone, layer and pooling as the ID fit set "
             "(and its head)."
         )
-    x = x.astype(np.float64)
+    if x.dtype == np.float16 and dtype in (np.float32, np.float64):  # torch: ~10x numpy's
+        x = torch.from_numpy(np.ascontiguousarray(x)).to(getattr(torch, np.dtype(dtype).name))
+        x = x.numpy()
+    else:
+        x = x.astype(dtype, copy=False)
     if not np.isfinite(x).all():
         bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
         raise DetectorError(

@@ -34,6 +34,7 @@ class Detector(abc.ABC):
     """
 
     name: ClassVar[str] = ""
+    score_dtype: ClassVar[type] = np.float64  # what score() hands _score
     passes: ClassVar[int] = 1
     needs_labels: ClassVar[bool] = False
     needs_head: ClassVar[bool] = False
@@ -65,7 +66,7 @@ class Detector(abc.ABC):
             raise DetectorError(
                 f"'{self.name}' is not fitted; call fit(stream, ...) or from_state(state) first."
             )
-        x = check_features(features, dim=self.dim, what="Query features")
+        x = check_features(features, dim=self.dim, what="Query features", dtype=self.score_dtype)
         if len(x) == 0:
             return np.zeros(0)
         return self._score(x)

@@ -36,6 +36,7 @@ class HeadDetector(Detector):
 
     passes = 0
     needs_head = True
+    score_dtype = np.float32  # the logits are a float32 product anyway
 
     def __init__(self) -> None:
         super().__init__()
