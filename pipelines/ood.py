@@ -215,7 +215,9 @@ def _fit_head(config: OODConfig, train_fs: FeatureSet) -> None:
 
 
 def _should_stream(config: OODConfig, sets: list[FeatureSet]) -> bool:
-    return sum(fs.n_rows * fs.dim * 4 for fs in sets) > config.budget
+    """Stream when the sets' float32 size passes half the budget: the other half is for the
+    process (torch, FAISS), the blocks being converted and the detectors' work arrays."""
+    return sum(fs.n_rows * fs.dim * 4 for fs in sets) > config.budget // 2
 
 
 def _class_map(id_fs: FeatureSet, fs: FeatureSet, mapping: dict[str, str] | None) -> ClassMap:
