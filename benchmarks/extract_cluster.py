@@ -5,7 +5,7 @@ here, two loader processes) runs in a fresh child process per mode, into an empt
 
 - ``single``: the plain command, one process (the baseline);
 - ``cluster-1`` and ``cluster-2``: ``--local-cluster 1`` and ``--local-cluster 2`` (a
-  ``LocalCluster`` started by the command, two parts per worker, then the final pass).
+  ``LocalCluster`` started by the command, one part per worker; the caller only finalizes).
 
 Wall time is the whole command, cluster start and stop included. Overhead = cluster-1 ÷
 single − 1 (goal ≤ 5%); the feature arrays of every mode must equal the single run's.

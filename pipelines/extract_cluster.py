@@ -12,6 +12,7 @@ one ``GPU`` worker resource; give each GPU its own worker (``CUDA_VISIBLE_DEVICE
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from dataclasses import replace
@@ -21,7 +22,7 @@ from bob_cache.config import ExtractConfig
 from bob_cache.errors import BobCacheError
 from bob_cache.pipelines.cluster import SchedulerError, dask_client
 
-PARTS_PER_WORKER = 2
+PARTS_PER_WORKER = 1
 
 
 def extract_on_cluster(config: ExtractConfig) -> Any:
@@ -53,12 +54,37 @@ def extract_on_cluster(config: ExtractConfig) -> Any:
             for k in range(n)
         ]  # fmt: skip
         parts = [_result(f) for f in futures]
-    summary = extract(replace(base, quiet=config.quiet))  # leftovers, finalize, the summary
-    summary.rows_computed += sum(p["rows_computed"] for p in parts if p)
-    summary.shards_computed += sum(p["shards_computed"] for p in parts if p)
-    summary.shards_skipped = max(0, summary.shards_skipped - summary.shards_computed)
+    done = [p["summary"] for p in parts if p is not None]
+    if len(done) == len(parts) and _refresh_if_complete(config, done):
+        summary = dataclasses.replace(done[0])  # every shard committed, sets finalized
+        summary.shards_skipped = sum(s.shards_skipped for s in done)
+        summary.invalid_rows = max(s.invalid_rows for s in done)  # each counts the whole set
+        summary.seconds = max(s.seconds for s in done)
+        summary.rows_computed = summary.shards_computed = 0
+    else:  # a part failed for good: compute what it left here, then finalize
+        summary = extract(replace(base, quiet=config.quiet))
+        summary.shards_skipped -= sum(s.shards_computed for s in done)  # not skipped: done now
+    summary.rows_computed += sum(s.rows_computed for s in done)
+    summary.shards_computed += sum(s.shards_computed for s in done)
     summary.total_seconds = time.perf_counter() - started
     return summary
+
+
+def _refresh_if_complete(config: ExtractConfig, summaries: list[Any]) -> bool:
+    """Whether every set the parts wrote is complete (read back from the store); if so, the
+    summaries' listing rows are replaced by fresh ones, as a single run would print them."""
+    from bob_cache.stores import open_store
+
+    store = open_store(config.store, storage_options=config.storage_options or None)
+    fresh = {}
+    for path in {f["group"] for s in summaries for f in s.feature_sets}:
+        fs = store.get(path)
+        if not fs.complete:
+            return False
+        fresh[path] = fs.info()
+    for s in summaries:
+        s.feature_sets = [fresh[f["group"]] for f in s.feature_sets]
+    return True
 
 
 def _run_part(config: ExtractConfig, threads: int) -> dict[str, Any]:
@@ -79,7 +105,7 @@ def _run_part(config: ExtractConfig, threads: int) -> dict[str, Any]:
         s = extract(config)
     finally:
         torch.set_num_threads(before)
-    return {"rows_computed": s.rows_computed, "shards_computed": s.shards_computed}
+    return {"summary": s}
 
 
 def _torch_threads() -> int:
@@ -89,7 +115,7 @@ def _torch_threads() -> int:
 
 
 def _result(future: Any) -> dict[str, Any] | None:
-    """A part's counts; a user error (bad data, refused resume) ends the run with its message,
+    """A part's summary; a user error (bad data, refused resume) ends the run with its message,
     any other failure leaves the part's shards to the final pass."""
     try:
         return future.result()

@@ -119,7 +119,7 @@ def extract(
     ] = None,
     parts: Annotated[
         int | None,
-        typer.Option(help="Parts the shards are split into on a cluster (default 2 per worker)."),
+        typer.Option(help="Parts the shards are split into on a cluster (default 1 per worker)."),
     ] = None,
     overwrite: Annotated[
         bool,

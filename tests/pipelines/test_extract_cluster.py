@@ -115,3 +115,24 @@ def test_cli_local_cluster_fills_the_set_a_single_process_would(
     assert again.exit_code == 0 and json.loads(again.stdout)["rows_computed"] == 0
     bad = cli(*args[:-3], "--local-cluster", "2", "--part", "0/2")
     assert bad.exit_code == 1 and "--part cannot be combined" in bad.output
+
+
+def test_a_part_that_fails_for_good_is_computed_by_the_final_pass(
+    reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from distributed import LocalCluster
+
+    import bob_cache.pipelines.extract_cluster as cluster_module
+
+    real = cluster_module._run_part
+
+    def flaky(config: ExtractConfig, threads: int):
+        if config.part == (0, 2):
+            raise RuntimeError("disk gone on this worker")
+        return real(config, threads)
+
+    monkeypatch.setattr(cluster_module, "_run_part", flaky)  # an in-process worker sees it
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster:
+        summary = run(tmp_path / "store", scheduler=cluster.scheduler_address, parts=2)
+    assert summary.rows_computed == 320 and summary.shards_computed == 20  # 10 + 10 here
+    assert_same(reference, tmp_path / "store")
