@@ -99,10 +99,13 @@ def _run_part(config: ExtractConfig, threads: int) -> dict[str, Any]:
 
     if multiprocessing.current_process().daemon and config.workers != 0:
         config = replace(config, workers=0)  # a daemonic worker cannot start loader processes
+    from threadpoolctl import threadpool_limits
+
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    try:
-        s = extract(config)
+    try:  # OpenMP and BLAS pools too: the nanny starts workers with OMP_NUM_THREADS=1
+        with threadpool_limits(limits=threads):
+            s = extract(config)
     finally:
         torch.set_num_threads(before)
     return {"summary": s}
