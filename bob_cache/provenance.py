@@ -9,10 +9,11 @@ from importlib import metadata
 _LIBRARIES = ("bob-cache", "torch", "torchvision", "timm", "zarr", "numpy", "pillow")
 
 
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries that can change extracted numbers, plus Python's."""
+def library_versions(libraries: tuple[str, ...] = _LIBRARIES) -> dict[str, str]:
+    """Versions of ``libraries`` (default: those that can change extracted numbers), plus
+    Python's."""
     versions = {"python": platform.python_version()}
-    for name in _LIBRARIES:
+    for name in libraries:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

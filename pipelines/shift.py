@@ -30,7 +30,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -50,7 +49,7 @@ from bob_cache.errors import BobCacheError
 from bob_cache.hashing import stable_hash
 from bob_cache.pipelines.registry import register_stage
 from bob_cache.progress import progress_bar
-from bob_cache.provenance import utc_now
+from bob_cache.provenance import library_versions, utc_now
 
 PROVENANCE = "shift.json"
 _PARTIAL_MARK = "partial.json"
@@ -270,7 +269,7 @@ class _Job:
             "unreadable": unreadable,
             "layout": _layout(self.source),
             "jpeg_quality": JPEG_QUALITY,
-            "versions": _versions(),
+            "versions": library_versions(_LIBRARIES),
             "created": utc_now(),
         }
 
@@ -330,18 +329,6 @@ def _corrupt_one(task: tuple, source: DataSource | None = None) -> str:
         Image.fromarray(out).save(tmp, format="PNG")
     os.replace(tmp, path)
     return ""
-
-
-def _versions() -> dict[str, str]:
-    import platform
-
-    versions = {"python": platform.python_version()}
-    for name in _LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
 
 
 def _read_json(path: Path) -> dict[str, Any]:
