@@ -14,11 +14,23 @@ from __future__ import annotations
 
 import typer
 
-from bob_cache.commands import battle, catalog, extract, ood, probe, report, retrieval, shift, store
+from bob_cache.commands import (
+    battle,
+    catalog,
+    extract,
+    finetune,
+    ood,
+    probe,
+    report,
+    retrieval,
+    shift,
+    store,
+    synth,
+)
 
 # The command families, in the order `bob-cache --help` lists them. A new family (ood,
 # finetune, battle) is one module with a `register(app)` function, added here.
-FAMILIES = (extract, probe, catalog, store, retrieval, ood, battle, report, shift)
+FAMILIES = (extract, probe, catalog, store, retrieval, ood, finetune, battle, report, shift, synth)
 
 app = typer.Typer(
     name="bob-cache",

@@ -195,3 +195,12 @@ def did_you_mean(name: str, candidates: Iterable[str], *, n: int = 3) -> str:
         return ""
     quoted = ", ".join(f"'{m}'" for m in matches)
     return f" Did you mean {quoted}?"
+
+
+class AnnotationError(DataSourceError):
+    """A detection or segmentation dataset whose annotations cannot be used (not COCO, images
+    missing, mask values outside the classes)."""
+
+
+class FinetuneError(BobCacheError, RuntimeError):
+    """A fine-tuning run that cannot go on as asked (resume with another config, out of memory)."""

@@ -1,0 +1,294 @@
+"""Semantic segmentation folders, ADE20K style.
+
+A folder holds ``images/`` (``.jpg .jpeg .png .bmp .webp``) and ``masks/`` (single-channel
+``.png``: ``L``, ``P`` or 16-bit), paired by file stem. Mask value 0 is background, ``k`` is
+class ``k`` and the ignore index (255 by default) marks pixels left out of the loss and metrics.
+The label space is ``["background", *classes]``; the classes come from the ``classes`` argument
+or from a ``classes.json`` (``{"classes": [...], "background": 0, "ignore_index": 255}``, the
+list without background) in the folder or its parent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bob_cache.errors import AnnotationError, DataNotFoundError, SpecError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+MASK_SUFFIX = ".png"
+CLASSES_FILE = "classes.json"
+DEFAULT_IGNORE_INDEX = 255
+_MASK_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")
+_SHOW = 5
+
+SegTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True, eq=False)
+class SegSet:
+    """Paired image and mask paths of one segmentation folder.
+
+    Attributes:
+        root: the folder holding ``images/`` and ``masks/``.
+        image_paths: images, sorted by stem.
+        mask_paths: the mask of each image.
+        classes: the label space, ``"background"`` first.
+        ignore_index: mask value left out of loss and metrics.
+    """
+
+    root: Path
+    image_paths: tuple[Path, ...]
+    mask_paths: tuple[Path, ...]
+    classes: tuple[str, ...]
+    ignore_index: int
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes including background."""
+        return len(self.classes)
+
+
+def load_seg_folder(
+    path: str | Path, *, classes: Sequence[str] | None = None, ignore_index: int | None = None
+) -> SegSet:
+    """Pair a folder's images and masks and resolve its classes.
+
+    Args:
+        path: folder with ``images/`` and ``masks/`` sub-folders.
+        classes: class names WITHOUT background (``--classes a,b,c``); default ``classes.json``.
+        ignore_index: mask value to ignore; default the ``classes.json`` value, else 255.
+    """
+    root = Path(path)
+    folders = {name: root / name for name in ("images", "masks")}
+    missing = [str(f) for f in folders.values() if not f.is_dir()]
+    if missing:
+        raise DataNotFoundError(
+            f"Expected a segmentation folder with images/ and masks/ sub-folders at {root}; "
+            f"missing: {', '.join(missing)}. Point --data at the folder holding both "
+            "(e.g. train/ of a synth-shapes dataset)."
+        )
+    names, ignore = _resolve_classes(root, classes, ignore_index)
+    images = _by_stem(folders["images"], IMAGE_SUFFIXES)
+    masks = _by_stem(folders["masks"], (MASK_SUFFIX,))
+    _check_pairs(root, images, masks)
+    stems = sorted(images)
+    return SegSet(
+        root=root,
+        image_paths=tuple(images[s] for s in stems),
+        mask_paths=tuple(masks[s] for s in stems),
+        classes=("background", *names),
+        ignore_index=ignore,
+    )
+
+
+def _resolve_classes(
+    root: Path, classes: Sequence[str] | None, ignore_index: int | None
+) -> tuple[list[str], int]:
+    info: dict[str, Any] = {}
+    if classes is None:
+        found = [p for p in (root / CLASSES_FILE, root.parent / CLASSES_FILE) if p.is_file()]
+        if not found:
+            raise AnnotationError(
+                f"No class names for {root}: no --classes given and no {CLASSES_FILE} in the "
+                f"folder or its parent. Pass --classes a,b,c (without background) or write "
+                f'{root / CLASSES_FILE} as {{"classes": ["a", "b", "c"], "background": 0, '
+                '"ignore_index": 255}.'
+            )
+        info = _read_classes_file(found[0])
+        classes = info["classes"]
+    names = [str(c) for c in classes]
+    if not names or len(set(names)) != len(names):
+        raise SpecError(
+            f"Expected one or more distinct class names (without background), got {names}. "
+            "Pass --classes a,b,c with each name once."
+        )
+    ignore = ignore_index if ignore_index is not None else info.get("ignore_index")
+    ignore = DEFAULT_IGNORE_INDEX if ignore is None else int(ignore)
+    if 0 <= ignore <= len(names):
+        raise SpecError(
+            f"ignore_index {ignore} is a class label (0..{len(names)} are background and the "
+            f"{len(names)} classes). Use a value outside them, e.g. 255."
+        )
+    return names, ignore
+
+
+def _read_classes_file(path: Path) -> dict[str, Any]:
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AnnotationError(f"{path} is not valid JSON ({exc}). Fix or rewrite it.") from exc
+    if not isinstance(info, dict) or not isinstance(info.get("classes"), list):
+        raise AnnotationError(
+            f'{path} has no "classes" list; expected {{"classes": ["a", "b"], "background": 0, '
+            '"ignore_index": 255}. Fix the file or pass --classes a,b.'
+        )
+    if info.get("background", 0) != 0:
+        raise AnnotationError(
+            f"{path} sets background to {info['background']}; only background 0 is supported. "
+            "Remap the masks so background is 0."
+        )
+    return info
+
+
+def _by_stem(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    clashes: list[str] = []
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.suffix.lower() in suffixes:
+            if p.stem in found:
+                clashes.append(p.stem)
+            found[p.stem] = p
+    if clashes:
+        raise AnnotationError(
+            f"{len(clashes)} file stems occur twice in {folder} (first: {_first(clashes)}), so "
+            "masks cannot be paired by stem. Keep one file per stem."
+        )
+    return found
+
+
+def _check_pairs(root: Path, images: dict[str, Path], masks: dict[str, Path]) -> None:
+    if not images:
+        raise DataNotFoundError(
+            f"No images ({' '.join(IMAGE_SUFFIXES)}) in {root / 'images'}. "
+            "Put the images there, or point --data at the right folder."
+        )
+    no_mask = [str(images[s]) for s in sorted(images.keys() - masks.keys())]
+    no_image = [str(masks[s]) for s in sorted(masks.keys() - images.keys())]
+    for orphans, what, fix in (
+        (no_mask, "images have no mask", f"add masks/<stem>{MASK_SUFFIX} for each"),
+        (no_image, "masks have no image", "add the images or remove those masks"),
+    ):
+        if orphans:
+            raise AnnotationError(
+                f"{len(orphans)} {what} of the same stem in {root} (first: {_first(orphans)}). "
+                f"Images and masks pair by file stem: {fix}."
+            )
+
+
+def _first(items: list[Any]) -> str:
+    shown = ", ".join(str(i) for i in items[:_SHOW])
+    return shown + (", ..." if len(items) > _SHOW else "")
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A mask file as an int64 H x W array of labels."""
+    with Image.open(path) as im:
+        if im.mode not in _MASK_MODES:
+            raise AnnotationError(
+                f"{path} is a {im.mode} image; expected a single-channel label mask (L, P or "
+                "16-bit). Save masks as class indices, not colours."
+            )
+        return np.asarray(im).astype(np.int64)
+
+
+def bad_mask_values(mask: np.ndarray, *, num_classes: int, ignore_index: int) -> list[int]:
+    """Values of a mask that are neither a class label nor the ignore index."""
+    values = np.unique(mask)
+    bad = values[((values < 0) | (values >= num_classes)) & (values != ignore_index)]
+    return [int(v) for v in bad]
+
+
+def _bad_values_error(path: Path, bad: list[int], segset: SegSet) -> AnnotationError:
+    return AnnotationError(
+        f"{path} holds values {bad[:10]} outside the {segset.num_classes} classes "
+        f"(0..{segset.num_classes - 1}, ignore {segset.ignore_index}). Fix the mask, or pass "
+        "the full class list (--classes or classes.json, without background)."
+    )
+
+
+def check_masks(segset: SegSet) -> None:
+    """Scan every mask once: values in the label space, size equal to its image's."""
+    bad_files: list[str] = []
+    for image_path, mask_path in zip(segset.image_paths, segset.mask_paths, strict=True):
+        mask = read_mask(mask_path)
+        bad = bad_mask_values(
+            mask, num_classes=segset.num_classes, ignore_index=segset.ignore_index
+        )
+        if bad:
+            bad_files.append(f"{mask_path} {bad[:10]}")
+        with Image.open(image_path) as im:
+            size = im.size
+        if mask.shape != (size[1], size[0]):
+            raise _size_error(image_path, mask_path, size, mask.shape)
+    if bad_files:
+        raise AnnotationError(
+            f"{len(bad_files)} masks hold values outside the {segset.num_classes} classes "
+            f"(0..{segset.num_classes - 1}, ignore {segset.ignore_index}); first: "
+            f"{_first(bad_files)}. Fix those masks, or pass the full class list (--classes or "
+            "classes.json, without background)."
+        )
+
+
+def _size_error(
+    image_path: Path, mask_path: Path, size: tuple[int, int], shape: tuple[int, ...]
+) -> AnnotationError:
+    return AnnotationError(
+        f"{mask_path} is {shape[1]}x{shape[0]} but its image {image_path} is "
+        f"{size[0]}x{size[1]} (w x h). Masks must match their image pixel for pixel."
+    )
+
+
+class SegDataset(torch.utils.data.Dataset):
+    """``(uint8 C x H x W RGB image, int64 H x W mask)`` pairs over a :class:`SegSet`.
+
+    Args:
+        segset: the loaded folder.
+        transform: optional ``(image, mask) -> (image, mask)``, e.g. :func:`resize_seg_pair`.
+    """
+
+    def __init__(self, segset: SegSet, *, transform: SegTransform | None = None) -> None:
+        self.segset = segset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.segset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image_path = self.segset.image_paths[index]
+        mask_path = self.segset.mask_paths[index]
+        with Image.open(image_path) as im:
+            image = np.asarray(im.convert("RGB"))
+        mask = read_mask(mask_path)
+        if mask.shape != image.shape[:2]:
+            raise _size_error(image_path, mask_path, (image.shape[1], image.shape[0]), mask.shape)
+        bad = bad_mask_values(
+            mask, num_classes=self.segset.num_classes, ignore_index=self.segset.ignore_index
+        )
+        if bad:
+            raise _bad_values_error(mask_path, bad, self.segset)
+        pair = (
+            torch.from_numpy(image.copy()).permute(2, 0, 1).contiguous(),
+            torch.from_numpy(mask),
+        )
+        return self.transform(*pair) if self.transform is not None else pair
+
+
+def resize_seg_pair(
+    image: torch.Tensor, mask: torch.Tensor, size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resize to ``size x size``: bilinear image, nearest mask (labels never blend)."""
+    image = torch.nn.functional.interpolate(
+        image[None].float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True
+    )[0]
+    mask = torch.nn.functional.interpolate(
+        mask[None, None].float(), size=(size, size), mode="nearest-exact"
+    )[0, 0]
+    return image.round().clamp(0, 255).to(torch.uint8), mask.to(torch.int64)
+
+
+def horizontal_flip_seg(
+    image: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mirror an image and its mask left-right."""
+    return image.flip(-1), mask.flip(-1)

@@ -1,0 +1,316 @@
+"""The fine-tuning stage: train a network over a backbone end to end (or over a frozen one,
+or from random init) at each learning rate of a sweep, keep the best on val, score it on val
+and test, and append the figures to the results table.
+
+Protocol (stated in each row): the model is trained on the train split only; the learning
+rate and the epoch are chosen on val; test is scored once, with the chosen model. A test set
+from another dataset (cross-domain) is reported with its ``drop`` from val.
+
+Layout of ``--out``: ``config.json`` and ``summary.json`` for the sweep, ``best.safetensors``
+(the chosen model) and one folder per learning rate (``<mode>-lr<lr>/``) with its config,
+per-epoch log, checkpoint, best weights, metrics and COCO predictions.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bob_cache.errors import SpecError
+from bob_cache.finetune import checkpoint as ckpt
+from bob_cache.finetune.tasks import FinetuneTask, TaskData, TaskInputs, get_task, parse_mode
+from bob_cache.finetune.trainer import Fitter, TrainSettings, rank
+from bob_cache.hashing import stable_hash
+from bob_cache.pipelines.registry import register_stage
+from bob_cache.provenance import library_versions, utc_now
+from bob_cache.stores.results import DEFAULT_RESULTS, ResultsTable
+
+# Options that change no number: left out of the run's identity.
+_NOT_IDENTITY = ("out", "results", "resume", "quiet", "workers", "device", "lrs", "name")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything ``bob-cache finetune`` was asked to do."""
+
+    task: str
+    backbone: str
+    train: str
+    val: str
+    test: str | None = None
+    images: str | None = None
+    classes: tuple[str, ...] | None = None
+    ignore_index: int = 255
+    mode: str = "finetune"
+    lrs: tuple[float, ...] = (1e-4,)
+    epochs: int = 10
+    batch_size: int = 16
+    accum_steps: int = 1
+    image_size: int | None = None
+    weight_decay: float = 0.05
+    layer_decay: float | None = None
+    warmup_epochs: float = 1.0
+    steps_per_epoch: int | None = None
+    weights: str | None = None
+    seed: int = 0
+    precision: str = "auto"
+    device: str = "auto"
+    workers: int = 2
+    out: str = "bob-finetune"
+    results: str | None = DEFAULT_RESULTS
+    name: str | None = None
+    resume: bool = False
+    quiet: bool = True
+
+
+@dataclass
+class FinetuneSummary:
+    task: str
+    backbone: str
+    dataset: str
+    mode: str
+    primary: str
+    best_lr: float
+    best_epoch: int
+    val: dict[str, float]
+    test: dict[str, float] | None
+    runs: list[dict[str, Any]]
+    info: dict[str, Any]
+    out: str
+    seconds: float
+    drop: dict[str, float] | None = None
+    files: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@register_stage("finetune")
+def finetune(config: FinetuneConfig) -> FinetuneSummary:
+    """Run the learning-rate sweep of ``config`` and report the chosen model."""
+    from bob_cache.finetune.launch import init_distributed, resolve_run_device
+
+    started = time.perf_counter()
+    task = get_task(config.task)
+    parse_mode(config.mode)
+    _check(config)
+    init_distributed()
+    device, precision = resolve_run_device(config.device, config.precision)
+    out = Path(config.out)
+    probe = _backbone(config)
+    mean, std = probe.data_config["mean"], probe.data_config["std"]
+    image_size = config.image_size or int(probe.data_config["input_size"][-1])
+    inputs = TaskInputs(
+        train=config.train, val=config.val, test=config.test, images=config.images,
+        classes=config.classes, ignore_index=config.ignore_index, image_size=image_size,
+    )  # fmt: skip
+    data = task.load(inputs, mean=mean, std=std)
+    dataset = config.name or data.info.get("dataset", "dataset")
+    identity = _identity(config, probe, image_size, precision)
+    if rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.write_json(out / ckpt.CONFIG, {**identity, "lrs": list(config.lrs)})
+    runs = [
+        _run_one(
+            task,
+            config,
+            data,
+            lr=lr,
+            identity=identity,
+            device=device,
+            precision=precision,
+            inputs=inputs,
+            mean=mean,
+            std=std,
+        )
+        for lr in config.lrs
+    ]
+    best = max(runs, key=lambda r: (r["val"][task.primary], -r["lr"]))
+    summary = _score_best(
+        task, config, data, best, inputs=inputs, device=device, mean=mean, std=std
+    )
+    summary.update(dataset=dataset, runs=runs, seconds=time.perf_counter() - started)
+    result = FinetuneSummary(**summary)
+    if rank() == 0:
+        ckpt.write_json(out / "summary.json", result.to_dict())
+        if config.results:
+            ResultsTable.open(config.results).append(_rows(task, config, result, identity, data))
+    return result
+
+
+def _check(config: FinetuneConfig) -> None:
+    for option, value, low in (
+        ("epochs", config.epochs, 1), ("batch-size", config.batch_size, 1),
+        ("accum-steps", config.accum_steps, 1), ("workers", config.workers, 0),
+    ):  # fmt: skip
+        if value < low:
+            raise SpecError(f"--{option} must be at least {low}; got {value}.")
+    if config.image_size is not None and config.image_size < 32:
+        raise SpecError(f"--image-size must be at least 32 pixels; got {config.image_size}.")
+
+
+def _backbone(config: FinetuneConfig, *, seed_offset: int = 0) -> Any:
+    from bob_cache.backbones import create_backbone
+
+    return create_backbone(
+        config.backbone,
+        weights=config.weights,
+        random_init=config.mode == "random-init",
+        seed=config.seed + seed_offset,
+        image_size=config.image_size,
+    )
+
+
+def _identity(
+    config: FinetuneConfig, backbone: Any, image_size: int, precision: str
+) -> dict[str, Any]:
+    values = {k: v for k, v in asdict(config).items() if k not in _NOT_IDENTITY}
+    values.update(
+        image_size=image_size,
+        precision=precision,
+        backbone_identity=backbone.identity(),
+        world_size=_world_size(),
+    )
+    return values
+
+
+def _run_one(
+    task: FinetuneTask, config: FinetuneConfig, data: TaskData, *, lr: float,
+    identity: dict[str, Any], device: torch.device, precision: str, inputs: TaskInputs,
+    mean: list[float], std: list[float],
+) -> dict[str, Any]:  # fmt: skip
+    run_dir = Path(config.out) / f"{config.mode}-lr{lr:g}"
+    run_config = {**identity, "lr": lr}
+    state = ckpt.check_run_dir(run_dir, run_config, resume=config.resume)
+    done = run_dir / ckpt.METRICS
+    if state is not None and done.exists() and state["epoch"] >= config.epochs:
+        import json
+
+        return json.loads(done.read_text())
+    if rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.write_json(run_dir / ckpt.CONFIG, run_config)
+    model, net = _model(task, config, data, inputs=inputs, mean=mean, std=std)
+    settings = TrainSettings(
+        lr=lr, epochs=config.epochs, batch_size=config.batch_size,
+        accum_steps=config.accum_steps, weight_decay=config.weight_decay,
+        layer_decay=config.layer_decay, warmup_epochs=config.warmup_epochs, seed=config.seed,
+        workers=config.workers, precision=precision, steps_per_epoch=config.steps_per_epoch,
+    )  # fmt: skip
+    fitter = Fitter(task, model, backbone=net, data=data, settings=settings, device=device,
+                    run_dir=run_dir, quiet=config.quiet)  # fmt: skip
+    fit = fitter.fit(state)
+    record = {
+        "lr": lr,
+        "run_dir": run_dir.as_posix(),
+        "best_epoch": fit.best_epoch,
+        "val": fit.best,
+        "epochs": config.epochs,
+        "train_images_per_second": fit.images_per_second,
+        "history": fit.history,
+    }
+    if rank() == 0:
+        ckpt.write_json(done, record)
+    return record
+
+
+def _model(
+    task: FinetuneTask, config: FinetuneConfig, data: TaskData, *, inputs: TaskInputs,
+    mean: list[float], std: list[float],
+) -> tuple[torch.nn.Module, torch.nn.Module]:  # fmt: skip
+    with torch.random.fork_rng(devices=[]):  # new heads are drawn from the run's seed
+        torch.manual_seed(config.seed)
+        backbone = _backbone(config)
+        net = backbone.model.requires_grad_(True).train()
+        frozen = config.mode == "frozen"
+        model = task.build(
+            net, data, name=config.backbone, frozen=frozen, inputs=inputs, mean=mean, std=std
+        )
+    return model, net
+
+
+def _score_best(
+    task: FinetuneTask, config: FinetuneConfig, data: TaskData, best: dict[str, Any], *,
+    inputs: TaskInputs, device: torch.device, mean: list[float], std: list[float],
+) -> dict[str, Any]:  # fmt: skip
+    run_dir = Path(best["run_dir"])
+    model, _ = _model(task, config, data, inputs=inputs, mean=mean, std=std)
+    ckpt.load_best(run_dir, model)
+    model.to(device)
+    val = task.evaluate(model, data, split="val", device=device, out_dir=run_dir)
+    test = drop = None
+    if data.test is not None:
+        test = task.evaluate(model, data, split="test", device=device, out_dir=run_dir)
+        drop = {k: val[k] - test[k] for k in val.keys() & test.keys()}
+    out = Path(config.out)
+    if rank() == 0:
+        shutil.copyfile(run_dir / ckpt.BEST, out / ckpt.BEST)
+    files = {p.name: p.as_posix() for p in sorted(run_dir.glob("predictions*.json"))}
+    return dict(
+        task=task.name, backbone=config.backbone, mode=config.mode, primary=task.primary,
+        best_lr=best["lr"],
+        best_epoch=best["best_epoch"], val=val, test=test, drop=drop, info=data.info,
+        out=out.as_posix(), files={**files, "best": (out / ckpt.BEST).as_posix()},
+    )  # fmt: skip
+
+
+def _rows(
+    task: FinetuneTask, config: FinetuneConfig, summary: FinetuneSummary,
+    identity: dict[str, Any], data: TaskData,
+) -> list[dict[str, Any]]:  # fmt: skip
+    config_hash = stable_hash(identity)
+    train_rows, val_rows = len(data.train), len(data.val)
+    base = {
+        "run_id": uuid.uuid4().hex[:12], "stage": "finetune", "dataset": summary.dataset,
+        "backbone": config.backbone, "feature_key": stable_hash(identity["backbone_identity"]),
+        "method": task.name, "seed": config.seed, "config_hash": config_hash,
+        "versions": library_versions(), "time": utc_now(), "train_rows": train_rows,
+        "val_rows": val_rows, "task": f"finetune-{task.name}",
+    }  # fmt: skip
+    sweep = (
+        f"trained on train ({train_rows} rows) for {config.epochs} epochs at each lr of "
+        f"{', '.join(f'{lr:g}' for lr in config.lrs)}; lr and epoch chosen by val "
+        f"{task.primary} ({val_rows} rows)"
+    )
+    rows = []
+    for run in summary.runs:
+        setting = f"{config.mode} lr={run['lr']:g}"
+        protocol = f"trained on train for {config.epochs} epochs; epoch chosen by val"
+        rows += _metric_rows(base, run["val"], split="val", setting=setting, protocol=protocol)
+    chosen = f"{sweep}; scored once with the chosen model"
+    rows += _metric_rows(base, summary.val, split="val", setting=config.mode, protocol=chosen)
+    if summary.test is not None:
+        rows += _metric_rows(base, summary.test, split="test", setting=config.mode, protocol=chosen)
+        drop = {f"drop_{k}": v for k, v in (summary.drop or {}).items()}
+        rows += _metric_rows(
+            base, drop, split="test", setting=config.mode, protocol=f"val − test; {chosen}"
+        )
+    return rows
+
+
+def _metric_rows(
+    base: dict[str, Any], metrics: dict[str, float], *, split: str, setting: str, protocol: str
+) -> list[dict[str, Any]]:
+    return [
+        {
+            **base,
+            "split": split,
+            "setting": setting,
+            "metric": k,
+            "value": float(v),
+            "protocol": protocol,
+        }
+        for k, v in metrics.items()
+        if isinstance(v, (int, float))
+    ]
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
