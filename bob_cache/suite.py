@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bob_cache.errors import BobCacheError, did_you_mean
 
@@ -80,6 +80,28 @@ class DatasetSpec(_Model):
     shift: tuple[str, ...] = Field((), description="datasets of this suite: shifted copies")
     detect: tuple[str, ...] = Field((), description="datasets of this suite: OOD to detect")
     evaluate: bool = Field(True, description="false: only extracted (a shift or detect set)")
+    kind: str = Field(
+        "images",
+        pattern="^(images|coco|segmentation)$",
+        description="images: extracted and probed; coco (a COCO json) or segmentation (a "
+        "folder with images/ and masks/): fine-tuned only, data is the train split",
+    )
+    val_data: str | None = Field(None, description="coco/segmentation: the val json or folder")
+    test_data: str | None = Field(None, description="coco/segmentation: the test json or folder")
+
+    @model_validator(mode="after")
+    def _fine_tuning_data(self) -> DatasetSpec:
+        if self.kind != "images" and self.val_data is None:
+            raise ValueError(f"a {self.kind} dataset needs val_data (its val json or folder)")
+        if self.kind == "images" and (self.val_data or self.test_data):
+            raise ValueError("val_data/test_data are for coco or segmentation datasets; an "
+                             "images dataset takes its splits from data")  # fmt: skip
+        return self
+
+    @property
+    def extractable(self) -> bool:
+        """Whether the battle extracts features from it (image sources only)."""
+        return self.kind == "images"
 
 
 class TaskSpec(BaseModel):
@@ -89,6 +111,7 @@ class TaskSpec(BaseModel):
 
     kind: str
     datasets: tuple[str, ...] | None = None  # default: every dataset
+    backbones: tuple[str, ...] | None = None  # default: every backbone (labels or names)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -102,6 +125,7 @@ class RunOptions(_Model):
     batch_size: int = Field(64, ge=1)
     workers: int | None = Field(None, ge=0)
     shard_rows: int | None = Field(None, ge=1)
+    runs: str = Field("bob-runs", description="folder of the fine-tuning runs' checkpoints")
 
 
 class SuiteModel(_Model):
@@ -150,6 +174,12 @@ class Suite:
             [d for d in self.datasets if d.name in wanted]
             if wanted is not None
             else [d for d in self.datasets if d.evaluate]
+        )
+
+    def runs_on(self, task: TaskSpec, backbone: BackboneSpec) -> bool:
+        """Whether ``task`` runs for ``backbone``: it names it (label or name), or names none."""
+        return task.backbones is None or bool(
+            {backbone.display, backbone.name} & set(task.backbones)
         )
 
 
@@ -213,9 +243,10 @@ def load_suite(
         if problem:
             problems.append((("backbones", i, "name"), problem))
     for i, dataset in datasets.items():
-        problem = _check_data(dataset.data)
-        if problem:
-            problems.append((("datasets", i, "data"), problem))
+        for key in ("data", "val_data", "test_data"):
+            problem = _check_data(getattr(dataset, key))
+            if problem:
+                problems.append((("datasets", i, key), problem))
     problems += _check_names(
         list(backbones.values()),
         list(datasets.values()),
@@ -245,7 +276,8 @@ def _parse_items(items: Any, model: type[BaseModel], base: Path) -> dict[int, An
             parsed = model.model_validate(item)
         except ValidationError:
             continue
-        fields = {k: _resolve(getattr(parsed, k), base) for k in ("data", "gnd", "weights")
+        paths = ("data", "gnd", "weights", "val_data", "test_data")
+        fields = {k: _resolve(getattr(parsed, k), base) for k in paths
                   if k in model.model_fields}  # fmt: skip
         out[i] = parsed.model_copy(update=fields) if fields else parsed
     return out
@@ -278,6 +310,13 @@ def _check_names(
                     problems.append((("datasets", i, role, j), f"'{name}' {why} List the "
                                      "shifted or OOD data under datasets (with evaluate: false "
                                      "to only extract it) and name it here."))  # fmt: skip
+    known = {b.display for b in backbones} | {b.name for b in backbones}
+    for i, task in tasks.items():
+        for j, name in enumerate(task.backbones or ()):
+            if name not in known:
+                problems.append((("tasks", i, "backbones", j), f"unknown backbone '{name}'."
+                                 f"{did_you_mean(name, known)} The suite's backbones: "
+                                 f"{', '.join(sorted(known))}"))  # fmt: skip
     for what, items in (("backbones", [b.display for b in backbones]), ("datasets", names)):
         seen = set()
         for i, item in enumerate(items):
@@ -287,8 +326,8 @@ def _check_names(
     return problems
 
 
-def _check_data(data: str) -> str | None:
-    if data.startswith("builtin:") or "://" in data or _VAR.search(data):
+def _check_data(data: str | None) -> str | None:
+    if data is None or data.startswith("builtin:") or "://" in data or _VAR.search(data):
         return None  # an unset variable is reported already
     if not Path(data).exists():
         return f"data source '{data}' does not exist (a folder, .csv/.jsonl manifest or builtin:)"

@@ -34,6 +34,13 @@ from bob_cache.stores.results import DEFAULT_RESULTS, ResultsTable
 
 # Options that change no number: left out of the run's identity.
 _NOT_IDENTITY = ("out", "results", "resume", "quiet", "workers", "device", "lrs", "name")
+_NOT_IN_HASH = ("out", "results", "resume", "quiet", "workers", "device", "name")
+
+
+def config_hash(config: FinetuneConfig) -> str:
+    """The results-table hash of a run: every option that changes its numbers, from the
+    config alone (the battle checks it without building a model)."""
+    return stable_hash({k: v for k, v in asdict(config).items() if k not in _NOT_IN_HASH})
 
 
 @dataclass(frozen=True)
@@ -140,8 +147,9 @@ def finetune(config: FinetuneConfig) -> FinetuneSummary:
     result = FinetuneSummary(**summary)
     if rank() == 0:
         ckpt.write_json(out / "summary.json", result.to_dict())
-        if config.results:
-            ResultsTable.open(config.results).append(_rows(task, config, result, identity, data))
+        table = ResultsTable.open(config.results) if config.results else None
+        if table is not None and config_hash(config) not in table.config_hashes():
+            table.append(_rows(task, config, result, identity, data))  # once per run
     return result
 
 
@@ -248,7 +256,8 @@ def _score_best(
     test = drop = None
     if data.test is not None:
         test = task.evaluate(model, data, split="test", device=device, out_dir=run_dir)
-        drop = {k: val[k] - test[k] for k in val.keys() & test.keys()}
+        # pycocotools' -1 means "no ground truth in that range": no drop to report there
+        drop = {k: val[k] - test[k] for k in val.keys() & test.keys() if min(val[k], test[k]) >= 0}
     out = Path(config.out)
     if rank() == 0:
         shutil.copyfile(run_dir / ckpt.BEST, out / ckpt.BEST)
@@ -265,14 +274,13 @@ def _rows(
     task: FinetuneTask, config: FinetuneConfig, summary: FinetuneSummary,
     identity: dict[str, Any], data: TaskData,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    config_hash = stable_hash(identity)
     train_rows, val_rows = len(data.train), len(data.val)
     base = {
         "run_id": uuid.uuid4().hex[:12], "stage": "finetune", "dataset": summary.dataset,
         "backbone": config.backbone, "feature_key": stable_hash(identity["backbone_identity"]),
-        "method": task.name, "seed": config.seed, "config_hash": config_hash,
+        "method": task.name, "seed": config.seed, "config_hash": config_hash(config),
         "versions": library_versions(), "time": utc_now(), "train_rows": train_rows,
-        "val_rows": val_rows, "task": f"finetune-{task.name}",
+        "val_rows": val_rows, "task": "",
     }  # fmt: skip
     sweep = (
         f"trained on train ({train_rows} rows) for {config.epochs} epochs at each lr of "
@@ -285,9 +293,13 @@ def _rows(
         protocol = f"trained on train for {config.epochs} epochs; epoch chosen by val"
         rows += _metric_rows(base, run["val"], split="val", setting=setting, protocol=protocol)
     chosen = f"{sweep}; scored once with the chosen model"
-    rows += _metric_rows(base, summary.val, split="val", setting=config.mode, protocol=chosen)
+    ranked = {**base, "task": f"finetune-{task.name}"}  # the report ranks test, else val
+    val_base = base if summary.test is not None else ranked
+    rows += _metric_rows(val_base, summary.val, split="val", setting=config.mode, protocol=chosen)
     if summary.test is not None:
-        rows += _metric_rows(base, summary.test, split="test", setting=config.mode, protocol=chosen)
+        rows += _metric_rows(
+            ranked, summary.test, split="test", setting=config.mode, protocol=chosen
+        )
         drop = {f"drop_{k}": v for k, v in (summary.drop or {}).items()}
         rows += _metric_rows(
             base, drop, split="test", setting=config.mode, protocol=f"val − test; {chosen}"

@@ -137,10 +137,10 @@ def _print_summary(summary: object) -> None:
         highlight=False,
     )
     keys = [k for k in s["val"] if not k.startswith("iou_") and "_AR" not in k]
-    rows = [{"split": "val", **{k: f"{s['val'][k]:.4f}" for k in keys}}]
+    rows = [{"split": "val", **_cells(s["val"], keys)}]
     if s["test"] is not None:
-        rows.append({"split": "test", **{k: f"{s['test'].get(k, float('nan')):.4f}" for k in keys}})
-        rows.append({"split": "drop", **{k: f"{s['drop'].get(k, float('nan')):.4f}" for k in keys}})
+        rows.append({"split": "test", **_cells(s["test"], keys)})
+        rows.append({"split": "drop", **_cells(s["drop"], keys)})
     print_table(rows, ("split", *keys))
     for run in s["runs"]:
         score = run["val"][s["primary"]]
@@ -148,6 +148,11 @@ def _print_summary(summary: object) -> None:
     dropped = {k: v for k, v in s["info"].items() if k.endswith("_dropped")}
     for key, counts in dropped.items():
         out.print(f"  {key.replace('_', ' ')} annotations: {counts}", highlight=False)
+
+
+def _cells(metrics: dict[str, float], keys: list[str]) -> dict[str, str]:
+    """Four decimals; "–" where pycocotools reports -1 (no ground truth in that size range)."""
+    return {k: "–" if metrics.get(k, -1.0) == -1.0 else f"{metrics[k]:.4f}" for k in keys}
 
 
 def register(app: typer.Typer) -> None:

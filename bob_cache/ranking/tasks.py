@@ -142,3 +142,14 @@ register_task("retrieval", _is_retrieval, primary=("map", "mAP"))
 # OOD detection: AUROC per detector and detect set (higher = better, as z-scores assume).
 register_task("ood", _is_ood_shift, primary=("top1",))
 register_task("ood-detection", _is_ood_detection, primary=("auroc",))
+
+
+def _never(f: pd.DataFrame) -> pd.Series:
+    return pd.Series(False, index=f.index)
+
+
+# Fine-tuning rows name their task themselves (only the chosen model's reported split).
+register_task("finetune-classification", _never, primary=("top1",))
+register_task("finetune-detection", _never, primary=("bbox_AP",))
+register_task("finetune-instance", _never, primary=("segm_AP", "bbox_AP"))
+register_task("finetune-semantic", _never, primary=("mIoU",))

@@ -113,9 +113,9 @@ def _check_gpu(client: Any, todo: list[Job]) -> None:
     workers = client.scheduler_info().get("workers", {}).values()
     if not any(w.get("resources", {}).get("GPU") for w in workers):
         raise SchedulerError(
-            "Extraction jobs need a GPU, but no Dask worker offers the `GPU` resource. Start "
-            "GPU workers with `dask worker ADDRESS --resources GPU=1`, or set `options: "
-            "{device: cpu}` in the suite."
+            "Extraction and fine-tuning jobs need a GPU, but no Dask worker offers the `GPU` "
+            "resource. Start GPU workers with `dask worker ADDRESS --resources GPU=1`, or set "
+            "`options: {device: cpu}` in the suite."
         )
 
 

@@ -65,10 +65,11 @@ def plan_battle(suite: Suite, *, store: str, results: str, device: str | None = 
     sets = open_store(store).feature_sets() if store_exists(store) else None
     done_hashes = ResultsTable.open(results).config_hashes()
     plan = Plan(suite.name, store, results)
-    sources = {d.name: parse_source(d.data, name=d.name) for d in suite.datasets}
+    images = [d for d in suite.datasets if d.extractable]
+    sources = {d.name: parse_source(d.data, name=d.name) for d in images}
     fingerprints = {name: source.fingerprint() for name, source in sources.items()}
     extracted: dict[tuple[str, str], Job] = {}
-    for dataset in suite.datasets:  # every extraction first: a task may read several
+    for dataset in images:  # every extraction first: a task may read several
         todo: list[tuple[BackboneSpec, ExtractConfig]] = []
         for backbone in suite.backbones:
             config = extract_config(suite, backbone, dataset, store=store, device=device)
@@ -105,23 +106,37 @@ def plan_battle(suite: Suite, *, store: str, results: str, device: str | None = 
             plan.jobs.append(job)
     for dataset in suite.datasets:
         for backbone in suite.backbones:
-            extract = extracted[dataset.name, backbone.display]
-            keys = extract.keys if extract.done else None
-            ctx = TaskContext(store=store, results=results, device=device, backbone=backbone.name)
+            extract = extracted.get((dataset.name, backbone.display))
+            keys = extract.keys if extract is not None and extract.done else None
+            ctx = TaskContext(
+                store=store, results=results, device=device, backbone=backbone.name,
+                weights=backbone.weights, random_init=backbone.random_init,
+                runs=suite.options.runs, label=backbone.display,
+            )  # fmt: skip
             for i, task in enumerate(suite.tasks):
                 kind, options = get_task(task.kind), suite.task_options[i]
-                if dataset not in suite.datasets_of(task) or not kind.applies(options, dataset):
+                if (
+                    dataset not in suite.datasets_of(task)
+                    or not suite.runs_on(task, backbone)
+                    or not kind.applies(options, dataset)
+                ):
                     continue
-                done = keys is not None and all(
+                if not kind.reads_features:  # the stage reads the data itself
+                    keys_of, deps = ("",), ()
+                else:
+                    assert extract is not None  # applies() only passes image datasets
+                    reads = [extracted[name, backbone.display].id for name in
+                             dict.fromkeys(kind.reads(options, dataset))]  # fmt: skip
+                    keys_of, deps = keys, (extract.id, *reads)
+                done = keys_of is not None and all(
                     kind.done_hashes(kind.config(options, dataset, key, ctx), key) <= done_hashes
-                    for key in keys
+                    for key in keys_of
                 )
-                reads = [extracted[name, backbone.display].id for name in
-                         dict.fromkeys(kind.reads(options, dataset))]  # fmt: skip
                 plan.jobs.append(Job(
                     id=f"{task.kind}#{i}/{dataset.name}/{backbone.display}", kind=task.kind,
                     dataset=dataset.name, backbone=backbone.display,
-                    detail=kind.describe(options), deps=(extract.id, *reads), done=done,
+                    detail=kind.describe(options), deps=deps, done=done,
+                    gpu=not kind.reads_features and _uses_gpu(device),
                     run=TaskRun(task.kind, options, dataset, ctx, backbone.display),
                 ))  # fmt: skip
     return plan
@@ -187,10 +202,22 @@ class TaskRun:
     ctx: TaskContext
     label: str = ""  # the backbone's display label (its keys in a shared extraction)
 
-    def __call__(self, extraction: dict[str, Any], *read: dict[str, Any]) -> dict[str, Any]:
-        """Runs after ``extraction`` and the extractions it ``read``s (same backbone)."""
+    def __call__(self, *deps: dict[str, Any]) -> dict[str, Any]:
+        """Runs after its extraction and the extractions it reads (same backbone); a kind
+        that reads no features runs once, with no dependency."""
         from bob_cache.errors import BackboneUnavailableError
         from bob_cache.pipelines import get_stage
+
+        kind = get_task(self.kind)
+        if not kind.reads_features:
+            import multiprocessing
+
+            config = kind.config(self.options, self.dataset, "", self.ctx)
+            if multiprocessing.current_process().daemon and getattr(config, "workers", 0):
+                config = replace(config, workers=0)  # no loader processes in a daemon
+            run = get_stage(kind.stage)(config)
+            return {"keys": [], "seconds": getattr(run, "seconds", 0.0)}
+        extraction = deps[0]
 
         if "by_backbone" in extraction:  # several backbones were decoded together
             extraction = extraction["by_backbone"][self.label]
@@ -198,7 +225,6 @@ class TaskRun:
                 raise BackboneUnavailableError(
                     f"the extraction of '{self.label}' failed: {extraction['error']}"
                 )
-        kind = get_task(self.kind)
         runs = [
             get_stage(kind.stage)(kind.config(self.options, self.dataset, key, self.ctx))
             for key in extraction["keys"]

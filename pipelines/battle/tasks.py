@@ -8,7 +8,7 @@ stage (ood, finetune, dense) adds a kind without touching the planner.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -25,6 +25,10 @@ class TaskContext:
     results: str
     device: str
     backbone: str  # the name the set was extracted with
+    weights: str | None = None  # the backbone's, for kinds that build the model (finetune)
+    random_init: bool = False
+    runs: str = "bob-runs"  # where kinds that train keep their run folders
+    label: str = ""  # the backbone's display label
 
 
 class TaskKind(ABC):
@@ -33,6 +37,8 @@ class TaskKind(ABC):
     name: ClassVar[str]
     stage: ClassVar[str]
     Options: ClassVar[type[BaseModel]]
+    # False: the stage reads the dataset itself (no extraction; ``key`` is "")
+    reads_features: ClassVar[bool] = True
 
     def check(self, options: dict[str, Any]) -> tuple[Any, list[tuple[tuple[Any, ...], str]]]:
         """Parse this kind's options; problems as ``(key path, message)``."""
@@ -54,8 +60,9 @@ class TaskKind(ABC):
         return ""
 
     def applies(self, options: Any, dataset: DatasetSpec) -> bool:
-        """Whether this kind has work on ``dataset`` (e.g. ood needs shift or detect sets)."""
-        return True
+        """Whether this kind has work on ``dataset`` (e.g. ood needs shift or detect sets);
+        by default, image datasets (the ones extracted)."""
+        return dataset.extractable
 
     def reads(self, options: Any, dataset: DatasetSpec) -> tuple[str, ...]:
         """Other datasets whose extraction (same backbone) the job reads."""
@@ -248,7 +255,7 @@ class OODTask(TaskKind):
         return parsed, problems
 
     def applies(self, options: Any, dataset: DatasetSpec) -> bool:
-        return bool(dataset.shift or dataset.detect)
+        return dataset.extractable and bool(dataset.shift or dataset.detect)
 
     def reads(self, options: Any, dataset: DatasetSpec) -> tuple[str, ...]:
         return (*dataset.shift, *dataset.detect)
@@ -274,3 +281,71 @@ class OODTask(TaskKind):
 
     def describe(self, options: Any) -> str:
         return f"{len(options.detectors) if options.detectors else 'all'} detectors"
+
+
+# The dataset kind each fine-tuning task reads.
+_FINETUNE_DATA = {
+    "classification": "images", "detection": "coco", "instance": "coco",
+    "semantic": "segmentation",
+}  # fmt: skip
+
+
+@register_task
+class FinetuneTask(TaskKind):
+    """Fine-tuning (classification, detection, instance or semantic segmentation) with an lr
+    sweep; runs on the datasets of the matching kind, one run folder per backbone."""
+
+    name = "finetune"
+    stage = "finetune"
+    reads_features = False
+
+    class Options(_Options):
+        task: str = Field(pattern="^(classification|detection|instance|semantic)$")
+        mode: str = Field("finetune", pattern="^(finetune|frozen|random-init)$")
+        lr: tuple[float, ...] = Field((1e-4,), min_length=1)
+        epochs: int = Field(10, ge=1)
+        batch_size: int = Field(16, ge=1)
+        accum_steps: int = Field(1, ge=1)
+        image_size: int | None = Field(None, ge=32)
+        steps_per_epoch: int | None = Field(None, ge=1)
+        warmup_epochs: float = Field(1.0, ge=0)
+        workers: int = Field(2, ge=0)
+        seed: int = 0
+
+    def applies(self, options: Any, dataset: DatasetSpec) -> bool:
+        return dataset.kind == _FINETUNE_DATA[options.task]
+
+    def config(self, options: Any, dataset: DatasetSpec, key: str, ctx: TaskContext) -> Any:
+        from pathlib import Path
+
+        from bob_cache.pipelines.finetune import FinetuneConfig, config_hash
+
+        images = dataset.kind == "images"
+        test = dataset.test_data
+        if images:  # an image source is scored on its test split, when it has one
+            from bob_cache.data import parse_source
+
+            test = dataset.data if "test" in parse_source(dataset.data).splits else None
+        config = FinetuneConfig(
+            task=options.task, backbone=ctx.backbone, train=dataset.data,
+            val=dataset.data if images else str(dataset.val_data),
+            test=test,
+            mode="random-init" if ctx.random_init else options.mode, lrs=options.lr,
+            epochs=options.epochs, batch_size=options.batch_size,
+            accum_steps=options.accum_steps, image_size=options.image_size,
+            steps_per_epoch=options.steps_per_epoch, warmup_epochs=options.warmup_epochs,
+            weights=ctx.weights, seed=options.seed, device=ctx.device, workers=options.workers,
+            results=ctx.results, name=dataset.name, resume=True,
+        )  # fmt: skip
+        label = ctx.label or ctx.backbone
+        folder = f"{options.task}-{config.mode}-{config_hash(config)[:8]}"
+        out = Path(ctx.runs) / dataset.name / label.replace("/", "_").replace(":", "_") / folder
+        return replace(config, out=str(out))
+
+    def done_hashes(self, config: Any, key: str) -> set[str]:
+        from bob_cache.pipelines.finetune import config_hash
+
+        return {config_hash(config)}
+
+    def describe(self, options: Any) -> str:
+        return f"{options.task} {options.mode} lr={','.join(f'{v:g}' for v in options.lr)}"

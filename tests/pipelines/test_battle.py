@@ -219,3 +219,77 @@ def test_shift_and_detect_names_must_be_datasets_of_the_suite(tmp_path: Path) ->
     with pytest.raises(Exception, match="(?s)datasets.0.shift.0.*Did you mean 'digits-noise'") as e:
         load_battle_suite(path)
     assert "is this dataset itself" in str(e.value)
+
+
+FINETUNE_SUITE = """\
+name: tuned
+backbones:
+  - name: test_resnet
+    label: r0
+    weights: {weights}
+  - name: test_resnet
+    label: r1
+    random_init: true
+datasets:
+  - name: digits
+    data: builtin:digits
+    limit: 40
+  - name: shapes
+    kind: coco
+    data: {shapes}/train.json
+    val_data: {shapes}/val.json
+tasks:
+  - kind: linear
+  - kind: finetune
+    task: detection
+    mode: frozen
+    backbones: [r0]
+    lr: [0.001]
+    epochs: 1
+    batch_size: 4
+    image_size: 64
+    workers: 0
+options:
+  workers: 0
+  runs: {runs}
+"""
+
+
+def test_a_finetune_task_runs_without_extraction_on_its_own_datasets(tmp_path: Path) -> None:
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from bob_cache.data.synth_shapes import write_synth_shapes
+
+    write_synth_shapes(tmp_path / "shapes", n=8, image_size=64, val_fraction=0.5)
+    torch.manual_seed(0)
+    weights = tmp_path / "r0.safetensors"
+    save_file(timm.create_model("test_resnet").state_dict(), str(weights))
+    path = tmp_path / "suite.yaml"
+    path.write_text(FINETUNE_SUITE.format(weights=weights, shapes=tmp_path / "shapes",
+                                          runs=tmp_path / "runs"))  # fmt: skip
+    plan = plan_battle(load_battle_suite(path), store=str(tmp_path / "store"),
+                       results=str(tmp_path / "results"))  # fmt: skip
+    kinds = sorted((j.kind, j.dataset, j.backbone) for j in plan.jobs)
+    assert ("finetune", "shapes", "r0") in kinds and ("finetune", "shapes", "r1") not in kinds
+    assert not any(dataset == "shapes" and kind != "finetune" for kind, dataset, _ in kinds)
+    tune = next(j for j in plan.jobs if j.kind == "finetune")
+    assert tune.deps == () and not tune.done
+    summary = run(tmp_path, path, threads=1)
+    assert not summary.failed, summary.outcomes
+    frame = ResultsTable.open(tmp_path / "results").read(stage="finetune")
+    assert set(frame["dataset"]) == {"shapes"} and "bbox_AP" in set(frame["metric"])
+    assert set(frame.loc[frame["task"] != "", "task"]) == {"finetune-detection"}
+    assert list((tmp_path / "runs" / "shapes" / "r0").glob("detection-frozen-*/best.safetensors"))
+    assert run(tmp_path, path).outcomes == []  # done: its rows are in the table
+
+
+def test_a_coco_dataset_needs_val_data_and_task_backbones_must_exist(tmp_path: Path) -> None:
+    path = tmp_path / "suite.yaml"
+    text = FINETUNE_SUITE.format(weights="w.pt", shapes=tmp_path, runs=tmp_path)
+    text = text.replace(f"    val_data: {tmp_path}/val.json\n", "")
+    path.write_text(text.replace("backbones: [r0]", "backbones: [r9]"))
+    with pytest.raises(Exception, match="(?s)needs val_data.*unknown backbone 'r9'") as e:
+        load_battle_suite(path)
+    assert "Did you mean 'r0'" in str(e.value) or "r0" in str(e.value)
