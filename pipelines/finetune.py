@@ -25,6 +25,7 @@ import torch
 
 from bob_cache.errors import SpecError
 from bob_cache.finetune import checkpoint as ckpt
+from bob_cache.finetune.launch import barrier
 from bob_cache.finetune.tasks import FinetuneTask, TaskData, TaskInputs, get_task, parse_mode
 from bob_cache.finetune.trainer import Fitter, TrainSettings, rank
 from bob_cache.hashing import stable_hash
@@ -100,8 +101,9 @@ class FinetuneSummary:
 
 
 @register_stage("finetune")
-def finetune(config: FinetuneConfig) -> FinetuneSummary:
-    """Run the learning-rate sweep of ``config`` and report the chosen model."""
+def finetune(config: FinetuneConfig) -> FinetuneSummary | None:
+    """Run the learning-rate sweep of ``config`` and report the chosen model (on rank 0;
+    the other ranks of a torchrun launch return None)."""
     from bob_cache.finetune.launch import init_distributed, resolve_run_device
 
     started = time.perf_counter()
@@ -139,6 +141,9 @@ def finetune(config: FinetuneConfig) -> FinetuneSummary:
         )
         for lr in config.lrs
     ]
+    barrier()
+    if rank() != 0:  # the other ranks trained; rank 0 scores, writes and reports
+        return None
     best = max(runs, key=lambda r: (r["val"][task.primary], -r["lr"]))
     summary = _score_best(
         task, config, data, best, inputs=inputs, device=device, mean=mean, std=std
@@ -197,6 +202,7 @@ def _run_one(
     run_dir = Path(config.out) / f"{config.mode}-lr{lr:g}"
     run_config = {**identity, "lr": lr}
     state = ckpt.check_run_dir(run_dir, run_config, resume=config.resume)
+    barrier()  # every rank has checked the folder before rank 0 writes into it
     done = run_dir / ckpt.METRICS
     if state is not None and done.exists() and state["epoch"] >= config.epochs:
         import json
@@ -205,6 +211,7 @@ def _run_one(
     if rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_json(run_dir / ckpt.CONFIG, run_config)
+    barrier()
     model, net = _model(task, config, data, inputs=inputs, mean=mean, std=std)
     settings = TrainSettings(
         lr=lr, epochs=config.epochs, batch_size=config.batch_size,

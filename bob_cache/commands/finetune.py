@@ -122,6 +122,8 @@ def finetune(
         name=name, resume=resume, quiet=quiet or as_json,
     )  # fmt: skip
     summary = get_stage("finetune")(config)
+    if summary is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     if as_json:
         print_json(summary.to_dict())
         return

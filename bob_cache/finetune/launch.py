@@ -40,3 +40,9 @@ def resolve_run_device(name: str, precision: str) -> tuple[torch.device, str]:
     if precision == "fp16" and device.type != "cuda":
         raise DeviceError("--precision fp16 needs a CUDA device. Use fp32 or bf16 on a CPU.")
     return device, precision
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op outside torchrun)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()

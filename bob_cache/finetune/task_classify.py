@@ -97,11 +97,9 @@ class ClassificationTask(FinetuneTask):
             src = parse_source(spec)
             rows = relabel(pick_split(src, split, option=split), src, classes, option=split)
             setattr(data, split, LabeledImages(src, rows, eval_tf))
-        data.info = {
-            f"{k}_rows": len(getattr(data, k))
-            for k in ("train", "val", "test")
-            if getattr(data, k) is not None
-        }
+        sizes = {f"{k}_rows": len(getattr(data, k)) for k in ("train", "val", "test")
+                 if getattr(data, k) is not None}  # fmt: skip
+        data.info = {"dataset": train_src.name, **sizes}
         return data
 
     def build(

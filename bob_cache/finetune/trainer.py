@@ -117,7 +117,7 @@ class Fitter:
         self.task, self.data, self.settings = task, data, settings
         self.device, self.run_dir, self.quiet = device, run_dir, quiet
         self.model = model.to(device)
-        self.net = _wrap_distributed(self.model, device)
+        self.net = _wrap_distributed(self.model, device, find_unused=task.pyramid)
         decay = resolve_layer_decay(backbone, settings.layer_decay)
         self.optimizer = create_optimizer(
             self.model, backbone, lr=settings.lr, weight_decay=settings.weight_decay,
@@ -157,6 +157,8 @@ class Fitter:
             if rank() == 0:
                 best = self._end_epoch(record, best, history, updates)
         seconds = time.perf_counter() - started
+        if best is None and rank() != 0:  # rank 0 alone validates
+            return FitResult(-1, {}, history, seconds, images / seconds if seconds > 0 else 0.0)
         if best is None:
             raise FinetuneError(f"No epoch was run in {self.run_dir}: --epochs must be ≥ 1.")
         return FitResult(
@@ -257,10 +259,11 @@ def rank_world() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _wrap_distributed(model: nn.Module, device: torch.device) -> nn.Module:
+def _wrap_distributed(model: nn.Module, device: torch.device, *, find_unused: bool) -> nn.Module:
+    """DDP under torchrun; detectors skip some heads in some steps (``find_unused``)."""
     if not rank_world():
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)

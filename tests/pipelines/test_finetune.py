@@ -293,3 +293,44 @@ def test_cli_prints_the_sweep_and_json(
     summary = json.loads(result.output)
     assert [r["lr"] for r in summary["runs"]] == [1e-3, 2e-3]
     assert summary["best_lr"] == max(summary["runs"], key=lambda r: r["val"]["mIoU"])["lr"]
+
+
+@pytest.mark.slow
+def test_torchrun_trains_on_two_processes(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", "29617", "-m", "bob_cache.cli", "finetune", "--task",
+        "classification", "--backbone", "test_resnet", "--mode", "random-init", "--train",
+        "builtin:digits", "--val", "builtin:digits", "--image-size", "32", "--epochs", "1",
+        "--batch-size", "32", "--workers", "0", "--device", "cpu", "--out", str(out),
+        "--results", str(tmp_path / "results"), "--quiet", "--json",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout[done.stdout.index("{") :])  # rank 0 alone prints
+    log = [json.loads(line) for line in (Path(summary["runs"][0]["run_dir"]) / ckpt.LOG).open()]
+    assert log[0]["images"] == 512  # rank 0 trained its half: 16 of the 33 full batches
+    assert summary["dataset"] == "digits" and "top1" in summary["val"]
+
+
+@pytest.mark.slow
+def test_detection_learns_the_shapes(
+    tmp_path_factory: pytest.TempPathFactory, mobilenet_weights: Path
+) -> None:
+    root = tmp_path_factory.mktemp("learn")
+    write_synth_shapes(root / "a", n=96, seed=0, image_size=128)
+    config = FinetuneConfig(
+        task="detection", backbone="tv:mobilenet_v2", weights=str(mobilenet_weights),
+        mode="frozen", train=str(root / "a" / "train.json"), val=str(root / "a" / "val.json"),
+        lrs=(1e-3,), epochs=3, batch_size=8, image_size=128, workers=0, out=str(root / "run"),
+        results=str(root / "results"),
+    )  # fmt: skip
+    summary = finetune(config)
+    losses = [h["train_loss"] for h in summary.runs[0]["history"]]
+    aps = [h["val"]["bbox_AP50"] for h in summary.runs[0]["history"]]
+    assert losses[-1] < losses[0] * 0.8, losses
+    assert aps[-1] > aps[0] and summary.val["bbox_AP50"] > 0.3, aps
