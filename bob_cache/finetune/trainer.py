@@ -207,9 +207,13 @@ class Fitter:
         bar = progress_bar(
             limit, desc=f"lr {s.lr:g} epoch {epoch + 1}", unit="batch", quiet=self.quiet
         )
+        startup = 0.0
         for step, batch in enumerate(loader):
             if step >= limit:
                 break
+            if step == 0:  # the loader's processes start once per epoch: timed apart
+                startup = time.perf_counter() - started
+                started = time.perf_counter()
             loss = self._backward(batch)
             losses.append(loss)
             seen += self.task.batch_size(batch)
@@ -225,7 +229,8 @@ class Fitter:
             "lr": s.lr,
             "train_loss": float(np.mean(losses)) if losses else float("nan"),
             "images": seen,
-            "seconds": seconds,
+            "seconds": seconds,  # from the first batch's arrival to the last update
+            "startup_seconds": startup,  # the loader's start and its first batch
             "images_per_second": seen / seconds if seconds > 0 else 0.0,
         }
         return record, seen, updates
