@@ -334,3 +334,13 @@ def test_detection_learns_the_shapes(
     aps = [h["val"]["bbox_AP50"] for h in summary.runs[0]["history"]]
     assert losses[-1] < losses[0] * 0.8, losses
     assert aps[-1] > aps[0] and summary.val["bbox_AP50"] > 0.3, aps
+
+
+def test_gradient_accumulation_updates_once_per_accum_steps(tmp_path: Path) -> None:
+    config = _config(tmp_path, task="classification", mode="random-init", train="builtin:digits",
+                     val="builtin:digits", image_size=32, batch_size=16, steps_per_epoch=6,
+                     accum_steps=3, epochs=2)  # fmt: skip
+    summary = finetune(config)
+    state = torch.load(Path(summary.runs[0]["run_dir"]) / ckpt.CHECKPOINT, weights_only=False)
+    assert state["updates"] == 4 and state["epoch"] == 2  # 6 batches per epoch, 3 per update
+    assert [h["images"] for h in summary.runs[0]["history"]] == [96, 96]
