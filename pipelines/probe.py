@@ -95,7 +95,8 @@ class ProbeConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise SpecError(
-                f"Unknown probe method(s) {unknown}. Expected {', '.join(METHODS)} or all."
+                f"Unknown probe method(s) {unknown}. Expected {', '.join(METHODS)} or all "
+                "(segmentation from dense grids: --method dense-linear, stage 'dense-probe')."
             )
         if self.recipe not in RECIPES:
             raise SpecError(f"Unknown --recipe '{self.recipe}'. Expected {' or '.join(RECIPES)}.")

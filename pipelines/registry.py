@@ -14,7 +14,7 @@ _STAGES: dict[str, Stage] = {}
 # `import bob_cache` stays light (torch, faiss and zarr load only when a stage runs).
 _STAGE_MODULES = (
     "extract", "probe", "predict", "index", "query", "retrieval_eval", "ood", "battle", "report",
-    "shift", "finetune",
+    "shift", "finetune", "dense_probe",
 )  # fmt: skip
 
 

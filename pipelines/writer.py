@@ -63,8 +63,8 @@ class ShardWriter:
         errors: Sequence[str],
         digests: Sequence[str],
     ) -> None:
-        """Queue one batch (row indices, float32 outputs by name, error and content digest
-        per row)."""
+        """Queue one batch (row indices, float32 outputs by name: vectors or, for a dense set,
+        grids; error and content digest per row)."""
         self._raise_if_failed()
         self._queue.put((rows, outputs, list(errors), list(digests)))
 
@@ -110,7 +110,7 @@ class ShardWriter:
         local = rows - buf.start
         for name, values in outputs.items():
             buf.features[name][local] = values
-            buf.non_finite[name][local] = ~np.isfinite(values).all(axis=1)
+            buf.non_finite[name][local] = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
         for i, err, digest in zip(local, errors, digests, strict=True):
             buf.errors[i] = err
             buf.digests[i] = digest
@@ -123,7 +123,9 @@ class ShardWriter:
         m = stop - start
         buf = _ShardBuffer(
             start=start,
-            features={n: np.empty((m, fs.dim), np.float32) for n, fs in self.targets.items()},
+            features={
+                n: np.empty((m, *fs.row_shape), np.float32) for n, fs in self.targets.items()
+            },
             errors=[""] * m,
             digests=[""] * m,
             non_finite={n: np.zeros(m, bool) for n in self.targets},

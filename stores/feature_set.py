@@ -2,7 +2,9 @@
 
 Arrays (dimension ``sample`` along rows, all sharded alike so one shard is one object each):
 
-- ``features`` (N × D, float16 by default; NaN rows where the image was unreadable)
+- ``features`` (N × D, float16 by default; NaN rows where the image was unreadable), or in a
+  dense set (``extract --dense``, attribute ``grid`` = ``[H, W]``) N × H × W × D grids
+  (dimensions ``sample, y, x, feature``), read with ``array("features")``
 - ``labels`` (N, int64, -1 unlabeled), ``ids`` (N, string) and ``digest`` (N, a hash of
   each image's bytes as read during extraction)
 - ``valid`` (N, bool) and ``error`` (N, string: why a row is invalid, '' otherwise)
@@ -24,7 +26,7 @@ import json
 import socket
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -61,6 +63,7 @@ class FeatureSetRequest:
     n_rows: int
     dim: int
     dtype: str = "float16"
+    grid: tuple[int, int] | None = None  # (H, W) of a dense set: one H × W × dim grid per row
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,8 @@ class FeatureSet:
             raise SpecError(
                 f"Unknown storage dtype '{request.dtype}'. Expected one of {', '.join(DTYPES)}."
             )
+        if request.grid is not None:  # recorded with the provenance, at the exclusive create
+            request = replace(request, provenance={**request.provenance, "grid": [*request.grid]})
         with translate_write_errors(location, f"feature set '{request.path}' metadata"):
             group = create_group(root, request, layout, marker=_marker())
             fs = cls(group, location=location)
@@ -117,6 +122,7 @@ class FeatureSet:
             "storage": self.attrs.get("storage"),
             "n_rows": self.attrs.get("n_rows"),
             "dim": self.attrs.get("dim"),
+            "grid": self.attrs.get("grid"),
         }
         wanted = {
             "format": FORMAT_VERSION,
@@ -125,6 +131,7 @@ class FeatureSet:
             "storage": layout.to_dict(),
             "n_rows": request.n_rows,
             "dim": request.dim,
+            "grid": list(request.grid) if request.grid else None,
         }
         diffs = _diff(stored, wanted)
         if diffs:
@@ -143,7 +150,7 @@ class FeatureSet:
         *,
         label_shape: tuple[int, ...] = (),
     ) -> None:
-        n, d = request.n_rows, request.dim
+        n, row = request.n_rows, _row_shape(request.grid, request.dim)
         compressors = layout.compressors()
         rows = {
             "dimension_names": ("sample",),
@@ -153,13 +160,13 @@ class FeatureSet:
         text = {**rows, "shape": (n,), "dtype": str}
         specs: dict[str, dict[str, Any]] = {
             "features": {
-                "shape": (n, d),
+                "shape": (n, *row),
                 "dtype": request.dtype,
-                "chunks": (layout.chunk_rows, d),
-                "shards": (layout.shard_rows, d),
+                "chunks": (layout.chunk_rows, *row),
+                "shards": (layout.shard_rows, *row),
                 "compressors": compressors,
                 "fill_value": np.nan,
-                "dimension_names": ("sample", "feature"),
+                "dimension_names": ("sample", *("y", "x")[: len(row) - 1], "feature"),
             },
             "labels": {
                 **rows,
@@ -213,6 +220,21 @@ class FeatureSet:
         return int(self.attrs["dim"])
 
     @property
+    def grid(self) -> tuple[int, int] | None:
+        """``(H, W)`` of a dense set's grids; None for one vector per row."""
+        grid = self.attrs.get("grid")
+        return (int(grid[0]), int(grid[1])) if grid else None
+
+    @property
+    def is_dense(self) -> bool:
+        return self.grid is not None
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """One row's features: ``(dim,)``, or ``(H, W, dim)`` when dense."""
+        return _row_shape(self.grid, self.dim)
+
+    @property
     def layout(self) -> StorageLayout:
         return StorageLayout(**self.attrs["storage"])
 
@@ -222,6 +244,13 @@ class FeatureSet:
 
     @property
     def features(self) -> zarr.Array:
+        """The N × D features; a dense set refuses (SpecError): read ``array("features")``."""
+        if self.is_dense:
+            raise SpecError(
+                f"Feature set '{self.path}' holds dense grids (N×H×W×D = {self.n_rows}×"
+                f"{'×'.join(map(str, self.row_shape))}), not one vector per image. Fix: use "
+                "`bob-cache probe --method dense-linear`, or extract without --dense."
+            )
         return self.group["features"]
 
     @property
@@ -285,14 +314,15 @@ class FeatureSet:
         """
         start, stop = self.layout.shard_bounds(shard, self.n_rows)
         m = stop - start
-        if features.shape != (m, self.dim) or len(rows.errors) != m:
+        if features.shape != (m, *self.row_shape) or len(rows.errors) != m:
             raise ValueError(
-                f"shard {shard} needs {(m, self.dim)} features and {m} rows, got "
+                f"shard {shard} needs {(m, *self.row_shape)} features and {m} rows, got "
                 f"{features.shape} and {len(rows.errors)}"
             )
         valid = np.array([not e for e in rows.errors], dtype=bool)
+        dtype = self.group["features"].dtype
         values = {
-            "features": cast_features(features, self.features.dtype, valid=valid, ids=rows.ids),
+            "features": cast_features(features, dtype, valid=valid, ids=rows.ids),
             "labels": np.asarray(rows.labels, dtype=np.int64),
             "ids": np.asarray(list(rows.ids), dtype=str),
             "digest": np.asarray(list(rows.digests), dtype=str),
@@ -395,6 +425,7 @@ class FeatureSet:
             "key": a["key"],
             "rows": a["n_rows"],
             "dim": a["dim"],
+            "grid": a.get("grid"),
             "dtype": a["spec"]["dtype"],
             "invalid": sum(r["invalid"] for r in done),
             "complete": len(done) == len(commits),
@@ -417,6 +448,10 @@ class FeatureSet:
         return out
 
 
+def _row_shape(grid: tuple[int, int] | None, dim: int) -> tuple[int, ...]:
+    return (int(grid[0]), int(grid[1]), dim) if grid else (dim,)
+
+
 def _marker() -> dict[str, Any]:
     return {MARKER: {"format": FORMAT_VERSION, "kind": "feature_set"}}
 
@@ -424,7 +459,7 @@ def _marker() -> dict[str, Any]:
 def cast_features(
     features: np.ndarray, dtype: np.dtype | str, *, valid: np.ndarray, ids: Sequence[str]
 ) -> np.ndarray:
-    """Cast float32 rows to the storage dtype; invalid rows become NaN.
+    """Cast float32 rows (vectors or grids) to the storage dtype; invalid rows become NaN.
 
     Raises:
         FeatureOverflowError: a finite value is beyond the dtype's range (it would be inf).
@@ -432,10 +467,10 @@ def cast_features(
     target = np.dtype(dtype)
     with np.errstate(over="ignore"):  # overflow is detected just below
         out = features.astype(target)
-    overflow = np.isinf(out) & np.isfinite(features)
+    overflow = (np.isinf(out) & np.isfinite(features)).reshape(len(out), -1).any(axis=1)
     overflow[~valid] = False
     if overflow.any():
-        bad = np.flatnonzero(overflow.any(axis=1))
+        bad = np.flatnonzero(overflow)
         peak = float(np.abs(features[bad]).max())
         raise FeatureOverflowError(
             f"Features of {len(bad)} row(s) (e.g. '{ids[bad[0]]}') reach {peak:.4g}, beyond "

@@ -47,7 +47,7 @@ def verify_feature_set(fs: FeatureSet, *, repair: bool = False) -> SetReport:
     layout, n = fs.layout, fs.n_rows
     committed = np.array([r is not None for r in fs.commits()], dtype=bool)
     report = SetReport(fs.path, n, len(committed), int(committed.sum()), bool(committed.all()))
-    for name, shape in (("features", (n, fs.dim)), *((a, (n,)) for a in ROW_ARRAYS)):
+    for name, shape in (("features", (n, *fs.row_shape)), *((a, (n,)) for a in ROW_ARRAYS)):
         found = fs.array(name).shape  # labels may carry a label axis (multi-label sets)
         if found[: len(shape)] != shape or (name != "labels" and found != shape):
             report.problems.append(f"array '{name}' has shape {found}, expected {shape}")
@@ -85,7 +85,7 @@ def _missing_objects(fs: FeatureSet, shard: int) -> str:
 
 def _check_shard(fs: FeatureSet, start: int, stop: int) -> str:
     try:
-        features = fs.features[start:stop]
+        features = fs.array("features")[start:stop]  # vectors, or grids of a dense set
         rows = {name: fs.array(name)[start:stop] for name in ROW_ARRAYS}
     except Exception as exc:  # any decode/IO failure of a stored object is damage
         return f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"

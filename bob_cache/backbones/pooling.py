@@ -1,7 +1,9 @@
-"""Pooling of intermediate feature maps into one vector per image.
+"""Pooling of intermediate feature maps into one vector (or one grid) per image.
 
 Intermediate outputs arrive in timm's normalized form: an ``(N, C, H, W)`` map, optionally
-with ``(N, P, C)`` prefix (class/register) tokens. A pooling turns that into ``(N, C)``.
+with ``(N, P, C)`` prefix (class/register) tokens. A pooling turns that into ``(N, C)``, or,
+for ``grid`` (``extract --dense``), keeps every position as an ``(N, H, W, C)`` grid (channels
+last; a ViT's patch tokens without its prefix tokens).
 ``default`` is not a pooling of its own: for the final layer it means the model's own head
 (pre-logits); for intermediate layers it resolves to ``token`` on models with a class
 token whose head pools by token, else ``avg``.
@@ -18,7 +20,8 @@ from bob_cache.errors import SpecError
 PoolFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 _POOLS: dict[str, PoolFn] = {}
-POOL_CHOICES = ("default", "avg", "token")
+GRID = "grid"
+POOL_CHOICES = ("default", "avg", "token", GRID)
 
 
 def register_pool(name: str) -> Callable[[PoolFn], PoolFn]:
@@ -43,6 +46,22 @@ def pool_token(spatial: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tens
     if prefix is None:
         raise SpecError("token pooling needs a class token")  # guarded by get_pool callers
     return prefix[:, 0]
+
+
+@register_pool(GRID)
+def pool_grid(spatial: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
+    """No pooling: the ``(N, C, H, W)`` map as an ``(N, H, W, C)`` grid (prefix tokens dropped)."""
+    if spatial.ndim != 4:
+        raise SpecError(
+            f"--dense needs a spatial feature map (N, C, H, W); this layer gives shape "
+            f"{tuple(spatial.shape)}. Pick a convolutional or patch-token layer with --layers."
+        )
+    return spatial.permute(0, 2, 3, 1)
+
+
+def is_grid(pool: str) -> bool:
+    """Whether ``pool`` keeps a grid per image (a dense feature set) instead of a vector."""
+    return pool == GRID
 
 
 def get_pool(name: str, *, has_class_token: bool, model: str) -> PoolFn:

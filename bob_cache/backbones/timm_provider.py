@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 class TimmBackbone(Backbone):
     """Final head features via ``forward_head(pre_logits=True)``; intermediate layers via
     ``forward_intermediates`` (with the model's final norm applied, as in DINO's linear
-    evaluation), all in one pass."""
+    evaluation), all in one pass. With ``--pool grid`` (``extract --dense``), ``final`` is the
+    last feature-info layer kept as an ``(N, H, W, C)`` grid: a ViT's normalized patch tokens
+    without its prefix tokens, a CNN's last feature map."""
 
     def __init__(self, model: torch.nn.Module, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)

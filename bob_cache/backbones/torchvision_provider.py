@@ -1,7 +1,9 @@
 """Backbones built by torchvision (``tv:resnet50``, ``tv:mobilenet_v2``).
 
 The final output is the input of the model's last ``nn.Linear`` (its pre-logits); other
-layers are graph nodes of ``torchvision.models.feature_extraction``, average-pooled.
+layers are graph nodes of ``torchvision.models.feature_extraction``, average-pooled. With
+``--pool grid`` (``extract --dense``) a layer's map is kept as an ``(N, H, W, C)`` grid;
+``final`` then names the last feature map, the node just before the global average pool.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 from torch import nn
 
 from bob_cache.backbones.backbone import Backbone, Output, WeightsChoice
-from bob_cache.backbones.pooling import get_pool
+from bob_cache.backbones.pooling import get_pool, is_grid, pool_grid
 from bob_cache.backbones.weights import fit_state_dict, load_state_dict
 from bob_cache.errors import BackboneUnavailableError, SpecError
 
@@ -46,7 +48,12 @@ class TorchvisionBackbone(Backbone):
         out = {}
         for o in self.outputs:
             t = found[self._head_node if o.pool == "head" else o.layer]
-            out[o.name] = t if t.ndim == 2 else (t.flatten(2).mean(2) if t.ndim == 4 else t.mean(1))
+            if is_grid(o.pool):
+                out[o.name] = pool_grid(t, None)
+            else:
+                out[o.name] = (
+                    t if t.ndim == 2 else (t.flatten(2).mean(2) if t.ndim == 4 else t.mean(1))
+                )
         return out
 
 
@@ -112,16 +119,33 @@ def _outputs(net: nn.Module, model: str, layers: list[str], pool: str) -> list[O
             out = Output("final", "head")
         else:
             nodes = nodes or get_graph_node_names(net.eval())[1]
+            if layer == "final" and is_grid(pool):
+                layer = _last_feature_map(nodes, model)
             if layer not in nodes:
                 raise SpecError(
                     f"Unknown layer '{layer}' for 'tv:{model}'. torchvision backbones take "
-                    f"'final' (with --pool default) or graph node names, such as: "
+                    f"'final' (with --pool default, or --dense) or graph node names, such as: "
                     f"{', '.join(nodes[-6:-1])}."
                 )
             out = Output(layer, "avg" if pool == "default" else pool)
         if out not in outputs:
             outputs.append(out)
     return outputs
+
+
+_GLOBAL_POOLS = ("avgpool", "adaptive_avg_pool2d")
+
+
+def _last_feature_map(nodes: list[str], model: str) -> str:
+    """The node that feeds the model's global average pool: its last feature map."""
+    pools = [i for i, n in enumerate(nodes) if n.rsplit(".", 1)[-1] in _GLOBAL_POOLS and i > 0]
+    if not pools:
+        raise SpecError(
+            f"'tv:{model}' has no global average pool, so --dense cannot tell which node is its "
+            f"last feature map. Name a node with a (N, C, H, W) output via --layers, such as "
+            f"one of: {', '.join(nodes[-6:-1])}."
+        )
+    return nodes[pools[-1] - 1]
 
 
 def _data_config(weights: Any, image_size: int | None) -> dict[str, Any]:

@@ -26,7 +26,11 @@ from bob_cache.commands.common import (
 @handle_errors(interrupted=INTERRUPTED_RESUMABLE)
 def extract(
     data: Annotated[
-        str, typer.Option(help="Image folder, .csv/.jsonl manifest, or builtin:digits.")
+        str,
+        typer.Option(
+            help="Image folder, segmentation folder (images/ + masks/, optionally under "
+            "train/ val/ test/), .csv/.jsonl manifest, or builtin:digits."
+        ),
     ],
     backbone: Annotated[
         str,
@@ -56,8 +60,16 @@ def extract(
         ),
     ] = "final",
     pool: Annotated[
-        str, typer.Option(help="default (the model's own head), avg or token.")
+        str, typer.Option(help="default (the model's own head), avg, token, or grid (--dense).")
     ] = "default",
+    dense: Annotated[
+        bool,
+        typer.Option(
+            "--dense",
+            help="Store an H×W×D grid per image (ViT patch tokens, CNN feature map) instead of "
+            "a pooled vector: a feature set of its own, for `probe --method dense-linear`.",
+        ),
+    ] = False,
     image_size: Annotated[
         int | None, typer.Option(help="Square input size (default: the model's pretrained config).")
     ] = None,
@@ -142,6 +154,7 @@ def extract(
     from bob_cache.config import ExtractConfig, parse_layers, parse_part
     from bob_cache.pipelines import get_stage
 
+    pool = _dense_pool(pool) if dense else pool
     config = ExtractConfig(
         data=data, backbone=backbone, store=store, name=name, split=split, weights=weights,
         random_init=random_init, seed=seed, layers=parse_layers(layers), pool=pool,
@@ -163,6 +176,19 @@ def extract(
         _print_summary(s)
 
 
+def _dense_pool(pool: str) -> str:
+    """``--dense`` is ``--pool grid``; any other pooling contradicts it."""
+    from bob_cache.backbones.pooling import GRID
+    from bob_cache.errors import SpecError
+
+    if pool not in ("default", GRID):
+        raise SpecError(
+            f"--dense keeps every position (pooling '{GRID}'), so it cannot be combined with "
+            f"--pool {pool}. Drop --pool, or drop --dense for pooled vectors."
+        )
+    return GRID
+
+
 def _print_summary(s: Any) -> None:
     out.print(
         f"Extracted [bold]{s.dataset}[/] with [bold]{s.backbone}[/] on {s.device} ({s.precision}): "
@@ -179,6 +205,7 @@ def _print_summary(s: Any) -> None:
 
 def register(app: typer.Typer) -> None:
     """Add the extract family's commands to ``app``."""
-    app.command(epilog="Example: bob-cache extract --data builtin:digits --backbone resnet18")(
-        extract
-    )
+    app.command(
+        epilog="Example: bob-cache extract --data builtin:digits --backbone resnet18\n\n"
+        "Dense: bob-cache extract --data ./shapes --backbone vit_small_patch14_dinov2 --dense"
+    )(extract)

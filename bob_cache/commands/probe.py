@@ -1,5 +1,6 @@
-"""The probe family: ``probe`` (classify from cached features) and ``predict`` (classify
-stored rows or new images with a probe head it stored)."""
+"""The probe family: ``probe`` (classify from cached features; ``--method dense-linear``
+segments from dense grids) and ``predict`` (classify stored rows or new images with a probe
+head it stored)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,13 @@ def probe(
     backbone: BackboneOpt,
     store: StoreOpt = "bob-store",
     feature: FeatureOpt = None,
-    method: Annotated[str, typer.Option(help="linear, knn, or all (comma-separated).")] = "all",
+    method: Annotated[
+        str,
+        typer.Option(
+            help="linear, knn, or all (comma-separated); dense-linear: semantic segmentation "
+            "from an `extract --dense` set (run on its own)."
+        ),
+    ] = "all",
     train_split: Annotated[str, typer.Option(help="Training split.")] = "train",
     val_split: Annotated[
         str, typer.Option(help="Validation split (held out from train if absent).")
@@ -62,7 +69,26 @@ def probe(
         str,
         typer.Option(help="Linear probe: sweep (C chosen, then a converged fit) or bob (BoB's)."),
     ] = "sweep",
-    epochs: Annotated[int, typer.Option(help="Epochs of --recipe bob.")] = 90,
+    epochs: Annotated[
+        int | None,
+        typer.Option(help="Epochs of --recipe bob (default 90) or of dense-linear (default 10)."),
+    ] = None,
+    lrs: Annotated[
+        str | None,
+        typer.Option(
+            help="dense-linear: learning rates tried, chosen on val (default 1e-4,1e-3,1e-2)."
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="dense-linear: images per step (default 16).")
+    ] = None,
+    masks: Annotated[
+        str | None,
+        typer.Option(
+            help="dense-linear: the segmentation folder's location now, when it moved since "
+            "extraction (same layout)."
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     results: ResultsOpt = None,
     force: Annotated[
@@ -88,13 +114,22 @@ def probe(
 
     require_existing_store(store)
     methods = METHODS if method == "all" else tuple(m.strip() for m in method.split(","))
+    if DENSE in methods:
+        dense = _dense_config(
+            methods, seeds=seeds, lrs=lrs, epochs=epochs, batch_size=batch_size, store=store,
+            dataset=dataset, backbone=backbone, feature=feature, train_split=train_split,
+            val_split=val_split, test_split=test_split, val_fraction=val_fraction, masks=masks,
+            results=results, force=force,
+        )  # fmt: skip
+        return _dense(dense, as_json=as_json)
     config = ProbeConfig(
         store=store, dataset=dataset, backbone=backbone, feature=feature, methods=methods,
         train_split=train_split, val_split=val_split, test_split=test_split,
         val_fraction=val_fraction, seeds=parse_numbers(seeds, int, "--seeds"),
         shots=parse_numbers(shots, int, "--shots"),
         fractions=parse_numbers(fraction, float, "--fraction"),
-        ks=parse_numbers(k, int, "--k"), temperature=temperature, recipe=recipe, epochs=epochs,
+        ks=parse_numbers(k, int, "--k"), temperature=temperature, recipe=recipe,
+        epochs=90 if epochs is None else epochs,
         device=device, results=results, force=force, stream=stream, max_memory_gb=max_memory,
     )  # fmt: skip
     summary = get_stage("probe")(config)
@@ -118,6 +153,62 @@ def probe(
         err.print(f"  note: {s.heads_note}", highlight=False)
     columns = [c for c in PROBE_COLUMNS if any(c in row for row in s.table)]
     print_table(s.table, columns)
+
+
+DENSE = "dense-linear"
+DENSE_COLUMNS = ("method", "setting", "mIoU", "pixel_accuracy", "mean_accuracy", "lr",
+                 "train_rows", "val_rows")  # fmt: skip
+
+
+def _dense_config(
+    methods: tuple[str, ...],
+    *,
+    seeds: str,
+    lrs: str | None,
+    epochs: int | None,
+    batch_size: int | None,
+    **options: Any,
+) -> Any:
+    """The dense probe's config: it runs alone (another feature set), with one seed."""
+    from bob_cache.config import parse_numbers
+    from bob_cache.errors import SpecError
+    from bob_cache.pipelines.dense_probe import DenseProbeConfig
+
+    chosen = {"lrs": parse_numbers(lrs, float, "--lrs") or None, "epochs": epochs,
+              "batch_size": batch_size}  # fmt: skip
+    options.update({k: v for k, v in chosen.items() if v is not None})
+    seed_list = parse_numbers(seeds, int, "--seeds")
+    if len(methods) > 1:
+        raise SpecError(
+            f"--method {DENSE} reads dense grids, which linear and knn cannot: run it on its "
+            f"own (--method {DENSE}), and the others in a separate call."
+        )
+    if len(seed_list) > 1:
+        raise SpecError(
+            f"--method {DENSE} trains one unit per call; got seeds {list(seed_list)}. Run it once "
+            "per seed (--seeds 0, then --seeds 1, ...)."
+        )
+    return DenseProbeConfig(seed=seed_list[0] if seed_list else 0, **options)
+
+
+def _dense(config: Any, *, as_json: bool) -> None:
+    from bob_cache.pipelines import get_stage
+
+    s = get_stage("dense-probe")(config)
+    if as_json:
+        print_json(s.to_dict())
+        return
+    out.print(
+        f"Dense probe of [bold]{s.dataset}[/] × [bold]{s.backbone}[/] (feature {s.feature_key}): "
+        f"{s.units_run} unit(s) run, {s.units_skipped} already in {s.results} "
+        f"({s.seconds:.1f} s).",
+        highlight=False,
+    )
+    if s.units_run:
+        err.print(f"  protocol: {s.protocol}", highlight=False)
+        ious = ", ".join(f"{name} {v:.3f}" for name, v in s.per_class_iou.items())
+        out.print(f"  per-class IoU on '{s.scored_split}': {ious}", highlight=False)
+    print_table(s.table, [c for c in DENSE_COLUMNS if any(c in row for row in s.table)])
 
 
 PREDICT_COLUMNS = ("query", "class", "predicted_class", "probability", "top")
@@ -185,7 +276,8 @@ def register(app: typer.Typer) -> None:
     """Add the probe family's commands to ``app``."""
     app.command(
         epilog="Example: bob-cache probe --dataset digits --backbone resnet18 --method all "
-        "--shots 1,5"
+        "--shots 1,5\n\nDense: bob-cache probe --dataset shapes --backbone test_vit "
+        "--method dense-linear"
     )(probe)
     app.command(
         epilog="Example: bob-cache predict --store ./bob-store --dataset digits --backbone "

@@ -140,7 +140,7 @@ def parse_source(spec: str, *, name: str | None = None, split: str = "all") -> D
         name: dataset name (defaults to the folder or manifest stem).
         split: for a folder without split sub-folders, the split its images form.
     """
-    from bob_cache.data import builtin, folder, manifest  # noqa: F401  (register kinds)
+    from bob_cache.data import segfolder, builtin, folder, manifest  # noqa: F401, I001  (order: tried first)
 
     for _kind, matches, loader in _KINDS:
         if matches(spec):
