@@ -467,7 +467,8 @@ def cast_features(
     target = np.dtype(dtype)
     with np.errstate(over="ignore"):  # overflow is detected just below
         out = features.astype(target)
-    overflow = (np.isinf(out) & np.isfinite(features)).reshape(len(out), -1).any(axis=1)
+    inf = np.isinf(out) & np.isfinite(features)
+    overflow = inf.reshape(len(out), -1).any(axis=1) if len(out) else np.zeros(0, bool)
     overflow[~valid] = False
     if overflow.any():
         bad = np.flatnonzero(overflow)

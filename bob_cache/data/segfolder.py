@@ -79,7 +79,7 @@ def _holds_pairs(folder: Path) -> bool:
     return (folder / IMAGES).is_dir() and (folder / MASKS).is_dir()
 
 
-@register_source("segfolder", is_seg_folder)
+@register_source("segfolder", is_seg_folder, before="folder")
 def load_seg_source(spec: str, *, name: str | None = None, split: str = "all") -> SegFolderSource:
     """List a segmentation folder (see the module docstring for the layouts)."""
     from bob_cache.finetune.seg_data import load_seg_folder

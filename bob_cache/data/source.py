@@ -118,18 +118,27 @@ def default_name(stem: str) -> str:
 
 SourceLoader = Callable[..., DataSource]
 _KINDS: list[tuple[str, Callable[[str], bool], SourceLoader]] = []
+_PRECEDES: dict[str, str | None] = {}
 
 
 def register_source(
-    kind: str, matches: Callable[[str], bool]
+    kind: str, matches: Callable[[str], bool], *, before: str | None = None
 ) -> Callable[[SourceLoader], SourceLoader]:
-    """Decorator: register a loader for data specs that ``matches`` accepts."""
+    """Decorator: register a loader for data specs that ``matches`` accepts; ``before`` names
+    a kind it must be tried ahead of (a more specific folder layout), wherever that one is."""
 
     def wrap(loader: SourceLoader) -> SourceLoader:
         _KINDS.append((kind, matches, loader))
+        _PRECEDES[kind] = before
         return loader
 
     return wrap
+
+
+def _ordered_kinds() -> list[tuple[str, Callable[[str], bool], SourceLoader]]:
+    """Registration order, except that a kind registered ``before`` another comes first."""
+    first = [k for k in _KINDS if _PRECEDES.get(k[0])]
+    return first + [k for k in _KINDS if not _PRECEDES.get(k[0])]
 
 
 def parse_source(spec: str, *, name: str | None = None, split: str = "all") -> DataSource:
@@ -140,9 +149,9 @@ def parse_source(spec: str, *, name: str | None = None, split: str = "all") -> D
         name: dataset name (defaults to the folder or manifest stem).
         split: for a folder without split sub-folders, the split its images form.
     """
-    from bob_cache.data import segfolder, builtin, folder, manifest  # noqa: F401, I001  (order: tried first)
+    from bob_cache.data import builtin, folder, manifest, segfolder  # noqa: F401  (register kinds)
 
-    for _kind, matches, loader in _KINDS:
+    for _kind, matches, loader in _ordered_kinds():
         if matches(spec):
             return loader(spec, name=name, split=split)
     raise DataNotFoundError(
