@@ -8,12 +8,13 @@ fp32 on the CPU, AdamW) on the same synth-shapes images at the same batch size:
 - ``bare``: a minimal hand loop (forward, summed loss, backward, step) over the images and
   targets held in memory as tensors, in a child process;
 - ``bob``: ``bob-cache finetune --mode random-init`` reading the PNGs and COCO json from disk
-  with its data loader (2 worker processes), epoch 2's images/s (the train loop only; its
-  validation pass is timed apart), in a child process.
+  with its data loader (its default on a CPU: decoding in the training process; ``--workers N``
+  to try loader processes), epoch 2's images/s (the train loop from its first batch; the
+  validation pass and the loader's start are timed apart), in a child process.
 
 Goal: bob ÷ bare ≥ 0.95. Peak RSS of each child is reported too.
 
-    python benchmarks/finetune_throughput.py                   # ~6 min on 2 cores
+    python benchmarks/finetune_throughput.py                   # ~10 min on 2 cores
     python benchmarks/finetune_throughput.py --tasks instance --steps 4 --image-size 128
 """
 
@@ -85,15 +86,18 @@ def run_child(args: list[str]) -> tuple[dict, float]:
     return json.loads(out[out.index("{") :]), peak_kb / 2**20
 
 
-def bob(task: str, data: Path, out: Path, *, steps: int, batch: int, size: int) -> list[str]:
+def bob(
+    task: str, data: Path, out: Path, *, steps: int, batch: int, size: int, workers: int | None
+) -> list[str]:
     train = data / ("train.json" if task != "semantic" else "train")
     val = data / ("val.json" if task != "semantic" else "val")
     return [
         sys.executable, "-m", "bob_cache.cli", "finetune", "--task", task, "--backbone",
         BACKBONE, "--mode", "random-init", "--train", str(train), "--val", str(val),
         "--image-size", str(size), "--epochs", "2", "--steps-per-epoch", str(steps),
-        "--batch-size", str(batch), "--lr", "1e-4", "--workers", "2", "--device", "cpu",
+        "--batch-size", str(batch), "--lr", "1e-4", "--device", "cpu",
         "--precision", "fp32", "--out", str(out), "--results", str(out / "results"), "--json",
+        *(["--workers", str(workers)] if workers is not None else []),
     ]  # fmt: skip
 
 
@@ -108,7 +112,8 @@ def measure(task: str, root: Path, args: argparse.Namespace) -> dict:
           "--steps", str(args.steps), "--batch-size", str(args.batch_size),
           "--image-size", str(args.image_size)]  # fmt: skip
     hand, hand_rss = run_child(me)
-    summary, bob_rss = run_child(bob(task, data, root / f"run-{task}", **common))
+    out = root / f"run-{task}"
+    summary, bob_rss = run_child(bob(task, data, out, workers=args.workers, **common))
     warm = summary["runs"][0]["history"][1]
     ratio = warm["images_per_second"] / hand["images_per_second"]
     return {
@@ -121,9 +126,12 @@ def measure(task: str, root: Path, args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="instance,semantic")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument(
+        "--workers", type=int, default=None, help="bob's loader processes (default: its own)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()

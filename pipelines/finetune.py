@@ -70,7 +70,7 @@ class FinetuneConfig:
     seed: int = 0
     precision: str = "auto"
     device: str = "auto"
-    workers: int = 2
+    workers: int | None = None  # None: 0 on a CPU (compute takes every core), else up to 8
     out: str = "bob-finetune"
     results: str | None = DEFAULT_RESULTS
     name: str | None = None
@@ -158,10 +158,21 @@ def finetune(config: FinetuneConfig) -> FinetuneSummary | None:
     return result
 
 
+def resolve_workers(workers: int | None, device: torch.device) -> int:
+    """Loader processes: as given; by default none on a CPU, where the training step already
+    uses every core and loader processes only compete with it (measured: 0.81-0.83 of a bare
+    loop's speed with 2 of them on 2 cores, 0.99 with none), and up to 8 beside a GPU."""
+    if workers is not None:
+        return workers
+    if device.type != "cuda":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
 def _check(config: FinetuneConfig) -> None:
     for option, value, low in (
         ("epochs", config.epochs, 1), ("batch-size", config.batch_size, 1),
-        ("accum-steps", config.accum_steps, 1), ("workers", config.workers, 0),
+        ("accum-steps", config.accum_steps, 1), ("workers", config.workers or 0, 0),
     ):  # fmt: skip
         if value < low:
             raise SpecError(f"--{option} must be at least {low}; got {value}.")
@@ -217,7 +228,8 @@ def _run_one(
         lr=lr, epochs=config.epochs, batch_size=config.batch_size,
         accum_steps=config.accum_steps, weight_decay=config.weight_decay,
         layer_decay=config.layer_decay, warmup_epochs=config.warmup_epochs, seed=config.seed,
-        workers=config.workers, precision=precision, steps_per_epoch=config.steps_per_epoch,
+        workers=resolve_workers(config.workers, device), precision=precision,
+        steps_per_epoch=config.steps_per_epoch,
     )  # fmt: skip
     fitter = Fitter(task, model, backbone=net, data=data, settings=settings, device=device,
                     run_dir=run_dir, quiet=config.quiet)  # fmt: skip

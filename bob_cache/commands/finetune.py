@@ -86,7 +86,10 @@ def finetune(
         str, typer.Option(help="auto (bf16 on GPUs), fp32, bf16 or fp16 (CUDA).")
     ] = "auto",
     device: DeviceOpt = "auto",
-    workers: Annotated[int, typer.Option(help="Data-loading processes.")] = 2,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Data-loading processes (default: none on a CPU, up to 8 on a GPU)."),
+    ] = None,
     out_dir: Annotated[
         str, typer.Option("--out", help="Run folder: configs, logs, checkpoints, predictions.")
     ] = "bob-finetune",

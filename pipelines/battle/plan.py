@@ -213,7 +213,7 @@ class TaskRun:
             import multiprocessing
 
             config = kind.config(self.options, self.dataset, "", self.ctx)
-            if multiprocessing.current_process().daemon and getattr(config, "workers", 0):
+            if multiprocessing.current_process().daemon and getattr(config, "workers", 0) != 0:
                 config = replace(config, workers=0)  # no loader processes in a daemon
             run = get_stage(kind.stage)(config)
             return {"keys": [], "seconds": getattr(run, "seconds", 0.0)}

@@ -309,7 +309,7 @@ class FinetuneTask(TaskKind):
         image_size: int | None = Field(None, ge=32)
         steps_per_epoch: int | None = Field(None, ge=1)
         warmup_epochs: float = Field(1.0, ge=0)
-        workers: int = Field(2, ge=0)
+        workers: int | None = Field(None, ge=0)
         seed: int = 0
 
     def applies(self, options: Any, dataset: DatasetSpec) -> bool:
