@@ -83,16 +83,17 @@ class DatasetSpec(_Model):
     kind: str = Field(
         "images",
         pattern="^(images|coco|segmentation)$",
-        description="images: extracted and probed; coco (a COCO json) or segmentation (a "
-        "folder with images/ and masks/): fine-tuned only, data is the train split",
+        description="images: extracted and probed; coco (a COCO json, the train split, with "
+        "val_data): fine-tuned only; segmentation (a folder with images/ and masks/, or with "
+        "train/ val/ test/ folders of them): fine-tuned, and probed from dense grids",
     )
     val_data: str | None = Field(None, description="coco/segmentation: the val json or folder")
     test_data: str | None = Field(None, description="coco/segmentation: the test json or folder")
 
     @model_validator(mode="after")
     def _fine_tuning_data(self) -> DatasetSpec:
-        if self.kind != "images" and self.val_data is None:
-            raise ValueError(f"a {self.kind} dataset needs val_data (its val json or folder)")
+        if self.kind == "coco" and self.val_data is None:
+            raise ValueError("a coco dataset needs val_data (its val json)")
         if self.kind == "images" and (self.val_data or self.test_data):
             raise ValueError("val_data/test_data are for coco or segmentation datasets; an "
                              "images dataset takes its splits from data")  # fmt: skip

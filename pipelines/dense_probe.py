@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -194,6 +194,16 @@ def dense_probe(config: DenseProbeConfig) -> DenseProbeSummary:
     summary.table = summarize(frame).to_dict(orient="records") if len(frame) else []
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def unit_hashes(config: DenseProbeConfig, feature_key: str) -> set[str]:
+    """The config hash ``dense_probe(config)`` would record on the sets of ``feature_key``
+    (the battle's done check; it reads the valid rows and the masks' sizes, not the grids)."""
+    store = open_store(config.store, storage_options=config.storage_options or None)
+    sets = select_dense_sets(store, replace(config, feature=feature_key))
+    ids = {split: _valid_rows(fs) for split, fs in sets.items()}
+    key = sets[config.train_split].key
+    return {unit_hash(config, key, _masks_fingerprint(config, sets, ids))}
 
 
 def select_dense_sets(store: FeatureStore, config: DenseProbeConfig) -> dict[str, FeatureSet]:

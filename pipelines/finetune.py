@@ -126,21 +126,9 @@ def finetune(config: FinetuneConfig) -> FinetuneSummary | None:
     if rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.write_json(out / ckpt.CONFIG, {**identity, "lrs": list(config.lrs)})
-    runs = [
-        _run_one(
-            task,
-            config,
-            data,
-            lr=lr,
-            identity=identity,
-            device=device,
-            precision=precision,
-            inputs=inputs,
-            mean=mean,
-            std=std,
-        )
-        for lr in config.lrs
-    ]
+    common = dict(identity=identity, device=device, precision=precision, inputs=inputs,
+                  mean=mean, std=std)  # fmt: skip
+    runs = [_run_one(task, config, data, lr=lr, **common) for lr in config.lrs]
     barrier()
     if rank() != 0:  # the other ranks trained; rank 0 scores, writes and reports
         return None
@@ -150,11 +138,10 @@ def finetune(config: FinetuneConfig) -> FinetuneSummary | None:
     )
     summary.update(dataset=dataset, runs=runs, seconds=time.perf_counter() - started)
     result = FinetuneSummary(**summary)
-    if rank() == 0:
-        ckpt.write_json(out / "summary.json", result.to_dict())
-        table = ResultsTable.open(config.results) if config.results else None
-        if table is not None and config_hash(config) not in table.config_hashes():
-            table.append(_rows(task, config, result, identity, data))  # once per run
+    ckpt.write_json(out / "summary.json", result.to_dict())
+    table = ResultsTable.open(config.results) if config.results else None
+    if table is not None and config_hash(config) not in table.config_hashes():
+        table.append(_rows(task, config, result, identity, data))  # once per run
     return result
 
 

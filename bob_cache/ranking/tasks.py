@@ -144,6 +144,13 @@ register_task("ood", _is_ood_shift, primary=("top1",))
 register_task("ood-detection", _is_ood_detection, primary=("auroc",))
 
 
+def _is_dense(f: pd.DataFrame) -> pd.Series:
+    return (_column(f, "stage") == "probe") & (_column(f, "method") == "dense-linear")
+
+
+register_task("dense", _is_dense, primary=("mIoU",))
+
+
 def _never(f: pd.DataFrame) -> pd.Series:
     return pd.Series(False, index=f.index)
 

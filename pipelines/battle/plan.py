@@ -58,6 +58,9 @@ class Plan:
         return next(j for j in self.jobs if j.id == job_id)
 
 
+Variant = tuple[tuple[str, Any], ...]  # extraction options a task kind overrides (e.g. dense)
+
+
 def plan_battle(suite: Suite, *, store: str, results: str, device: str | None = None) -> Plan:
     """All jobs of ``suite``, each marked done or not."""
     device = device or suite.options.device
@@ -65,81 +68,137 @@ def plan_battle(suite: Suite, *, store: str, results: str, device: str | None = 
     sets = open_store(store).feature_sets() if store_exists(store) else None
     done_hashes = ResultsTable.open(results).config_hashes()
     plan = Plan(suite.name, store, results)
-    images = [d for d in suite.datasets if d.extractable]
-    sources = {d.name: parse_source(d.data, name=d.name) for d in images}
+    variants = _variants(suite)
+    used = {d for d, _ in variants}
+    sources = {d.name: parse_source(d.data, name=d.name) for d in suite.datasets if d.name in used}
     fingerprints = {name: source.fingerprint() for name, source in sources.items()}
-    extracted: dict[tuple[str, str], Job] = {}
-    for dataset in images:  # every extraction first: a task may read several
-        todo: list[tuple[BackboneSpec, ExtractConfig]] = []
-        for backbone in suite.backbones:
-            config = extract_config(suite, backbone, dataset, store=store, device=device)
-            source = sources[dataset.name]
-            keys = (
-                _extracted(sets, config, list(source.splits), fingerprints[dataset.name])
-                if sets is not None
-                else None
-            )
-            if keys is None and config.decode == "pil":
-                todo.append((backbone, config))  # decoded once with the others, below
-                continue
-            extract = Job(
-                id=f"extract/{dataset.name}/{backbone.display}", kind="extract",
-                dataset=dataset.name, backbone=backbone.display, done=keys is not None,
-                gpu=_uses_gpu(device), run=ExtractRun(config), keys=tuple(keys or ()),
-            )  # fmt: skip
-            plan.jobs.append(extract)
-            extracted[dataset.name, backbone.display] = extract
-        if len(todo) == 1:
-            ((backbone, config),) = todo
-            job = Job(id=f"extract/{dataset.name}/{backbone.display}", kind="extract",
-                      dataset=dataset.name, backbone=backbone.display, gpu=_uses_gpu(device),
-                      run=ExtractRun(config))  # fmt: skip
-        elif todo:  # decode once, extract many: the data cost does not grow with backbones
-            labels = tuple(b.display for b, _ in todo)
-            job = Job(id=f"extract/{dataset.name}/{'+'.join(labels)}", kind="extract",
-                      dataset=dataset.name, backbone=f"{len(todo)} backbones, one decode",
-                      gpu=_uses_gpu(device),
-                      run=SharedExtractRun(labels, tuple(c for _, c in todo)))  # fmt: skip
-        for backbone, _ in todo:
-            extracted[dataset.name, backbone.display] = job
-        if todo:
+    extracted: dict[tuple[str, str, Variant], Job] = {}
+    for dataset in suite.datasets:  # every extraction first: a task may read several
+        if dataset.name not in used:
+            continue
+        source, fingerprint = sources[dataset.name], fingerprints[dataset.name]
+        found = {
+            (b.display, v): _found(sets, suite, b, dataset, v, source, fingerprint, store, device)
+            for b in suite.backbones
+            for v in variants.get((dataset.name, b.display), ())
+        }
+        for job in _extraction_jobs(suite, dataset, found, store=store, device=device):
             plan.jobs.append(job)
+            for label, variant in job.run.covers:
+                extracted[dataset.name, label, variant] = job
     for dataset in suite.datasets:
         for backbone in suite.backbones:
-            extract = extracted.get((dataset.name, backbone.display))
-            keys = extract.keys if extract is not None and extract.done else None
-            ctx = TaskContext(
-                store=store, results=results, device=device, backbone=backbone.name,
-                weights=backbone.weights, random_init=backbone.random_init,
-                runs=suite.options.runs, label=backbone.display,
-            )  # fmt: skip
-            for i, task in enumerate(suite.tasks):
-                kind, options = get_task(task.kind), suite.task_options[i]
-                if (
-                    dataset not in suite.datasets_of(task)
-                    or not suite.runs_on(task, backbone)
-                    or not kind.applies(options, dataset)
-                ):
-                    continue
-                if not kind.reads_features:  # the stage reads the data itself
-                    keys_of, deps = ("",), ()
-                else:
-                    assert extract is not None  # applies() only passes image datasets
-                    reads = [extracted[name, backbone.display].id for name in
-                             dict.fromkeys(kind.reads(options, dataset))]  # fmt: skip
-                    keys_of, deps = keys, (extract.id, *reads)
-                done = keys_of is not None and all(
-                    kind.done_hashes(kind.config(options, dataset, key, ctx), key) <= done_hashes
-                    for key in keys_of
-                )
-                plan.jobs.append(Job(
-                    id=f"{task.kind}#{i}/{dataset.name}/{backbone.display}", kind=task.kind,
-                    dataset=dataset.name, backbone=backbone.display,
-                    detail=kind.describe(options), deps=deps, done=done,
-                    gpu=not kind.reads_features and _uses_gpu(device),
-                    run=TaskRun(task.kind, options, dataset, ctx, backbone.display),
-                ))  # fmt: skip
+            plan.jobs += _task_jobs(suite, dataset, backbone, extracted, done_hashes,
+                                    store=store, results=results, device=device)  # fmt: skip
     return plan
+
+
+def _found(
+    sets: list[FeatureSet] | None, suite: Suite, backbone: BackboneSpec, dataset: DatasetSpec,
+    variant: Variant, source: Any, fingerprint: str, store: str, device: str,
+) -> list[str] | None:  # fmt: skip
+    """Keys of the complete sets of one extraction (variant), or None when it is to do."""
+    if sets is None:
+        return None
+    config = extract_config(suite, backbone, dataset, store=store, device=device)
+    return _extracted(sets, replace(config, **dict(variant)), list(source.splits), fingerprint)
+
+
+def _variants(suite: Suite) -> dict[tuple[str, str], set[Variant]]:
+    """The extractions each dataset × backbone needs: the suite's own for image datasets, and
+    each variant a task kind asks for (``TaskKind.extraction``) where it runs."""
+    needed: dict[tuple[str, str], set[Variant]] = {}
+    for dataset in suite.datasets:
+        for backbone in suite.backbones:
+            own: set[Variant] = {()} if dataset.extractable else set()
+            needed[dataset.name, backbone.display] = own
+    for i, task in enumerate(suite.tasks):
+        kind, options = get_task(task.kind), suite.task_options[i]
+        if not kind.reads_features or not kind.extraction:
+            continue
+        for dataset in suite.datasets_of(task):
+            for backbone in suite.backbones:
+                if suite.runs_on(task, backbone) and kind.applies(options, dataset):
+                    needed[dataset.name, backbone.display].add(kind.extraction)
+    return {k: v for k, v in needed.items() if v}
+
+
+def _extraction_jobs(
+    suite: Suite, dataset: DatasetSpec, found: dict[tuple[str, Variant], list[str] | None], *,
+    store: str, device: str,
+) -> list[Job]:  # fmt: skip
+    """One job per extraction to do (the suite's own decoded once for many backbones), and one
+    done job per extraction found complete."""
+    jobs: list[Job] = []
+    todo: list[tuple[BackboneSpec, ExtractConfig]] = []
+    for (label, variant), keys in found.items():
+        backbone = next(b for b in suite.backbones if b.display == label)
+        config = replace(extract_config(suite, backbone, dataset, store=store, device=device),
+                         **dict(variant))  # fmt: skip
+        if keys is None and config.decode == "pil" and not variant:
+            todo.append((backbone, config))  # decoded once with the others, below
+            continue
+        jobs.append(Job(
+            id=f"extract/{dataset.name}/{label}{_suffix(variant)}", kind="extract",
+            dataset=dataset.name, backbone=label, done=keys is not None, gpu=_uses_gpu(device),
+            run=ExtractRun(config, covers=((label, variant),)), keys=tuple(keys or ()),
+        ))  # fmt: skip
+    if len(todo) == 1:
+        ((backbone, config),) = todo
+        jobs.append(Job(id=f"extract/{dataset.name}/{backbone.display}", kind="extract",
+                        dataset=dataset.name, backbone=backbone.display, gpu=_uses_gpu(device),
+                        run=ExtractRun(config, covers=((backbone.display, ()),))))  # fmt: skip
+    elif todo:  # decode once, extract many: the data cost does not grow with backbones
+        labels = tuple(b.display for b, _ in todo)
+        jobs.append(Job(id=f"extract/{dataset.name}/{'+'.join(labels)}", kind="extract",
+                        dataset=dataset.name, backbone=f"{len(todo)} backbones, one decode",
+                        gpu=_uses_gpu(device),
+                        run=SharedExtractRun(labels, tuple(c for _, c in todo))))  # fmt: skip
+    return jobs
+
+
+def _suffix(variant: Variant) -> str:
+    return "".join(f"+{k}={v}" for k, v in variant)
+
+
+def _task_jobs(
+    suite: Suite, dataset: DatasetSpec, backbone: BackboneSpec,
+    extracted: dict[tuple[str, str, Variant], Job], done_hashes: set[str], *, store: str,
+    results: str, device: str,
+) -> list[Job]:  # fmt: skip
+    """The task jobs of one dataset × backbone, each after the extractions it reads."""
+    ctx = TaskContext(
+        store=store, results=results, device=device, backbone=backbone.name,
+        weights=backbone.weights, random_init=backbone.random_init, runs=suite.options.runs,
+        label=backbone.display,
+    )  # fmt: skip
+    jobs = []
+    for i, task in enumerate(suite.tasks):
+        kind, options = get_task(task.kind), suite.task_options[i]
+        if (
+            dataset not in suite.datasets_of(task)
+            or not suite.runs_on(task, backbone)
+            or not kind.applies(options, dataset)
+        ):
+            continue
+        keys: tuple[str, ...] | None = ("",)
+        deps: tuple[str, ...] = ()
+        if kind.reads_features:  # after its extraction and those it reads (same backbone)
+            names = [dataset.name, *dict.fromkeys(kind.reads(options, dataset))]
+            sources = [extracted[n, backbone.display, kind.extraction] for n in names]
+            deps = tuple(job.id for job in sources)
+            keys = sources[0].keys if sources[0].done else None
+        done = keys is not None and all(
+            kind.done_hashes(kind.config(options, dataset, key, ctx), key) <= done_hashes
+            for key in keys
+        )
+        jobs.append(Job(
+            id=f"{task.kind}#{i}/{dataset.name}/{backbone.display}", kind=task.kind,
+            dataset=dataset.name, backbone=backbone.display, detail=kind.describe(options),
+            deps=deps, done=done, gpu=not kind.reads_features and _uses_gpu(device),
+            run=TaskRun(task.kind, options, dataset, ctx, backbone.display),
+        ))  # fmt: skip
+    return jobs
 
 
 @dataclass(frozen=True)
@@ -147,6 +206,7 @@ class ExtractRun:
     """Run one extraction; returns its feature keys and a summary (picklable for Dask)."""
 
     config: ExtractConfig
+    covers: tuple[tuple[str, Variant], ...] = ()  # (backbone label, variant) it extracts
 
     def __call__(self) -> dict[str, Any]:
         import multiprocessing
@@ -171,6 +231,10 @@ class SharedExtractRun:
 
     labels: tuple[str, ...]
     configs: tuple[ExtractConfig, ...]
+
+    @property
+    def covers(self) -> tuple[tuple[str, Variant], ...]:
+        return tuple((label, ()) for label in self.labels)
 
     def __call__(self) -> dict[str, Any]:
         import multiprocessing

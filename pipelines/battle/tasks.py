@@ -39,6 +39,9 @@ class TaskKind(ABC):
     Options: ClassVar[type[BaseModel]]
     # False: the stage reads the dataset itself (no extraction; ``key`` is "")
     reads_features: ClassVar[bool] = True
+    # Extraction options this kind needs beyond the backbone's own (e.g. dense grids): the
+    # planner extracts that variant, once per dataset × backbone, for the kinds that ask.
+    extraction: ClassVar[tuple[tuple[str, Any], ...]] = ()
 
     def check(self, options: dict[str, Any]) -> tuple[Any, list[tuple[tuple[Any, ...], str]]]:
         """Parse this kind's options; problems as ``(key path, message)``."""
@@ -283,6 +286,24 @@ class OODTask(TaskKind):
         return f"{len(options.detectors) if options.detectors else 'all'} detectors"
 
 
+def _finetune_data(dataset: DatasetSpec) -> tuple[str, str, str | None]:
+    """``(train, val, test)`` of a dataset for the fine-tuning stage: an image source's splits;
+    ``data``/``val_data``/``test_data``; or a segmentation folder's train/ val/ test/."""
+    from pathlib import Path
+
+    if dataset.kind == "images":  # scored on its test split, when it has one
+        from bob_cache.data import parse_source
+
+        test = dataset.data if "test" in parse_source(dataset.data).splits else None
+        return dataset.data, dataset.data, test
+    if dataset.val_data is not None:
+        return dataset.data, dataset.val_data, dataset.test_data
+    root = Path(dataset.data)
+    test = root / dataset.test_split
+    return (str(root / dataset.train_split), str(root / dataset.val_split),
+            str(test) if test.is_dir() else None)  # fmt: skip
+
+
 # The dataset kind each fine-tuning task reads.
 _FINETUNE_DATA = {
     "classification": "images", "detection": "coco", "instance": "coco",
@@ -320,16 +341,9 @@ class FinetuneTask(TaskKind):
 
         from bob_cache.pipelines.finetune import FinetuneConfig, config_hash
 
-        images = dataset.kind == "images"
-        test = dataset.test_data
-        if images:  # an image source is scored on its test split, when it has one
-            from bob_cache.data import parse_source
-
-            test = dataset.data if "test" in parse_source(dataset.data).splits else None
+        train, val, test = _finetune_data(dataset)
         config = FinetuneConfig(
-            task=options.task, backbone=ctx.backbone, train=dataset.data,
-            val=dataset.data if images else str(dataset.val_data),
-            test=test,
+            task=options.task, backbone=ctx.backbone, train=train, val=val, test=test,
             mode="random-init" if ctx.random_init else options.mode, lrs=options.lr,
             epochs=options.epochs, batch_size=options.batch_size,
             accum_steps=options.accum_steps, image_size=options.image_size,
@@ -349,3 +363,40 @@ class FinetuneTask(TaskKind):
 
     def describe(self, options: Any) -> str:
         return f"{options.task} {options.mode} lr={','.join(f'{v:g}' for v in options.lr)}"
+
+
+@register_task
+class DenseTask(TaskKind):
+    """The dense linear probe (semantic segmentation from per-patch features) on a
+    segmentation folder's dense grids, extracted for it with ``--dense``."""
+
+    name = "dense"
+    stage = "dense-probe"
+    extraction = (("pool", "grid"),)
+
+    class Options(_Options):
+        epochs: int = Field(10, ge=1)
+        batch_size: int = Field(16, ge=1)
+        lrs: tuple[float, ...] = Field((1e-4, 1e-3, 1e-2), min_length=1)
+        seed: int = 0
+
+    def applies(self, options: Any, dataset: DatasetSpec) -> bool:
+        return dataset.kind == "segmentation"
+
+    def config(self, options: Any, dataset: DatasetSpec, key: str, ctx: TaskContext) -> Any:
+        from bob_cache.pipelines.dense_probe import DenseProbeConfig
+
+        return DenseProbeConfig(
+            store=ctx.store, dataset=dataset.name, backbone=ctx.backbone, feature=key,
+            train_split=dataset.train_split, val_split=dataset.val_split,
+            test_split=dataset.test_split, epochs=options.epochs, batch_size=options.batch_size,
+            lrs=options.lrs, seed=options.seed, results=ctx.results,
+        )  # fmt: skip
+
+    def done_hashes(self, config: Any, key: str) -> set[str]:
+        from bob_cache.pipelines.dense_probe import unit_hashes
+
+        return unit_hashes(config, key)
+
+    def describe(self, options: Any) -> str:
+        return f"dense-linear, {options.epochs} epochs"

@@ -82,14 +82,14 @@ def test_each_row_gets_its_task_and_an_own_task_wins() -> None:
 
 def test_a_new_task_kind_registers_without_editing_the_rules(monkeypatch) -> None:
     monkeypatch.setattr(task_registry, "_TASKS", dict(task_registry._TASKS))
-    register_task("dense", lambda f: f["stage"] == "dense", primary=("miou",))
-    frame = pd.DataFrame([row(b, "d", "fpn", "full", v, stage="dense", metric="miou")
+    register_task("panoptic", lambda f: f["stage"] == "panoptic", primary=("pq",))
+    frame = pd.DataFrame([row(b, "d", "fpn", "full", v, stage="panoptic", metric="pq")
                           for b, v in (("a", 0.9), ("b", 0.7), ("c", 0.8))])  # fmt: skip
     ranking = rank_backbones(frame, metadata=META)
-    assert ranking.task_names == ["dense"]
+    assert ranking.task_names == ["panoptic"]
     assert list(ranking.overall["backbone"]) == ["a", "c", "b"]
     with pytest.raises(ValueError, match="already registered"):
-        register_task("dense", lambda f: f["stage"] == "dense", primary=("miou",))
+        register_task("panoptic", lambda f: f["stage"] == "panoptic", primary=("pq",))
 
 
 def test_ood_rows_rank_by_shift_top1_and_detection_auroc() -> None:
@@ -256,3 +256,17 @@ def test_metadata_given_wins_and_the_registry_fills_the_rest() -> None:
     assert resolve_backbone_info("no_such_arch.x") == BackboneInfo("no_such_arch.x")
     given = resolve_backbone_info("resnet50.tv_in1k", {"method": "mine", "label": "RN50"})
     assert (given.method, given.family, given.shown) == ("mine", "ResNet", "RN50")
+
+
+def test_dense_and_finetune_rows_rank_by_miou_and_box_ap() -> None:
+    rows = []
+    for b, miou, ap in (("a", 0.5, 0.3), ("b", 0.7, 0.2), ("c", 0.6, 0.4)):
+        rows += [row(b, "s", "dense-linear", "full", miou, stage="probe", metric="mIoU"),
+                 {**row(b, "c", "detection", "frozen", ap, stage="finetune", metric="bbox_AP"),
+                  "task": "finetune-detection"},
+                 row(b, "c", "detection", "frozen lr=0.001", ap, stage="finetune",
+                     metric="bbox_AP")]  # fmt: skip
+    frame = pd.DataFrame(rows)
+    assert list(assign_tasks(frame)) == ["dense", "finetune-detection", ""] * 3
+    ranking = rank_backbones(frame, metadata=META)
+    assert ranking.task_names == ["dense", "finetune-detection"]

@@ -66,7 +66,7 @@ tasks:
     assert "backbones.0.name (line 3): Unknown backbone 'resnt18'. Did you mean" in text
     assert "datasets.0.data (line 9)" in text and "does not exist" in text
     assert "tasks.0.kind (line 11): unknown task kind 'lineer'. Did you mean 'linear'?" in text
-    assert "Valid kinds: few-shot, finetune, knn, linear, ood, retrieval" in text
+    assert "Valid kinds: dense, few-shot, finetune, knn, linear, ood, retrieval" in text
     assert "tasks.1.temprature (line 14)" in text and "Did you mean 'temperature'?" in text
     assert "tasks.2.datasets.0 (line 16): unknown dataset 'digitz'" in text
 

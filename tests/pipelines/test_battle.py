@@ -293,3 +293,55 @@ def test_a_coco_dataset_needs_val_data_and_task_backbones_must_exist(tmp_path: P
     with pytest.raises(Exception, match="(?s)needs val_data.*unknown backbone 'r9'") as e:
         load_battle_suite(path)
     assert "Did you mean 'r0'" in str(e.value) or "r0" in str(e.value)
+
+
+SEGMENTATION_SUITE = """\
+name: dense
+backbones:
+  - name: test_vit
+    label: v0
+    random_init: true
+    image_size: 64
+datasets:
+  - name: shapes
+    kind: segmentation
+    data: {shapes}
+tasks:
+  - kind: dense
+    epochs: 2
+    lrs: [0.01]
+  - kind: finetune
+    task: semantic
+    lr: [0.001]
+    epochs: 1
+    batch_size: 4
+    image_size: 64
+options:
+  workers: 0
+  shard_rows: 8
+  runs: {runs}
+"""
+
+
+def test_a_dense_task_gets_its_own_grid_extraction_and_semantic_finetune_none(
+    tmp_path: Path,
+) -> None:
+    from bob_cache.data.synth_shapes import write_synth_shapes
+
+    write_synth_shapes(tmp_path / "shapes", n=12, image_size=64, val_fraction=0.34)
+    path = tmp_path / "suite.yaml"
+    path.write_text(SEGMENTATION_SUITE.format(shapes=tmp_path / "shapes", runs=tmp_path / "runs"))
+    plan = plan_battle(load_battle_suite(path), store=str(tmp_path / "store"),
+                       results=str(tmp_path / "results"))  # fmt: skip
+    jobs = {j.id: j for j in plan.jobs}
+    assert sorted(jobs) == ["dense#0/shapes/v0", "extract/shapes/v0+pool=grid",
+                            "finetune#1/shapes/v0"]  # no pooled extraction  # fmt: skip
+    assert jobs["dense#0/shapes/v0"].deps == ("extract/shapes/v0+pool=grid",)
+    assert jobs["finetune#1/shapes/v0"].deps == ()
+    summary = run(tmp_path, path, threads=1)
+    assert not summary.failed, summary.outcomes
+    frame = ResultsTable.open(tmp_path / "results").read()
+    dense = frame[frame["method"] == "dense-linear"]
+    assert "mIoU" in set(dense["metric"]) and set(dense["stage"]) == {"probe"}
+    assert "mIoU" in set(frame[frame["stage"] == "finetune"]["metric"])
+    assert run(tmp_path, path).outcomes == []  # both done: their rows are in the table
