@@ -95,6 +95,7 @@ class FinetuneSummary:
     seconds: float
     drop: dict[str, float] | None = None
     files: dict[str, str] = field(default_factory=dict)
+    slug: str = ""  # architecture and weights, as the results table names backbones
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,7 +137,8 @@ def finetune(config: FinetuneConfig) -> FinetuneSummary | None:
     summary = _score_best(
         task, config, data, best, inputs=inputs, device=device, mean=mean, std=std
     )
-    summary.update(dataset=dataset, runs=runs, seconds=time.perf_counter() - started)
+    summary.update(dataset=dataset, runs=runs, seconds=time.perf_counter() - started,
+                   slug=probe.slug)  # fmt: skip
     result = FinetuneSummary(**summary)
     ckpt.write_json(out / "summary.json", result.to_dict())
     table = ResultsTable.open(config.results) if config.results else None
@@ -283,7 +285,7 @@ def _rows(
     train_rows, val_rows = len(data.train), len(data.val)
     base = {
         "run_id": uuid.uuid4().hex[:12], "stage": "finetune", "dataset": summary.dataset,
-        "backbone": config.backbone, "feature_key": stable_hash(identity["backbone_identity"]),
+        "backbone": summary.slug, "feature_key": stable_hash(identity["backbone_identity"]),
         "method": task.name, "seed": config.seed, "config_hash": config_hash(config),
         "versions": library_versions(), "time": utc_now(), "train_rows": train_rows,
         "val_rows": val_rows, "task": "",

@@ -93,6 +93,7 @@ def test_detection_frozen_reports_pycocotools_numbers(
     )
     rows = ResultsTable.open(config.results).read()
     assert set(rows["stage"]) == {"finetune"}
+    assert set(rows["backbone"]) == {summary.slug} and summary.slug.startswith("test_resnet.file-")
     chosen = rows[(rows.setting == "frozen") & (rows.metric == "bbox_AP")]
     assert sorted(chosen["split"]) == ["test", "val"]
     assert set(rows["train_rows"]) == {8} and set(rows["val_rows"]) == {4}
