@@ -2,7 +2,9 @@
 
 ``scheduler="tcp://HOST:PORT"`` connects to a running cluster (whose workers must reach the
 store); ``workers=N`` starts a ``LocalCluster`` of N non-daemonic processes (so extraction
-can start its image loaders); neither gives an in-process cluster with one worker thread.
+can start its image loaders) whose environment suits torch (:func:`worker_environ`); neither
+gives an in-process cluster with one worker thread. Workers of a running cluster get Dask's
+environment unless started with, e.g., ``DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON='{}'``.
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ def dask_client(*, scheduler: str | None, workers: int | None, gpus: int) -> Ite
     kwargs: dict[str, Any] = {"dashboard_address": ":0", "resources": resources,
                               "silence_logs": logging.WARNING}  # fmt: skip
     if workers:  # non-daemonic worker processes, so extraction can start its image loaders
-        with dask.config.set({"distributed.worker.daemon": False}):
+        settings = {"distributed.worker.daemon": False,
+                    "distributed.nanny.pre-spawn-environ": worker_environ(workers)}  # fmt: skip
+        with dask.config.set(settings):
             cluster = LocalCluster(
                 n_workers=workers, threads_per_worker=1, processes=True, **kwargs
             )
@@ -58,3 +62,23 @@ def dask_client(*, scheduler: str | None, workers: int | None, gpus: int) -> Ite
     finally:
         client.close()
         cluster.close()
+
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def worker_environ(workers: int) -> dict[str, Any]:
+    """The environment a local cluster's nanny gives its worker processes: Dask's own, with the
+    thread variables at each worker's share of the cores instead of 1, and without its
+    ``MALLOC_TRIM_THRESHOLD_``. Setting that variable fixes glibc's mmap threshold, so every
+    large tensor is mapped and unmapped again: with Dask's environment a ResNet-18 forward
+    measured 1.6-1.75× slower in a worker than in the caller (0.42-0.46 against 0.26 s), and
+    0.28-0.29 s with this one."""
+    import os
+
+    import dask
+
+    share = str(max(1, (os.cpu_count() or 1) // max(workers, 1)))
+    base = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
+    base.pop("MALLOC_TRIM_THRESHOLD_", None)
+    return {**base, **dict.fromkeys(THREAD_VARIABLES, share)}

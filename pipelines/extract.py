@@ -27,6 +27,7 @@ from bob_cache.backbones.pooling import is_grid
 from bob_cache.config import ExtractConfig, resolve_workers
 from bob_cache.data import DataSource, ImageDataset, Sample, collate_rows, parse_source
 from bob_cache.data.device_decode import DevicePreprocess, EncodedImageDataset, collate_encoded
+from bob_cache.data.images import loader_context
 from bob_cache.device import autocast, resolve_device, resolve_precision
 from bob_cache.errors import InvalidImageError
 from bob_cache.pipelines.batching import ShardBatchSampler
@@ -293,6 +294,7 @@ class Extraction:
             pin_memory=self.device.type == "cuda",
             collate_fn=collate_encoded if on_device else collate_rows,
             prefetch_factor=4 if workers else None,
+            multiprocessing_context=loader_context(workers),
         )
         ids = [s.id for s in plan.samples]
         with ShardWriter(plan.targets, labels=plan.labels, ids=ids, writer=self.writer) as writer:

@@ -16,7 +16,7 @@ from dataclasses import replace
 from torch.utils.data import DataLoader
 
 from bob_cache.config import ExtractConfig, resolve_workers
-from bob_cache.data.images import SharedDecodeDataset, collate_shared
+from bob_cache.data.images import SharedDecodeDataset, collate_shared, loader_context
 from bob_cache.errors import BobCacheError, SpecError
 from bob_cache.pipelines.batching import ShardBatchSampler
 from bob_cache.pipelines.extract import (
@@ -151,6 +151,7 @@ def _run_split(runs: list[Extraction], plans: list[SplitPlan], config: ExtractCo
     loader = DataLoader(
         dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_shared,
         pin_memory=first.device.type == "cuda", prefetch_factor=4 if workers else None,
+        multiprocessing_context=loader_context(workers),
     )  # fmt: skip
     computed = [0] * len(runs)
     ids = [s.id for s in plans[0].samples]

@@ -145,3 +145,17 @@ def collate_rows(
     """Stack images; keep row indices as a tensor, errors and digests as lists of strings."""
     images, rows, errors, digests = zip(*batch, strict=True)
     return torch.stack(images), torch.as_tensor(rows), list(errors), list(digests)
+
+
+def loader_context(workers: int) -> str | None:
+    """The start method of a DataLoader's processes: ``fork`` where the platform has it and
+    this process would otherwise spawn them (a Dask worker's default), since a spawned loader
+    imports torch and bob-cache again every time a loader starts (seconds each); else the
+    default."""
+    import multiprocessing
+
+    if not workers or "fork" not in multiprocessing.get_all_start_methods():
+        return None
+    return (
+        "fork" if multiprocessing.get_start_method(allow_none=True) not in (None, "fork") else None
+    )

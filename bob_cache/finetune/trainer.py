@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from bob_cache.data.images import loader_context
 from bob_cache.device import autocast
 from bob_cache.errors import FinetuneError
 from bob_cache.finetune import checkpoint as ckpt
@@ -96,6 +97,7 @@ def make_loader(
         generator=generator,
         drop_last=len(dataset) > settings.batch_size,
         persistent_workers=False,
+        multiprocessing_context=loader_context(settings.workers),
     )
 
 

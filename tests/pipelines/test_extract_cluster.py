@@ -133,3 +133,32 @@ def test_a_part_that_fails_for_good_is_computed_by_the_final_pass(
         summary = run(tmp_path / "store", scheduler=cluster.scheduler_address, parts=2)
     assert summary.rows_computed == 320 and summary.shards_computed == 20  # 10 + 10 here
     assert_same(reference, tmp_path / "store")
+
+
+def _environ() -> dict[str, str]:
+    import os
+
+    return dict(os.environ)
+
+
+def test_local_cluster_workers_get_a_torch_friendly_environment() -> None:
+    import os
+
+    from bob_cache.pipelines.cluster import dask_client
+
+    with dask_client(scheduler=None, workers=1, gpus=0) as client:
+        env = client.submit(_environ, pure=False).result()
+    assert "MALLOC_TRIM_THRESHOLD_" not in env  # Dask's default: a fixed mmap threshold
+    assert env["OMP_NUM_THREADS"] == str(os.cpu_count() or 1)  # not Dask's 1
+
+
+def test_loaders_fork_where_the_process_would_spawn_them(monkeypatch) -> None:
+    import multiprocessing
+
+    from bob_cache.data.images import loader_context
+
+    assert loader_context(0) is None
+    monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: "spawn")
+    assert loader_context(2) == "fork"
+    monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: "fork")
+    assert loader_context(2) is None
