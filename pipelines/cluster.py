@@ -50,7 +50,7 @@ def dask_client(*, scheduler: str | None, workers: int | None, gpus: int) -> Ite
     if workers:  # non-daemonic worker processes, so extraction can start its image loaders
         settings = {"distributed.worker.daemon": False,
                     "distributed.nanny.pre-spawn-environ": worker_environ(workers)}  # fmt: skip
-        with dask.config.set(settings):
+        with dask.config.set(settings), _clean_environ():
             cluster = LocalCluster(
                 n_workers=workers, threads_per_worker=1, processes=True, **kwargs
             )
@@ -65,6 +65,23 @@ def dask_client(*, scheduler: str | None, workers: int | None, gpus: int) -> Ite
 
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@contextmanager
+def _clean_environ() -> Iterator[None]:
+    """Start workers without this process's thread and trim variables (an earlier Dask
+    cluster leaves its own in ``os.environ``, and they would win over the config), and give
+    this process its environment back afterwards (Dask's nanny updates ``os.environ``)."""
+    import os
+
+    saved = dict(os.environ)
+    for name in ("MALLOC_TRIM_THRESHOLD_", *THREAD_VARIABLES):
+        os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def worker_environ(workers: int) -> dict[str, Any]:

@@ -141,15 +141,19 @@ def _environ() -> dict[str, str]:
     return dict(os.environ)
 
 
-def test_local_cluster_workers_get_a_torch_friendly_environment() -> None:
+def test_local_cluster_workers_get_a_torch_friendly_environment(monkeypatch) -> None:
     import os
 
     from bob_cache.pipelines.cluster import dask_client
 
+    # what an earlier default Dask cluster leaves in this process's environment
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     with dask_client(scheduler=None, workers=1, gpus=0) as client:
         env = client.submit(_environ, pure=False).result()
     assert "MALLOC_TRIM_THRESHOLD_" not in env  # Dask's default: a fixed mmap threshold
     assert env["OMP_NUM_THREADS"] == str(os.cpu_count() or 1)  # not Dask's 1
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # the caller's own is given back
 
 
 def test_loaders_fork_where_the_process_would_spawn_them(monkeypatch) -> None:
