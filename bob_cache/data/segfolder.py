@@ -27,11 +27,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from bob_cache.data.images import open_image_file
+from bob_cache.data.folder import FolderSource
 from bob_cache.data.source import (
     DEFAULT_SPLIT,
     SPLIT_NAMES,
-    DataSource,
     Sample,
     default_name,
     register_source,
@@ -42,26 +41,13 @@ IMAGES, MASKS, MASK_SUFFIX = "images", "masks", ".png"
 
 
 @dataclass
-class SegFolderSource(DataSource):
-    """Images of a segmentation folder; ``location`` is the absolute path of each image."""
+class SegFolderSource(FolderSource):
+    """Images of a segmentation folder (read as a plain folder's files), with where their
+    masks are."""
 
     segmentation: dict[str, Any] = field(default_factory=dict)
 
     kind = "segfolder"
-
-    def open_image(self, sample: Sample) -> Image.Image:
-        return open_image_file(sample.location)
-
-    def read_bytes(self, sample: Sample) -> bytes | None:
-        with open(sample.location, "rb") as f:
-            return f.read()
-
-    def fingerprint_rows(self) -> list[Any]:
-        return [
-            (split, s.id, s.label, os.path.getsize(s.location))
-            for split, rows in self.splits.items()
-            for s in rows
-        ]
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "segmentation": self.segmentation}
