@@ -34,8 +34,8 @@ from bob_cache.provenance import library_versions, utc_now
 from bob_cache.stores.results import DEFAULT_RESULTS, ResultsTable
 
 # Options that change no number: left out of the run's identity.
-_NOT_IDENTITY = ("out", "results", "resume", "quiet", "workers", "device", "lrs", "name")
 _NOT_IN_HASH = ("out", "results", "resume", "quiet", "workers", "device", "name")
+_NOT_IDENTITY = (*_NOT_IN_HASH, "lrs")  # a run folder is one lr: the sweep is not its identity
 
 
 def config_hash(config: FinetuneConfig) -> str:

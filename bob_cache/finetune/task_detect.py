@@ -117,9 +117,6 @@ class DetectionTask(FinetuneTask):
                 write_results(out_dir / f"predictions_{split}_{iou_type}.json", kept)
         return evaluate_coco(cocoset.coco, results, iou_types=self.iou_types)
 
-    def batch_size(self, batch: Any) -> int:
-        return len(batch[0])
-
 
 @register_task
 class InstanceTask(DetectionTask):

@@ -70,9 +70,14 @@ def seed_everything(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(value)
 
 
-def rank() -> int:
+def is_distributed() -> bool:
+    """Whether this process is one rank of a torchrun launch (its process group joined)."""
     dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if is_distributed() else 0
 
 
 def make_loader(
@@ -80,8 +85,7 @@ def make_loader(
 ) -> DataLoader:
     """The epoch's shuffled loader (a DistributedSampler's part under torchrun)."""
     generator = seed_everything(settings.seed, epoch)
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         from torch.utils.data.distributed import DistributedSampler
 
         sampler: Any = DistributedSampler(dataset, shuffle=True, seed=settings.seed)
@@ -136,7 +140,7 @@ class Fitter:
 
     def updates_per_epoch(self) -> int:
         batches = len(self.data.train) // self.settings.batch_size or 1
-        world = torch.distributed.get_world_size() if rank_world() else 1
+        world = torch.distributed.get_world_size() if is_distributed() else 1
         batches = max(batches // world, 1)
         if self.settings.steps_per_epoch is not None:
             batches = min(batches, self.settings.steps_per_epoch)
@@ -261,14 +265,9 @@ class Fitter:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def rank_world() -> bool:
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized()
-
-
 def _wrap_distributed(model: nn.Module, device: torch.device, *, find_unused: bool) -> nn.Module:
     """DDP under torchrun; detectors skip some heads in some steps (``find_unused``)."""
-    if not rank_world():
+    if not is_distributed():
         return model
     from torch.nn.parallel import DistributedDataParallel
 
