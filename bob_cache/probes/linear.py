@@ -3,8 +3,8 @@
 The objective is scikit-learn's, ``C·Σ loss + ½‖W‖²``, written per sample as
 ``mean loss + (λ/2)‖W‖²`` with ``λ = 1/(C·n)`` (the intercept is not penalized). Single-label
 sets use the multinomial (softmax) loss; multi-label sets (several 0/1 label columns, -1 for
-unknown) use one sigmoid per column. Optimization is full-batch L-BFGS
-(:mod:`bob_cache.probes.objective`).
+unknown) use one sigmoid per column. Optimization is full-batch L-BFGS, preconditioned by the
+features' second moments (:mod:`bob_cache.probes.objective`, :mod:`~bob_cache.probes.precondition`).
 
 Two protocols choose C (both state exactly which rows trained, chose and were refit):
 

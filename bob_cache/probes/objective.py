@@ -1,4 +1,4 @@
-"""The logistic objective over row blocks, and the L-BFGS that minimizes it.
+"""The logistic objective over row blocks, and the preconditioned L-BFGS that minimizes it.
 
 ``mean loss + (λ/2)‖W‖²`` at weights over standardized features. The exact objective works
 in float32 on the raw rows with the standardization folded into the weights, so neither a
@@ -10,6 +10,7 @@ the exact objective finishes: the fit is always certified converged in float32.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from bob_cache.probes.features import Features, Standardizer
+from bob_cache.probes.precondition import Preconditioner
 
 FINAL_GTOL = 1e-4  # the reported model: scikit-learn's default tolerance ...
 SMALL_GTOL = 1e-6  # ... or tighter where a fit costs well under a second
@@ -46,6 +48,7 @@ class Objective:
         device: torch.device,
     ) -> None:
         self.features, self.n, self.n_outputs, self.device = features, features.n, n_outputs, device
+        self.standardizer = std
         self.multilabel = labels.ndim == 2
         y = torch.from_numpy(labels)
         self.labels = y.float() if self.multilabel else y.long()
@@ -56,6 +59,11 @@ class Objective:
         keep = not features.is_streamed and (small or device.type != "cpu")
         self._cache = list(self._blocks()) if keep else None
         self.fast = _Bf16Twin(self) if _bf16_pays_off(self) else None
+
+    @functools.cached_property
+    def preconditioner(self) -> Preconditioner:
+        """The L-BFGS preconditioner from these rows' second moments (computed once)."""
+        return Preconditioner.fit(self.features, self.standardizer, self.device)
 
     def _blocks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         start = 0
@@ -192,28 +200,31 @@ def minimize(
 ) -> tuple[Weights, int, bool]:
     """L-BFGS until ``stop`` says done; ``((W, b), iterations, converged)``.
 
-    With a bfloat16 twin, the twin runs first (to half the gradient tolerance: its gradient is
-    approximate), then the same L-BFGS, its curvature history kept, continues on the exact
-    objective, its predictions compared with the twin's. converged is False only when
-    ``max_iter`` stopped the fit.
+    L-BFGS runs on preconditioned weights (:mod:`bob_cache.probes.precondition`); ``stop``
+    reads the gradient in ``W`` itself. With a bfloat16 twin, the twin runs first (to half
+    the gradient tolerance: its gradient is approximate), then the same L-BFGS, its
+    curvature history kept, continues on the exact objective, its predictions compared with
+    the twin's. converged is False only when ``max_iter`` stopped the fit.
     """
     if stop.rtol is not None and init is not None:
         _, (gw, gb) = (objective.fast or objective)(*init, lam)
         stop = replace(stop, gtol=min(stop.gtol, stop.rtol * _largest(gw, gb)))
     k, dim, device = objective.n_outputs, objective.features.dim, objective.device
-    w = torch.zeros(k, dim, device=device) if init is None else init[0].detach().clone()
+    pre = objective.preconditioner
+    w = torch.zeros(k, dim, device=device) if init is None else init[0].detach()
+    v = pre.params(w).contiguous()
     b = torch.zeros(k, device=device) if init is None else init[1].detach().clone()
-    chunk = CHUNK if stop.watch is not None else max_iter
     opt = torch.optim.LBFGS(
-        [w, b], lr=1, max_iter=chunk, max_eval=2 * chunk, history_size=10,
+        [v, b], lr=1, max_iter=CHUNK, max_eval=4 * CHUNK, history_size=10,
         line_search_fn="strong_wolfe", tolerance_grad=stop.gtol, tolerance_change=1e-12,
     )  # fmt: skip
     seen = None
     if objective.fast is not None:
-        _run(opt, objective.fast, lam, replace(stop, gtol=stop.gtol / 2), max_iter, None)
-        seen = _predict(objective, stop, (w, b))
-    converged = _run(opt, objective, lam, stop, max_iter, seen)
-    return (w.detach(), b.detach()), int(opt.state[w].get("n_iter", 0)), converged
+        _run(opt, _Closure(objective.fast, pre, lam, opt), replace(stop, gtol=stop.gtol / 2),
+             max_iter, None)  # fmt: skip
+        seen = _predict(objective, stop, (pre.weights(v), b))
+    converged = _run(opt, _Closure(objective, pre, lam, opt), stop, max_iter, seen)
+    return (pre.weights(v).detach(), b.detach()), int(opt.state[v].get("n_iter", 0)), converged
 
 
 def _largest(gw: torch.Tensor, gb: torch.Tensor) -> float:
@@ -228,43 +239,73 @@ def _predict(objective: Objective, stop: Stop, weights: Weights) -> torch.Tensor
     return logits > 0 if objective.multilabel else logits.argmax(1)
 
 
-def _run(
-    opt: torch.optim.LBFGS,
-    fn: Objective | _Bf16Twin,
-    lam: float,
-    stop: Stop,
-    max_iter: int,
-    seen: torch.Tensor | None,
-) -> bool:
-    """Step ``opt`` on ``fn`` in chunks, checking ``stop`` between them; False at ``max_iter``."""
-    w, b = opt.param_groups[0]["params"]
-    opt.param_groups[0]["tolerance_grad"] = stop.gtol
-    chunk = opt.param_groups[0]["max_iter"]
-    objective = fn.exact if isinstance(fn, _Bf16Twin) else fn
-    evals = [0, time.perf_counter()]
+class _Closure:
+    """L-BFGS's closure over ``(V, b)``. It keeps its last point, so evaluating there again
+    (L-BFGS does at every ``step``, and :func:`_run` to read the gradient) costs nothing."""
 
-    def closure() -> torch.Tensor:
-        loss, (w.grad, b.grad) = fn(w, b, lam)
-        evals[0] += 1
-        if evals[0] % 10 == 0:
+    def __init__(
+        self, fn: Objective | _Bf16Twin, pre: Preconditioner, lam: float, opt: torch.optim.LBFGS
+    ) -> None:
+        self.fn, self.pre, self.lam = fn, pre, lam
+        self.v, self.b = opt.param_groups[0]["params"]
+        self.last: tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, torch.Tensor] | None
+        self.last = None
+        self.evaluations, self.started = 0, time.perf_counter()
+
+    def evaluate(self) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """Loss and ``W``-space gradient at the current ``(V, b)``."""
+        last = self.last
+        if last is not None and torch.equal(last[0], self.v) and torch.equal(last[1], self.b):
+            return last[2], last[3], last[4]
+        loss, (gw, gb) = self.fn(self.pre.weights(self.v), self.b, self.lam)
+        self.last = (self.v.detach().clone(), self.b.detach().clone(), loss, gw, gb)
+        self.evaluations += 1
+        if self.evaluations % 10 == 0:
             logger.info(
                 "%s L-BFGS: %d evaluations, loss %.6f, largest gradient %.2e, %.0f s",
-                type(fn).__name__, evals[0], loss, _largest(w.grad, b.grad),
-                time.perf_counter() - evals[1],
+                type(self.fn).__name__, self.evaluations, loss, _largest(gw, gb),
+                time.perf_counter() - self.started,
             )  # fmt: skip
+        return loss, gw, gb
+
+    def __call__(self) -> torch.Tensor:
+        loss, gw, gb = self.evaluate()
+        self.v.grad, self.b.grad = self.pre.gradient(gw), gb.clone()
         return torch.tensor(loss)
 
-    lag = max(stop.window // chunk, 1)
+    def largest_gradient(self) -> tuple[float, float]:
+        """The largest gradient entry at the current point, in ``W`` and in ``V``."""
+        _, gw, gb = self.evaluate()
+        return _largest(gw, gb), _largest(self.pre.gradient(gw), gb)
+
+
+def _run(
+    opt: torch.optim.LBFGS, closure: _Closure, stop: Stop, max_iter: int, seen: torch.Tensor | None
+) -> bool:
+    """Step ``opt`` in chunks, checking ``stop`` between them; False at ``max_iter``."""
+    v, b = closure.v, closure.b
+    fn = closure.fn
+    objective = fn.exact if isinstance(fn, _Bf16Twin) else fn
+    lag = max(stop.window // CHUNK, 1)
     history = [] if seen is None else [seen] * lag
-    before = int(opt.state[w].get("n_iter", 0))
+    group = opt.param_groups[0]
+    group["tolerance_grad"] = stop.gtol  # L-BFGS's own test, in V: a hint, checked in W below
+    before = int(opt.state[v].get("n_iter", 0))
     iterations = 0
     while iterations < max_iter:
         opt.step(closure)
-        ran = int(opt.state[w].get("n_iter", 0)) - before - iterations
+        ran = int(opt.state[v].get("n_iter", 0)) - before - iterations
         iterations += ran
-        if ran < chunk:  # L-BFGS's own stop: the gradient tolerance, or no more progress
+        in_w, in_v = closure.largest_gradient()
+        if in_w <= stop.gtol:
             return True
-        history.append(_predict(objective, stop, (w, b)))
+        if ran < CHUNK:
+            if in_v > group["tolerance_grad"]:
+                return True  # L-BFGS made no more progress (its change tolerance)
+            group["tolerance_grad"] = in_v / 2  # small in V, not yet in W: go on
+        if stop.watch is None:
+            continue
+        history.append(_predict(objective, stop, (closure.pre.weights(v), b)))
         if len(history) > lag and _share_changed(history[-1], history[-1 - lag]) <= stop.changed:
             return True
     return False

@@ -85,6 +85,89 @@ def test_agrees_with_sklearn_logistic_regression_at_the_same_C() -> None:
         )
 
 
+def ill_conditioned(
+    n: int = 3000, dim: int = 256, classes: int = 6
+) -> tuple[np.ndarray, np.ndarray]:
+    """A few loud directions carry most of the variance; the classes differ in quiet ones."""
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, classes, n)
+    loud = rng.normal(size=(n, 4)) * np.array([40.0, 25.0, 15.0, 10.0])
+    quiet = rng.normal(size=(n, 12)) + rng.normal(size=(classes, 12))[y]
+    mixing = np.linalg.qr(rng.normal(size=(dim, dim)))[0][:16]
+    x = np.hstack([loud, quiet]) @ mixing + 0.05 * rng.normal(size=(n, dim))
+    return x.astype(np.float32), y
+
+
+def test_the_preconditioner_evens_out_loud_directions_and_keeps_the_minimizer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    from bob_cache.probes import objective as objective_module
+    from bob_cache.probes.precondition import DAMPING, Preconditioner
+
+    x, y = ill_conditioned()
+    features = Features.in_memory(x)
+    std = Standardizer.fit(features)
+    pre = Preconditioner.fit(features, std, torch.device("cpu"))
+    z = torch.from_numpy(std(x)).double()
+    sigma = z.T @ z / len(z)
+    m = pre.forward.double()
+    torch.testing.assert_close(m @ pre.inverse.double(), torch.eye(256, dtype=torch.float64),
+                               atol=1e-4, rtol=0)  # fmt: skip
+    before, after = torch.linalg.eigvalsh(sigma), torch.linalg.eigvalsh(m @ sigma @ m)
+    delta = DAMPING * float(before.mean())
+    assert float(after.max()) <= delta * 1.001 < float(before.max()) / 5  # loud ones evened out
+    assert (
+        float(after.max() / after.clamp_min(1e-3).min())
+        < float(before.max() / before.clamp_min(1e-3).min()) / 5
+    )
+
+    def fit(identity: bool) -> tuple[object, int]:
+        if identity:
+            identity_map = Preconditioner(torch.eye(256), torch.eye(256))
+            monkeypatch.setattr(objective_module.Objective, "preconditioner", identity_map)
+        model = fit_logistic(features, y, n_outputs=6, C=1.0, gtol=1e-7)
+        monkeypatch.undo()
+        return model, model.iterations
+
+    (plain, plain_iters), (ours, ours_iters) = fit(True), fit(False)
+    assert ours_iters < plain_iters  # a shorter path ...
+    ref = LogisticRegression(C=1.0, max_iter=10_000, tol=1e-10).fit(std(x), y)
+    expected = ref.decision_function(std(x))
+    for model in (ours, plain):  # ... to the same minimizer (logits; softmax is shift-free)
+        logits = model.scores(features)
+        np.testing.assert_allclose(
+            logits - logits.mean(1, keepdims=True),
+            expected - expected.mean(1, keepdims=True), atol=5e-2,
+        )  # fmt: skip
+
+
+def test_an_evaluation_at_the_same_point_is_not_computed_twice() -> None:
+    import torch
+
+    from bob_cache.probes.objective import Objective, _Closure
+
+    x, y = ill_conditioned(300)
+    features = Features.in_memory(x)
+    calls = []
+    objective = Objective(features, y, Standardizer.fit(features), 6, torch.device("cpu"))
+
+    def counted(w: torch.Tensor, b: torch.Tensor, lam: float) -> tuple:
+        calls.append(1)
+        return objective(w, b, lam)
+
+    v, b = torch.zeros(6, 256), torch.zeros(6)
+    opt = torch.optim.LBFGS([v, b])
+    closure = _Closure(counted, objective.preconditioner, 1e-3, opt)
+    first = closure()
+    closure.largest_gradient()
+    assert float(closure()) == float(first) and len(calls) == 1
+    v += 0.1
+    closure()
+    assert len(calls) == 2
+
+
 def test_streaming_gives_the_same_answer_as_in_memory(tmp_path: Path) -> None:
     x, y = blobs(900, classes=3, dim=8, spread=2.5)  # overlapping: a real λ choice
     write_feature_sets(
