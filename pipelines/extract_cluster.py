@@ -13,6 +13,8 @@ one ``GPU`` worker resource; give each GPU its own worker (``CUDA_VISIBLE_DEVICE
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import time
 import uuid
 from dataclasses import replace
@@ -112,9 +114,19 @@ def _run_part(config: ExtractConfig, threads: int) -> dict[str, Any]:
 
 
 def _torch_threads() -> int:
-    import torch
+    """The intra-op thread count of this process's torch, without importing it when it is not
+    loaded (the caller of a cluster run never needs torch): torch's own default rule,
+    ``OMP_NUM_THREADS``, else ``MKL_NUM_THREADS``, else the physical cores."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.get_num_threads()
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        value = os.environ.get(name, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    import psutil
 
-    return torch.get_num_threads()
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 def _result(future: Any) -> dict[str, Any] | None:
@@ -129,6 +141,9 @@ def _result(future: Any) -> dict[str, Any] | None:
 
 
 def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    """Whether ``--device auto`` means GPU parts: torch's answer when it is loaded, else
+    whether this machine has an NVIDIA driver (a part still resolves its own device)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return bool(torch.cuda.is_available())
+    return os.path.exists("/proc/driver/nvidia/version")

@@ -19,13 +19,8 @@ from bob_cache.config import ExtractConfig, resolve_workers
 from bob_cache.data.images import SharedDecodeDataset, collate_shared, loader_context
 from bob_cache.errors import BobCacheError, SpecError
 from bob_cache.pipelines.batching import ShardBatchSampler
-from bob_cache.pipelines.extract import (
-    Extraction,
-    ExtractSummary,
-    SplitPlan,
-    _finish,
-    _strict_error,
-)
+from bob_cache.pipelines.extract import ExtractSummary
+from bob_cache.pipelines.extract_single import Extraction, SplitPlan, _finish, _strict_error
 from bob_cache.pipelines.writer import ShardWriter
 from bob_cache.progress import progress_bar
 

@@ -10,17 +10,21 @@ from bob_cache.errors import BobCacheError, did_you_mean
 
 Stage = Callable[..., Any]
 _STAGES: dict[str, Stage] = {}
-# Stage modules register themselves on import; they are imported on first lookup so that
-# `import bob_cache` stays light (torch, faiss and zarr load only when a stage runs).
-_STAGE_MODULES = (
-    "extract", "probe", "predict", "index", "query", "retrieval_eval", "ood", "battle", "report",
-    "shift", "finetune", "dense_probe",
-)  # fmt: skip
+# Stage modules register themselves on import; a lookup imports only the module of the stage
+# it names, so `import bob_cache` and each command stay light (torch, faiss and zarr load only
+# when a stage that needs them runs).
+_STAGE_MODULES = {
+    "extract": "extract", "probe": "probe", "predict": "predict", "index": "index",
+    "query": "query", "retrieval-eval": "retrieval_eval", "ood": "ood", "battle": "battle",
+    "report": "report", "shift": "shift", "finetune": "finetune", "dense-probe": "dense_probe",
+}  # fmt: skip
 
 
-def _load_stages() -> None:
-    for module in _STAGE_MODULES:
-        importlib.import_module(f"bob_cache.pipelines.{module}")
+def _load_stages(*names: str) -> None:
+    """Import the modules of ``names`` (all stages when none is given)."""
+    for name in names or tuple(_STAGE_MODULES):
+        if name in _STAGE_MODULES:
+            importlib.import_module(f"bob_cache.pipelines.{_STAGE_MODULES[name]}")
 
 
 def register_stage(name: str) -> Callable[[Stage], Stage]:
@@ -35,8 +39,9 @@ def register_stage(name: str) -> Callable[[Stage], Stage]:
 
 def get_stage(name: str) -> Stage:
     """The stage called ``name``."""
-    _load_stages()
+    _load_stages(name)
     if name not in _STAGES:
+        _load_stages()  # an unknown name: list them all
         raise BobCacheError(
             f"Unknown stage '{name}'.{did_you_mean(name, _STAGES)} Known: {', '.join(_STAGES)}."
         )

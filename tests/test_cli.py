@@ -398,7 +398,7 @@ def test_allow_mixed_lets_extract_resume_in_another_environment(
     assert cli(*args, "--part", "0/2").exit_code == 0
     real = resume.writer_identity
     monkeypatch.setattr(
-        "bob_cache.pipelines.extract.writer_identity",
+        "bob_cache.pipelines.extract_single.writer_identity",
         lambda device: {**real(device), "timm": "0.0.1"},
     )
     refused = cli(*args)

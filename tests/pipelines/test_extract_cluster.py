@@ -166,3 +166,29 @@ def test_loaders_fork_where_the_process_would_spawn_them(monkeypatch) -> None:
     assert loader_context(2) == "fork"
     monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: "fork")
     assert loader_context(2) is None
+
+
+@pytest.mark.parametrize("env", [{}, {"OMP_NUM_THREADS": "1"}, {"MKL_NUM_THREADS": "1"}])
+def test_the_caller_knows_torch_s_thread_count_without_loading_torch(env: dict) -> None:
+    """Parts run at the caller's torch thread count (bit-equal features); the caller of a
+    cluster run does not import torch, so it must get the count torch would start with."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from bob_cache.pipelines import get_stage\n"
+        "from bob_cache.pipelines.extract_cluster import _torch_threads\n"
+        "get_stage('extract')\n"
+        "n = _torch_threads()\n"
+        "assert 'torch' not in sys.modules, 'the cluster caller loaded torch'\n"
+        "import torch\n"
+        "print(n, torch.get_num_threads())\n"
+    )
+    variables = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    environ = {k: v for k, v in os.environ.items() if k not in variables} | env
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True
+    )
+    ours, torch_s = done.stdout.split()
+    assert ours == torch_s, (env, ours, torch_s)

@@ -169,7 +169,7 @@ def test_resuming_in_another_environment_needs_allow_mixed_and_is_recorded(
         return {**real(device_type), "torch": "9.9.9"}
 
     monkeypatch.setattr(resume_module, "writer_identity", other_torch)
-    monkeypatch.setattr("bob_cache.pipelines.extract.writer_identity", other_torch)
+    monkeypatch.setattr("bob_cache.pipelines.extract_single.writer_identity", other_torch)
     with pytest.raises(MixedEnvironmentError, match=r"torch .*9\.9\.9.*--allow-mixed"):
         run(tmp_path / "store")
     assert not the_set(tmp_path / "store").complete
