@@ -11,20 +11,19 @@ from bob_cache.errors import BobCacheError, did_you_mean
 Stage = Callable[..., Any]
 _STAGES: dict[str, Stage] = {}
 # Stage modules register themselves on import; a lookup imports only the module of the stage
-# it names, so `import bob_cache` and each command stay light (torch, faiss and zarr load only
-# when a stage that needs them runs).
-_STAGE_MODULES = {
-    "extract": "extract", "probe": "probe", "predict": "predict", "index": "index",
-    "query": "query", "retrieval-eval": "retrieval_eval", "ood": "ood", "battle": "battle",
-    "report": "report", "shift": "shift", "finetune": "finetune", "dense-probe": "dense_probe",
-}  # fmt: skip
+# it names (``retrieval-eval`` lives in ``retrieval_eval``), so `import bob_cache` and each
+# command stay light (torch, faiss and zarr load only when a stage that needs them runs).
+_STAGE_NAMES = (
+    "extract", "probe", "predict", "index", "query", "retrieval-eval", "ood", "battle", "report",
+    "shift", "finetune", "dense-probe",
+)  # fmt: skip
 
 
 def _load_stages(*names: str) -> None:
     """Import the modules of ``names`` (all stages when none is given)."""
-    for name in names or tuple(_STAGE_MODULES):
-        if name in _STAGE_MODULES:
-            importlib.import_module(f"bob_cache.pipelines.{_STAGE_MODULES[name]}")
+    for name in names or _STAGE_NAMES:
+        if name in _STAGE_NAMES:
+            importlib.import_module(f"bob_cache.pipelines.{name.replace('-', '_')}")
 
 
 def register_stage(name: str) -> Callable[[Stage], Stage]:

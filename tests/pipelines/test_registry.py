@@ -12,8 +12,8 @@ from bob_cache.pipelines import get_stage, list_stages, registry
 
 
 def test_every_stage_module_registers_the_name_it_is_listed_under() -> None:
-    assert list_stages() == sorted(registry._STAGE_MODULES)
-    for name in registry._STAGE_MODULES:
+    assert list_stages() == sorted(registry._STAGE_NAMES)
+    for name in registry._STAGE_NAMES:
         assert callable(get_stage(name))
 
 
