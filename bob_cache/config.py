@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from bob_cache.errors import SpecError
+
+C = TypeVar("C")
+GRID = "grid"  # the pooling that keeps every position (dense features, --dense)
 
 DEFAULT_STORE = "bob-store"
 
@@ -136,6 +139,18 @@ def resolve_workers(workers: int | None, device: str = "cpu") -> int:
         return workers
     spare = max(1, (os.cpu_count() or 2) - 1)
     return spare if device.startswith("cuda") else min(8, spare)
+
+
+def without_loaders_in_daemon(config: C) -> C:
+    """``config`` with ``workers=0`` when this process is daemonic (a Dask worker by default),
+    which cannot start loader processes: images are then decoded in-process. Start workers with
+    ``DASK_DISTRIBUTED__WORKER__DAEMON=False`` to decode in parallel."""
+    import multiprocessing
+    from dataclasses import replace
+
+    if multiprocessing.current_process().daemon and getattr(config, "workers", 0) != 0:
+        return replace(config, workers=0)
+    return config
 
 
 def parse_numbers(text: str | None, kind: type, option: str) -> tuple:

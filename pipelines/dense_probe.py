@@ -32,12 +32,12 @@ from bob_cache.probes.dense import (
     DEFAULT_LRS,
     DenseHeads,
     DenseRecipe,
-    channel_stats,
     predict_batches,
     score_heads,
     train_dense_heads,
 )
-from bob_cache.probes.fewshot import row_hashes
+from bob_cache.probes.features import require_complete, valid_rows
+from bob_cache.probes.fewshot import hash_holdout
 from bob_cache.provenance import library_versions, utc_now
 from bob_cache.stores import FeatureSet, FeatureStore, open_store
 from bob_cache.stores.results import ResultsTable, summarize
@@ -180,7 +180,7 @@ def dense_probe(config: DenseProbeConfig) -> DenseProbeSummary:
     summary = DenseProbeSummary(
         config.dataset, first.attrs["backbone"]["slug"], first.key, str(table.directory)
     )
-    ids = {split: _valid_rows(fs) for split, fs in sets.items()}
+    ids = {split: valid_rows(fs) for split, fs in sets.items()}
     config_hash = unit_hash(config, first.key, _masks_fingerprint(config, sets, ids))
     if not config.force and config_hash in table.config_hashes():
         summary.units_skipped = 1
@@ -201,7 +201,7 @@ def unit_hashes(config: DenseProbeConfig, feature_key: str) -> set[str]:
     (the battle's done check; it reads the valid rows and the masks' sizes, not the grids)."""
     store = open_store(config.store, storage_options=config.storage_options or None)
     sets = select_dense_sets(store, replace(config, feature=feature_key))
-    ids = {split: _valid_rows(fs) for split, fs in sets.items()}
+    ids = {split: valid_rows(fs) for split, fs in sets.items()}
     key = sets[config.train_split].key
     return {unit_hash(config, key, _masks_fingerprint(config, sets, ids))}
 
@@ -214,10 +214,11 @@ def select_dense_sets(store: FeatureStore, config: DenseProbeConfig) -> dict[str
         FeatureSetNotFoundError: no dense set (the fix: extract with --dense), or several.
         SpecError: ``--feature`` names a set of pooled vectors.
     """
+    listed = store.feature_sets()  # one walk of the store serves both lookups
     feature = config.feature
     if feature is None:
         candidates = [
-            fs for fs in store.feature_sets()
+            fs for fs in listed
             if fs.attrs.get("dataset", {}).get("name") == config.dataset
             and matches_backbone(fs, config.backbone)
         ]  # fmt: skip
@@ -232,6 +233,7 @@ def select_dense_sets(store: FeatureStore, config: DenseProbeConfig) -> dict[str
     sets = select_feature_sets(
         store, dataset=config.dataset, backbone=config.backbone, feature=feature,
         splits=(config.train_split,), optional=(config.val_split, config.test_split),
+        listed=listed,
     )  # fmt: skip
     for fs in sets.values():
         _check_usable(fs)
@@ -245,11 +247,7 @@ def _check_usable(fs: FeatureSet) -> None:
             "the dense probe needs grids. Fix: extract with --dense and pass that key with "
             "--feature (or use --method linear on this set)."
         )
-    if not fs.complete:
-        raise FeatureSetNotFoundError(
-            f"Feature set '{fs.path}' is incomplete. Finish it by rerunning its extraction "
-            f"(`bob-cache info {fs.location} {fs.path}` shows the command)."
-        )
+    require_complete(fs)
     if not fs.attrs.get("dataset", {}).get("segmentation"):
         kind = fs.attrs.get("dataset", {}).get("kind", "?")
         raise SpecError(
@@ -257,12 +255,6 @@ def _check_usable(fs: FeatureSet) -> None:
             "Fix: extract with --dense from a segmentation folder (images/ + masks/, optionally "
             "under train/ val/ test/, classes in classes.json)."
         )
-
-
-def _valid_rows(fs: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
-    """``(row indices, ids)`` of the rows whose image was read."""
-    rows = np.flatnonzero(fs.array("valid")[:])
-    return rows, np.asarray(fs.array("ids")[:])[rows]
 
 
 def _masks_fingerprint(
@@ -312,15 +304,13 @@ def _load_splits(
 
 
 def _hold_out(rows: GridRows, ids: np.ndarray, fraction: float) -> tuple[GridRows, GridRows]:
-    hashes = row_hashes(ids, "dense-holdout")
-    held = hashes < np.uint64(int(fraction * 2**64))
-    if held.all() or not held.any():
+    keep, out = hash_holdout(ids, fraction, "dense-holdout")
+    if not len(keep) or not len(out):
         raise SpecError(
             f"Holding out {fraction:g} of {len(ids)} training rows leaves no "
-            f"{'training' if held.all() else 'validation'} rows. Extract a val split, or "
+            f"{'validation' if len(keep) else 'training'} rows. Extract a val split, or "
             "change --val-fraction."
         )
-    keep, out = np.flatnonzero(~held), np.flatnonzero(held)
     return (
         GridRows(rows.fs, rows.rows[keep], rows.masks.take(keep)),
         GridRows(rows.fs, rows.rows[out], rows.masks.take(out)),
@@ -335,9 +325,8 @@ def _run_unit(config: DenseProbeConfig, splits: _Splits, summary: DenseProbeSumm
     recipe = config.recipe
     kw = {"ignore_index": int(seg["ignore_index"]), "class_names": names}
     heads = train_dense_heads(
-        splits.train, num_classes=len(names), ignore_index=kw["ignore_index"], recipe=recipe,
-        stats=channel_stats(splits.train),
-    )  # fmt: skip
+        splits.train, num_classes=len(names), ignore_index=kw["ignore_index"], recipe=recipe
+    )
     on_val = score_heads(heads, splits.val, batch_size=recipe.batch_size, **kw)
     if all(np.isnan(r["mIoU"]) for r in on_val):
         raise SpecError(
@@ -427,7 +416,7 @@ def predict_split(
             f"{', '.join(sets)}. Pass one of those."
         )
     fs = sets[split]
-    rows, ids = _valid_rows(fs)
+    rows, ids = valid_rows(fs)
     masks = load_masks(
         fs.attrs["dataset"]["segmentation"], split, [str(i) for i in ids],
         preprocessing=fs.attrs["spec"]["preprocessing"], num_classes=head.num_classes,

@@ -20,7 +20,7 @@ import uuid
 from dataclasses import replace
 from typing import Any
 
-from bob_cache.config import ExtractConfig
+from bob_cache.config import ExtractConfig, without_loaders_in_daemon
 from bob_cache.errors import BobCacheError
 from bob_cache.pipelines.cluster import SchedulerError, dask_client
 
@@ -93,14 +93,11 @@ def _run_part(config: ExtractConfig, threads: int) -> dict[str, Any]:
     """One part on a worker (module-level, so Dask can ship it), at ``threads`` torch threads:
     a CPU forward's last bits depend on the thread count (Dask's nanny sets 1), so parts run
     at the caller's count and the set equals what the caller would have computed alone."""
-    import multiprocessing
-
     import torch
 
     from bob_cache.pipelines.extract import extract
 
-    if multiprocessing.current_process().daemon and config.workers != 0:
-        config = replace(config, workers=0)  # a daemonic worker cannot start loader processes
+    config = without_loaders_in_daemon(config)
     from threadpoolctl import threadpool_limits
 
     before = torch.get_num_threads()

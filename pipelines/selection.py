@@ -22,14 +22,16 @@ def select_feature_sets(
     feature: str | None,
     splits: Sequence[str],
     optional: Sequence[str] = (),
+    listed: Sequence[FeatureSet] | None = None,
 ) -> dict[str, FeatureSet]:
     """The feature sets of one key that cover ``splits`` (and ``optional`` splits if present).
+    ``listed``: the store's sets when the caller has listed them already.
 
     Raises:
         FeatureSetNotFoundError: nothing matches (what exists is listed), a required split is
             missing, or several keys match and ``feature`` does not pick one.
     """
-    sets = store.feature_sets()
+    sets = store.feature_sets() if listed is None else listed
     chosen = [
         fs
         for fs in sets

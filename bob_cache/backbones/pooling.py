@@ -15,12 +15,12 @@ from collections.abc import Callable
 
 import torch
 
+from bob_cache.config import GRID
 from bob_cache.errors import SpecError
 
 PoolFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 _POOLS: dict[str, PoolFn] = {}
-GRID = "grid"
 POOL_CHOICES = ("default", "avg", "token", GRID)
 
 

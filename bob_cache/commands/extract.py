@@ -178,7 +178,7 @@ def extract(
 
 def _dense_pool(pool: str) -> str:
     """``--dense`` is ``--pool grid``; any other pooling contradicts it."""
-    from bob_cache.backbones.pooling import GRID
+    from bob_cache.config import GRID
     from bob_cache.errors import SpecError
 
     if pool not in ("default", GRID):

@@ -159,7 +159,6 @@ def train_dense_heads(
     num_classes: int,
     ignore_index: int,
     recipe: DenseRecipe,
-    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> DenseHeads:
     """Train one head per learning rate of ``recipe`` on ``data`` (see the module docstring).
 
@@ -168,9 +167,8 @@ def train_dense_heads(
         num_classes: classes including background.
         ignore_index: mask value left out of the loss.
         recipe: epochs, batch size, learning rates, weight decay and the shuffling seed.
-        stats: channel mean and std (default: computed from ``data``).
     """
-    mean, std = stats if stats is not None else channel_stats(data)
+    mean, std = channel_stats(data)
     k, dim = len(recipe.lrs), int(mean.shape[0])
     weights = [torch.zeros(num_classes, dim, requires_grad=True) for _ in range(k)]
     biases = [torch.zeros(num_classes, requires_grad=True) for _ in range(k)]

@@ -145,12 +145,9 @@ class Standardizer:
         return (block - self.mean) / self.std
 
 
-def load_rows(fs: FeatureSet, *, stream: bool) -> tuple[Features, np.ndarray, np.ndarray]:
-    """The valid rows of a feature set: ``(features, labels, ids)``.
-
-    Raises:
-        SpecError: rows marked valid hold NaN or inf (they are named), or the set is incomplete.
-    """
+def require_complete(fs: FeatureSet) -> None:
+    """Raises FeatureSetNotFoundError (naming the command that finishes it) unless ``fs`` is
+    complete."""
     from bob_cache.errors import FeatureSetNotFoundError
 
     if not fs.complete:
@@ -158,9 +155,23 @@ def load_rows(fs: FeatureSet, *, stream: bool) -> tuple[Features, np.ndarray, np
             f"Feature set '{fs.path}' is incomplete. Finish it by rerunning its extraction "
             f"(`bob-cache info {fs.location} {fs.path}` shows the command)."
         )
-    valid = np.flatnonzero(fs.array("valid")[:])
+
+
+def valid_rows(fs: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
+    """``(row indices, ids)`` of the rows whose image was read."""
+    rows = np.flatnonzero(fs.array("valid")[:])
+    return rows, np.asarray(fs.array("ids")[:])[rows]
+
+
+def load_rows(fs: FeatureSet, *, stream: bool) -> tuple[Features, np.ndarray, np.ndarray]:
+    """The valid rows of a feature set: ``(features, labels, ids)``.
+
+    Raises:
+        SpecError: rows marked valid hold NaN or inf (they are named), or the set is incomplete.
+    """
+    require_complete(fs)
+    valid, ids = valid_rows(fs)
     labels = fs.array("labels")[:][valid]
-    ids = fs.array("ids")[:][valid]
     features = Features.streamed(fs, valid) if stream else Features.in_memory(fs.features[:][valid])
     bad: list[int] = []
     start = 0

@@ -77,6 +77,13 @@ def sample_fraction(
     return np.sort(order[keep])
 
 
+def hash_holdout(ids: Sequence[str], fraction: float, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held-out) row indices: each row held out when its id's hash (under ``key``) falls
+    in the lowest ``fraction`` of the hash range, whatever its label."""
+    held = row_hashes(ids, key) < np.uint64(int(fraction * 2**64))
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
 def holdout(
     labels: np.ndarray, ids: Sequence[str], fraction: float, *, seed: int | str = 0
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -85,11 +92,9 @@ def holdout(
     A class keeps at least one training row; single-label only (multi-label rows are held out
     by hash alone).
     """
-    hashes = row_hashes(ids, f"holdout:{seed}")
     if labels.ndim != 1:
-        held = hashes < np.uint64(int(fraction * 2**64))
-        return np.flatnonzero(~held), np.flatnonzero(held)
-    order, cls, rank = _ranked(labels, hashes)
+        return hash_holdout(ids, fraction, f"holdout:{seed}")
+    order, cls, rank = _ranked(labels, row_hashes(ids, f"holdout:{seed}"))
     classes, counts = np.unique(labels, return_counts=True)
     held_out = np.minimum(np.round(fraction * counts), counts - 1)
     quota = dict(zip(classes.tolist(), held_out.tolist(), strict=True))

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from bob_cache.config import ExtractConfig
+from bob_cache.config import ExtractConfig, without_loaders_in_daemon
 from bob_cache.data import parse_source
 from bob_cache.pipelines.battle.tasks import TaskContext, get_task
 from bob_cache.stores import FeatureSet, open_store
@@ -196,7 +196,7 @@ def _task_jobs(
             id=f"{task.kind}#{i}/{dataset.name}/{backbone.display}", kind=task.kind,
             dataset=dataset.name, backbone=backbone.display, detail=kind.describe(options),
             deps=deps, done=done, gpu=not kind.reads_features and _uses_gpu(device),
-            run=TaskRun(task.kind, options, dataset, ctx, backbone.display),
+            run=TaskRun(task.kind, options, dataset, ctx),
         ))  # fmt: skip
     return jobs
 
@@ -209,16 +209,9 @@ class ExtractRun:
     covers: tuple[tuple[str, Variant], ...] = ()  # (backbone label, variant) it extracts
 
     def __call__(self) -> dict[str, Any]:
-        import multiprocessing
-
         from bob_cache.pipelines import get_stage
 
-        config = self.config
-        if multiprocessing.current_process().daemon and config.workers != 0:
-            # A daemonic Dask worker cannot start loader processes: decode in-process. Start
-            # workers with DASK_DISTRIBUTED__WORKER__DAEMON=False to decode in parallel.
-            config = replace(config, workers=0)
-        summary = get_stage("extract")(config)
+        summary = get_stage("extract")(without_loaders_in_daemon(self.config))
         keys = sorted({f["key"] for f in summary.feature_sets})
         return {"keys": keys, "slug": summary.backbone, "rows_computed": summary.rows_computed,
                 "invalid_rows": summary.invalid_rows, "seconds": summary.total_seconds}  # fmt: skip
@@ -237,13 +230,9 @@ class SharedExtractRun:
         return tuple((label, ()) for label in self.labels)
 
     def __call__(self) -> dict[str, Any]:
-        import multiprocessing
-
         from bob_cache.pipelines.extract_many import extract_shared
 
-        configs = list(self.configs)
-        if multiprocessing.current_process().daemon:  # no loader processes in a daemon
-            configs = [replace(c, workers=0) for c in configs]
+        configs = [without_loaders_in_daemon(c) for c in self.configs]
         failed: dict[int, str] = {}
         summaries = extract_shared(configs, failed=failed)  # a broken backbone spares the rest
         by_label = {
@@ -263,8 +252,7 @@ class TaskRun:
     kind: str
     options: Any
     dataset: DatasetSpec
-    ctx: TaskContext
-    label: str = ""  # the backbone's display label (its keys in a shared extraction)
+    ctx: TaskContext  # its label: the backbone's display label (its keys in a shared extraction)
 
     def __call__(self, *deps: dict[str, Any]) -> dict[str, Any]:
         """Runs after its extraction and the extractions it reads (same backbone); a kind
@@ -274,20 +262,16 @@ class TaskRun:
 
         kind = get_task(self.kind)
         if not kind.reads_features:
-            import multiprocessing
-
             config = kind.config(self.options, self.dataset, "", self.ctx)
-            if multiprocessing.current_process().daemon and getattr(config, "workers", 0) != 0:
-                config = replace(config, workers=0)  # no loader processes in a daemon
-            run = get_stage(kind.stage)(config)
+            run = get_stage(kind.stage)(without_loaders_in_daemon(config))
             return {"keys": [], "seconds": getattr(run, "seconds", 0.0)}
         extraction = deps[0]
 
         if "by_backbone" in extraction:  # several backbones were decoded together
-            extraction = extraction["by_backbone"][self.label]
+            extraction = extraction["by_backbone"][self.ctx.label]
             if "error" in extraction:
                 raise BackboneUnavailableError(
-                    f"the extraction of '{self.label}' failed: {extraction['error']}"
+                    f"the extraction of '{self.ctx.label}' failed: {extraction['error']}"
                 )
         runs = [
             get_stage(kind.stage)(kind.config(self.options, self.dataset, key, self.ctx))

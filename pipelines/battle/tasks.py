@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from bob_cache.config import GRID
 from bob_cache.errors import SpecError, did_you_mean
 from bob_cache.suite import DatasetSpec
 
@@ -372,7 +373,7 @@ class DenseTask(TaskKind):
 
     name = "dense"
     stage = "dense-probe"
-    extraction = (("pool", "grid"),)
+    extraction = (("pool", GRID),)
 
     class Options(_Options):
         epochs: int = Field(10, ge=1)
