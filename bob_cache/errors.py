@@ -9,7 +9,8 @@ Messages say what was expected, what came, and how to fix it.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 
 class BobCacheError(Exception):
@@ -186,6 +187,12 @@ class DetectorDamagedError(StoreError, ValueError):
 
 class ClassMapError(BobCacheError, ValueError):
     """A shift set whose classes cannot be matched to the ID set's (none shared, unknown names)."""
+
+
+def first_few(items: Sequence[Any], n: int = 5) -> str:
+    """The first ``n`` of ``items`` for an error message, with ``...`` when there are more."""
+    shown = ", ".join(str(i) for i in items[:n])
+    return shown + (", ..." if len(items) > n else "")
 
 
 def did_you_mean(name: str, candidates: Iterable[str], *, n: int = 3) -> str:

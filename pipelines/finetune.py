@@ -25,9 +25,9 @@ import torch
 
 from bob_cache.errors import SpecError
 from bob_cache.finetune import checkpoint as ckpt
-from bob_cache.finetune.launch import barrier
+from bob_cache.finetune.launch import barrier, rank
 from bob_cache.finetune.tasks import FinetuneTask, TaskData, TaskInputs, get_task, parse_mode
-from bob_cache.finetune.trainer import Fitter, TrainSettings, rank
+from bob_cache.finetune.trainer import Fitter, TrainSettings
 from bob_cache.hashing import stable_hash
 from bob_cache.pipelines.registry import register_stage
 from bob_cache.provenance import library_versions, utc_now
@@ -169,14 +169,14 @@ def _check(config: FinetuneConfig) -> None:
         raise SpecError(f"--image-size must be at least 32 pixels; got {config.image_size}.")
 
 
-def _backbone(config: FinetuneConfig, *, seed_offset: int = 0) -> Any:
+def _backbone(config: FinetuneConfig) -> Any:
     from bob_cache.backbones import create_backbone
 
     return create_backbone(
         config.backbone,
         weights=config.weights,
         random_init=config.mode == "random-init",
-        seed=config.seed + seed_offset,
+        seed=config.seed,
         image_size=config.image_size,
     )
 

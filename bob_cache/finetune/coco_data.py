@@ -23,12 +23,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bob_cache.errors import AnnotationError, DataNotFoundError
+from bob_cache.errors import AnnotationError, DataNotFoundError, first_few
 
 DROP_REASONS = ("crowd", "outside", "zero_area")
 REQUIRED_KEYS = ("images", "annotations", "categories")
-_SHOW = 5  # how many offending paths or ids a message lists
-
 Target = dict[str, Any]
 Transform = Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target]]
 
@@ -167,11 +165,11 @@ def _check_images(entries: list[Any], path: Path) -> None:
     if bad:
         raise AnnotationError(
             f"{len(bad)} image entries in {path} lack an id, a file_name or a positive integer "
-            f"width/height (first ids: {_first(bad)}). Add them to every entry of 'images'."
+            f"width/height (first ids: {first_few(bad)}). Add them to every entry of 'images'."
         )
     if dupes:
         raise AnnotationError(
-            f"{len(dupes)} duplicate image ids in {path} (first: {_first(dupes)}). "
+            f"{len(dupes)} duplicate image ids in {path} (first: {first_few(dupes)}). "
             "Each entry of 'images' needs its own id."
         )
 
@@ -204,7 +202,7 @@ def _check_annotations(anns: list[Any], data: dict[str, Any], path: Path, *, mas
         ann.setdefault("area", float(ann["bbox"][2]) * float(ann["bbox"][3]))
     if problems:
         detail = "; ".join(
-            f"{len(ids)} {what} (ids {_first(ids)})" for what, ids in problems.items()
+            f"{len(ids)} {what} (ids {first_few(ids)})" for what, ids in problems.items()
         )
         fix = "Fix or remove those annotations"
         if "without a segmentation" in problems:
@@ -267,7 +265,7 @@ def _check_files(paths: tuple[Path, ...], path: Path, images: str | Path | None)
     )
     raise AnnotationError(
         f"{len(missing)} of {len(paths)} images listed in {path} are missing (file_name resolves "
-        f"against {where}); first: {_first([str(p) for p in missing])}. "
+        f"against {where}); first: {first_few([str(p) for p in missing])}. "
         "Pass --images DIR with the folder the file_name values are relative to."
     )
 
@@ -303,11 +301,6 @@ def clip_box(bbox: list[float], *, width: float, height: float) -> tuple[str | N
     if x1 >= width or y1 >= height or x2 <= 0 or y2 <= 0:
         return "outside", []
     return None, [max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height))]
-
-
-def _first(items: list[Any]) -> str:
-    shown = ", ".join(str(i) for i in items[:_SHOW])
-    return shown + (", ..." if len(items) > _SHOW else "")
 
 
 class CocoDetectionDataset(torch.utils.data.Dataset):

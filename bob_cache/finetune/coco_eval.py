@@ -169,7 +169,7 @@ def evaluate_coco(
     _check_results(coco_gt, results, iou_types)
     metrics: dict[str, float] = {}
     for iou_type in iou_types:
-        stats = _run_cocoeval(coco_gt, _results_for(results, iou_type), iou_type, image_ids)
+        stats = _run_cocoeval(coco_gt, results_for(results, iou_type), iou_type, image_ids)
         metrics.update(
             {f"{iou_type}_{n}": float(v) for n, v in zip(STAT_NAMES, stats, strict=True)}
         )
@@ -203,8 +203,9 @@ def _check_results(
             )
 
 
-def _results_for(results: Sequence[Mapping[str, Any]], iou_type: str) -> list[dict[str, Any]]:
-    """Copies for loadRes (which mutates them); boxes dropped for segm, masks for bbox."""
+def results_for(results: Sequence[Mapping[str, Any]], iou_type: str) -> list[dict[str, Any]]:
+    """Copies of ``results`` for one IoU type (loadRes mutates them): boxes dropped for segm,
+    masks for bbox."""
     drop = "bbox" if iou_type == "segm" else "segmentation"
     return [{k: v for k, v in r.items() if k != drop} for r in results]
 

@@ -42,7 +42,17 @@ def resolve_run_device(name: str, precision: str) -> tuple[torch.device, str]:
     return device, precision
 
 
+def is_distributed() -> bool:
+    """Whether this process is one rank of a torchrun launch (its process group joined)."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if is_distributed() else 0
+
+
 def barrier() -> None:
     """Wait for every rank (a no-op outside torchrun)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if is_distributed():
         torch.distributed.barrier()

@@ -20,15 +20,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bob_cache.errors import AnnotationError, DataNotFoundError, SpecError
+from bob_cache.errors import AnnotationError, DataNotFoundError, SpecError, first_few
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MASK_SUFFIX = ".png"
 CLASSES_FILE = "classes.json"
 DEFAULT_IGNORE_INDEX = 255
 _MASK_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")
-_SHOW = 5
-
 SegTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -151,7 +149,7 @@ def _by_stem(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
             found[p.stem] = p
     if clashes:
         raise AnnotationError(
-            f"{len(clashes)} file stems occur twice in {folder} (first: {_first(clashes)}), so "
+            f"{len(clashes)} file stems occur twice in {folder} (first: {first_few(clashes)}), so "
             "masks cannot be paired by stem. Keep one file per stem."
         )
     return found
@@ -171,14 +169,9 @@ def _check_pairs(root: Path, images: dict[str, Path], masks: dict[str, Path]) ->
     ):
         if orphans:
             raise AnnotationError(
-                f"{len(orphans)} {what} of the same stem in {root} (first: {_first(orphans)}). "
+                f"{len(orphans)} {what} of the same stem in {root} (first: {first_few(orphans)}). "
                 f"Images and masks pair by file stem: {fix}."
             )
-
-
-def _first(items: list[Any]) -> str:
-    shown = ", ".join(str(i) for i in items[:_SHOW])
-    return shown + (", ..." if len(items) > _SHOW else "")
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -225,7 +218,7 @@ def check_masks(segset: SegSet) -> None:
         raise AnnotationError(
             f"{len(bad_files)} masks hold values outside the {segset.num_classes} classes "
             f"(0..{segset.num_classes - 1}, ignore {segset.ignore_index}); first: "
-            f"{_first(bad_files)}. Fix those masks, or pass the full class list (--classes or "
+            f"{first_few(bad_files)}. Fix those masks, or pass the full class list (--classes or "
             "classes.json, without background)."
         )
 
@@ -245,11 +238,16 @@ class SegDataset(torch.utils.data.Dataset):
     Args:
         segset: the loaded folder.
         transform: optional ``(image, mask) -> (image, mask)``, e.g. :func:`resize_seg_pair`.
+        check_values: check each mask's values as it is read (False where
+            :func:`check_masks` already scanned them all).
     """
 
-    def __init__(self, segset: SegSet, *, transform: SegTransform | None = None) -> None:
+    def __init__(
+        self, segset: SegSet, *, transform: SegTransform | None = None, check_values: bool = True
+    ) -> None:
         self.segset = segset
         self.transform = transform
+        self.check_values = check_values
 
     def __len__(self) -> int:
         return len(self.segset)
@@ -262,10 +260,11 @@ class SegDataset(torch.utils.data.Dataset):
         mask = read_mask(mask_path)
         if mask.shape != image.shape[:2]:
             raise _size_error(image_path, mask_path, (image.shape[1], image.shape[0]), mask.shape)
-        bad = bad_mask_values(
-            mask, num_classes=self.segset.num_classes, ignore_index=self.segset.ignore_index
-        )
-        if bad:
+        if self.check_values and (
+            bad := bad_mask_values(
+                mask, num_classes=self.segset.num_classes, ignore_index=self.segset.ignore_index
+            )
+        ):
             raise _bad_values_error(mask_path, bad, self.segset)
         pair = (
             torch.from_numpy(image.copy()).permute(2, 0, 1).contiguous(),

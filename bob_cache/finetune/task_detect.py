@@ -17,7 +17,7 @@ from bob_cache.finetune.coco_data import (
     horizontal_flip,
     load_coco,
 )
-from bob_cache.finetune.coco_eval import evaluate_coco, to_coco_results, write_results
+from bob_cache.finetune.coco_eval import evaluate_coco, results_for, to_coco_results, write_results
 from bob_cache.finetune.models import create_detector
 from bob_cache.finetune.pyramid import PyramidBody
 from bob_cache.finetune.tasks import FinetuneTask, TaskData, TaskInputs, register_task
@@ -112,9 +112,8 @@ class DetectionTask(FinetuneTask):
             )
         if out_dir is not None:
             for iou_type in self.iou_types:
-                drop = "bbox" if iou_type == "segm" else "segmentation"
-                kept = [{k: v for k, v in r.items() if k != drop} for r in results]
-                write_results(out_dir / f"predictions_{split}_{iou_type}.json", kept)
+                path = out_dir / f"predictions_{split}_{iou_type}.json"
+                write_results(path, results_for(results, iou_type))
         return evaluate_coco(cocoset.coco, results, iou_types=self.iou_types)
 
 

@@ -110,12 +110,6 @@ def get_task(name: str) -> FinetuneTask:
     return _TASKS[name]
 
 
-def list_tasks() -> list[str]:
-    for module in _TASK_MODULES:
-        importlib.import_module(f"bob_cache.finetune.{module}")
-    return list(_TASKS)
-
-
 def parse_mode(mode: str) -> str:
     if mode not in MODES:
         raise SpecError(

@@ -28,6 +28,7 @@ from bob_cache.data.images import loader_context
 from bob_cache.device import autocast
 from bob_cache.errors import FinetuneError
 from bob_cache.finetune import checkpoint as ckpt
+from bob_cache.finetune.launch import is_distributed, rank
 from bob_cache.finetune.optim import create_optimizer, create_scheduler, resolve_layer_decay
 from bob_cache.progress import progress_bar
 
@@ -68,16 +69,6 @@ def seed_everything(seed: int, epoch: int) -> torch.Generator:
     np.random.seed(value % 2**32)
     random.seed(value)
     return torch.Generator().manual_seed(value)
-
-
-def is_distributed() -> bool:
-    """Whether this process is one rank of a torchrun launch (its process group joined)."""
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank() -> int:
-    return torch.distributed.get_rank() if is_distributed() else 0
 
 
 def make_loader(
@@ -245,9 +236,10 @@ class Fitter:
         try:
             with autocast(self.device, self.settings.precision):
                 loss = self.task.loss(self.net, batch, device=self.device)
-            if not torch.isfinite(loss):
+            value = float(loss.detach())  # the one device sync of a step
+            if not math.isfinite(value):
                 raise FinetuneError(
-                    f"The training loss became {loss.item()} at lr {self.settings.lr:g}. Fix: "
+                    f"The training loss became {value} at lr {self.settings.lr:g}. Fix: "
                     "lower --lr, or raise --warmup-epochs."
                 )
             self.scaler.scale(loss / self.settings.accum_steps).backward()
@@ -257,7 +249,7 @@ class Fitter:
                 "Fix: lower --batch-size (and raise --accum-steps to keep the effective batch), "
                 "or lower --image-size."
             ) from exc
-        return float(loss.detach())
+        return value
 
     def _update(self) -> None:
         self.scaler.step(self.optimizer)
