@@ -173,15 +173,12 @@ class _Splits:
 def dense_probe(config: DenseProbeConfig) -> DenseProbeSummary:
     """Train, choose, score and record one dense-linear unit (skipped when already done)."""
     started = time.perf_counter()
-    store = open_store(config.store, storage_options=config.storage_options or None)
-    sets = select_dense_sets(store, config)
+    sets, ids, config_hash = _unit(config)
     first = sets[config.train_split]
     table = ResultsTable.open(config.results)
     summary = DenseProbeSummary(
         config.dataset, first.attrs["backbone"]["slug"], first.key, str(table.directory)
     )
-    ids = {split: valid_rows(fs) for split, fs in sets.items()}
-    config_hash = unit_hash(config, first.key, _masks_fingerprint(config, sets, ids))
     if not config.force and config_hash in table.config_hashes():
         summary.units_skipped = 1
     else:
@@ -199,11 +196,18 @@ def dense_probe(config: DenseProbeConfig) -> DenseProbeSummary:
 def unit_hashes(config: DenseProbeConfig, feature_key: str) -> set[str]:
     """The config hash ``dense_probe(config)`` would record on the sets of ``feature_key``
     (the battle's done check; it reads the valid rows and the masks' sizes, not the grids)."""
+    return {_unit(replace(config, feature=feature_key))[2]}
+
+
+def _unit(
+    config: DenseProbeConfig,
+) -> tuple[dict[str, FeatureSet], dict[str, tuple[np.ndarray, np.ndarray]], str]:
+    """The unit's feature sets, each split's ``(valid rows, ids)``, and its config hash."""
     store = open_store(config.store, storage_options=config.storage_options or None)
-    sets = select_dense_sets(store, replace(config, feature=feature_key))
+    sets = select_dense_sets(store, config)
     ids = {split: valid_rows(fs) for split, fs in sets.items()}
     key = sets[config.train_split].key
-    return {unit_hash(config, key, _masks_fingerprint(config, sets, ids))}
+    return sets, ids, unit_hash(config, key, _masks_fingerprint(config, sets, ids))
 
 
 def select_dense_sets(store: FeatureStore, config: DenseProbeConfig) -> dict[str, FeatureSet]:

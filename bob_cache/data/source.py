@@ -136,9 +136,15 @@ def register_source(
 
 
 def _ordered_kinds() -> list[tuple[str, Callable[[str], bool], SourceLoader]]:
-    """Registration order, except that a kind registered ``before`` another comes first."""
-    first = [k for k in _KINDS if _PRECEDES.get(k[0])]
-    return first + [k for k in _KINDS if not _PRECEDES.get(k[0])]
+    """Registration order, except that a kind registered ``before`` another comes just ahead
+    of it (first of all when that one is not registered)."""
+    order = [k for k in _KINDS if not _PRECEDES.get(k[0])]
+    for entry in _KINDS:
+        target = _PRECEDES.get(entry[0])
+        if target:
+            names = [k[0] for k in order]
+            order.insert(names.index(target) if target in names else 0, entry)
+    return order
 
 
 def parse_source(spec: str, *, name: str | None = None, split: str = "all") -> DataSource:
