@@ -94,7 +94,7 @@ def _extract_runs(
     runs: list[Extraction], config: ExtractConfig, started: float
 ) -> list[ExtractSummary]:
     first = runs[0]
-    dims = [run.backbone.output_dims(run.device) for run in runs]
+    dims = [run.dims for run in runs]
     summaries = [
         ExtractSummary(r.store.location, r.source.name, r.backbone.slug, str(r.device),
                        r.precision)

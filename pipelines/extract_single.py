@@ -114,7 +114,7 @@ class Extraction:
 
     def execute(self) -> ExtractSummary:
         """Plan every split, compute the missing shards, and finalize the feature sets."""
-        dims = self.backbone.output_dims(self.device)
+        dims = self.dims
         selected = self.source.select(self.config.split)
         plans = [
             self.plan(split, rows[: self.config.limit], dims) for split, rows in selected.items()
@@ -181,15 +181,20 @@ class Extraction:
         return self.config.request()
 
     @functools.cached_property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each output's shape per row, from one forward pass on a blank image."""
+        return self.backbone.output_shapes(self.device)
+
+    @property
+    def dims(self) -> dict[str, int]:
+        """Feature dimension of each output."""
+        return {name: shape[-1] for name, shape in self.shapes.items()}
+
+    @property
     def grids(self) -> dict[str, tuple[int, int]]:
-        """``(H, W)`` of each grid output (``--dense``), from one forward pass on a blank image."""
+        """``(H, W)`` of each grid output (``--dense``)."""
         names = {o.name for o in self.backbone.outputs if is_grid(o.pool)}
-        if not names:
-            return {}
-        x = torch.zeros(1, *self.backbone.data_config["input_size"], device=self.device)
-        with torch.inference_mode():
-            out = self.backbone(x)
-        return {name: (int(out[name].shape[1]), int(out[name].shape[2])) for name in names}
+        return {n: (s[0], s[1]) for n, s in self.shapes.items() if n in names}
 
     @property
     def writer(self) -> dict[str, str]:

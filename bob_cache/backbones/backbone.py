@@ -162,10 +162,16 @@ class Backbone(nn.Module):
         return self.normalize(self.transform()(image).unsqueeze(0).to(self.mean.device))
 
     @torch.no_grad()
-    def output_dims(self, device: torch.device | str = "cpu") -> dict[str, int]:
-        """Feature dimension of each output, from one forward pass on a blank image."""
+    def output_shapes(self, device: torch.device | str = "cpu") -> dict[str, tuple[int, ...]]:
+        """Each output's shape per row (``(D,)``, or ``(H, W, D)`` for a grid), from one forward
+        pass on a blank image."""
         x = torch.zeros(1, *self.data_config["input_size"], device=device)
-        return {name: int(t.shape[-1]) for name, t in self(x).items()}
+        with torch.inference_mode():
+            return {name: tuple(int(n) for n in t.shape[1:]) for name, t in self(x).items()}
+
+    def output_dims(self, device: torch.device | str = "cpu") -> dict[str, int]:
+        """Feature dimension of each output (:meth:`output_shapes`' last axis)."""
+        return {name: shape[-1] for name, shape in self.output_shapes(device).items()}
 
 
 def eval_steps(data_config: dict[str, Any]) -> list[Any]:
