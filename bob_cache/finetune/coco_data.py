@@ -368,6 +368,14 @@ def collate_detection(
     return [image for image, _ in batch], [target for _, target in batch]
 
 
+def resize_image(image: torch.Tensor, size: int) -> torch.Tensor:
+    """A uint8 ``C x H x W`` image resized to ``size x size`` (bilinear, antialiased)."""
+    resized = torch.nn.functional.interpolate(
+        image[None].float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True
+    )
+    return resized[0].round().clamp(0, 255).to(torch.uint8)
+
+
 def resize_pair(image: torch.Tensor, target: Target, size: int) -> tuple[torch.Tensor, Target]:
     """Resize to ``size x size``: bilinear image, boxes and area scaled, nearest masks.
 
@@ -376,9 +384,6 @@ def resize_pair(image: torch.Tensor, target: Target, size: int) -> tuple[torch.T
     """
     height, width = image.shape[-2:]
     sx, sy = size / width, size / height
-    resized = torch.nn.functional.interpolate(
-        image[None].float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True
-    )
     out = dict(target)
     out.setdefault("orig_size", (int(height), int(width)))
     out["boxes"] = target["boxes"] * torch.tensor([sx, sy, sx, sy], dtype=torch.float32)
@@ -391,7 +396,7 @@ def resize_pair(image: torch.Tensor, target: Target, size: int) -> tuple[torch.T
         else:
             scaled = torch.nn.functional.interpolate(masks, size=(size, size), mode="nearest-exact")
             out["masks"] = scaled[0].to(target["masks"].dtype)
-    return resized[0].round().clamp(0, 255).to(torch.uint8), out
+    return resize_image(image, size), out
 
 
 def horizontal_flip(image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:

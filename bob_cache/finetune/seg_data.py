@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from bob_cache.errors import AnnotationError, DataNotFoundError, SpecError, first_few
+from bob_cache.finetune.coco_data import resize_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MASK_SUFFIX = ".png"
@@ -277,13 +278,10 @@ def resize_seg_pair(
     image: torch.Tensor, mask: torch.Tensor, size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Resize to ``size x size``: bilinear image, nearest mask (labels never blend)."""
-    image = torch.nn.functional.interpolate(
-        image[None].float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True
-    )[0]
     mask = torch.nn.functional.interpolate(
         mask[None, None].float(), size=(size, size), mode="nearest-exact"
     )[0, 0]
-    return image.round().clamp(0, 255).to(torch.uint8), mask.to(torch.int64)
+    return resize_image(image, size), mask.to(torch.int64)
 
 
 def horizontal_flip_seg(

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from bob_cache.finetune.coco_data import resize_image
 from bob_cache.finetune.models import Normalized, SemanticFPN
 from bob_cache.finetune.pyramid import PyramidBody
 from bob_cache.finetune.seg_data import (
@@ -51,8 +52,7 @@ class _EvalPair:
     def __call__(
         self, image: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        resized, _ = resize_seg_pair(image, mask[:1, :1], self.size)
-        return resized, mask
+        return resize_image(image, self.size), mask
 
 
 def dataset_name(path: str) -> str:
