@@ -128,6 +128,14 @@ class ProbeData:
     sets: dict[str, FeatureSet] = field(default_factory=dict)  # by split
     generations: dict[str, dict[str, str]] = field(default_factory=dict)  # by set path, at load
     class_names: list[str] = field(default_factory=list)
+    # Few-shot subsets are drawn from the whole labelled train split, before any validation
+    # hold-out, so a subset depends only on the ids (None: the same rows as ``train``).
+    pool: tuple[Features, np.ndarray, np.ndarray] | None = None
+
+    @property
+    def shot_pool(self) -> tuple[Features, np.ndarray, np.ndarray]:
+        """``(rows, labels, ids)`` that few-shot and fraction subsets are drawn from."""
+        return self.pool or (self.train, self.y_train, self.ids_train)
 
     def metrics(self, scores: np.ndarray) -> dict[str, float]:
         if self.multilabel:
@@ -274,9 +282,12 @@ def load_probe_data(config: ProbeConfig) -> ProbeData:
 
     train, y_train, ids_train = labeled(config.train_split)
     test, y_test, _ = labeled(config.test_split)
+    pool = None
     if config.val_split in sets and config.val_split != config.train_split:
         val, y_val, _ = labeled(config.val_split)
     else:  # no validation split: a part of each class of train, drawn by id hash
+        if config.shots or config.fractions:  # their subsets ignore the hold-out
+            pool = (train, y_train, ids_train)
         keep, held = holdout(y_train, ids_train, config.val_fraction)
         val, y_val = train.take(held), y_train[held]
         train, y_train, ids_train = train.take(keep), y_train[keep], ids_train[keep]
@@ -294,7 +305,7 @@ def load_probe_data(config: ProbeConfig) -> ProbeData:
     return ProbeData(
         train, y_train, ids_train, val, y_val, test, y_test, n_outputs, multilabel, first.key,
         first.attrs["backbone"]["slug"], [int(c) for c in unseen], dropped, sets, generations,
-        list(first.attrs.get("dataset", {}).get("class_names") or []),
+        list(first.attrs.get("dataset", {}).get("class_names") or []), pool,
     )  # fmt: skip
 
 
@@ -327,7 +338,8 @@ def _default_budget_gb() -> float:
 
 
 def _settings(config: ProbeConfig, data: ProbeData) -> Iterator[Setting]:
-    """The full split and every few-shot subset (drawn from train only, by id hash)."""
+    """The full split and every few-shot subset (drawn from the train split only, by id hash,
+    whether or not a validation part of it was held out for the full setting)."""
     if (config.shots or config.fractions) and data.multilabel:
         raise SpecError(
             "Few-shot subsets need single-label data; drop --shots/--fraction for multi-label sets."
@@ -337,12 +349,11 @@ def _settings(config: ProbeConfig, data: ProbeData) -> Iterator[Setting]:
     draws = [(f"{k}-shot", partial(sample_shots, shots=k)) for k in config.shots] + [
         (f"{f:g}-fraction", partial(sample_fraction, fraction=f)) for f in config.fractions
     ]
+    pool, y_pool, ids_pool = data.shot_pool
     for name, draw in draws:
         for seed in config.seeds:
-            rows = draw(data.y_train, data.ids_train, seed=seed)
-            yield Setting(
-                name, seed, data.train.take(rows), data.y_train[rows], data.ids_train[rows]
-            )
+            rows = draw(y_pool, ids_pool, seed=seed)
+            yield Setting(name, seed, pool.take(rows), y_pool[rows], ids_pool[rows])
 
 
 def _linear_unit(config: ProbeConfig, device: Any) -> Unit:

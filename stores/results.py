@@ -2,9 +2,10 @@
 
 Every evaluation appends rows (one metric value each) as a new parquet file, so concurrent
 runs never rewrite each other's output; readers see the union. Reports are built only from
-this table. Each row says which labelled rows produced it: ``train_rows`` (the reported model
-was fitted on them), ``val_rows`` (they only chose hyper-parameters; disjoint from
-``train_rows``) and ``protocol`` (how, in words). Rows imported from elsewhere (``bob-cache
+this table. Each row says which labelled rows produced it: ``train_rows`` (training rows),
+``val_rows`` (validation rows that chose hyper-parameters; disjoint from ``train_rows``) and
+``protocol`` (how each was used, in words: e.g. the ``full`` linear probe refits on both once
+C is chosen). Rows imported from elsewhere (``bob-cache
 results import``) carry their ``source``; own rows have ``source == ""``. A row may name its
 ``task`` (``linear``, ``knn``, ...); empty means the ranking's rules decide.
 """

@@ -96,8 +96,12 @@ def write_feature_sets(
     shard_rows: int = 64,
     spec: dict | None = None,
     class_names: list[str] | None = None,
+    unreadable: dict[str, list[int]] | None = None,
 ) -> None:
-    """Write complete feature sets (one per split, one key) through the store API."""
+    """Write complete feature sets (one per split, one key) through the store API.
+
+    ``unreadable`` lists, per split, rows to mark invalid (as if their image failed to decode).
+    """
     from bob_cache.stores import FeatureSetRequest, open_store, resolve_layout
 
     fstore = open_store(store, mode="a")
@@ -122,7 +126,10 @@ def write_feature_sets(
         )
         ids = [f"{split}/{i:05d}" for i in range(len(x))]
         fs = fstore.require(request, layout, label_shape=np.shape(y)[1:])
-        fs.write_rows(x, labels=y, ids=ids)
+        errors = [""] * len(x)
+        for row in (unreadable or {}).get(split, []):
+            errors[row] = "OSError: image file is truncated"
+        fs.write_rows(x, labels=y, ids=ids, errors=errors)
         fs.finalize()
 
 

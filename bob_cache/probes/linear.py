@@ -77,8 +77,8 @@ class SweepResult:
     model: LinearModel
     C: float
     val_score: float
-    train_rows: int  # labelled rows the reported model was fitted on
-    val_rows: int  # labelled rows that only chose C (disjoint from train_rows)
+    train_rows: int  # labelled training rows (the reported model was fitted on them)
+    val_rows: int  # labelled rows that chose C (disjoint; ``protocol`` says if refit on too)
     protocol: str
     path: list[dict[str, float]] = field(default_factory=list)
 

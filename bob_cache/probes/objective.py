@@ -5,7 +5,7 @@ in float32 on the raw rows with the standardization folded into the weights, so 
 standardized copy nor a streamed feature set is ever held whole. On large in-memory problems,
 where the hardware has fast bfloat16 matrix products (AVX512-BF16 or AMX CPUs, CUDA GPUs), a
 bfloat16 twin on a standardized copy (2 bytes per value) does the bulk of the iterations and
-the exact objective finishes: the fit is always certified converged in float32.
+the exact objective finishes: the stopping rule is always checked on the float32 objective.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ SMALL_WORK = 2e8  # rows × dim × outputs of such a fit
 WATCH_ROWS = 20_000  # training rows whose predictions tell a large fit has settled
 CHUNK = 5  # iterations between checks of the stopping rule
 MAX_ITER = 2000
+RESOLUTION = 4 * float(np.finfo(np.float32).eps)  # relative loss change float32 resolves
 CACHE_BYTES = 2**30  # float32 rows kept between evaluations when they take at most this
 BF16_MIN_WORK = 5e9  # rows × dim × outputs above which the bfloat16 twin pays off
 
@@ -204,7 +205,8 @@ def minimize(
     reads the gradient in ``W`` itself. With a bfloat16 twin, the twin runs first (to half
     the gradient tolerance: its gradient is approximate), then the same L-BFGS, its
     curvature history kept, continues on the exact objective, its predictions compared with
-    the twin's. converged is False only when ``max_iter`` stopped the fit.
+    the twin's. converged is True when ``stop`` is met, or when the loss no longer decreases
+    in float32 (L-BFGS's change tolerance); False when ``max_iter`` stopped the fit.
     """
     if stop.rtol is not None and init is not None:
         _, (gw, gb) = (objective.fast or objective)(*init, lam)
@@ -293,16 +295,21 @@ def _run(
     before = int(opt.state[v].get("n_iter", 0))
     iterations = 0
     while iterations < max_iter:
+        evaluations, loss = int(opt.state[v].get("func_evals", 0)), closure.evaluate()[0]
         opt.step(closure)
         ran = int(opt.state[v].get("n_iter", 0)) - before - iterations
         iterations += ran
         in_w, in_v = closure.largest_gradient()
         if in_w <= stop.gtol:
             return True
-        if ran < CHUNK:
-            if in_v > group["tolerance_grad"]:
-                return True  # L-BFGS made no more progress (its change tolerance)
-            group["tolerance_grad"] = in_v / 2  # small in V, not yet in W: go on
+        if ran < CHUNK:  # L-BFGS ended the chunk early: why?
+            if int(opt.state[v]["func_evals"]) - evaluations >= group["max_eval"]:
+                if loss - closure.evaluate()[0] <= RESOLUTION * abs(loss):
+                    return True  # line searches found no decrease that float32 resolves
+            elif in_v > group["tolerance_grad"]:
+                return True  # no more decrease in float32 (L-BFGS's change tolerance)
+            else:
+                group["tolerance_grad"] = in_v / 2  # small in V, not yet in W: go on
         if stop.watch is None:
             continue
         history.append(_predict(objective, stop, (closure.pre.weights(v), b)))

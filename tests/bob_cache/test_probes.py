@@ -316,6 +316,27 @@ def test_one_shot_falls_back_to_a_fixed_C_and_says_so() -> None:
     )
 
 
+def test_a_chunk_cut_short_by_its_evaluation_cap_is_not_taken_for_convergence() -> None:
+    """L-BFGS stops a chunk early when its line searches use up the chunk's evaluations; the
+    fit goes on until the gradient test passes instead of reporting a stalled fit as done."""
+    import torch
+
+    from bob_cache.probes.objective import Objective, Stop, _Closure, _run
+
+    x, y = ill_conditioned(300)
+    features = Features.in_memory(x)
+    objective = Objective(features, y, Standardizer.fit(features), 6, torch.device("cpu"))
+    v, b = torch.zeros(6, 256), torch.zeros(6)
+    # max_eval=2: every chunk is capped after a single line-search evaluation
+    opt = torch.optim.LBFGS(
+        [v, b], lr=1, max_iter=5, max_eval=2, history_size=10, line_search_fn="strong_wolfe",
+        tolerance_grad=1e-6, tolerance_change=1e-12,
+    )  # fmt: skip
+    closure = _Closure(objective, objective.preconditioner, 1e-3, opt)
+    assert _run(opt, closure, Stop(1e-4), 2000, None)
+    assert closure.largest_gradient()[0] <= 1e-4  # (it stopped at 0.09 when taken for done)
+
+
 def test_reported_model_is_the_converged_fit_at_the_chosen_C() -> None:
     """Not early-stopped: within 0.3 points of scikit-learn run to convergence at that C."""
     xtr, xte, ytr, yte = _digits_split()

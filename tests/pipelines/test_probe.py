@@ -112,6 +112,38 @@ def test_missing_val_split_is_held_out_deterministically(tmp_path: Path) -> None
     assert va["val_score"] == vb["val_score"]
 
 
+def test_few_shot_subsets_ignore_the_hold_out_and_other_backbones_invalid_rows(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Without a val split, a k-shot subset is still drawn from the whole train split by id
+    hash, so a backbone whose other rows failed to decode gets exactly the same images."""
+    import bob_cache.pipelines.probe as stage
+    from bob_cache.probes.fewshot import sample_shots
+
+    drawn: dict[str, list[str]] = {}
+
+    def spy(labels: np.ndarray, ids: np.ndarray, *, shots: int, seed: int) -> np.ndarray:
+        rows = sample_shots(labels, ids, shots=shots, seed=seed)
+        drawn[backbone] = sorted(ids[rows].tolist())
+        return rows
+
+    monkeypatch.setattr(stage, "sample_shots", spy)
+    x, y = blobs(400, classes=4, dim=12, spread=1.5)
+    splits = {"train": (x[:300], y[:300]), "test": (x[300:], y[300:])}
+    ids = np.array([f"train/{i:05d}" for i in range(300)])
+    expected = sorted(ids[sample_shots(y[:300], ids, shots=5, seed=0)].tolist())
+    outside = [i for i in range(300) if ids[i] not in expected][::7]  # 40 rows, none drawn
+    for backbone, unreadable in (("a.tag", {}), ("b.tag", {"train": outside})):
+        write_feature_sets(tmp_path / "store", splits, backbone=backbone, unreadable=unreadable)
+        cfg = ProbeConfig(
+            store=str(tmp_path / "store"), dataset="toy", backbone=backbone,
+            results=str(tmp_path / "res"), methods=("linear",), shots=(5,),
+        )  # fmt: skip
+        probe(cfg)
+    assert drawn["a.tag"] == expected  # the whole train split: the hold-out is not excluded
+    assert drawn["b.tag"] == expected
+
+
 def test_streaming_and_in_memory_runs_agree(tmp_path: Path) -> None:
     store = toy_store(tmp_path)
     runs = []
