@@ -28,6 +28,15 @@ def _as_float32(block: np.ndarray) -> np.ndarray:
     return block.astype(np.float32, copy=False)
 
 
+def _shard_rows(fs: FeatureSet, rows: np.ndarray) -> Iterator[np.ndarray]:
+    """The features of sorted ``rows``, one shard's worth at a time, in their stored dtype."""
+    layout = fs.layout
+    shard_of = rows // layout.shard_rows
+    for shard in np.unique(shard_of):
+        start, stop = layout.shard_bounds(int(shard), fs.n_rows)
+        yield fs.features[start:stop][rows[shard_of == shard] - start]
+
+
 @dataclass(frozen=True)
 class _Part:
     """In-memory rows (``array``) or rows ``rows`` of feature set ``fs``, read per shard."""
@@ -45,12 +54,7 @@ class _Part:
             for start in range(0, len(self.array), BLOCK_ROWS):
                 yield _as_float32(self.array[start : start + BLOCK_ROWS])
             return
-        layout, n_rows = self.fs.layout, self.fs.n_rows
-        shard_of = self.rows // layout.shard_rows
-        for shard in np.unique(shard_of):
-            start, stop = layout.shard_bounds(int(shard), n_rows)
-            local = self.rows[shard_of == shard] - start
-            block = self.fs.features[start:stop][local]
+        for block in _shard_rows(self.fs, self.rows):
             for at in range(0, len(block), BLOCK_ROWS):
                 yield _as_float32(block[at : at + BLOCK_ROWS])
 
@@ -163,6 +167,17 @@ def valid_rows(fs: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
     return rows, np.asarray(fs.array("ids")[:])[rows]
 
 
+def _read(fs: FeatureSet, rows: np.ndarray) -> np.ndarray:
+    """``features[rows]`` in one array, read shard by shard (no whole-set intermediate copy)."""
+    if len(rows) == fs.n_rows:
+        return fs.features[:]
+    out, at = np.empty((len(rows), *fs.row_shape), fs.features.dtype), 0
+    for block in _shard_rows(fs, rows):
+        out[at : at + len(block)] = block
+        at += len(block)
+    return out
+
+
 def load_rows(fs: FeatureSet, *, stream: bool) -> tuple[Features, np.ndarray, np.ndarray]:
     """The valid rows of a feature set: ``(features, labels, ids)``.
 
@@ -172,7 +187,7 @@ def load_rows(fs: FeatureSet, *, stream: bool) -> tuple[Features, np.ndarray, np
     require_complete(fs)
     valid, ids = valid_rows(fs)
     labels = fs.array("labels")[:][valid]
-    features = Features.streamed(fs, valid) if stream else Features.in_memory(fs.features[:][valid])
+    features = Features.streamed(fs, valid) if stream else Features.in_memory(_read(fs, valid))
     bad: list[int] = []
     start = 0
     for block in features.blocks():

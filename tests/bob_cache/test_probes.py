@@ -189,6 +189,21 @@ def test_streaming_gives_the_same_answer_as_in_memory(tmp_path: Path) -> None:
     np.testing.assert_allclose(answers[0][1], answers[1][1], atol=1e-2)  # float32 sums per shard
 
 
+def test_loaded_rows_are_exactly_the_valid_rows_in_memory_and_streamed(tmp_path: Path) -> None:
+    x, y = blobs(300, classes=3, dim=8)
+    unreadable = [0, 5, 63, 64, 200, 299]  # across shard edges (64 rows a shard)
+    write_feature_sets(
+        tmp_path / "s", {"train": (x, y)}, shard_rows=64, unreadable={"train": unreadable}
+    )
+    (fs,) = open_store(tmp_path / "s").feature_sets()
+    keep = np.setdiff1d(np.arange(300), unreadable)
+    for stream in (False, True):
+        rows, labels, ids = load_rows(fs, stream=stream)
+        np.testing.assert_array_equal(rows.materialize(), x[keep])
+        np.testing.assert_array_equal(labels, y[keep])
+        assert list(ids) == [f"train/{i:05d}" for i in keep]
+
+
 def test_knn_votes_match_a_brute_force_implementation() -> None:
     x, y = blobs(300, classes=3, dim=6, spread=3.0, seed=2)
     train, query = Features.in_memory(x[:250]), Features.in_memory(x[250:])
