@@ -12,6 +12,10 @@ codes: 0 success, 1 user error (one-paragraph message, no traceback), 2 usage er
 
 from __future__ import annotations
 
+import logging
+from enum import Enum
+from typing import Annotated
+
 import typer
 
 from bob_cache.commands import (
@@ -42,6 +46,34 @@ app = typer.Typer(
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+class LogLevel(str, Enum):
+    """How much of the progress log reaches stderr."""
+
+    WARNING = "WARNING"
+    INFO = "INFO"
+    DEBUG = "DEBUG"
+
+
+@app.callback()
+def root(
+    log_level: Annotated[
+        LogLevel,
+        typer.Option(
+            envvar="BOB_CACHE_LOG_LEVEL",
+            case_sensitive=False,
+            help="Progress log on stderr: INFO shows each fit of a linear probe's sweep and "
+            "its optimizer's progress.",
+        ),
+    ] = LogLevel.WARNING,
+) -> None:
+    """Options given before the command apply to every command."""
+    logging.basicConfig(
+        level=log_level.value, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+
+
 for family in FAMILIES:
     family.register(app)
 

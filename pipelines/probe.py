@@ -325,7 +325,7 @@ def _check_labels(path: str, y: np.ndarray, multilabel: bool) -> None:
 def _should_stream(config: ProbeConfig, sets: dict[str, Any]) -> bool:
     if config.stream is not None:
         return config.stream
-    need = sum(fs.n_rows * fs.dim * 4 for fs in sets.values())
+    need = sum(fs.n_rows * fs.dim * fs.features.dtype.itemsize for fs in sets.values())
     budget = (config.max_memory_gb or _default_budget_gb()) * 2**30
     return need > budget
 

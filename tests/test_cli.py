@@ -30,6 +30,23 @@ def test_usage_errors_exit_2(cli) -> None:
     assert cli("no-such-command").exit_code == 2
 
 
+def test_log_level_shows_the_probe_sweep_on_stderr(tmp_path: Path) -> None:
+    from tests.conftest import blobs, write_feature_sets
+
+    x, y = blobs(300, classes=3, dim=8, spread=2.0)
+    splits = {"train": (x[:200], y[:200]), "val": (x[200:250], y[200:250])}
+    write_feature_sets(tmp_path / "s", {**splits, "test": (x[250:], y[250:])})
+    args = ["probe", "--store", tmp_path / "s", "--dataset", "toy", "--backbone", "model"]
+    args += ["--method", "linear", "--results", tmp_path / "r"]
+    quiet = run_cli(*args)
+    loud = run_cli("--log-level", "info", *args, "--force")
+    assert quiet.returncode == loud.returncode == 0, quiet.stderr + loud.stderr
+    assert "linear probe fit" not in quiet.stderr
+    assert "bob_cache.probes.linear INFO linear probe fit: {'stage': 'final'" in loud.stderr
+    bad = run_cli("--log-level", "chatty", *args)
+    assert bad.returncode == 2 and "'chatty' is not one of 'warning', 'info', 'debug'" in bad.stderr
+
+
 @pytest.fixture(scope="module")
 def digits_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     store = tmp_path_factory.mktemp("cli") / "store"

@@ -10,6 +10,7 @@ import pytest
 
 from bob_cache.errors import FeatureSetNotFoundError, SpecError
 from bob_cache.pipelines.probe import ProbeConfig, probe
+from bob_cache.probes.features import load_rows
 from bob_cache.stores.results import ResultsTable
 from tests.conftest import TINY, blobs, write_feature_sets
 
@@ -151,6 +152,26 @@ def test_streaming_and_in_memory_runs_agree(tmp_path: Path) -> None:
         cfg = config(store, tmp_path / str(stream), methods=("linear",), stream=stream)
         runs.append(next(r for r in probe(cfg).table if r["method"] == "linear")["top1"])
     assert runs[0] == runs[1]
+
+
+def test_streaming_starts_when_the_stored_bytes_exceed_max_memory(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import bob_cache.pipelines.probe as stage
+
+    store = toy_store(tmp_path)  # 500 rows × 12 float32: 24,000 stored bytes
+    streamed: list[bool] = []
+
+    def spy(fs, *, stream: bool):
+        streamed.append(stream)
+        return load_rows(fs, stream=stream)
+
+    monkeypatch.setattr(stage, "load_rows", spy)
+    for budget, expected in ((23_999, True), (24_000, False)):
+        streamed.clear()
+        cfg = config(store, tmp_path / str(budget), methods=("knn",), max_memory_gb=budget / 2**30)
+        probe(cfg)
+        assert streamed == [expected] * 3
 
 
 def test_feature_set_not_found_lists_what_exists(tmp_path: Path) -> None:
