@@ -372,8 +372,8 @@ def _linear_unit(config: ProbeConfig, device: Any) -> Unit:
         else:
             result = sweep_cv(s.train, s.y, cv_folds(s.y, s.ids, s.seed), **kw)
         metrics = {**data.metrics(result.model.scores(data.test)), "C": result.C}
-        if not np.isnan(result.val_score):
-            metrics["val_score"] = result.val_score
+        if not np.isnan(result.val_score):  # few-shot: the mean over folds inside the subset
+            metrics["val_score" if s.is_full else "cv_score"] = result.val_score
         model = result.model
         head = HeadParams(model.weight, model.bias, model.standardizer.mean, model.standardizer.std)
         return [

@@ -86,6 +86,9 @@ def test_one_shot_and_fractions_state_their_protocol(tmp_path: Path) -> None:
     assert top1.loc[("linear", "1-shot"), "train_rows"] == 4
     assert top1.loc[("knn@5", "0.1-fraction"), "train_rows"] == 28  # floor(0.1 × 75) × 4
     assert "val_score" not in set(frame[frame.setting == "1-shot"].metric)  # nothing validated
+    assert "cv_score" not in set(frame[frame.setting == "1-shot"].metric)
+    fraction = set(frame[(frame.setting == "0.1-fraction") & (frame.method == "linear")].metric)
+    assert "cv_score" in fraction and "val_score" not in fraction  # folds, not the val split
     with pytest.raises(SpecError, match=r"--fraction 0.01 leaves 4 class\(es\) with no training"):
         probe(config(store, tmp_path / "again", fractions=(0.01,)))
 
