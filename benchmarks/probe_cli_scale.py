@@ -29,7 +29,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from probe_sweep import data_path  # noqa: E402
+from probe_sweep import data_parser, data_path  # noqa: E402
 
 DATASET, BACKBONE, KEY = "synthetic", "synthetic-relu.v0", "feat00000768"
 
@@ -92,15 +92,7 @@ def run_cli(store: Path, results: Path) -> dict[str, Any]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--rows", type=int, default=100_000)
-    p.add_argument("--dim", type=int, default=768)
-    p.add_argument("--classes", type=int, default=100)
-    p.add_argument("--val-test", help="VAL,TEST rows (default: 10%% each of --rows)")
-    p.add_argument("--out", type=Path, default=HERE / "out")
-    args = p.parse_args()
+    args = data_parser(__doc__).parse_args()
     store = build_store(args)
     report = {"rows": args.rows, "dim": args.dim, "classes": args.classes}
     report["cores"] = os.cpu_count()

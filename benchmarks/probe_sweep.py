@@ -161,16 +161,22 @@ def child(which: str, path: Path) -> None:
     print(json.dumps(out))
 
 
-def main() -> None:
+def data_parser(doc: str) -> argparse.ArgumentParser:
+    """The options that pick a draw of :func:`make_data` (shared with probe_cli_scale.py)."""
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--rows", type=int, default=100_000)
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--classes", type=int, default=100)
-    p.add_argument("--only", choices=CONTENDERS, default=None)
     p.add_argument("--val-test", help="VAL,TEST rows (default: 10%% each of --rows)")
     p.add_argument("--out", type=Path, default=HERE / "out")
+    return p
+
+
+def main() -> None:
+    p = data_parser(__doc__)
+    p.add_argument("--only", choices=CONTENDERS, default=None)
     p.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
