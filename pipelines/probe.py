@@ -483,8 +483,6 @@ def _runs(config: ProbeConfig, method: str, setting: str, seed: int) -> bool:
 def _unit_hash(config: ProbeConfig, feature_key: str, method: str, setting: str, seed: int) -> str:
     spec = {"method": method, "setting": setting, "seed": seed,
             **_config_identity(config, feature_key, method)}  # fmt: skip
-    if setting != "full":  # subsets drawn from the whole train split, not what a hold-out left
-        spec["pool"] = "train-split"
     return stable_hash(spec)
 
 
