@@ -69,9 +69,14 @@ def root(
     ] = LogLevel.WARNING,
 ) -> None:
     """Options given before the command apply to every command."""
-    logging.basicConfig(
-        level=log_level.value, format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    logger = logging.getLogger("bob_cache")  # bob-cache's own log; other libraries' stay as is
+    for old in [h for h in logger.handlers if getattr(h, "bob_cache_cli", False)]:
+        logger.removeHandler(old)  # (an earlier command in the same process)
+    handler = logging.StreamHandler()  # the current stderr
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    handler.bob_cache_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(log_level.value)
 
 
 for family in FAMILIES:

@@ -45,7 +45,7 @@ from bob_cache.stores.head_store import (
     read_head,
 )
 
-STREAM_BYTES = 2**30  # stored rows above this many float32 bytes are read shard by shard
+STREAM_BYTES = 2**30  # feature sets holding more bytes than this are read shard by shard
 Image = str | Path | bytes
 
 
@@ -162,7 +162,7 @@ def predict(config: PredictConfig) -> Predictions:
 def _predict_rows(fs: FeatureSet, record: HeadRecord, params: HeadParams, *, k: int) -> Predictions:
     from bob_cache.probes.features import load_rows
 
-    features, labels, ids = load_rows(fs, stream=fs.n_rows * fs.dim * 4 > STREAM_BYTES)
+    features, labels, ids = load_rows(fs, stream=fs.nbytes > STREAM_BYTES)
     blocks = [params.scores(b) for b in features.blocks()]
     scores = np.concatenate(blocks) if blocks else np.zeros((0, record.n_classes), np.float32)
     if labels.ndim != 1:  # several label columns: no single true class

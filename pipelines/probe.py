@@ -26,7 +26,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -60,6 +60,7 @@ from bob_cache.stores.head_store import HeadParams, HeadRecord, write_head
 from bob_cache.stores.results import ResultsTable, summarize
 
 METHODS = ("linear", "knn")
+SUBSET_DRAW = "subset drawn by id hash from the whole train split"  # in few-shot protocols
 RECIPES = ("sweep", "bob")
 
 
@@ -223,6 +224,8 @@ def probe(config: ProbeConfig) -> ProbeSummary:
                 summary.units_skipped += 1
                 continue
             results = unit(data, setting)
+            if not setting.is_full:
+                results = [replace(r, protocol=f"{r.protocol}; {SUBSET_DRAW}") for r in results]
             heads.store(results, setting, config_hash)  # before the rows: see the module doc
             table.append(_rows(config, data, results, setting, config_hash, context))
             summary.units_run += 1
@@ -286,11 +289,15 @@ def load_probe_data(config: ProbeConfig) -> ProbeData:
     if config.val_split in sets and config.val_split != config.train_split:
         val, y_val, _ = labeled(config.val_split)
     else:  # no validation split: a part of each class of train, drawn by id hash
-        if config.shots or config.fractions:  # their subsets ignore the hold-out
-            pool = (train, y_train, ids_train)
         keep, held = holdout(y_train, ids_train, config.val_fraction)
-        val, y_val = train.take(held), y_train[held]
+        val, y_val, ids_val = train.take(held), y_train[held], ids_train[held]
         train, y_train, ids_train = train.take(keep), y_train[keep], ids_train[keep]
+        if config.shots or config.fractions:  # their subsets ignore the hold-out (no copy)
+            pool = (
+                train.concat(val),
+                np.concatenate([y_train, y_val]),
+                np.concatenate([ids_train, ids_val]),
+            )
     first = sets[config.train_split]
     multilabel = y_train.ndim == 2
     _check_labels(first.path, y_train, multilabel)
@@ -325,7 +332,7 @@ def _check_labels(path: str, y: np.ndarray, multilabel: bool) -> None:
 def _should_stream(config: ProbeConfig, sets: dict[str, Any]) -> bool:
     if config.stream is not None:
         return config.stream
-    need = sum(fs.n_rows * fs.dim * fs.features.dtype.itemsize for fs in sets.values())
+    need = sum(fs.nbytes for fs in sets.values())
     budget = (config.max_memory_gb or _default_budget_gb()) * 2**30
     return need > budget
 

@@ -243,6 +243,12 @@ class FeatureSet:
         return self.layout.n_shards(self.n_rows)
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of all rows' features in memory, in their stored dtype (dense grids included)."""
+        shape = (self.n_rows, *self.row_shape)
+        return int(np.prod(shape)) * self.group["features"].dtype.itemsize
+
+    @property
     def features(self) -> zarr.Array:
         """The N × D features; a dense set refuses (SpecError): read ``array("features")``."""
         if self.is_dense:

@@ -97,6 +97,7 @@ def write_feature_sets(
     spec: dict | None = None,
     class_names: list[str] | None = None,
     unreadable: dict[str, list[int]] | None = None,
+    dtype: str = "float32",
 ) -> None:
     """Write complete feature sets (one per split, one key) through the store API.
 
@@ -110,7 +111,7 @@ def write_feature_sets(
         request = FeatureSetRequest(
             path=f"{dataset}/{split}/{backbone}/{key}",
             key=key,
-            spec=spec or {"layer": "final", "pool": "head", "dtype": "float32"},
+            spec=spec or {"layer": "final", "pool": "head", "dtype": dtype},
             provenance={
                 "dataset": {"name": dataset, "class_names": class_names or []},
                 "split": split,
@@ -122,7 +123,7 @@ def write_feature_sets(
             },
             n_rows=len(x),
             dim=x.shape[1],
-            dtype="float32",
+            dtype=dtype,
         )
         ids = [f"{split}/{i:05d}" for i in range(len(x))]
         fs = fstore.require(request, layout, label_shape=np.shape(y)[1:])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +39,8 @@ def test_log_level_shows_the_probe_sweep_on_stderr(tmp_path: Path) -> None:
     write_feature_sets(tmp_path / "s", {**splits, "test": (x[250:], y[250:])})
     args = ["probe", "--store", tmp_path / "s", "--dataset", "toy", "--backbone", "model"]
     args += ["--method", "linear", "--results", tmp_path / "r"]
-    quiet = run_cli(*args)
+    env = {k: v for k, v in os.environ.items() if k != "BOB_CACHE_LOG_LEVEL"}
+    quiet = run_cli(*args, env=env)
     loud = run_cli("--log-level", "info", *args, "--force")
     assert quiet.returncode == loud.returncode == 0, quiet.stderr + loud.stderr
     assert "linear probe fit" not in quiet.stderr

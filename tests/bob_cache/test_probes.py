@@ -350,6 +350,11 @@ def test_a_chunk_cut_short_by_its_evaluation_cap_is_not_taken_for_convergence() 
     closure = _Closure(objective, objective.preconditioner, 1e-3, opt)
     assert _run(opt, closure, Stop(1e-4), 2000, None)
     assert closure.largest_gradient()[0] <= 1e-4  # (it stopped at 0.09 when taken for done)
+    # Asked for a zero gradient, it stops once line searches find no decrease that float32
+    # resolves (a stall, reported as done), long before 2000 iterations of capped chunks.
+    before = int(opt.state[v]["n_iter"])
+    assert _run(opt, closure, Stop(0.0), 2000, None)
+    assert int(opt.state[v]["n_iter"]) - before < 100
 
 
 def test_reported_model_is_the_converged_fit_at_the_chosen_C() -> None:

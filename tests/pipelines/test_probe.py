@@ -146,6 +146,9 @@ def test_few_shot_subsets_ignore_the_hold_out_and_other_backbones_invalid_rows(
         probe(cfg)
     assert drawn["a.tag"] == expected  # the whole train split: the hold-out is not excluded
     assert drawn["b.tag"] == expected
+    frame = ResultsTable.open(tmp_path / "res").read()
+    shots = frame[frame.setting == "5-shot"]
+    assert len(shots) and shots.protocol.str.endswith("by id hash from the whole train split").all()
 
 
 def test_streaming_and_in_memory_runs_agree(tmp_path: Path) -> None:
@@ -162,7 +165,7 @@ def test_streaming_starts_when_the_stored_bytes_exceed_max_memory(
 ) -> None:
     import bob_cache.pipelines.probe as stage
 
-    store = toy_store(tmp_path)  # 500 rows × 12 float32: 24,000 stored bytes
+    store = toy_store(tmp_path, dtype="float16")  # 500 rows × 12 float16: 12,000 stored bytes
     streamed: list[bool] = []
 
     def spy(fs, *, stream: bool):
@@ -170,7 +173,7 @@ def test_streaming_starts_when_the_stored_bytes_exceed_max_memory(
         return load_rows(fs, stream=stream)
 
     monkeypatch.setattr(stage, "load_rows", spy)
-    for budget, expected in ((23_999, True), (24_000, False)):
+    for budget, expected in ((11_999, True), (12_000, False)):  # (float32 would be 24,000)
         streamed.clear()
         cfg = config(store, tmp_path / str(budget), methods=("knn",), max_memory_gb=budget / 2**30)
         probe(cfg)
