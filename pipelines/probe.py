@@ -292,12 +292,8 @@ def load_probe_data(config: ProbeConfig) -> ProbeData:
         keep, held = holdout(y_train, ids_train, config.val_fraction)
         val, y_val, ids_val = train.take(held), y_train[held], ids_train[held]
         train, y_train, ids_train = train.take(keep), y_train[keep], ids_train[keep]
-        if config.shots or config.fractions:  # their subsets ignore the hold-out (no copy)
-            pool = (
-                train.concat(val),
-                np.concatenate([y_train, y_val]),
-                np.concatenate([ids_train, ids_val]),
-            )
+        # few-shot subsets ignore the hold-out: both parts joined (concat copies no rows)
+        pool = (train.concat(val), np.r_[y_train, y_val], np.r_[ids_train, ids_val])
     first = sets[config.train_split]
     multilabel = y_train.ndim == 2
     _check_labels(first.path, y_train, multilabel)
