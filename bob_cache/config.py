@@ -33,6 +33,7 @@ class ExtractConfig:
     store: str = DEFAULT_STORE
     name: str | None = None
     split: str = "all"
+    split_fractions: Any = None  # SplitFractions, or its "0.6,0.2,0.2" text (parsed once)
     weights: str | None = None
     random_init: bool = False
     seed: int = 0
@@ -61,6 +62,9 @@ class ExtractConfig:
     command: str | None = None
 
     def __post_init__(self) -> None:
+        from bob_cache.data.splits import parse_split_fractions
+
+        self.split_fractions = parse_split_fractions(self.split_fractions)
         if self.batch_size < 1:
             raise SpecError(f"--batch-size must be at least 1, got {self.batch_size}.")
         if self.limit is not None and self.limit < 1:

@@ -29,6 +29,7 @@ from bob_cache.config import ExtractConfig, resolve_workers
 from bob_cache.data import DataSource, ImageDataset, Sample, collate_rows, parse_source
 from bob_cache.data.device_decode import DevicePreprocess, EncodedImageDataset, collate_encoded
 from bob_cache.data.images import loader_context
+from bob_cache.data.splits import check_fractions_apply
 from bob_cache.device import autocast, resolve_device, resolve_precision
 from bob_cache.errors import InvalidImageError
 from bob_cache.pipelines.batching import ShardBatchSampler
@@ -95,7 +96,10 @@ class Extraction:
     @classmethod
     def prepare(cls, config: ExtractConfig) -> Extraction:
         """Resolve inputs cheapest first: bad data or store fail before a model loads."""
-        source = parse_source(config.data, name=config.name, split=config.split)
+        source = parse_source(
+            config.data, name=config.name, split=config.split, fractions=config.split_fractions
+        )
+        check_fractions_apply(source, config.split_fractions)
         source.select(config.split)
         device = resolve_device(config.device)
         layout = resolve_layout(**_row_options(config), compression=config.compression)

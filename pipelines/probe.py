@@ -4,7 +4,9 @@ For the chosen feature key it evaluates each method (``linear``: C chosen then a
 fit, or the BoB recipe; ``knn``: DINO-style weighted votes for several k) on the full
 training split and on few-shot subsets (``--shots`` per class, ``--fraction`` of the rows,
 several seeds), and appends long-format rows to the results table. A unit (method × setting ×
-seed) whose configuration is already in the table is skipped unless ``force``.
+seed) whose configuration is already in the table is skipped unless ``force``, except a linear
+unit whose head is not stored in *this* store (the rows may describe another store holding the
+same features): it is fitted again, so that what later commands need exists.
 
 Protocols, per setting (each row records ``train_rows``, ``val_rows`` and ``protocol``):
 
@@ -56,7 +58,7 @@ from bob_cache.probes import (
 from bob_cache.probes.features import load_rows
 from bob_cache.provenance import library_versions, utc_now
 from bob_cache.stores import FeatureSet, open_store
-from bob_cache.stores.head_store import HeadParams, HeadRecord, write_head
+from bob_cache.stores.head_store import HeadParams, HeadRecord, list_heads, write_head
 from bob_cache.stores.results import ResultsTable, summarize
 
 METHODS = ("linear", "knn")
@@ -220,7 +222,7 @@ def probe(config: ProbeConfig) -> ProbeSummary:
             if not _runs(config, method, setting.name, setting.seed):
                 continue
             config_hash = _unit_hash(config, data.feature_key, method, setting.name, setting.seed)
-            if not config.force and config_hash in done:
+            if not config.force and config_hash in done and heads.has(method, config_hash):
                 summary.units_skipped += 1
                 continue
             results = unit(data, setting)
@@ -405,6 +407,17 @@ class _HeadSink:
     ) -> None:
         self.config, self.data, self.summary, self.versions = config, data, summary, versions
         self.home: FeatureSet | None = None  # a writable handle, opened at the first head
+        self._stored: set[str] | None = None
+
+    def has(self, method: str, config_hash: str) -> bool:
+        """Whether a unit whose rows are in the table needs nothing more here: it keeps no
+        head, or its head is stored beside *this* store's training set (the rows may come
+        from another store with the same feature key)."""
+        if method != "linear" or self.data.multilabel:
+            return True
+        if self._stored is None:
+            self._stored = {r.name for r in list_heads(self.data.sets[self.config.train_split])}
+        return config_hash in self._stored
 
     def store(self, results: list[UnitResult], setting: Setting, config_hash: str) -> None:
         if self.data.multilabel or self.summary.heads_note:
@@ -472,6 +485,22 @@ def unit_hashes(config: ProbeConfig, feature_key: str) -> set[str]:
         for seed in config.seeds
         if _runs(config, method, name, seed)
     }
+
+
+def missing_heads(config: ProbeConfig, feature_key: str) -> set[str]:
+    """The linear units of ``unit_hashes`` whose head is not stored beside the training set of
+    ``feature_key`` in ``config.store`` (none for multi-label sets, which keep no heads)."""
+    if "linear" not in config.methods:
+        return set()
+    store = open_store(config.store, storage_options=config.storage_options or None)
+    train = select_feature_sets(
+        store, dataset=config.dataset, backbone=config.backbone, feature=feature_key,
+        splits=(config.train_split,),
+    )[config.train_split]  # fmt: skip
+    if train.array("labels").ndim == 2:
+        return set()
+    linear = unit_hashes(replace(config, methods=("linear",)), feature_key)
+    return linear - {r.name for r in list_heads(train)}
 
 
 def _runs(config: ProbeConfig, method: str, setting: str, seed: int) -> bool:

@@ -49,6 +49,14 @@ ResultsOpt = Annotated[
     str | None,
     typer.Option(envvar="BOB_CACHE_RESULTS", help="Results directory (default bob-results)."),
 ]
+SplitFractionsOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="train,val,test fractions for a labelled source without splits (a plain class "
+        "folder, a manifest without a split column): split by id hash, stratified by class "
+        "(default 0.6,0.2,0.2).",
+    ),
+]
 # How downstream commands pick the feature sets of one extraction.
 DatasetOpt = Annotated[str, typer.Option(help="Dataset name as extracted (see `bob-cache ls`).")]
 BackboneOpt = Annotated[str, typer.Option(help="Backbone as extracted: its name, label or arch.")]

@@ -14,6 +14,7 @@ from bob_cache.commands.common import (
     DeviceOpt,
     JsonOpt,
     QuietOpt,
+    SplitFractionsOpt,
     StoreOpt,
     err,
     handle_errors,
@@ -44,6 +45,7 @@ def extract(
         str | None, typer.Option(help="Dataset name (default: folder or manifest stem).")
     ] = None,
     split: Annotated[str, typer.Option(help="Split to extract, or 'all'.")] = "all",
+    split_fractions: SplitFractionsOpt = None,
     weights: Annotated[
         str | None,
         typer.Option(help="Local .safetensors/.pth checkpoint (loaded with weights_only)."),
@@ -156,7 +158,8 @@ def extract(
 
     pool = _dense_pool(pool) if dense else pool
     config = ExtractConfig(
-        data=data, backbone=backbone, store=store, name=name, split=split, weights=weights,
+        data=data, backbone=backbone, store=store, name=name, split=split,
+        split_fractions=split_fractions, weights=weights,
         random_init=random_init, seed=seed, layers=parse_layers(layers), pool=pool,
         image_size=image_size, dtype=dtype, precision=precision, device=device,
         batch_size=batch_size, workers=workers, decode=decode, limit=limit, strict=strict,

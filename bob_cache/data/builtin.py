@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from bob_cache.data.source import DataSource, Sample, content_digest, register_source
+from bob_cache.data.source import DataSource, Sample, SplitRule, content_digest, register_source
+from bob_cache.data.splits import SplitFractions
 from bob_cache.errors import DataNotFoundError, did_you_mean
 
 _BUILTINS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray, list[str]]]] = {}
@@ -63,7 +64,13 @@ class BuiltinSource(DataSource):
 
 
 @register_source("builtin", lambda spec: spec.startswith(PREFIX))
-def load_builtin(spec: str, *, name: str | None = None, split: str = "all") -> BuiltinSource:
+def load_builtin(
+    spec: str,
+    *,
+    name: str | None = None,
+    split: str = "all",
+    fractions: SplitFractions | None = None,
+) -> BuiltinSource:
     """Load ``builtin:<name>``."""
     from sklearn.model_selection import train_test_split
 
@@ -82,6 +89,14 @@ def load_builtin(spec: str, *, name: str | None = None, split: str = "all") -> B
         part: [Sample(f"{key}/{i:05d}", int(labels[i]), int(i)) for i in sorted(idx)]
         for part, idx in (("train", train), ("val", val), ("test", test))
     }
+    rule = SplitRule(
+        "distributed", detail="built-in 0.6/0.2/0.2 (train_test_split, stratified, seed 0)"
+    )
     return BuiltinSource(
-        name=name or key, origin=spec, splits=splits, class_names=class_names, images=images
+        name=name or key,
+        origin=spec,
+        splits=splits,
+        class_names=class_names,
+        split_rule=rule,
+        images=images,
     )

@@ -1,8 +1,10 @@
 """Image folders: ImageFolder layout, optionally under ``train/ val/ test/`` split folders.
 
 Class sub-folders give labels (sorted names, shared across splits); images directly inside a
-split folder (or a flat folder) are unlabeled. A folder without split sub-folders forms one
-split, ``train`` unless ``--split`` names another.
+split folder (or a flat folder) are unlabeled. A folder without split sub-folders is split
+into train/val/test by id hash, stratified by class (:mod:`bob_cache.data.splits`); one
+without class sub-folders (nothing to stratify or score) stays whole, ``train`` unless
+``--split`` names another.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from PIL import Image
 
 from bob_cache.data.images import IMAGE_EXTENSIONS, is_image_file, open_image_file
 from bob_cache.data.source import (
-    DEFAULT_SPLIT,
+    AS_DISTRIBUTED,
     SPLIT_NAMES,
     DataSource,
     Sample,
     default_name,
     register_source,
 )
+from bob_cache.data.splits import SplitFractions, split_rows
 from bob_cache.errors import DataSourceError
 
 
@@ -48,7 +51,13 @@ class FolderSource(DataSource):
 
 
 @register_source("folder", lambda spec: Path(spec).expanduser().is_dir())
-def load_folder(spec: str, *, name: str | None = None, split: str = "all") -> FolderSource:
+def load_folder(
+    spec: str,
+    *,
+    name: str | None = None,
+    split: str = "all",
+    fractions: SplitFractions | None = None,
+) -> FolderSource:
     """List an image folder (see module docstring for the layouts)."""
     root = Path(spec).expanduser().resolve()
     subdirs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -63,7 +72,7 @@ def load_folder(spec: str, *, name: str | None = None, split: str = "all") -> Fo
             )
         layout = {s: root / s for s in split_dirs}
     else:
-        layout = {DEFAULT_SPLIT if split == "all" else split: root}
+        layout = {"": root}
     class_names = sorted(
         {
             c.name
@@ -74,6 +83,9 @@ def load_folder(spec: str, *, name: str | None = None, split: str = "all") -> Fo
     )
     index = {c: i for i, c in enumerate(class_names)}
     splits = {s: _list_split(d, root, index) for s, d in layout.items()}
+    rule = AS_DISTRIBUTED
+    if "" in splits:
+        splits, rule = split_rows(splits[""], split=split, fractions=fractions)
     if not any(splits.values()):
         raise DataSourceError(
             f"Folder '{spec}' holds no images. Expected files ending in "
@@ -85,6 +97,7 @@ def load_folder(spec: str, *, name: str | None = None, split: str = "all") -> Fo
         origin=str(root),
         splits=splits,
         class_names=class_names,
+        split_rule=rule,
     )
 
 

@@ -4,7 +4,9 @@ Relative paths resolve against the manifest's folder. Labels may be class names 
 sorted indices) or integers (kept); an empty label means unlabeled (-1). A multi-label set
 (CheXpert-style) has one ``label:<name>`` column per label instead, holding 1, 0, or -1/empty
 for unknown; its labels are stored as an N × L matrix. Without a ``split``
-column every row forms one split, ``train`` unless ``--split`` names another.
+column the rows are split into train/val/test by id hash, stratified by label
+(:mod:`bob_cache.data.splits`); a manifest without any label stays whole, ``train`` unless
+``--split`` names another.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import numpy as np
 import pandas as pd
 
 from bob_cache.data.folder import FolderSource
-from bob_cache.data.source import DEFAULT_SPLIT, Sample, default_name, register_source
+from bob_cache.data.source import AS_DISTRIBUTED, Sample, default_name, register_source
+from bob_cache.data.splits import SplitFractions, split_rows
 from bob_cache.errors import DataNotFoundError, ManifestError
 
 REQUIRED = ("path", "label")
@@ -35,7 +38,13 @@ def _is_manifest(spec: str) -> bool:
 
 
 @register_source("manifest", _is_manifest)
-def load_manifest(spec: str, *, name: str | None = None, split: str = "all") -> ManifestSource:
+def load_manifest(
+    spec: str,
+    *,
+    name: str | None = None,
+    split: str = "all",
+    fractions: SplitFractions | None = None,
+) -> ManifestSource:
     """Read and validate a manifest; every listed file must exist."""
     path = Path(spec).expanduser()
     if not path.is_file():
@@ -79,22 +88,32 @@ def load_manifest(spec: str, *, name: str | None = None, split: str = "all") -> 
             f"Manifest '{spec}' repeats ids, e.g. {', '.join(duplicated[:3])}. Each row needs a "
             "unique id (or path, when there is no id column)."
         )
-    default = DEFAULT_SPLIT if split == "all" else split
-    split_col = table["split"].fillna("").astype(str) if "split" in table.columns else None
-    splits: dict[str, list[Sample]] = {}
-    for i, (sid, label, file) in enumerate(zip(ids, labels, files, strict=True)):
-        row_split = split_col.iat[i] if split_col is not None else default
-        if not row_split:
-            raise ManifestError(
-                f"Row {i + 2} of '{spec}' has an empty split. Fill in train, val or test."
-            )
-        splits.setdefault(row_split, []).append(Sample(sid, label, file))
+    samples = [Sample(*row) for row in zip(ids, labels, files, strict=True)]
+    if "split" in table.columns:
+        splits, rule = _split_column(table["split"], samples, spec), AS_DISTRIBUTED
+    else:
+        splits, rule = split_rows(samples, split=split, fractions=fractions)
     return ManifestSource(
         name=name or default_name(path.stem),
         origin=str(path.resolve()),
         splits=splits,
         class_names=class_names,
+        split_rule=rule,
     )
+
+
+def _split_column(column: pd.Series, samples: list[Sample], spec: str) -> dict[str, list[Sample]]:
+    """The rows of each split the manifest names; an empty split cell is an error."""
+    names = column.fillna("").astype(str).tolist()
+    splits: dict[str, list[Sample]] = {}
+    for i, (row_split, sample) in enumerate(zip(names, samples, strict=True)):
+        if not row_split:
+            raise ManifestError(
+                f"Row {i + 2} of '{spec}' has an empty split. Fill in train, val or test "
+                "(or drop the split column to have the rows split by id hash)."
+            )
+        splits.setdefault(row_split, []).append(sample)
+    return splits
 
 
 def _read(path: Path) -> pd.DataFrame:

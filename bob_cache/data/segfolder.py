@@ -1,10 +1,11 @@
 """Segmentation folders (ADE20K style): images to extract, masks for the dense probe.
 
-A folder holding ``images/`` and ``masks/`` forms one split (``train`` unless ``--split``
-names another); a folder whose ``train/``, ``val/`` or ``test/`` sub-folders each hold
-``images/`` and ``masks/`` gives those splits (the synth-shapes layout). Images and masks
-pair by file stem and class names come from ``classes.json`` (in the folder or its parent),
-as :func:`bob_cache.finetune.seg_data.load_seg_folder` reads them.
+A folder holding ``images/`` and ``masks/`` is split into train/val/test by id hash (the
+masks are its labels; :mod:`bob_cache.data.splits`); a folder whose ``train/``, ``val/`` or
+``test/`` sub-folders each hold ``images/`` and ``masks/`` gives those splits (the
+synth-shapes layout). Images and masks pair by file stem and class names come from
+``classes.json`` (in the folder or its parent), as
+:func:`bob_cache.finetune.seg_data.load_seg_folder` reads them.
 
 The samples are the images only (label -1, id = the file name inside ``images/``); the class
 names (``background`` first) and, under ``segmentation`` in :meth:`SegFolderSource.describe`,
@@ -29,12 +30,13 @@ from PIL import Image
 
 from bob_cache.data.folder import FolderSource
 from bob_cache.data.source import (
-    DEFAULT_SPLIT,
+    AS_DISTRIBUTED,
     SPLIT_NAMES,
     Sample,
     default_name,
     register_source,
 )
+from bob_cache.data.splits import SplitFractions, split_rows
 from bob_cache.errors import AnnotationError, DataNotFoundError, DataSourceError
 
 IMAGES, MASKS, MASK_SUFFIX = "images", "masks", ".png"
@@ -66,13 +68,19 @@ def _holds_pairs(folder: Path) -> bool:
 
 
 @register_source("segfolder", is_seg_folder, before="folder")
-def load_seg_source(spec: str, *, name: str | None = None, split: str = "all") -> SegFolderSource:
+def load_seg_source(
+    spec: str,
+    *,
+    name: str | None = None,
+    split: str = "all",
+    fractions: SplitFractions | None = None,
+) -> SegFolderSource:
     """List a segmentation folder (see the module docstring for the layouts)."""
     from bob_cache.finetune.seg_data import load_seg_folder
 
     root = Path(spec).expanduser().resolve()
     if _holds_pairs(root):
-        layout = {DEFAULT_SPLIT if split == "all" else split: root}
+        layout = {"": root}
     else:
         layout = {s: root / s for s in SPLIT_NAMES if (root / s).is_dir()}
         lacking = [s for s, d in layout.items() if not _holds_pairs(d)]
@@ -96,6 +104,10 @@ def load_seg_source(spec: str, *, name: str | None = None, split: str = "all") -
         ]
         for s, seg in sets.items()
     }
+    rule = AS_DISTRIBUTED
+    if "" in splits:  # every image has a mask: the source is labelled
+        splits, rule = split_rows(splits[""], split=split, fractions=fractions, labelled=True)
+        layout = dict.fromkeys(splits, root)
     segmentation = {
         "root": str(root),
         "splits": {s: d.relative_to(root).as_posix() for s, d in layout.items()},
@@ -107,6 +119,7 @@ def load_seg_source(spec: str, *, name: str | None = None, split: str = "all") -
         splits=splits,
         class_names=list(classes.pop()),
         segmentation=segmentation,
+        split_rule=rule,
     )
 
 

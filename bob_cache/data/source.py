@@ -17,12 +17,17 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
+from bob_cache.data.splits import (  # noqa: F401  (re-exported for the loaders)
+    AS_DISTRIBUTED,
+    DEFAULT_SPLIT,
+    SPLIT_NAMES,
+    SplitFractions,
+    SplitRule,
+)
 from bob_cache.errors import DataNotFoundError, DataSourceError, did_you_mean
 from bob_cache.hashing import stable_hash
 
-SPLIT_NAMES = ("train", "val", "test")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
-DEFAULT_SPLIT = "train"
 
 
 @dataclass(frozen=True)
@@ -36,12 +41,13 @@ class Sample:
 
 @dataclass
 class DataSource(ABC):
-    """A listed dataset: samples per split plus class names."""
+    """A listed dataset: samples per split, class names, and how the splits were made."""
 
     name: str
     origin: str
     splits: dict[str, list[Sample]]
     class_names: list[str] = field(default_factory=list)
+    split_rule: SplitRule = AS_DISTRIBUTED
 
     kind: ClassVar[str] = "abstract"
 
@@ -103,6 +109,7 @@ class DataSource(ABC):
             "fingerprint": self.fingerprint(),
             "class_names": self.class_names,
             "splits": {k: len(v) for k, v in self.splits.items()},
+            "split_rule": self.split_rule.describe(),
         }
 
 
@@ -147,19 +154,28 @@ def _ordered_kinds() -> list[tuple[str, Callable[[str], bool], SourceLoader]]:
     return order
 
 
-def parse_source(spec: str, *, name: str | None = None, split: str = "all") -> DataSource:
+def parse_source(
+    spec: str,
+    *,
+    name: str | None = None,
+    split: str = "all",
+    fractions: SplitFractions | None = None,
+) -> DataSource:
     """Turn a ``--data`` value into a listed :class:`DataSource`.
 
     Args:
         spec: a folder, a ``.csv``/``.jsonl`` manifest, or ``builtin:<name>``.
         name: dataset name (defaults to the folder or manifest stem).
-        split: for a folder without split sub-folders, the split its images form.
+        split: for an unlabelled source without splits, the split its images form.
+        fractions: train/val/test fractions for a labelled source without splits
+            (:mod:`bob_cache.data.splits`; None: the defaults). Ignored where the source has
+            splits of its own.
     """
     from bob_cache.data import builtin, folder, manifest, segfolder  # noqa: F401  (register kinds)
 
     for _kind, matches, loader in _ordered_kinds():
         if matches(spec):
-            return loader(spec, name=name, split=split)
+            return loader(spec, name=name, split=split, fractions=fractions)
     raise DataNotFoundError(
         f"Data source '{spec}' does not exist. Expected a folder of images (class "
         "sub-folders, optionally under train/ val/ test/), a .csv or .jsonl manifest with "

@@ -189,7 +189,7 @@ def _task_jobs(
             deps = tuple(job.id for job in sources)
             keys = sources[0].keys if sources[0].done else None
         done = keys is not None and all(
-            kind.done_hashes(kind.config(options, dataset, key, ctx), key) <= done_hashes
+            kind.is_done(kind.config(options, dataset, key, ctx), key, done_hashes)
             for key in keys
         )
         jobs.append(Job(

@@ -59,6 +59,11 @@ class TaskKind(ABC):
     def done_hashes(self, config: Any, key: str) -> set[str]:
         """Results-table config hashes that are all present once the task is done."""
 
+    def is_done(self, config: Any, key: str, table_hashes: set[str]) -> bool:
+        """Whether the task has nothing left to do: its rows are in the table (kinds whose
+        later readers need more, such as a probe head in this store, check that too)."""
+        return self.done_hashes(config, key) <= table_hashes
+
     def describe(self, options: Any) -> str:
         """A short summary of the options for plan listings."""
         return ""
@@ -114,6 +119,11 @@ class _ProbeKind(TaskKind):
         from bob_cache.pipelines.probe import unit_hashes
 
         return unit_hashes(config, key)
+
+    def is_done(self, config: Any, key: str, table_hashes: set[str]) -> bool:
+        from bob_cache.pipelines.probe import missing_heads
+
+        return super().is_done(config, key, table_hashes) and not missing_heads(config, key)
 
     @abstractmethod
     def probe(self, options: Any) -> dict[str, Any]:

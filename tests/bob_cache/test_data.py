@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bob_cache.data import ImageDataset, parse_source
+from bob_cache.data.splits import SplitFractions
 from bob_cache.errors import DataNotFoundError, DataSourceError, ManifestError
 from tests.conftest import write_image_folder
 
@@ -24,15 +25,17 @@ def test_split_folders_in_imagefolder_layout(image_folder: Path) -> None:
     assert src.select("val").keys() == {"val"}
 
 
-def test_flat_folder_forms_one_split_named_by_split_option(tmp_path: Path) -> None:
+def test_flat_unlabelled_folder_stays_one_split_named_by_split_option(tmp_path: Path) -> None:
     root = write_image_folder(tmp_path / "pets", splits=("",), per_class=2)
-    assert list(parse_source(str(root)).splits) == ["train"]
-    assert list(parse_source(str(root), split="test", name="mine").splits) == ["test"]
     unlabeled = tmp_path / "loose"
     unlabeled.mkdir()
-    shutil.copy(next(root.rglob("*.png")), unlabeled / "a.png")
+    for i, f in enumerate(sorted(root.rglob("*.*"))):
+        shutil.copy(f, unlabeled / f"{i}.png")
     src = parse_source(str(unlabeled))
-    assert [s.label for s in src.splits["train"]] == [-1] and src.class_names == []
+    assert list(src.splits) == ["train"] and len(src.splits["train"]) == 6
+    assert {s.label for s in src.splits["train"]} == {-1} and src.class_names == []
+    assert src.split_rule.kind == "whole"
+    assert list(parse_source(str(unlabeled), split="test", name="mine").splits) == ["test"]
 
 
 def test_missing_empty_and_mixed_folders(tmp_path: Path) -> None:
@@ -84,8 +87,8 @@ def test_manifest_integer_and_empty_labels(image_folder: Path) -> None:
     files = sorted(image_folder.rglob("*.png"))[:3]
     path = image_folder / "ints.csv"
     path.write_text("path,label,id\n" + f"{files[0]},2,a\n{files[1]},,b\n{files[2]},0,c\n")
-    src = parse_source(str(path), split="test")
-    assert [(s.id, s.label) for s in src.splits["test"]] == [("a", 2), ("b", -1), ("c", 0)]
+    src = parse_source(str(path), fractions=SplitFractions(1, 0, 0))
+    assert [(s.id, s.label) for s in src.splits["train"]] == [("a", 2), ("b", -1), ("c", 0)]
     assert src.class_names == ["0", "1", "2"]
 
 

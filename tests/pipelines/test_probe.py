@@ -107,6 +107,29 @@ def test_rerun_is_a_no_op_unless_forced(tmp_path: Path) -> None:
     assert other_k.units_run == 1  # a changed setting is a new unit
 
 
+def test_a_second_store_beside_the_same_results_gets_its_own_head(tmp_path: Path) -> None:
+    """Rows in the table may describe another store with the same features: a linear unit is
+    done only when its head is stored in *this* store (what `ood` and `predict` read)."""
+    from bob_cache.pipelines.predict import PredictConfig, predict
+    from bob_cache.pipelines.probe import missing_heads
+    from bob_cache.stores import open_store
+    from bob_cache.stores.head_store import list_heads
+
+    first = toy_store(tmp_path / "a")
+    second = toy_store(tmp_path / "b")  # same arrays and spec: the same feature key
+    a = probe(config(first, tmp_path, methods=("linear", "knn"), ks=(5,)))
+    cfg_b = config(second, tmp_path, methods=("linear", "knn"), ks=(5,))
+    assert missing_heads(cfg_b, a.feature_key)  # the battle's done check sees the gap
+    b = probe(cfg_b)
+    assert (b.units_run, b.units_skipped) == (1, 1)  # the linear unit again, kNN skipped
+    train_b = next(fs for fs in open_store(second).feature_sets() if fs.attrs["split"] == "train")
+    assert len(list_heads(train_b)) == 1 and not missing_heads(cfg_b, a.feature_key)
+    again = probe(cfg_b)
+    assert (again.units_run, again.units_skipped) == (0, 2)
+    pred = predict(PredictConfig(store=str(second), dataset="toy", backbone="model", split="test"))
+    assert len(pred.queries) == 100
+
+
 def test_missing_val_split_is_held_out_deterministically(tmp_path: Path) -> None:
     store = toy_store(tmp_path, with_val=False)
     a = probe(config(store, tmp_path, methods=("linear",)))
