@@ -4,7 +4,9 @@ Names follow the paper's backbones; ``model`` is the timm ``arch.tag`` whose wei
 the paper's checkpoint most closely. Entries with ``model=None`` are in the study but have
 no timm weights; those in ``_OFFICIAL`` load their official checkpoint file as downloaded
 (``--weights FILE``), converted to a timm architecture by the named converter and evaluated
-with the official linear evaluation's preprocessing.
+with the official linear evaluation's preprocessing. Entries in ``_RECIPES`` load timm's copy
+of an official checkpoint whose timm config carries timm's generic recipe (crop 0.9) rather
+than the one the weights were evaluated with; they get the official one.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ _FB = "https://dl.fbaipublicfiles.com"
 _EVAL_224 = {"crop_pct": 0.875, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 _BILINEAR = {**_EVAL_224, "interpolation": "bilinear"}
 _BICUBIC = {**_EVAL_224, "interpolation": "bicubic"}  # DINO's eval_linear.py
+_CLIP = {"crop_pct": 1.0, "interpolation": "bicubic"}  # CLIP's Resize(n_px) + CenterCrop(n_px)
 
 # fmt: off
 _CATALOG = [
@@ -106,6 +109,17 @@ _OFFICIAL = {
         source_url="https://huggingface.co/CompVis/stable-diffusion-v-1-4-original/resolve/main/sd-v1-4.ckpt",
     ),
 }
+# name → the official evaluation's preprocessing, over timm's generic config for the tag
+_RECIPES = {
+    "dino_vit_small": _BICUBIC,  # DINO's eval_linear.py: Resize(256, bicubic), CenterCrop(224)
+    "dino_vit_base": _BICUBIC,
+    "mae_vit_base": _BICUBIC,  # MAE's main_linprobe.py: Resize(256, bicubic), CenterCrop(224)
+    "clip_vit_base_openai": _CLIP,
+    "clip_resnet50_openai": _CLIP,
+    # Swin's build_transform: Resize(int(256 / 224 * size), bicubic), CenterCrop(size)
+    "swinv2_tiny": {"crop_pct": 0.875}, "swinv2_small": {"crop_pct": 0.875},
+    "swinv2_base": {"crop_pct": 0.875}, "swinv2_base_in22k": {"crop_pct": 0.875},
+}
 # fmt: on
 
 
@@ -117,4 +131,5 @@ def _note(row: tuple) -> str:
 
 
 for _row in _CATALOG:
-    register_backbone(BackboneEntry(*_row[:7], note=_note(_row), **_OFFICIAL.get(_row[0], {})))
+    _extra = _OFFICIAL.get(_row[0]) or {"data_config": _RECIPES.get(_row[0], {})}
+    register_backbone(BackboneEntry(*_row[:7], note=_note(_row), **_extra))

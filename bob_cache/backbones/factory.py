@@ -132,8 +132,15 @@ def create_backbone(
         )
     provider, model = resolve_backbone_name(name)
     choice = _weights_choice(weights, random_init=random_init, seed=seed)
-    return provider.create(
-        model, name=name, weights=choice, layers=list(layers), pool=pool, image_size=image_size
+    recipe = {"recipe": entry.data_config} if entry is not None and entry.data_config else {}
+    return provider.create(  # type: ignore[call-arg]
+        model,
+        name=name,
+        weights=choice,
+        layers=list(layers),
+        pool=pool,
+        image_size=image_size,
+        **recipe,
     )
 
 

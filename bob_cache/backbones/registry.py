@@ -19,7 +19,8 @@ class BackboneEntry:
 
     Entries loaded from an official checkpoint name the timm ``arch`` (built with
     ``arch_kwargs``) that ``converter`` maps the file ``checkpoint`` (from ``source_url``) to;
-    ``data_config`` overrides the preprocessing with the official evaluation's.
+    ``data_config`` overrides the provider's preprocessing with the official evaluation's
+    (for any entry: timm's configs of some official checkpoints carry timm's generic recipe).
     """
 
     name: str

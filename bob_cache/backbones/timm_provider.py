@@ -99,10 +99,16 @@ class TimmProvider:
         pool: str,
         image_size: int | None,
         official: BackboneEntry | None = None,
+        recipe: dict[str, Any] | None = None,
     ) -> TimmBackbone:
         """Build ``model``; with ``official`` (a registry entry with a converter), ``model``
-        is its ``arch``, built with its options, and a weights file is its official checkpoint."""
-        net = _build(model, weights=weights, image_size=image_size, official=official)
+        is its ``arch``, built with its options, and a weights file is its official checkpoint.
+        ``recipe`` (a registry entry's ``data_config``) overrides timm's preprocessing."""
+        if official is not None:
+            recipe = official.data_config
+        net = _build(
+            model, weights=weights, image_size=image_size, official=official, recipe=recipe
+        )
         arch = model.partition(".")[0]
         tag = None if official is not None else net.pretrained_cfg.get("tag") or None
         data_config = _data_config(net, image_size)
@@ -162,11 +168,13 @@ def _build(
     weights: WeightsChoice,
     image_size: int | None,
     official: BackboneEntry | None = None,
+    recipe: dict[str, Any] | None = None,
 ) -> torch.nn.Module:
     kwargs: dict[str, Any] = {}
     if official is not None:  # no classifier: the official checkpoints carry none
         kwargs.update(num_classes=0, **official.arch_kwargs)
-        kwargs["pretrained_cfg_overlay"] = dict(official.data_config)
+    if recipe:
+        kwargs["pretrained_cfg_overlay"] = dict(recipe)
     if image_size is not None:
         kwargs["img_size"] = image_size
     pretrained = weights.kind == "pretrained"

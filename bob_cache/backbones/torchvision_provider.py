@@ -4,10 +4,18 @@ The final output is the input of the model's last ``nn.Linear`` (its pre-logits)
 layers are graph nodes of ``torchvision.models.feature_extraction``, average-pooled. With
 ``--pool grid`` (``extract --dense``) a layer's map is kept as an ``(N, H, W, C)`` grid;
 ``final`` then names the last feature map, the node just before the global average pool.
+
+Preprocessing is that of the weights actually loaded: torchvision's weights enum carries each
+checkpoint's evaluation transform, and a local file is matched to its enum member by the
+SHA-256 prefix torchvision puts in its file names (``mobilenet_v2-b0353104.pth`` is
+``IMAGENET1K_V1``: resize 256, crop 224), not to the model's ``DEFAULT`` (``IMAGENET1K_V2``:
+resize 232).
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Any
 
 import torch
@@ -17,6 +25,9 @@ from bob_cache.backbones.backbone import Backbone, Output, WeightsChoice
 from bob_cache.backbones.pooling import get_pool, is_grid, pool_grid
 from bob_cache.backbones.weights import fit_state_dict, load_state_dict
 from bob_cache.errors import BackboneUnavailableError, SpecError
+
+logger = logging.getLogger(__name__)
+_URL_HASH = re.compile(r"-([a-f0-9]{6,})\.[a-z]+$")  # torch.hub's naming: name-<sha256 prefix>.pth
 
 
 class TorchvisionBackbone(Backbone):
@@ -83,6 +94,7 @@ class TorchvisionProvider:
         from torchvision.models import get_model, get_model_weights
 
         default = get_model_weights(model).DEFAULT
+        recipe = resolve_weights_enum(model, weights)
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(weights.seed or 0)
@@ -102,9 +114,9 @@ class TorchvisionProvider:
             name=name,
             provider=self.name,
             arch=model,
-            pretrained_tag=default.name,
+            pretrained_tag=recipe.name if recipe is not None else None,
             weights=weights,
-            data_config=_data_config(default, image_size),
+            data_config=_data_config(recipe or default, image_size),
             outputs=_outputs(net, model, layers, pool),
         )
 
@@ -146,6 +158,33 @@ def _last_feature_map(nodes: list[str], model: str) -> str:
             f"one of: {', '.join(nodes[-6:-1])}."
         )
     return nodes[pools[-1] - 1]
+
+
+def resolve_weights_enum(model: str, weights: WeightsChoice) -> Any | None:
+    """The torchvision weights (enum member) whose evaluation recipe fits ``weights``.
+
+    Pretrained and random-init backbones get the model's ``DEFAULT``; a local file gets the
+    member whose URL names the file's SHA-256 prefix, or None when it is none of them (then
+    the ``DEFAULT`` recipe is used, and logged as a guess).
+    """
+    from torchvision.models import get_model_weights
+
+    members = get_model_weights(model)
+    if weights.kind != "file" or weights.file is None:
+        return members.DEFAULT
+    sha = weights.file.sha256
+    for member in members:
+        found = _URL_HASH.search(member.url)
+        if found is not None and sha.startswith(found.group(1)):
+            return member
+    logger.warning(
+        "%s is none of torchvision's published '%s' checkpoints; preprocessing it with the "
+        "recipe of %s. The recipe is recorded in the feature set's provenance.",
+        weights.file.path.name,
+        model,
+        members.DEFAULT,
+    )
+    return None
 
 
 def _data_config(weights: Any, image_size: int | None) -> dict[str, Any]:

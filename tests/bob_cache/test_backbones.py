@@ -163,3 +163,37 @@ def test_uint8_transform_plus_batch_normalize_equals_timms_eval_transform() -> N
     assert u8.dtype == torch.uint8 and u8.shape == reference.shape
     assert torch.equal(bb.normalize(u8.unsqueeze(0))[0], reference)
     assert torch.equal(bb.preprocess(image)[0], reference)
+
+
+@pytest.mark.parametrize(
+    ("name", "crop_pct", "interpolation", "resize"),
+    [
+        ("dino_vit_small", 0.875, "bicubic", 256),  # DINO's eval_linear.py
+        ("mae_vit_base", 0.875, "bicubic", 256),  # MAE's main_linprobe.py
+        ("clip_vit_base_openai", 1.0, "bicubic", 224),  # CLIP's Resize(224) + CenterCrop(224)
+        ("clip_resnet50_openai", 1.0, "bicubic", 224),
+        ("swinv2_tiny", 0.875, "bicubic", 292),  # Swin's Resize(int(256 / 224 * 256))
+    ],
+)
+def test_registry_entries_get_their_weights_official_evaluation_recipe(
+    name: str, crop_pct: float, interpolation: str, resize: int
+) -> None:
+    """timm's configs of these tags carry its generic crop 0.9, not the authors' recipe."""
+    bb = create_backbone(name, random_init=True)
+    assert (bb.data_config["crop_pct"], bb.data_config["interpolation"]) == (
+        crop_pct,
+        interpolation,
+    )
+    assert bb.transform().transforms[0].size == resize
+
+
+@pytest.mark.parametrize(("name", "tv_model"), [("resnet50", "resnet50"), ("resnet18", "resnet18")])
+def test_torchvision_weights_in_timm_keep_torchvisions_v1_recipe(name: str, tv_model: str) -> None:
+    from torchvision.models import get_model_weights
+
+    reference = get_model_weights(tv_model).IMAGENET1K_V1.transforms()
+    bb = create_backbone(name, random_init=True)
+    resize = bb.transform().transforms[0]
+    assert (resize.size, bb.data_config["input_size"][1:]) == (reference.resize_size[0], [224, 224])
+    assert bb.data_config["interpolation"] == reference.interpolation.value
+    assert bb.data_config["mean"] == list(reference.mean)

@@ -78,3 +78,41 @@ def test_safetensors_checkpoint_loads(tmp_path: Path) -> None:
     x = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x)["final"], src(x)["final"])
+
+
+def test_torchvision_checkpoint_gets_the_recipe_its_weights_were_evaluated_with(
+    mobilenet_weights: Path,
+) -> None:
+    """The offline file is IMAGENET1K_V1 (resize 256, crop 224), not DEFAULT's V2 (resize 232)."""
+    import skimage.data
+    from torchvision.models import MobileNet_V2_Weights
+
+    reference = MobileNet_V2_Weights.IMAGENET1K_V1.transforms()
+    assert (reference.resize_size, reference.crop_size) == ([256], [224])
+    bb = create_backbone("tv:mobilenet_v2", weights=mobilenet_weights)
+    cfg = bb.data_config
+    assert bb.pretrained_tag == "IMAGENET1K_V1"
+    assert cfg["input_size"] == [3, 224, 224] and cfg["crop_pct"] == 224 / 256
+    assert cfg["interpolation"] == reference.interpolation.value == "bilinear"
+    assert (cfg["mean"], cfg["std"]) == (list(reference.mean), list(reference.std))
+    image = Image.fromarray(skimage.data.astronaut())
+    resize = bb.transform().transforms[0]
+    assert resize.size == 256
+    assert torch.equal(bb.preprocess(image)[0], reference(image))
+
+
+def test_unknown_torchvision_checkpoint_falls_back_to_the_default_recipe(
+    mobilenet_weights: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from torchvision.models import MobileNet_V2_Weights
+
+    resaved = tmp_path / "finetuned.pth"  # same tensors, new bytes: not a published file
+    torch.save(torch.load(mobilenet_weights, weights_only=True), resaved)
+    with caplog.at_level("WARNING", logger="bob_cache.backbones.torchvision_provider"):
+        bb = create_backbone("tv:mobilenet_v2", weights=resaved)
+    assert bb.pretrained_tag is None
+    assert "finetuned.pth is none of torchvision's published" in caplog.text
+    default = MobileNet_V2_Weights.DEFAULT.transforms()
+    assert bb.data_config["crop_pct"] == default.crop_size[0] / default.resize_size[0]
+    random = create_backbone("tv:mobilenet_v2", random_init=True)
+    assert random.pretrained_tag == MobileNet_V2_Weights.DEFAULT.name
