@@ -76,6 +76,11 @@ class DatasetSpec(_Model):
     val_split: str = "val"
     test_split: str = "test"
     retrieval_split: str = "train"
+    split_fractions: tuple[float, float, float] | None = Field(
+        None,
+        description="train, val, test fractions for a labelled source without splits "
+        "(default 0.6, 0.2, 0.2; split by id hash, stratified by class)",
+    )
     gnd: str | None = None
     shift: tuple[str, ...] = Field((), description="datasets of this suite: shifted copies")
     detect: tuple[str, ...] = Field((), description="datasets of this suite: OOD to detect")
@@ -89,6 +94,21 @@ class DatasetSpec(_Model):
     )
     val_data: str | None = Field(None, description="coco/segmentation: the val json or folder")
     test_data: str | None = Field(None, description="coco/segmentation: the test json or folder")
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions(cls, value: tuple[float, float, float] | None) -> Any:
+        from bob_cache.data.splits import SplitFractions
+
+        if value is not None:
+            try:
+                SplitFractions(*value)
+            except BobCacheError:
+                raise ValueError(
+                    "expected three fractions for train, val, test in [0, 1] that sum to 1, "
+                    "train above 0, e.g. [0.6, 0.2, 0.2]"
+                ) from None
+        return value
 
     @model_validator(mode="after")
     def _fine_tuning_data(self) -> DatasetSpec:

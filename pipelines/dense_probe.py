@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from bob_cache.data.segfolder import MaskBank, load_masks, mask_path
+from bob_cache.data.splits import rule_text
 from bob_cache.errors import FeatureSetNotFoundError, SpecError
 from bob_cache.hashing import stable_hash
 from bob_cache.pipelines.registry import register_stage
@@ -101,6 +102,7 @@ class DenseProbeSummary:
     train_rows: int = 0
     val_rows: int = 0
     protocol: str = ""
+    split_rule: str = ""
     table: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     head: DenseHeads | None = field(default=None, repr=False)
@@ -179,6 +181,7 @@ def dense_probe(config: DenseProbeConfig) -> DenseProbeSummary:
     summary = DenseProbeSummary(
         config.dataset, first.attrs["backbone"]["slug"], first.key, str(table.directory)
     )
+    summary.split_rule = rule_text(first.attrs.get("dataset", {}))
     if not config.force and config_hash in table.config_hashes():
         summary.units_skipped = 1
     else:
@@ -389,7 +392,7 @@ def _rows(
         "feature_key": summary.feature_key, "method": METHOD, "setting": "full",
         "seed": config.seed, "config_hash": config_hash, "time": utc_now(),
         "train_rows": summary.train_rows, "val_rows": summary.val_rows,
-        "protocol": summary.protocol,
+        "protocol": summary.protocol, "split_rule": summary.split_rule,
     }  # fmt: skip
     return [{**base, "metric": m, "value": float(v)} for m, v in values.items()]
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from bob_cache.data.splits import rule_text
 from bob_cache.errors import HeadNotFoundError, SpecError, StoreNotWritableError
 from bob_cache.hashing import stable_hash
 from bob_cache.ood import (
@@ -420,6 +421,7 @@ def _base(config: OODConfig, record: HeadRecord, test_fs: FeatureSet) -> dict[st
         "run_id": uuid.uuid4().hex[:12], "versions": library_versions(), "stage": "ood",
         "dataset": config.dataset, "split": test_fs.attrs["split"], "backbone": record.backbone,
         "feature_key": record.feature_key, "seed": record.seed, "time": utc_now(),
+        "split_rule": rule_text(test_fs.attrs.get("dataset", {})),
     }  # fmt: skip
 
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from bob_cache.data.splits import rule_text
 from bob_cache.device import resolve_device
 from bob_cache.errors import SpecError, StoreNotWritableError
 from bob_cache.hashing import stable_hash
@@ -249,6 +250,7 @@ def _rows(
         **context, "stage": "probe", "dataset": config.dataset, "split": config.test_split,
         "backbone": data.backbone, "feature_key": data.feature_key, "setting": setting.name,
         "seed": setting.seed, "config_hash": config_hash, "time": utc_now(),
+        "split_rule": rule_text(data.sets[config.train_split].attrs.get("dataset", {})),
     }  # fmt: skip
     return [
         {

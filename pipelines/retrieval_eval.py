@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from bob_cache.data.splits import rule_text
 from bob_cache.errors import GroundTruthError, SpecError
 from bob_cache.hashing import stable_hash
 from bob_cache.pipelines.registry import register_stage
@@ -96,6 +97,7 @@ class RetrievalEvalSummary:
     feature_key: str
     protocol: str
     metrics_definition: str = ""
+    split_rule: str = ""
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     queries: dict[str, int] = field(default_factory=dict)
     queries_skipped: dict[str, int] = field(default_factory=dict)
@@ -122,7 +124,7 @@ def retrieval_eval(config: RetrievalEvalConfig) -> RetrievalEvalSummary:
     db_set = sets[config.split]
     summary = RetrievalEvalSummary(
         config.dataset, db_set.attrs["backbone"]["slug"], db_set.key, config.protocol,
-        config.metrics_definition,
+        config.metrics_definition, rule_text(db_set.attrs.get("dataset", {})),
     )  # fmt: skip
     table = ResultsTable.open(config.results)
     summary.results = str(table.directory)
@@ -278,6 +280,7 @@ def _rows(
         ),
         "seed": config.seed, "config_hash": config_hash, "versions": library_versions(),
         "time": utc_now(), "train_rows": 0, "val_rows": 0, "protocol": _protocol_text(config),
+        "split_rule": summary.split_rule,
     }  # fmt: skip
     return [
         {**base, "method": method, "metric": metric, "value": float(value)}

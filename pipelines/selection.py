@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Sequence
 
 from bob_cache.errors import FeatureSetNotFoundError
@@ -54,10 +55,11 @@ def select_feature_sets(
     complete = {k: v for k, v in by_key.items() if set(splits) <= set(v)}
     if not complete:
         found = {k: sorted(v) for k, v in by_key.items()}
+        have = max(by_key.values(), key=len)
+        missing = [s for s in splits if s not in have]
         raise FeatureSetNotFoundError(
             f"Split(s) {', '.join(s for s in splits)} of '{dataset}' with '{backbone}' are not all "
-            f"extracted: found {found}. Extract the missing split(s), or name others with "
-            "--train-split/--test-split."
+            f"extracted: found {found}. {missing_split_hint(have, missing, store.location)}"
         )
     if len(complete) > 1:
         options = "; ".join(
@@ -71,3 +73,63 @@ def select_feature_sets(
         )
     (found,) = complete.values()
     return {s: found[s] for s in (*splits, *optional) if s in found}
+
+
+def missing_split_hint(have: dict[str, FeatureSet], missing: Sequence[str], store: str) -> str:
+    """How to get ``missing`` splits beside the sets ``have`` (one key): the command that
+    made them with ``--split`` changed, or why the source has no such split."""
+    fs = next(iter(have.values()))
+    dataset = fs.attrs.get("dataset", {})
+    rule = (dataset.get("split_rule") or {}).get("kind")
+    if rule == "whole":
+        return (
+            f"'{dataset.get('name')}' has no labels, so it is one split "
+            f"({', '.join(have)}); use a labelled source (class sub-folders or a label column)."
+        )
+    command = _extract_command(fs, store)
+    hint = "; ".join(_with_split(command, s) for s in missing)
+    if rule == "id-hash":
+        return (
+            f"Extract the missing split(s): {hint}. A source without splits is split by id "
+            "hash: a class needs at least 3 images to reach val and test at the default "
+            "--split-fractions 0.6,0.2,0.2."
+        )
+    return (
+        f"Extract the missing split(s) with the same options: {hint}; or, if the dataset has "
+        "no such split, name others with --train-split/--val-split/--test-split."
+    )
+
+
+def _extract_command(fs: FeatureSet, store: str) -> list[str]:
+    """The recorded extraction command, or one rebuilt from the set's provenance."""
+    recorded = shlex.split(fs.attrs.get("command") or "")
+    if recorded[:2] == ["bob-cache", "extract"]:
+        return recorded
+    request, dataset = fs.attrs.get("request") or {}, fs.attrs.get("dataset") or {}
+    backbone = request.get("backbone") or fs.attrs["backbone"].get("name")
+    words = ["bob-cache", "extract", "--data", str(dataset.get("origin", "DATA")), "--name",
+             str(dataset.get("name")), "--backbone", str(backbone), "--store", store]  # fmt: skip
+    if request.get("random_init"):
+        words += ["--random-init", "--seed", str(request.get("seed") or 0)]
+    for option, value in request.items():  # the options that change the key, as given
+        if option in _REBUILT and value not in (None, _REBUILT[option]):
+            text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            words += [f"--{option.replace('_', '-')}", text]
+    return words
+
+
+# Request options rebuilt into a command, with the default left out.
+_REBUILT = {"layers": ["final"], "pool": "default", "image_size": None, "dtype": "float16",
+            "precision": "auto", "decode": "pil", "limit": None}  # fmt: skip
+
+
+def _with_split(command: list[str], split: str) -> str:
+    words, skip = [], False
+    for word in command:
+        if skip:
+            skip = False
+        elif word == "--split":
+            skip = True
+        elif not word.startswith("--split="):
+            words.append(word)
+    return f"`{shlex.join([*words, '--split', split])}`"

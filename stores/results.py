@@ -7,7 +7,9 @@ this table. Each row says which labelled rows produced it: ``train_rows`` (train
 ``protocol`` (how each was used, in words: e.g. the ``full`` linear probe refits on both once
 C is chosen). Rows imported from elsewhere (``bob-cache
 results import``) carry their ``source``; own rows have ``source == ""``. A row may name its
-``task`` (``linear``, ``knn``, ...); empty means the ranking's rules decide.
+``task`` (``linear``, ``knn``, ...); empty means the ranking's rules decide. ``split_rule``
+says how the dataset's rows came to be in their splits (``as distributed``, ``id-hash
+0.6/0.2/0.2`` for a source without splits; :mod:`bob_cache.data.splits`).
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ from bob_cache.stores.location import is_url, translate_remote_errors, translate
 COLUMNS = (
     "run_id", "stage", "dataset", "split", "backbone", "feature_key", "method", "setting",
     "metric", "value", "seed", "config_hash", "versions", "time", "train_rows", "val_rows",
-    "protocol", "source", "task",
+    "protocol", "source", "task", "split_rule",
 )  # fmt: skip
 # Columns a writer may leave out (and tables written before they existed lack): their fill.
-OPTIONAL = {"source": "", "task": ""}
+OPTIONAL = {"source": "", "task": "", "split_rule": ""}
 SUMMARY_KEYS = ("dataset", "backbone", "method", "setting")
 DEFAULT_RESULTS = "bob-results"
 

@@ -70,7 +70,7 @@ def plan_battle(suite: Suite, *, store: str, results: str, device: str | None = 
     plan = Plan(suite.name, store, results)
     variants = _variants(suite)
     used = {d for d, _ in variants}
-    sources = {d.name: parse_source(d.data, name=d.name) for d in suite.datasets if d.name in used}
+    sources = {d.name: _source(d) for d in suite.datasets if d.name in used}
     fingerprints = {name: source.fingerprint() for name, source in sources.items()}
     extracted: dict[tuple[str, str, Variant], Job] = {}
     for dataset in suite.datasets:  # every extraction first: a task may read several
@@ -91,6 +91,16 @@ def plan_battle(suite: Suite, *, store: str, results: str, device: str | None = 
             plan.jobs += _task_jobs(suite, dataset, backbone, extracted, done_hashes,
                                     store=store, results=results, device=device)  # fmt: skip
     return plan
+
+
+def _source(dataset: DatasetSpec) -> Any:
+    """The dataset's listed source, split by its ``split_fractions`` where it has no splits."""
+    from bob_cache.data.splits import check_fractions_apply, parse_split_fractions
+
+    fractions = parse_split_fractions(dataset.split_fractions)
+    source = parse_source(dataset.data, name=dataset.name, fractions=fractions)
+    check_fractions_apply(source, fractions)
+    return source
 
 
 def _found(
@@ -189,8 +199,7 @@ def _task_jobs(
             deps = tuple(job.id for job in sources)
             keys = sources[0].keys if sources[0].done else None
         done = keys is not None and all(
-            kind.is_done(kind.config(options, dataset, key, ctx), key, done_hashes)
-            for key in keys
+            kind.is_done(kind.config(options, dataset, key, ctx), key, done_hashes) for key in keys
         )
         jobs.append(Job(
             id=f"{task.kind}#{i}/{dataset.name}/{backbone.display}", kind=task.kind,
@@ -291,6 +300,7 @@ def extract_config(
         weights=backbone.weights, random_init=backbone.random_init, seed=backbone.seed,
         layers=backbone.layers, pool=backbone.pool, image_size=backbone.image_size,
         dtype=backbone.dtype, precision=backbone.precision, device=device,
+        split_fractions=dataset.split_fractions,
         batch_size=o.batch_size, workers=o.workers, decode=backbone.decode, limit=dataset.limit,
         shard_rows=o.shard_rows, quiet=True,
         command=f"bob-cache battle {suite.path.name}  # {backbone.display} × {dataset.name}",

@@ -1,0 +1,90 @@
+"""A plain class folder (no train/ val/ test/) works end to end with no options: one split
+by id hash, the same for every backbone, recorded in the provenance and in every row."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from bob_cache.data import parse_source
+from bob_cache.stores import open_store
+from bob_cache.stores.results import ResultsTable
+from tests.conftest import TINY, write_image_folder
+
+RULE = "id-hash 0.6/0.2/0.2"
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three classes of ten real photographs' crops, in class folders only."""
+    return write_image_folder(tmp_path_factory.mktemp("plain") / "photos", splits=("",),
+                              per_class=10)  # fmt: skip
+
+
+def _sets(store: Path) -> dict[str, object]:
+    return {fs.attrs["split"]: fs for fs in open_store(store).feature_sets()}
+
+
+def test_extract_and_probe_a_plain_class_folder_with_no_options(
+    cli, photos: Path, tmp_path: Path
+) -> None:
+    store, results = tmp_path / "store", tmp_path / "results"
+    done = cli("extract", "--data", photos, "--store", store, *TINY)
+    assert done.exit_code == 0, done.output
+    sets = _sets(store)
+    assert {s: fs.n_rows for s, fs in sets.items()} == {"train": 18, "val": 6, "test": 6}
+    assert len({fs.key for fs in sets.values()}) == 1  # one extraction, three splits
+    rule = sets["test"].attrs["dataset"]["split_rule"]
+    assert rule["text"] == RULE and rule["fractions"]["test"] == 0.2
+    listed = parse_source(str(photos)).splits  # the same rows, listed again independently
+    for split, fs in sets.items():
+        assert [str(i) for i in fs.array("ids")[:]] == [s.id for s in listed[split]]
+    probed = cli("probe", "--dataset", "photos", "--backbone", "test_resnet", "--store", store,
+                 "--results", results, "--method", "linear,knn", "--k", "3", "--json")  # fmt: skip
+    assert probed.exit_code == 0, probed.output
+    frame = ResultsTable.open(results).read()
+    assert set(frame["split_rule"]) == {RULE} and set(frame["split"]) == {"test"}
+    full = frame[(frame.method == "linear") & (frame.metric == "top1")].iloc[0]
+    assert (full.train_rows, full.val_rows) == (18, 6)  # C on val, refit on train + val
+
+
+def test_the_missing_split_message_names_a_command_that_works(
+    cli, photos: Path, tmp_path: Path
+) -> None:
+    store, results = tmp_path / "store", tmp_path / "results"
+    assert cli("extract", "--data", photos, "--store", store, "--split", "train",
+               *TINY).exit_code == 0  # fmt: skip
+    probe = ("probe", "--dataset", "photos", "--backbone", "test_resnet", "--store", store,
+             "--results", results, "--method", "knn", "--k", "3")  # fmt: skip
+    failed = cli(*probe)
+    assert failed.exit_code == 1
+    text = " ".join(failed.output.split())
+    commands = re.findall(r"`(bob-cache extract [^`]*)`", text)
+    assert len(commands) == 1 and commands[0].endswith("--split test")  # val is optional
+    assert cli(*shlex.split(commands[0])[1:]).exit_code == 0  # the advice, as printed
+    assert set(_sets(store)) == {"train", "test"}
+    assert cli(*probe).exit_code == 0
+
+
+def test_split_fractions_change_the_split_and_are_refused_where_splits_exist(
+    cli, photos: Path, image_folder: Path, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    done = cli("extract", "--data", photos, "--store", store, "--split-fractions", "0.8,0,0.2",
+               "--json", *TINY)  # fmt: skip
+    assert done.exit_code == 0, done.output
+    assert {s: fs.n_rows for s, fs in _sets(store).items()} == {"train": 24, "test": 6}
+    refused = cli("extract", "--data", image_folder, "--store", store, "--split-fractions",
+                  "0.8,0,0.2", *TINY)  # fmt: skip
+    assert refused.exit_code == 1
+    assert "has splits of its own (train, val). Drop --split-fractions" in " ".join(
+        refused.output.split()
+    )
+    bad = cli("extract", "--data", photos, "--store", store, "--split-fractions", "0.8,0.3",
+              *TINY)  # fmt: skip
+    assert bad.exit_code == 1 and "three numbers for train,val,test" in bad.output
+    assert json.loads(done.output)["rows"] == 30
