@@ -49,6 +49,8 @@ class Plan:
     store: str
     results: str
     jobs: list[Job] = field(default_factory=list)
+    # each extracted dataset's rows per split and how they were split (the dry run shows it)
+    splits: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def todo(self) -> list[Job]:
@@ -72,6 +74,12 @@ def plan_battle(suite: Suite, *, store: str, results: str, device: str | None = 
     used = {d for d, _ in variants}
     sources = {d.name: _source(d) for d in suite.datasets if d.name in used}
     fingerprints = {name: source.fingerprint() for name, source in sources.items()}
+    limits = {d.name: d.limit for d in suite.datasets}
+    plan.splits = {
+        name: {"rule": source.split_rule.text,
+               "rows": {k: min(len(v), limits[name] or len(v)) for k, v in source.splits.items()}}
+        for name, source in sources.items()
+    }  # fmt: skip
     extracted: dict[tuple[str, str, Variant], Job] = {}
     for dataset in suite.datasets:  # every extraction first: a task may read several
         if dataset.name not in used:
