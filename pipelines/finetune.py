@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,16 +111,18 @@ def finetune(config: FinetuneConfig) -> FinetuneSummary | None:
     task = get_task(config.task)
     parse_mode(config.mode)
     _check(config)
+    inputs = TaskInputs(
+        train=config.train, val=config.val, test=config.test, images=config.images,
+        classes=config.classes, ignore_index=config.ignore_index,
+    )  # fmt: skip
+    task.check(inputs)  # before any weights load: a missing file is named, not a download
     init_distributed()
     device, precision = resolve_run_device(config.device, config.precision)
     out = Path(config.out)
     probe = _backbone(config)
     mean, std = probe.data_config["mean"], probe.data_config["std"]
     image_size = config.image_size or int(probe.data_config["input_size"][-1])
-    inputs = TaskInputs(
-        train=config.train, val=config.val, test=config.test, images=config.images,
-        classes=config.classes, ignore_index=config.ignore_index, image_size=image_size,
-    )  # fmt: skip
+    inputs = replace(inputs, image_size=image_size)
     data = task.load(inputs, mean=mean, std=std)
     dataset = config.name or data.info.get("dataset", "dataset")
     identity = _identity(config, probe, image_size, precision)

@@ -76,6 +76,7 @@ class ClassificationTask(FinetuneTask):
     primary = "top1"
     pyramid = False
     description = "backbone + linear head, end to end; top-1/top-5"
+    expects = "a folder of images (class sub-folders), a .csv/.jsonl manifest or builtin:digits"
 
     def load(self, inputs: TaskInputs, *, mean: list[float], std: list[float]) -> TaskData:
         from timm.data import create_transform

@@ -42,6 +42,8 @@ class DetectionTask(FinetuneTask):
     primary = "bbox_AP"
     masks = False
     description = "Faster R-CNN + FPN over the backbone; COCO box AP"
+    expects = "a COCO instances json (e.g. instances_train2017.json)"
+    inputs_are_files = True
 
     @property
     def iou_types(self) -> tuple[str, ...]:

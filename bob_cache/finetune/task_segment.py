@@ -66,6 +66,7 @@ class SemanticTask(FinetuneTask):
     name = "semantic"
     primary = "mIoU"
     description = "FPN semantic head over the backbone; mIoU"
+    expects = "a folder with images/ and masks/ sub-folders"
 
     def load(self, inputs: TaskInputs, *, mean: list[float], std: list[float]) -> TaskData:
         specs = {"train": inputs.train, "val": inputs.val, "test": inputs.test}

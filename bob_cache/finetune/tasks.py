@@ -5,6 +5,7 @@ how it is scored. The stage and the trainer only look tasks up."""
 from __future__ import annotations
 
 import importlib
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from bob_cache.errors import SpecError, did_you_mean
+from bob_cache.errors import DataNotFoundError, SpecError, did_you_mean
 
 MODES = ("finetune", "frozen", "random-init")
 
@@ -57,6 +58,27 @@ class FinetuneTask(ABC):
     primary: ClassVar[str]  # the validation metric that picks the epoch and the lr
     pyramid: ClassVar[bool] = True  # the network reads the backbone's feature pyramid
     description: ClassVar[str] = ""
+    expects: ClassVar[str] = "a folder of images or a manifest"  # what --train/--val/--test name
+    inputs_are_files: ClassVar[bool] = False  # True: --train/--val/--test are files, not folders
+
+    def check(self, inputs: TaskInputs) -> None:
+        """Check that every local input exists, before any weights are loaded (so that a
+        missing file is named, not hidden behind a failed weights download)."""
+        for option in ("train", "val", "test", "images"):
+            spec = getattr(inputs, option)
+            if spec is None or _SCHEME.match(spec):
+                continue  # builtin:digits, s3://..., torchvision:...: their loaders check them
+            path = Path(spec).expanduser()
+            want_file = self.inputs_are_files and option != "images"
+            if path.is_file() if want_file else path.exists():
+                continue
+            found = "a folder" if path.is_dir() else "nothing"
+            expected = "a folder of images" if option == "images" else self.expects
+            raise DataNotFoundError(
+                f"--{option} {spec}: expected {expected}, found {found} at {path.resolve()}. "
+                f"Fix: pass the path of an existing {'file' if want_file else 'file or folder'} "
+                f"to --{option}."
+            )
 
     @abstractmethod
     def load(self, inputs: TaskInputs, *, mean: list[float], std: list[float]) -> TaskData:
@@ -88,6 +110,7 @@ class FinetuneTask(ABC):
         return len(batch[0])
 
 
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # builtin:, s3://; not C:\\ (one letter)
 _TASKS: dict[str, FinetuneTask] = {}
 _TASK_MODULES = ("task_classify", "task_detect", "task_segment")
 

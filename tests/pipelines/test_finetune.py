@@ -283,6 +283,45 @@ def test_bad_input_exits_1_with_the_fix(
     assert not (tmp_path / "results").exists()  # nothing half-written
 
 
+@pytest.mark.parametrize(
+    ("task", "option", "hint"),
+    [
+        ("detection", "train", "expected a COCO instances json"),
+        ("detection", "val", "expected a COCO instances json"),
+        ("semantic", "train", "expected a folder with images/ and masks/"),
+        ("classification", "val", "expected a folder of images"),
+    ],
+)
+def test_missing_input_is_named_before_any_weights_load(
+    tmp_path: Path,
+    shapes: dict[str, Path],
+    cli: object,
+    monkeypatch: pytest.MonkeyPatch,
+    task: str,
+    option: str,
+    hint: str,
+) -> None:
+    """Pretrained weights that cannot download must not hide a mistyped annotation path."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # empty cache: a download would fail
+    a = shapes["a"]
+    given = {
+        "detection": (str(a / "train.json"), str(a / "val.json")),
+        "semantic": (str(a / "train"), str(a / "val")),
+        "classification": ("builtin:digits", "builtin:digits"),
+    }[task]
+    missing = str(tmp_path / "typo" / "instances.json")
+    train, val = (missing, given[1]) if option == "train" else (given[0], missing)
+    args = _cli_args(tmp_path, train, val, "--task", task, "--backbone", "test_resnet.r160_in1k")
+    result = cli(*args)  # type: ignore[operator]
+    assert result.exit_code == 1, result.output
+    output = " ".join(result.output.split())
+    assert f"--{option} {missing}" in output and hint in output
+    assert "Fix: pass the path of an existing" in output
+    assert "weights" not in output and "download" not in output
+    assert not (tmp_path / "run").exists() and not (tmp_path / "results").exists()
+
+
 def test_cli_prints_the_sweep_and_json(
     tmp_path: Path, shapes: dict[str, Path], cli: object
 ) -> None:
