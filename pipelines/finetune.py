@@ -27,7 +27,7 @@ from bob_cache.errors import SpecError
 from bob_cache.finetune import checkpoint as ckpt
 from bob_cache.finetune.launch import barrier, rank
 from bob_cache.finetune.tasks import FinetuneTask, TaskData, TaskInputs, get_task, parse_mode
-from bob_cache.finetune.trainer import Fitter, TrainSettings
+from bob_cache.finetune.trainer import Fitter, TrainSettings, epoch_images
 from bob_cache.hashing import stable_hash
 from bob_cache.pipelines.registry import register_stage
 from bob_cache.provenance import library_versions, utc_now
@@ -231,6 +231,7 @@ def _run_one(
         "best_epoch": fit.best_epoch,
         "val": fit.best,
         "epochs": config.epochs,
+        "train_images_per_epoch": fitter.images_per_epoch(),
         "train_images_per_second": fit.images_per_second,
         "history": fit.history,
     }
@@ -292,15 +293,16 @@ def _rows(
         "versions": library_versions(), "time": utc_now(), "train_rows": train_rows,
         "val_rows": val_rows, "task": "",
     }  # fmt: skip
+    per_epoch = _epoch_protocol(config, train_rows)
     sweep = (
-        f"trained on train ({train_rows} rows) for {config.epochs} epochs at each lr of "
-        f"{', '.join(f'{lr:g}' for lr in config.lrs)}; lr and epoch chosen by val "
+        f"trained on train ({train_rows} rows) for {config.epochs} epochs{per_epoch} at each "
+        f"lr of {', '.join(f'{lr:g}' for lr in config.lrs)}; lr and epoch chosen by val "
         f"{task.primary} ({val_rows} rows)"
     )
     rows = []
     for run in summary.runs:
         setting = f"{config.mode} lr={run['lr']:g}"
-        protocol = f"trained on train for {config.epochs} epochs; epoch chosen by val"
+        protocol = f"trained on train for {config.epochs} epochs{per_epoch}; epoch chosen by val"
         rows += _metric_rows(base, run["val"], split="val", setting=setting, protocol=protocol)
     chosen = f"{sweep}; scored once with the chosen model"
     ranked = {**base, "task": f"finetune-{task.name}"}  # the report ranks test, else val
@@ -315,6 +317,21 @@ def _rows(
             base, drop, split="test", setting=config.mode, protocol=f"val − test; {chosen}"
         )
     return rows
+
+
+def _epoch_protocol(config: FinetuneConfig, train_rows: int) -> str:
+    """`` (40 of 45 images per epoch: full batches of 8, a new draw each epoch)``, or ``""``
+    when every epoch sees every training image."""
+    seen = epoch_images(
+        train_rows, batch_size=config.batch_size, steps_per_epoch=config.steps_per_epoch,
+        world=_world_size(),
+    )  # fmt: skip
+    if seen >= train_rows:
+        return ""
+    return (
+        f" ({seen} of {train_rows} images per epoch: full batches of {config.batch_size}, "
+        "a new draw each epoch)"
+    )
 
 
 def _metric_rows(

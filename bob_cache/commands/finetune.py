@@ -150,6 +150,14 @@ def _print_summary(summary: object) -> None:
     for run in s["runs"]:
         score = run["val"][s["primary"]]
         out.print(f"  lr {run['lr']:g}: val {s['primary']} {score:.4f}", highlight=False)
+    seen = s["runs"][0].get("train_images_per_epoch") if s["runs"] else None
+    total = s["info"].get("train_images", s["info"].get("train_rows"))
+    if seen is not None and total is not None and seen < total:
+        out.print(
+            f"  each epoch trained on {seen} of the {total} training images (full batches; "
+            "a new draw each epoch)",
+            highlight=False,
+        )
     dropped = {k: v for k, v in s["info"].items() if k.endswith("_dropped")}
     for key, counts in dropped.items():
         out.print(f"  {key.replace('_', ' ')} annotations: {counts}", highlight=False)

@@ -7,10 +7,18 @@ order from a generator seeded the same way, so the epoch after a restart is the 
 uninterrupted run would have had. Under ``torchrun`` the model is wrapped in
 DistributedDataParallel, each rank reads its own part of every epoch, and rank 0 alone
 validates and writes.
+
+An epoch trains on full batches only: the last partial batch of its shuffled order is left
+out (a new draw each epoch), as torchvision's detection reference does (its grouped sampler
+yields ``len(dataset) // batch_size`` full batches) and timm's and MAE's training loaders do
+(``drop_last``); a BatchNorm in training mode cannot take a one-image batch of a 1 × 1 map.
+:func:`epoch_images` gives the count, each epoch's log record states it, and so do the
+results rows.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -34,6 +42,8 @@ from bob_cache.progress import progress_bar
 
 if TYPE_CHECKING:
     from bob_cache.finetune.tasks import FinetuneTask, TaskData
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,25 @@ def seed_everything(seed: int, epoch: int) -> torch.Generator:
     np.random.seed(value % 2**32)
     random.seed(value)
     return torch.Generator().manual_seed(value)
+
+
+def epoch_batches(
+    n_images: int, *, batch_size: int, steps_per_epoch: int | None = None, world: int = 1
+) -> int:
+    """Batches each rank trains on per epoch: full batches only (one partial batch when the
+    whole set is smaller than a batch), capped by ``steps_per_epoch``."""
+    batches = max((n_images // batch_size or 1) // world, 1)
+    return batches if steps_per_epoch is None else min(batches, steps_per_epoch)
+
+
+def epoch_images(
+    n_images: int, *, batch_size: int, steps_per_epoch: int | None = None, world: int = 1
+) -> int:
+    """Training images seen per epoch (all ranks): 40 of 45 at batch size 8."""
+    batches = epoch_batches(
+        n_images, batch_size=batch_size, steps_per_epoch=steps_per_epoch, world=world
+    )
+    return min(batches * batch_size * world, n_images)
 
 
 def make_loader(
@@ -130,12 +159,20 @@ class Fitter:
         self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
 
     def updates_per_epoch(self) -> int:
-        batches = len(self.data.train) // self.settings.batch_size or 1
-        world = torch.distributed.get_world_size() if is_distributed() else 1
-        batches = max(batches // world, 1)
-        if self.settings.steps_per_epoch is not None:
-            batches = min(batches, self.settings.steps_per_epoch)
-        return math.ceil(batches / self.settings.accum_steps)
+        s = self.settings
+        batches = epoch_batches(
+            len(self.data.train), batch_size=s.batch_size, steps_per_epoch=s.steps_per_epoch,
+            world=_world(),
+        )  # fmt: skip
+        return math.ceil(batches / s.accum_steps)
+
+    def images_per_epoch(self) -> int:
+        """Training images each epoch trains on (the last partial batch left out)."""
+        s = self.settings
+        return epoch_images(
+            len(self.data.train), batch_size=s.batch_size, steps_per_epoch=s.steps_per_epoch,
+            world=_world(),
+        )  # fmt: skip
 
     def fit(self, state: dict[str, Any] | None) -> FitResult:
         """Train from ``state`` (a checkpoint) or from the start; validate after each epoch."""
@@ -147,6 +184,13 @@ class Fitter:
             start, updates = state["epoch"], state["updates"]
             best, history = state["best"], state["history"]
             self.scheduler.step_update(updates)
+        total, per_epoch = len(self.data.train), self.images_per_epoch()
+        if per_epoch < total and rank() == 0:
+            logger.info(
+                "Each epoch trains on %d of the %d training images: full batches of %d, the "
+                "rest of the shuffled order (%d) left out, a new draw each epoch.",
+                per_epoch, total, self.settings.batch_size, total - per_epoch,
+            )  # fmt: skip
         started, images = time.perf_counter(), 0
         for epoch in range(start, self.settings.epochs):
             record, seen, updates = self._epoch(epoch, updates)
@@ -225,7 +269,8 @@ class Fitter:
             "epoch": epoch,
             "lr": s.lr,
             "train_loss": float(np.mean(losses)) if losses else float("nan"),
-            "images": seen,
+            "images": seen,  # on this rank: full batches only
+            "train_images": len(self.data.train),
             "seconds": seconds,  # from the first batch's arrival to the last update
             "startup_seconds": startup,  # the loader's start and its first batch
             "images_per_second": seen / seconds if seconds > 0 else 0.0,
@@ -255,6 +300,10 @@ class Fitter:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+def _world() -> int:
+    return torch.distributed.get_world_size() if is_distributed() else 1
 
 
 def _wrap_distributed(model: nn.Module, device: torch.device, *, find_unused: bool) -> nn.Module:

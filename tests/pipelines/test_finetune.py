@@ -384,3 +384,27 @@ def test_gradient_accumulation_updates_once_per_accum_steps(tmp_path: Path) -> N
     state = torch.load(Path(summary.runs[0]["run_dir"]) / ckpt.CHECKPOINT, weights_only=False)
     assert state["updates"] == 4 and state["epoch"] == 2  # 6 batches per epoch, 3 per update
     assert [h["images"] for h in summary.runs[0]["history"]] == [96, 96]
+
+
+def test_detection_epoch_sees_full_batches_and_says_so(
+    tmp_path: Path, cli: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """45 images at batch size 8: 40 per epoch (as torchvision's detection reference trains),
+    stated in the log, the epoch records, the run record and every row's protocol."""
+    info = write_synth_shapes(tmp_path / "s", n=60, seed=0, image_size=48, val_fraction=0.25)
+    root = tmp_path / "s"
+    train = json.loads((root / "train.json").read_text())
+    assert len(train["images"]) == 45, info
+    args = _cli_args(tmp_path, str(root / "train.json"), str(root / "val.json"), "--task",
+                     "detection", "--mode", "random-init", "--batch-size", "8",
+                     "--image-size", "48")  # fmt: skip
+    with caplog.at_level("INFO", logger="bob_cache.finetune.trainer"):
+        result = cli(*args)  # type: ignore[operator]
+    assert result.exit_code == 0, result.output
+    assert "each epoch trained on 40 of the 45 training images" in result.output
+    assert "trains on 40 of the 45 training images: full batches of 8" in caplog.text
+    run = json.loads((tmp_path / "run" / "summary.json").read_text())["runs"][0]
+    assert [(h["images"], h["train_images"]) for h in run["history"]] == [(40, 45)]
+    assert run["train_images_per_epoch"] == 40
+    rows = ResultsTable.open(str(tmp_path / "results")).read()
+    assert rows["protocol"].str.contains("40 of 45 images per epoch: full batches of 8").all()
