@@ -10,7 +10,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from bob_cache.data.source import DataSource, Sample, content_digest
@@ -35,12 +35,32 @@ def is_image_file(path: str | Path) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def open_image_file(path: str | Path | BinaryIO) -> Image.Image:
+def open_image_file(path: str | Path | BinaryIO, *, name: str | None = None) -> Image.Image:
     """Decode an image file (a path or an open binary file) fully (truncated files raise)
-    and convert it to RGB."""
-    with Image.open(path) as img:
-        img.load()
-        return img.convert("RGB")
+    and convert it to RGB.
+
+    Args:
+        path: the file, or its bytes as a file object.
+        name: what the bytes are (their file's path) for error messages, where PIL would
+            write the file object's repr (``<_io.BytesIO object at 0x...>``).
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except UnidentifiedImageError as exc:
+        if isinstance(path, (str, os.PathLike)):
+            raise  # PIL names the path itself
+        what = f"'{name}'" if name else "(bytes given without a file name)"
+        raise UnidentifiedImageError(
+            f"cannot identify image file {what}: not in an image format PIL reads"
+        ) from exc
+
+
+def sample_name(sample: Sample) -> str:
+    """The path a sample is read from (its id where its location is not a path)."""
+    location = sample.location
+    return os.fspath(location) if isinstance(location, (str, os.PathLike)) else str(sample.id)
 
 
 def to_chw(image: Image.Image) -> torch.Tensor:
@@ -96,7 +116,7 @@ def decode_sample(source: DataSource, sample: Sample) -> tuple[Image.Image | Non
             image, digest = source.load(sample)
             return image, digest, ""
         digest = content_digest(data)
-        return open_image_file(io.BytesIO(data)), digest, ""
+        return open_image_file(io.BytesIO(data), name=sample_name(sample)), digest, ""
     except Exception as exc:  # any decode failure becomes a recorded invalid row
         return None, digest, error_reason(exc)
 

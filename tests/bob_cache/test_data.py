@@ -153,6 +153,27 @@ def test_dataset_records_unreadable_images_instead_of_failing(image_folder: Path
     assert d1 == hashlib.blake2b(b"not an image", digest_size=16).hexdigest()
 
 
+def test_an_invalid_images_reason_names_its_path_not_a_bytesio(image_folder: Path) -> None:
+    import io
+
+    from PIL import UnidentifiedImageError
+
+    from bob_cache.data.images import decode_sample, open_image_file
+
+    src = parse_source(str(image_folder))
+    sample = src.splits["train"][1]
+    Path(sample.location).write_bytes(b"not an image")
+    image, _, reason = decode_sample(src, sample)
+    assert image is None
+    assert reason == (
+        f"UnidentifiedImageError: cannot identify image file '{sample.location}': "
+        "not in an image format PIL reads"
+    )
+    with pytest.raises(UnidentifiedImageError, match="bytes given without a file name") as caught:
+        open_image_file(io.BytesIO(b"still not an image"))
+    assert "BytesIO" not in str(caught.value)
+
+
 def test_default_names_are_made_store_safe(tmp_path: Path) -> None:
     root = write_image_folder(tmp_path / "My Photos (2024)", splits=("",), per_class=1)
     assert parse_source(str(root)).name == "My-Photos-2024"
