@@ -3,7 +3,9 @@
 Resuming must not mix numbers that differ: shards computed by other library versions or on
 another device type are refused unless the user allows it (each shard's commit record says
 who wrote it, so ``bob-cache info`` shows the mix), and committed rows whose image bytes
-changed since (same size, new content) are refused outright.
+changed since (same size, new content) are refused outright. An image that cannot be read
+now (a timeout, a 403, a permission) says nothing about its content: it stops the run with
+the file and the reason, and nothing is written, but it is never taken for a change.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 import shlex
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
 from bob_cache.data import DataSource, Sample
-from bob_cache.errors import DataChangedError, MixedEnvironmentError
+from bob_cache.data.images import error_reason, sample_name
+from bob_cache.errors import DataChangedError, DataSourceError, MixedEnvironmentError
 from bob_cache.progress import progress_bar
 from bob_cache.provenance import library_versions
 from bob_cache.stores import FeatureSet
@@ -60,6 +63,8 @@ def check_content(
     """Re-read the images of committed rows and compare their digests with the stored ones.
 
     Raises:
+        DataSourceError: some committed row's image, readable when it was stored, cannot be
+            read now (its content is unknown, so nothing is concluded about it).
         DataChangedError: some committed row's image has other bytes now.
     """
     shards = fs.committed_shards()
@@ -75,6 +80,10 @@ def check_content(
         for digest in pool.map(lambda r: _digest(source, samples[r]), rows.tolist()):
             now.append(digest)
             bar.update(1)
+    # a row unreadable when stored kept '' as its digest: unreadable again is no news
+    failed = [(f, d) for f, d in zip(now, stored, strict=True) if isinstance(f, _ReadFailure)]
+    _raise_read_failures(fs, [f for f, was in failed if was != ""])
+    now = ["" if isinstance(f, _ReadFailure) else f for f in now]
     changed = np.flatnonzero(np.array(now, dtype=object) != stored)
     if len(changed):
         example = samples[int(rows[changed[0]])].id
@@ -106,8 +115,29 @@ def _stored_digests(fs: FeatureSet, shard: int) -> np.ndarray:
     return np.array([str(d) for d in fs.array("digest")[start:stop]], dtype=object)
 
 
-def _digest(source: DataSource, sample: Sample) -> Any:
+@dataclass(frozen=True)
+class _ReadFailure:
+    """A committed row's image that could not be read for the check."""
+
+    name: str
+    reason: str
+
+
+def _digest(source: DataSource, sample: Sample) -> str | _ReadFailure:
     try:
         return source.digest(sample)
-    except Exception:  # unreadable now: '' (what an unreadable row stored)
-        return ""
+    except Exception as exc:  # any reader's failure (OSError, a timeout, a client's 403)
+        return _ReadFailure(sample_name(sample), error_reason(exc))
+
+
+def _raise_read_failures(fs: FeatureSet, failures: list[_ReadFailure]) -> None:
+    if not failures:
+        return
+    first = failures[0]
+    raise DataSourceError(
+        f"Cannot read {len(failures)} image(s) of '{fs.path}' to check that they are the ones "
+        f"its stored features were computed from (e.g. {first.name}: {first.reason}). Their "
+        "content is unknown, not changed. Nothing was written. Fix: check that the images "
+        "can be read from here (permissions, credentials, network), then rerun the same "
+        "command; it resumes where it stopped."
+    )

@@ -159,3 +159,94 @@ def test_write_failure_from_a_file_size_limit_stops_cleanly_and_resumes(
     resumed = subprocess.run(cmd(store), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_arrays(reference, store)
+
+
+OPTIONS = {
+    "backbone": "test_resnet", "random_init": True, "image_size": 32, "workers": 0,
+    "batch_size": 4, "shard_rows": 4, "chunk_rows": 2, "quiet": True, "split": "train",
+}  # fmt: skip
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL between two shard commits."""
+
+
+@pytest.fixture
+def interrupted(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A set of the image folder's train split with two of its shards committed."""
+    from bob_cache.stores import feature_set as feature_set_module
+
+    commits = {"n": 0}
+
+    def crash(name: str) -> None:
+        commits["n"] += name == "commit"
+        if commits["n"] == 2:
+            raise _Killed(name)
+
+    monkeypatch.setattr(feature_set_module, "crash_point", crash)
+    with pytest.raises(_Killed):
+        _extract(image_folder, tmp_path / "store")
+    monkeypatch.undo()
+    (fs,) = open_store(tmp_path / "store").feature_sets()
+    assert fs.committed_shards() == [0, 1]
+    return tmp_path / "store"
+
+
+def _extract(image_folder: Path, store: Path, **kwargs: object) -> object:
+    from bob_cache.config import ExtractConfig
+    from bob_cache.pipelines.extract import extract
+
+    return extract(ExtractConfig(store=str(store), data=str(image_folder), **OPTIONS, **kwargs))
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        PermissionError(13, "Permission denied"),
+        TimeoutError("The read operation timed out"),
+        OSError("403 Forbidden: AccessDenied"),
+    ],
+    ids=["permission", "timeout", "forbidden"],
+)
+def test_a_failed_read_is_not_taken_for_changed_images(
+    image_folder: Path, interrupted: Path, monkeypatch: pytest.MonkeyPatch, failure: Exception
+) -> None:
+    from bob_cache.data.folder import FolderSource
+    from bob_cache.errors import DataChangedError, DataSourceError
+
+    (fs,) = open_store(interrupted).feature_sets()
+    victim = str(fs.array("ids")[1])  # a committed row
+    real = FolderSource.read_bytes
+
+    def read_bytes(self: FolderSource, sample: object) -> bytes | None:
+        if sample.id == victim:  # type: ignore[attr-defined]
+            raise failure
+        return real(self, sample)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(FolderSource, "read_bytes", read_bytes)
+    with pytest.raises(DataSourceError) as caught:
+        _extract(image_folder, interrupted)
+    message = str(caught.value)
+    assert not isinstance(caught.value, DataChangedError)
+    assert str(image_folder / victim) in message and type(failure).__name__ in message
+    assert str(failure) in message
+    assert "Nothing was written" in message and "rerun the same command" in message
+    assert "--overwrite" not in message and "changed since" not in message
+    (fs,) = open_store(interrupted).feature_sets()
+    assert fs.committed_shards() == [0, 1]  # nothing written
+    monkeypatch.undo()  # readable again: the same command resumes
+    done = _extract(image_folder, interrupted)
+    assert done.rows_computed == 18 - 8  # type: ignore[attr-defined]
+
+
+def test_other_bytes_are_still_changed_images(image_folder: Path, interrupted: Path) -> None:
+    from bob_cache.errors import DataChangedError
+
+    (fs,) = open_store(interrupted).feature_sets()
+    victim = image_folder / str(fs.array("ids")[1])
+    data = victim.read_bytes()
+    victim.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # other bytes, the same size
+    with pytest.raises(DataChangedError, match=r"1 image\(s\).*changed.*--overwrite"):
+        _extract(image_folder, interrupted)
+    (fs,) = open_store(interrupted).feature_sets()
+    assert fs.committed_shards() == [0, 1]
