@@ -92,8 +92,10 @@ def shift(
     )
     for o in summary.outputs:
         out.print(f"  {o['status']:8s} --data {o['data']}", markup=False, highlight=False)
-        for bad in o["unreadable"][:3]:
-            err.print(f"    unreadable: {bad['split']}/{bad['id']}: {bad['reason']}", markup=False)
+        for bad in o["unreadable"][:3]:  # an id is a path or a manifest id, maybe absolute
+            err.print(
+                f"    unreadable ({bad['split']}): {bad['id']}: {bad['reason']}", markup=False
+            )
         if len(o["unreadable"]) > 3:
             err.print(f"    ... {len(o['unreadable'])} unreadable image(s) skipped in all")
 

@@ -228,6 +228,34 @@ def test_cli_shift_then_extract_the_copy(cli, tmp_path: Path) -> None:
     assert again.exit_code == 0 and "done" in again.stdout
 
 
+def test_cli_shift_of_a_manifest_with_absolute_paths_prints_sane_paths(cli, tmp_path: Path) -> None:
+    photos = write_image_folder(tmp_path / "photos", splits=("",), per_class=1)
+    broken = photos / "cat" / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not a JPEG")
+    manifest = tmp_path / "meta" / "abs.csv"
+    manifest.parent.mkdir()
+    with open(manifest, "w", newline="") as f:
+        rows = csv.writer(f)
+        rows.writerow(["path", "label", "split"])
+        for path in [*sorted(photos.rglob("*.png")), broken]:
+            rows.writerow([str(path.resolve()), path.parent.name, "val"])
+    out = tmp_path / "out"
+    result = cli("shift", "--data", manifest, "--out", out, "--corruption", "contrast",
+                 "--severity", "1")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert f"unreadable (val): {broken.resolve()}: UnidentifiedImageError" in text
+    assert "//" not in text and f"val/{broken.resolve()}" not in text
+    data = out / "abs-contrast-1" / "abs-contrast-1.csv"
+    assert f"--data {data}" in text
+    with open(data, newline="") as f:
+        written = list(csv.DictReader(f))
+    assert len(written) == 3  # the three readable images
+    for row in written:  # relative to the copy's folder, inside it
+        assert not Path(row["path"]).is_absolute() and row["path"].startswith("images/val/")
+        assert (data.parent / row["path"]).is_file()
+
+
 def test_cli_errors_exit_1_with_the_fix(cli, tmp_path: Path) -> None:
     args = ("shift", "--data", "builtin:digits", "--out", tmp_path)
     unknown = cli(*args, "--corruption", "gausian_noise", "--severity", "1")
