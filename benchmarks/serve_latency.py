@@ -57,6 +57,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent))  # the repository root: tests.loadtest
 
 from retrieval_index import ClusterModel, machine  # noqa: E402
 
@@ -346,7 +347,7 @@ def client_round(url: str, jpeg: bytes, *, k: int, requests: int, concurrency: i
                  tag: str, warmup: int = 5) -> dict[str, Any]:  # fmt: skip
     """``requests`` uploads of ``jpeg`` from ``concurrency`` threads; per request
     ``[seq, sent, received, server took_ms]`` (perf_counter seconds)."""
-    from bob_cache.retrieval.loadtest import load_test
+    from tests.loadtest import load_test
 
     log: list[list] = []
     counter = itertools.count()

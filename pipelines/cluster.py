@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from bob_cache.errors import BobCacheError
+from bob_cache.extras import require
 
 CONNECT_TIMEOUT_S = 10
 
@@ -26,6 +27,7 @@ class SchedulerError(BobCacheError, ConnectionError):
 @contextmanager
 def dask_client(*, scheduler: str | None, workers: int | None, gpus: int) -> Iterator[Any]:
     """A client on the requested cluster, closed (and a local cluster stopped) afterwards."""
+    require("battle", "Running on a Dask cluster (the battle, --scheduler, --local-cluster)")
     from distributed import Client, LocalCluster
 
     if scheduler:

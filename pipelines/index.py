@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from bob_cache.errors import DeviceError, SpecError
+from bob_cache.extras import faiss_gpu_hint
 from bob_cache.pipelines.registry import register_stage
 from bob_cache.pipelines.selection import select_feature_sets
 from bob_cache.progress import progress_bar
@@ -258,8 +259,7 @@ def _maybe_gpu(index: Any, kind: Any, params: dict[str, Any], gpu: bool | None) 
     available = faiss_ops.gpu_available()
     if gpu and not available:
         raise DeviceError(
-            "--gpu was requested but faiss sees no GPU. Install the gpu extra "
-            "(pip install 'bob-cache[gpu]') on a CUDA machine, or drop --gpu."
+            f"--gpu was requested but faiss sees no GPU. Drop --gpu, or {faiss_gpu_hint()}."
         )
     return faiss_ops.to_gpu(index) if available and kind.gpu(params) else index
 

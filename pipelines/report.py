@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from bob_cache.errors import NoResultsError, StoreError
+from bob_cache.extras import require
 from bob_cache.pipelines.registry import register_stage
 from bob_cache.pipelines.report_plots import Plot, draw_plots
 from bob_cache.pipelines.report_tables import (
@@ -104,6 +105,7 @@ def build_report(
     Raises:
         NoResultsError: the table has no rows.
     """
+    require("report", "The report")
     started = time.perf_counter()
     table = ResultsTable.open(results_dir)
     frame = table.read()

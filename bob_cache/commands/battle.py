@@ -16,6 +16,7 @@ from bob_cache.commands.common import (
     print_json,
     print_table,
 )
+from bob_cache.extras import require
 
 
 @handle_errors
@@ -56,6 +57,7 @@ def battle(
     as_json: JsonOpt = False,
 ) -> None:
     """Run a suite of backbones × datasets × tasks; a second run does only what is missing."""
+    require("battle", "The battle")
     from bob_cache.pipelines import get_stage
     from bob_cache.pipelines.battle import BattleConfig
 

@@ -18,6 +18,7 @@ from bob_cache.commands.common import (
     print_json,
     print_table,
 )
+from bob_cache.extras import require
 
 ResultsArg = Annotated[
     str | None, typer.Argument(envvar="BOB_CACHE_RESULTS", help="Results directory.")
@@ -150,6 +151,7 @@ def _suite(path: str | None) -> tuple[str | None, str | None]:
     """The suite's name (its metadata file beside the results is found by it) and results."""
     if path is None:
         return None, None
+    require("battle", "Reading a battle suite (--suite)")
     from bob_cache.pipelines.battle import load_battle_suite
 
     loaded = load_battle_suite(path)

@@ -24,6 +24,7 @@ from bob_cache.commands.common import (
     print_table,
     require_existing_store,
 )
+from bob_cache.extras import require
 
 SplitOpt = Annotated[str, typer.Option(help="Split that forms the searchable database.")]
 IndexNameOpt = Annotated[
@@ -265,6 +266,7 @@ def serve(
     ] = None,
 ) -> None:
     """Serve nearest-neighbour queries over HTTP: JSON endpoints and a search page at /."""
+    require("serve", "The query service")
     from bob_cache.data.thumbnails import thumbnail_problem
     from bob_cache.pipelines import get_stage
     from bob_cache.pipelines.query import QueryConfig

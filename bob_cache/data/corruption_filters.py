@@ -15,6 +15,8 @@ import math
 import numpy as np
 from scipy import ndimage, signal
 
+from bob_cache.extras import require
+
 _TAN_22_5 = math.tan(math.pi / 8)
 
 
@@ -203,6 +205,7 @@ def map_channels(x: np.ndarray, rows: np.ndarray, cols: np.ndarray, *, mode: str
 
 
 def rgb_to_hsv(x: np.ndarray) -> np.ndarray:
+    require("report", "The HSV conversion of the brightness and saturate corruptions")
     from matplotlib.colors import rgb_to_hsv as convert  # same formulas as scikit-image's
 
     return convert(np.clip(x, 0, 1))

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from bob_cache.errors import AnnotationError, DataNotFoundError, first_few
+from bob_cache.extras import require
 
 DROP_REASONS = ("crowd", "outside", "zero_area")
 REQUIRED_KEYS = ("images", "annotations", "categories")
@@ -86,6 +87,7 @@ def load_coco(path: str | Path, *, images: str | Path | None = None, masks: bool
     Missing ``iscrowd`` values default to 0 and missing ``area`` values to the box area, written
     into :attr:`CocoSet.coco` so that ``COCOeval`` can run on the file.
     """
+    require("finetune", "Detection and instance segmentation (COCO annotations)")
     path = Path(path)
     data = _read_json(path)
     _check_images(data["images"], path)

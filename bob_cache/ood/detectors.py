@@ -160,12 +160,3 @@ def check_int(value: Any, *, option: str, detector: str, minimum: int = 1) -> in
             f"Detector '{detector}' option {option} must be an integer >= {minimum}; got {value!r}."
         )
     return int(value)
-
-
-def check_head_dim(head: LinearHead, dim: int, *, detector: str) -> None:
-    """Raise when the head was not trained on ``dim``-dimensional features."""
-    if head.dim != dim:
-        raise DetectorError(
-            f"'{detector}': the head's weight has {head.dim} columns but the ID features have "
-            f"{dim}. Use the head trained on this feature set."
-        )

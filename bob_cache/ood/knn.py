@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from bob_cache.errors import DetectorError
+from bob_cache.extras import import_faiss
 from bob_cache.ood.blocks import BlockSource, LinearHead, iter_blocks
 from bob_cache.ood.detectors import Detector, State, check_int, register_detector
 
@@ -78,7 +79,7 @@ class KNN(Detector):
             )
 
     def _score(self, x: np.ndarray) -> np.ndarray:
-        import faiss
+        faiss = import_faiss()
 
         z = l2_normalize(x)
         heap = faiss.ResultHeap(len(z), self.k, keep_max=False)

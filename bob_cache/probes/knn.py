@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from bob_cache.extras import import_faiss
 from bob_cache.probes.features import Features
 
 DEFAULT_KS = (10, 20, 100, 200)
@@ -29,7 +30,7 @@ def neighbours(
     train: Features, query: Features, k: int, *, use_gpu: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cosine similarities and train-row indices of each query's ``k`` nearest rows."""
-    import faiss
+    faiss = import_faiss()
 
     base = _normalized(train)
     index = faiss.IndexFlatIP(base.shape[1])

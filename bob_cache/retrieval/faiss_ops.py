@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from bob_cache.extras import import_faiss
 from bob_cache.retrieval.kinds import IndexKind
 
 
@@ -25,14 +26,14 @@ def prepare(vectors: np.ndarray, metric: str) -> np.ndarray:
 
 
 def faiss_metric(metric: str) -> int:
-    import faiss
+    faiss = import_faiss()
 
     return faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
 
 
 def create_index(kind: IndexKind, dim: int, metric: str, params: dict[str, Any]) -> Any:
     """An empty (untrained) FAISS index of ``kind``."""
-    import faiss
+    faiss = import_faiss()
 
     index = faiss.index_factory(dim, kind.factory(params), faiss_metric(metric))
     if "efConstruction" in params:
@@ -43,7 +44,7 @@ def create_index(kind: IndexKind, dim: int, metric: str, params: dict[str, Any])
 
 
 def gpu_available() -> bool:
-    import faiss
+    faiss = import_faiss()
 
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
@@ -166,7 +167,7 @@ def write_index(index: Any, sink: Callable[[bytes], int]) -> None:
 
 def read_index(source: Callable[[int], bytes]) -> Any:
     """An index read from ``source(n) → bytes`` in blocks."""
-    import faiss
+    faiss = import_faiss()
 
     return faiss.read_index(faiss.PyCallbackIOReader(source, _IO_BLOCK))
 
@@ -175,7 +176,7 @@ def exact_neighbours(
     queries: np.ndarray, chunks: Iterable[tuple[np.ndarray, np.ndarray]], k: int, metric: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` (scores, ids) of ``queries`` over ``(vectors, ids)`` chunks, streamed."""
-    import faiss
+    faiss = import_faiss()
 
     keep_max = metric == "cosine"
     heap = faiss.ResultHeap(len(queries), k, keep_max=keep_max)

@@ -159,18 +159,6 @@ def classes_block_metrics(
     return ranked_metrics(hits, hits.sum(1), definition, ks)
 
 
-def revisited_ap(ranks: np.ndarray, n_positive: int) -> float:
-    """Revisited Oxford/Paris AP: ``ranks`` are the 0-based positions of the positives in
-    the ranking with ignored images removed (sorted ascending)."""
-    ap = 0.0
-    step = 1.0 / n_positive
-    for j, rank in enumerate(np.sort(ranks)):
-        precision_before = 1.0 if rank == 0 else j / rank
-        precision_at = (j + 1) / (rank + 1)
-        ap += (precision_before + precision_at) * step / 2
-    return ap
-
-
 def gnd_query_metrics(
     ranking: np.ndarray,
     positive: np.ndarray,

@@ -18,7 +18,7 @@ from bob_cache.data.thumbnails import THUMB_SIZE, Thumbnails
 from bob_cache.errors import ThumbnailNotFoundError
 from bob_cache.pipelines.query import QueryConfig, Searcher
 from bob_cache.pipelines.serve import create_app
-from bob_cache.retrieval.loadtest import serve_in_thread
+from tests.loadtest import serve_in_thread
 
 VALID = "astronaut/astronaut_00.png"
 

@@ -19,7 +19,7 @@ import pytest
 
 from bob_cache.pipelines.query import QueryConfig, Searcher
 from bob_cache.pipelines.serve import create_app
-from bob_cache.retrieval.loadtest import serve_in_thread
+from tests.loadtest import serve_in_thread
 
 QUERY = "astronaut/astronaut_00.png"
 K = 5

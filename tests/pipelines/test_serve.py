@@ -12,7 +12,7 @@ import pytest
 
 from bob_cache.pipelines.query import QueryConfig, Searcher
 from bob_cache.pipelines.serve import create_app
-from bob_cache.retrieval.loadtest import load_test, serve_in_thread
+from tests.loadtest import load_test, serve_in_thread
 
 
 @pytest.fixture(scope="module")

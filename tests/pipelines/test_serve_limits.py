@@ -24,7 +24,7 @@ from PIL import ImageFile
 
 from bob_cache.pipelines.query import QueryConfig, Searcher
 from bob_cache.pipelines.serve import create_app
-from bob_cache.retrieval.loadtest import interference_test, serve_in_thread
+from tests.loadtest import interference_test, serve_in_thread
 from tests.pipelines.conftest import BROKEN_ID
 
 LIMIT_MB = 1.0

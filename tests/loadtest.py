@@ -1,5 +1,6 @@
 """A bounded load test of the query service: N requests from C concurrent clients over
-HTTP, reporting latency percentiles and throughput (used by the benchmark and the tests).
+HTTP, reporting latency percentiles and throughput (used by the tests, as ``tests.loadtest``,
+and by ``benchmarks/serve_latency.py``). Not shipped: it needs httpx, a dev dependency.
 
 :func:`serve_in_thread` runs an app under uvicorn on a free loopback port, and
 :func:`background_load` keeps other traffic (bad requests, say) going while a load test
