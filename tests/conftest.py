@@ -154,7 +154,8 @@ def photo_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("photo-store")
     photos = write_image_folder(root / "photos", splits=("",), per_class=5)
     store = root / "store"
-    done = run_cli("extract", "--data", photos, "--store", store, "--dtype", "float32", *TINY)
+    done = run_cli("extract", "--data", photos, "--store", store, "--dtype", "float32",
+                   "--split-fractions", "1,0,0", *TINY)  # a collection: all indexed  # fmt: skip
     assert done.returncode == 0, done.stderr
     build_index(IndexConfig(str(store), "photos", "test_resnet", kind="flat", quiet=True))
     return store, photos

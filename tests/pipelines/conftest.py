@@ -22,7 +22,8 @@ def unindexed_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     photos = write_image_folder(root / "photos", splits=("",), per_class=3)
     (photos / BROKEN_ID).write_bytes(b"\xff\xd8\xff this is not a JPEG")
     store = root / "store"
-    done = run_cli("extract", "--data", photos, "--store", store, "--dtype", "float32", *TINY)
+    done = run_cli("extract", "--data", photos, "--store", store, "--dtype", "float32",
+                   "--split-fractions", "1,0,0", *TINY)  # a collection: all indexed  # fmt: skip
     assert done.returncode == 0, done.stderr
     return store
 
