@@ -68,7 +68,8 @@ def checkpoint_required(entry: BackboneEntry) -> CheckpointRequiredError:
     return CheckpointRequiredError(
         f"{entry.name} has no timm weights; download the official checkpoint "
         f"{entry.checkpoint} ({entry.source_url}) and pass --weights FILE "
-        f"(it is converted to {_target(entry)} on load), or use --random-init."
+        f"(it is converted to {_target(entry)} on load), or use "
+        "random weights (--random-init; `finetune --mode random-init`)."
     )
 
 

@@ -216,7 +216,8 @@ def _create(model: str, *, pretrained: bool, **kwargs: Any) -> torch.nn.Module:
             f"Could not load pretrained weights for '{model}' ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else 'no details'}). timm downloads them "
             "from the Hugging Face Hub on first use. Fix: run once with network access (they "
-            "are cached), pass a local checkpoint with --weights FILE, or use --random-init."
+            "are cached), pass a local checkpoint with --weights FILE, or use random weights "
+            "(--random-init; `finetune --mode random-init`)."
         ) from exc
 
 

@@ -102,7 +102,8 @@ class TorchvisionProvider:
         except Exception as exc:
             raise BackboneUnavailableError(
                 f"Could not load torchvision's pretrained weights for '{model}' ({exc}). "
-                "Fix: run once with network access, or pass --weights FILE or --random-init."
+                "Fix: run once with network access, pass --weights FILE, or use random weights "
+                "(--random-init; `finetune --mode random-init`)."
             ) from exc
         head_name = _last_linear(net, model)
         if weights.kind == "file" and weights.file is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import platform
 import sys
 import tempfile
@@ -151,7 +152,20 @@ def require_existing_store(location: str) -> None:
 
 
 def print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    """Print ``obj`` as strict JSON: NaN and infinities (an undefined metric) become null."""
+    sys.stdout.write(json.dumps(_finite(obj), indent=2, default=str, allow_nan=False) + "\n")
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy scalars
+        return _finite(obj.item())
+    return obj
 
 
 def print_table(

@@ -199,9 +199,11 @@ def _print_summary(s: Any) -> None:
         f"{s.seconds:.1f} s), {s.shards_skipped} shard(s) already done, {s.invalid_rows} invalid.",
         highlight=False,
     )
-    for example in s.invalid_examples:
+    for example in s.invalid_examples:  # an id is a path or a manifest id, maybe absolute
         err.print(
-            f"  invalid: {example['split']}/{example['id']}: {example['reason']}", highlight=False
+            f"  invalid ({example['split']}): {example['id']}: {example['reason']}",
+            highlight=False,
+            markup=False,
         )
     print_table(s.feature_sets, FEATURE_SET_COLUMNS, title=f"store: {s.store}")
 

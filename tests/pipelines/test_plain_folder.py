@@ -25,6 +25,10 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
                               per_class=10)  # fmt: skip
 
 
+def _strict(constant: str) -> None:
+    raise AssertionError(f"{constant} is not JSON")
+
+
 def _sets(store: Path) -> dict[str, object]:
     return {fs.attrs["split"]: fs for fs in open_store(store).feature_sets()}
 
@@ -46,6 +50,8 @@ def test_extract_and_probe_a_plain_class_folder_with_no_options(
     probed = cli("probe", "--dataset", "photos", "--backbone", "test_resnet", "--store", store,
                  "--results", results, "--method", "linear,knn", "--k", "3", "--json")  # fmt: skip
     assert probed.exit_code == 0, probed.output
+    summary = json.loads(probed.output, parse_constant=_strict)  # strict JSON: no NaN
+    assert {r["method"] for r in summary["table"]} == {"linear", "knn@3"}
     frame = ResultsTable.open(results).read()
     assert set(frame["split_rule"]) == {RULE} and set(frame["split"]) == {"test"}
     full = frame[(frame.method == "linear") & (frame.metric == "top1")].iloc[0]
@@ -88,3 +94,17 @@ def test_split_fractions_change_the_split_and_are_refused_where_splits_exist(
               *TINY)  # fmt: skip
     assert bad.exit_code == 1 and "three numbers for train,val,test" in bad.output
     assert json.loads(done.output)["rows"] == 30
+
+
+def test_an_invalid_image_is_named_by_its_id_once(cli, photos: Path, tmp_path: Path) -> None:
+    files = sorted(photos.rglob("*.*"))[:6]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not a JPEG")
+    manifest = tmp_path / "abs.csv"  # absolute paths: the id is the whole path
+    manifest.write_text("path,label\n" + "".join(f"{f},{f.parent.name}\n" for f in files)
+                        + f"{broken},cat\n")  # fmt: skip
+    done = cli("extract", "--data", manifest, "--store", tmp_path / "store", *TINY)
+    assert done.exit_code == 0, done.output
+    line = next(x for x in done.output.splitlines() if "invalid (" in x)
+    assert re.match(rf"  invalid \((train|val|test)\): {re.escape(str(broken))}: ", line)
+    assert "//" not in line and "BytesIO" not in line
