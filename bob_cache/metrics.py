@@ -2,13 +2,16 @@
 
 Single-label: top-1, top-5 (when there are more than 5 classes), balanced accuracy and
 macro-F1 from a score matrix. Multi-label (labels with several 0/1 columns, -1 = unknown):
-macro ROC-AUC and mean average precision over the columns that have both outcomes.
+macro ROC-AUC and mean average precision over the columns whose known rows hold both
+outcomes, and ``labels_scored``, the number of such columns.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from sklearn import metrics as skm
+
+from bob_cache.errors import DataSourceError
 
 
 def classification_metrics(
@@ -32,22 +35,40 @@ def classification_metrics(
 
 
 def multilabel_metrics(y_true: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-    """Macro ROC-AUC and mAP over label columns; unknown (-1) entries are ignored per column."""
+    """Macro ROC-AUC and mAP over the label columns that can be scored, and how many could.
+
+    Each column is scored on its known rows (1 or 0; -1 is unknown). A column whose known rows
+    hold only one outcome, or none at all, has no ROC-AUC or AP: it is left out of both means,
+    and ``labels_scored`` counts the columns that were averaged.
+
+    Raises:
+        DataSourceError: when no column can be scored.
+    """
     aucs, aps = [], []
     for j in range(y_true.shape[1]):
         known = y_true[:, j] >= 0
         truth = y_true[known, j]
-        if truth.min(initial=1) == truth.max(initial=0):  # one outcome only: undefined
+        if np.unique(truth).size < 2:  # no known rows, or one outcome only: undefined
             continue
         aucs.append(skm.roc_auc_score(truth, scores[known, j]))
         aps.append(skm.average_precision_score(truth, scores[known, j]))
     if not aucs:
-        return {}
+        raise _nothing_to_score(y_true)
     return {
         "roc_auc": float(np.mean(aucs)),
         "mean_average_precision": float(np.mean(aps)),
         "labels_scored": float(len(aucs)),
     }
+
+
+def _nothing_to_score(y_true: np.ndarray) -> DataSourceError:
+    n, labels = y_true.shape
+    return DataSourceError(
+        f"No label column can be scored: ROC-AUC and AP need both a 1 and a 0 among a label's "
+        f"known rows, and none of the {labels} label(s) has both in these {n} row(s). Score "
+        "more labelled rows: label both outcomes for some label in this split, or, when these "
+        "are the validation rows that choose C, hold out more of train (--val-fraction)."
+    )
 
 
 def _balanced_accuracy(y_true: np.ndarray, predicted: np.ndarray) -> float:

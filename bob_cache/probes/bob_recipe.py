@@ -3,11 +3,14 @@
 A non-affine ``BatchNorm1d`` followed by a linear head, trained with LARS (timm's, with
 trust-ratio adaptation on the weight as in MAE's ``util/lars.py``), base learning rate 0.1
 scaled by batch/256, momentum 0.9, no weight decay, 10 warm-up epochs then cosine decay,
-90 epochs, batch 16384 (capped at the training size). The head starts at
-``trunc_normal(std=0.01)``. This recipe holds the training features in memory; it is slower
-than :mod:`bob_cache.probes.linear` and does not tune regularization. Its learning rate is set
-for ImageNet-sized training sets (thousands of LARS steps, each relative to the weight norm);
-on a few thousand images it underfits, so use the default sweep there.
+90 epochs, batch 16384 (capped at the training size). As MAE's loader does
+(``drop_last=True``), each epoch drops the last incomplete batch (its rows are reshuffled into
+the next epoch), so BatchNorm never sees a batch of one row; a training set smaller than a
+batch is one batch. The head starts at ``trunc_normal(std=0.01)``. This recipe holds the
+training features in memory; it is slower than :mod:`bob_cache.probes.linear` and does not
+tune regularization. Its learning rate is set for ImageNet-sized training sets (thousands of
+LARS steps, each relative to the weight norm); on a few thousand images it underfits, so use
+the default sweep there.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bob_cache.errors import SpecError
 from bob_cache.probes.features import Features
 
 
@@ -54,10 +58,20 @@ def train_bob_probe(
     recipe: BobRecipe = BobRecipe(),
     device: torch.device | str = "cpu",
 ) -> nn.Module:
-    """Train the probe; returns the module in eval mode (call it on raw features)."""
+    """Train the probe; returns the module in eval mode (call it on raw features).
+
+    Raises:
+        SpecError: with fewer than two training rows (BatchNorm has no batch statistics).
+    """
     from timm.optim import Lars
     from timm.scheduler import CosineLRScheduler
 
+    if train.n < 2:
+        raise SpecError(
+            f"The BoB recipe needs at least 2 training rows (its BatchNorm normalizes each "
+            f"batch by the batch's own statistics), got {train.n}. Label more training images, "
+            "or use the default linear probe (--recipe sweep)."
+        )
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -71,7 +85,7 @@ def train_bob_probe(
         [{"params": [probe.head.weight], "always_adapt": True}, {"params": [probe.head.bias]}],
         lr=lr, momentum=recipe.momentum, weight_decay=0.0,
     )  # fmt: skip
-    steps = -(-len(x) // batch)
+    steps = len(x) // batch  # the last incomplete batch is dropped (MAE's drop_last=True)
     sched = CosineLRScheduler(
         opt,
         t_initial=recipe.epochs * steps,
@@ -106,4 +120,6 @@ def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if y.dtype == torch.long:
         return F.cross_entropy(logits, y)
     known = y >= 0
+    if not known.any():  # a batch without one known label: nothing to learn (not NaN)
+        return logits.sum() * 0.0
     return F.binary_cross_entropy_with_logits(logits[known], y[known])

@@ -1,10 +1,13 @@
 """Linear probe: L2-regularized logistic regression on standardized features.
 
 The objective is scikit-learn's, ``C·Σ loss + ½‖W‖²``, written per sample as
-``mean loss + (λ/2)‖W‖²`` with ``λ = 1/(C·n)`` (the intercept is not penalized). Single-label
-sets use the multinomial (softmax) loss; multi-label sets (several 0/1 label columns, -1 for
-unknown) use one sigmoid per column. Optimization is full-batch L-BFGS, preconditioned by the
-features' second moments (:mod:`bob_cache.probes.objective`, :mod:`~bob_cache.probes.precondition`).
+``Σ loss / n + (λ/2)‖W‖²`` with ``λ = 1/(C·n)`` (the intercept is not penalized). Single-label
+sets use the multinomial (softmax) loss. Multi-label sets (several 0/1 label columns, -1 for
+unknown) use one sigmoid per column, summed over the rows where that label is known: at the
+same C, each column's weights are scikit-learn's ``LogisticRegression(C=C)`` fitted on that
+label's known rows alone (``OneVsRestClassifier`` over the known labels). Optimization is
+full-batch L-BFGS, preconditioned by the features' second moments
+(:mod:`bob_cache.probes.objective`, :mod:`~bob_cache.probes.precondition`).
 
 Two protocols choose C (both state exactly which rows trained, chose and were refit):
 
@@ -14,7 +17,9 @@ Two protocols choose C (both state exactly which rows trained, chose and were re
   cross-validation inside the subset and refit on the subset alone, so the fit never sees a
   label outside it; with one row in some class it falls back to :data:`FIXED_C`.
 
-Every reported model is fitted to convergence (:func:`~bob_cache.probes.objective.final_stop`).
+Every reported model is fitted to convergence (:func:`~bob_cache.probes.objective.final_stop`);
+one that stopped short (iteration cap, or a float32 stall) has ``converged=False``, a warning
+in the log, and says so in its ``protocol``.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from bob_cache.probes.objective import (
     Objective,
     Stop,
     Weights,
+    final_dtype,
     final_stop,
     minimize,
 )
@@ -99,10 +105,17 @@ def fit_logistic(
     ``gtol`` (a pure gradient tolerance) replaces the default rule,
     :func:`~bob_cache.probes.objective.final_stop`.
     """
+    device = torch.device(device)
     std = Standardizer.fit(train)
-    objective = Objective(train, y, std, n_outputs, torch.device(device))
+    dtype = final_dtype(train.n, train.dim, n_outputs, device)
+    objective = Objective(train, y, std, n_outputs, device, dtype=dtype)
     stop = Stop(gtol) if gtol else final_stop(objective, train, std)
     (w, b), iters, ok = minimize(objective, 1.0 / (C * train.n), stop, init=init, max_iter=max_iter)
+    if not ok:
+        logger.warning(
+            "linear probe at C=%g on %d rows stopped after %d iterations before converging",
+            C, train.n, iters,
+        )  # fmt: skip
     return LinearModel(w.cpu().numpy(), b.cpu().numpy(), std, C, iters, ok)
 
 
@@ -203,7 +216,7 @@ def sweep(
         log, stage="final", rows=rows_fit.n, C=C, val_score=float("nan"),
         iterations=model.iterations, seconds=time.perf_counter() - started,
     )  # fmt: skip
-    return SweepResult(model, C, val_score, train.n, val.n, how, log)
+    return SweepResult(model, C, val_score, train.n, val.n, _noted(how, model), log)
 
 
 def sweep_cv(
@@ -230,7 +243,7 @@ def sweep_cv(
     if folds is None:
         model = fit_logistic(train, y_train, n_outputs=n_outputs, C=FIXED_C, device=device)
         how = f"fixed C={FIXED_C:g} (a class has one row: too few to cross-validate)"
-        return SweepResult(model, FIXED_C, float("nan"), train.n, 0, how)
+        return SweepResult(model, FIXED_C, float("nan"), train.n, 0, _noted(how, model))
     log: list[dict[str, float]] = []
     n_folds = int(folds.max()) + 1
     used = range(n_folds) if train.n <= max_rows_all_folds else range(1)
@@ -253,7 +266,14 @@ def sweep_cv(
         if len(used) > 1
         else f"C chosen on 1 of {n_folds} folds inside the subset, refit on it"
     )
-    return SweepResult(model, C, means[C], train.n, 0, how, log)
+    return SweepResult(model, C, means[C], train.n, 0, _noted(how, model), log)
+
+
+def _noted(protocol: str, model: LinearModel) -> str:
+    """``protocol``, plus a note when the reported model stopped before converging."""
+    if model.converged:
+        return protocol
+    return f"{protocol}; NOT CONVERGED: the final fit stopped after {model.iterations} iterations"
 
 
 def _step_toward_better_neighbour(

@@ -1,11 +1,19 @@
 """The logistic objective over row blocks, and the preconditioned L-BFGS that minimizes it.
 
-``mean loss + (λ/2)‖W‖²`` at weights over standardized features. The exact objective works
-in float32 on the raw rows with the standardization folded into the weights, so neither a
-standardized copy nor a streamed feature set is ever held whole. On large in-memory problems,
-where the hardware has fast bfloat16 matrix products (AVX512-BF16 or AMX CPUs, CUDA GPUs), a
-bfloat16 twin on a standardized copy (2 bytes per value) does the bulk of the iterations and
-the exact objective finishes: the stopping rule is always checked on the float32 objective.
+``Σ loss / n + (λ/2)‖W‖²`` at weights over standardized features, ``n`` the rows: with
+``λ = 1/(C·n)`` it is scikit-learn's ``C·Σ loss + ½‖W‖²`` divided by ``C·n``. Single-label
+sums the softmax loss of every row; multi-label sums each label's sigmoid loss over the rows
+where that label is known (unknown, -1, entries add nothing), which is every label's own
+binary logistic regression on its known rows.
+
+The exact objective works in float32 on the raw rows with the standardization folded into
+the weights, so neither a standardized copy nor a streamed feature set is ever held whole.
+The reported model of a small problem (:data:`SMALL_WORK`) is fitted in float64
+(:func:`final_dtype`): its tight tolerance needs loss decreases that a float32 loss does not
+resolve. On large in-memory problems, where the hardware has fast bfloat16 matrix products
+(AVX512-BF16 or AMX CPUs, CUDA GPUs), a bfloat16 twin on a standardized copy (2 bytes per
+value) does the bulk of the iterations and the exact objective finishes: the stopping rule
+is always checked on the float32 objective.
 """
 
 from __future__ import annotations
@@ -29,8 +37,9 @@ SMALL_WORK = 2e8  # rows × dim × outputs of such a fit
 WATCH_ROWS = 20_000  # training rows whose predictions tell a large fit has settled
 CHUNK = 5  # iterations between checks of the stopping rule
 MAX_ITER = 2000
-RESOLUTION = 4 * float(np.finfo(np.float32).eps)  # relative loss change float32 resolves
-CACHE_BYTES = 2**30  # float32 rows kept between evaluations when they take at most this
+RESOLUTION = 4  # machine epsilons: the relative loss change a loss in that dtype resolves
+CHANGE_TOL = {torch.float32: 1e-12, torch.float64: 1e-20}  # L-BFGS's tolerance_change
+CACHE_BYTES = 2**30  # rows (in the fit's dtype) kept between evaluations up to this size
 BF16_MIN_WORK = 5e9  # rows × dim × outputs above which the bfloat16 twin pays off
 
 Weights = tuple[torch.Tensor, torch.Tensor]
@@ -38,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 
 class Objective:
-    """``mean loss + (λ/2)‖W‖²`` over ``features`` and its gradient, block by block."""
+    """``Σ loss / n + (λ/2)‖W‖²`` over ``features`` and its gradient, block by block."""
 
     def __init__(
         self,
@@ -47,16 +56,18 @@ class Objective:
         std: Standardizer,
         n_outputs: int,
         device: torch.device,
+        *,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         self.features, self.n, self.n_outputs, self.device = features, features.n, n_outputs, device
-        self.standardizer = std
+        self.standardizer, self.dtype = std, dtype
         self.multilabel = labels.ndim == 2
         y = torch.from_numpy(labels)
-        self.labels = y.float() if self.multilabel else y.long()
-        self.mean = torch.from_numpy(std.mean).to(device)
-        self.std = torch.from_numpy(std.std).to(device)
-        # rows stay where they are unless a float32 copy is cheap (or they must move to a GPU)
-        small = features.n * features.dim * 4 <= CACHE_BYTES
+        self.labels = y.to(dtype) if self.multilabel else y.long()
+        self.mean = torch.from_numpy(std.mean).to(device, dtype)
+        self.std = torch.from_numpy(std.std).to(device, dtype)
+        # rows stay where they are unless a copy is cheap (or they must move to a GPU)
+        small = features.n * features.dim * dtype.itemsize <= CACHE_BYTES
         keep = not features.is_streamed and (small or device.type != "cpu")
         self._cache = list(self._blocks()) if keep else None
         self.fast = _Bf16Twin(self) if _bf16_pays_off(self) else None
@@ -71,7 +82,7 @@ class Objective:
         for block in self.features.blocks():
             y = self.labels[start : start + len(block)]
             start += len(block)
-            yield torch.from_numpy(block).to(self.device), y.to(self.device)
+            yield torch.from_numpy(block).to(self.device, self.dtype), y.to(self.device)
 
     @torch.no_grad()
     def __call__(self, w: torch.Tensor, b: torch.Tensor, lam: float) -> tuple[float, Weights]:
@@ -92,10 +103,13 @@ class Objective:
     def regularized(
         self, total: float, gw: torch.Tensor, gb: torch.Tensor, w: torch.Tensor, lam: float
     ) -> tuple[float, Weights]:
-        """Summed loss and gradient → the per-row mean plus the penalty ``(λ/2)‖W‖²``."""
-        denom = self.n * (self.n_outputs if self.multilabel else 1)
-        loss = total / denom + 0.5 * lam * float((w * w).sum())
-        return loss, (gw / denom + lam * w, gb / denom)
+        """Summed loss and gradient → divided by the rows ``n``, plus ``(λ/2)‖W‖²``.
+
+        Multi-label: the sum runs over the known entries only, and is divided by ``n`` too
+        (not by the entries): times ``C·n`` it is scikit-learn's objective of every label.
+        """
+        loss = total / self.n + 0.5 * lam * float((w * w).sum())
+        return loss, (gw / self.n + lam * w, gb / self.n)
 
     def _loss_and_residual(self, logits: torch.Tensor, y: torch.Tensor) -> float:
         if not self.multilabel:
@@ -157,7 +171,7 @@ class _Bf16Twin:
 
 def _bf16_pays_off(objective: Objective) -> bool:
     work = objective.n * objective.features.dim * objective.n_outputs
-    if work < BF16_MIN_WORK or objective.features.is_streamed:
+    if work < BF16_MIN_WORK or objective.features.is_streamed or objective.dtype != torch.float32:
         return False
     if objective.device.type == "cuda":
         return torch.cuda.is_bf16_supported()
@@ -191,6 +205,13 @@ def final_stop(objective: Objective, train: Features, std: Standardizer) -> Stop
     return Stop(FINAL_GTOL, watch.to(objective.device))
 
 
+def final_dtype(n: int, dim: int, n_outputs: int, device: torch.device) -> torch.dtype:
+    """float64 for a small problem's reported model (its gradient tolerance,
+    :data:`SMALL_GTOL`, needs loss decreases that float32 does not resolve), else float32."""
+    small = n * dim * n_outputs <= SMALL_WORK
+    return torch.float64 if small and device.type in ("cpu", "cuda") else torch.float32
+
+
 def minimize(
     objective: Objective,
     lam: float,
@@ -205,20 +226,22 @@ def minimize(
     reads the gradient in ``W`` itself. With a bfloat16 twin, the twin runs first (to half
     the gradient tolerance: its gradient is approximate), then the same L-BFGS, its
     curvature history kept, continues on the exact objective, its predictions compared with
-    the twin's. converged is True when ``stop`` is met, or when the loss no longer decreases
-    in float32 (L-BFGS's change tolerance); False when ``max_iter`` stopped the fit.
+    the twin's. converged is True only when ``stop`` is met; False when ``max_iter`` stopped
+    the fit, or when it stalled first (the loss no longer decreases in its dtype, by L-BFGS's
+    change tolerance or line searches that find no decrease, while the gradient is still
+    above ``stop.gtol``).
     """
+    k, dim, dtype = objective.n_outputs, objective.features.dim, objective.dtype
+    start = init or (torch.zeros(k, dim), torch.zeros(k))
+    w, b = (t.detach().to(objective.device, dtype).clone() for t in start)
     if stop.rtol is not None and init is not None:
-        _, (gw, gb) = (objective.fast or objective)(*init, lam)
+        _, (gw, gb) = (objective.fast or objective)(w, b, lam)
         stop = replace(stop, gtol=min(stop.gtol, stop.rtol * _largest(gw, gb)))
-    k, dim, device = objective.n_outputs, objective.features.dim, objective.device
     pre = objective.preconditioner
-    w = torch.zeros(k, dim, device=device) if init is None else init[0].detach()
     v = pre.params(w).contiguous()
-    b = torch.zeros(k, device=device) if init is None else init[1].detach().clone()
     opt = torch.optim.LBFGS(
         [v, b], lr=1, max_iter=CHUNK, max_eval=4 * CHUNK, history_size=10,
-        line_search_fn="strong_wolfe", tolerance_grad=stop.gtol, tolerance_change=1e-12,
+        line_search_fn="strong_wolfe", tolerance_grad=stop.gtol, tolerance_change=CHANGE_TOL[dtype],
     )  # fmt: skip
     seen = None
     if objective.fast is not None:
@@ -226,7 +249,8 @@ def minimize(
              max_iter, None)  # fmt: skip
         seen = _predict(objective, stop, (pre.weights(v), b))
     converged = _run(opt, _Closure(objective, pre, lam, opt), stop, max_iter, seen)
-    return (pre.weights(v).detach(), b.detach()), int(opt.state[v].get("n_iter", 0)), converged
+    weights = (pre.weights(v).detach().float(), b.detach().float())
+    return weights, int(opt.state[v].get("n_iter", 0)), converged
 
 
 def _largest(gw: torch.Tensor, gb: torch.Tensor) -> float:
@@ -237,7 +261,7 @@ def _predict(objective: Objective, stop: Stop, weights: Weights) -> torch.Tensor
     """Predicted classes (multi-label: every output's yes/no) of the watched rows."""
     if stop.watch is None:
         return None
-    logits = stop.watch @ weights[0].T + weights[1]
+    logits = stop.watch.to(weights[0].dtype) @ weights[0].T + weights[1]
     return logits > 0 if objective.multilabel else logits.argmax(1)
 
 
@@ -273,7 +297,7 @@ class _Closure:
     def __call__(self) -> torch.Tensor:
         loss, gw, gb = self.evaluate()
         self.v.grad, self.b.grad = self.pre.gradient(gw), gb.clone()
-        return torch.tensor(loss)
+        return torch.tensor(loss, dtype=torch.float64)  # L-BFGS reads it as a Python float
 
     def largest_gradient(self) -> tuple[float, float]:
         """The largest gradient entry at the current point, in ``W`` and in ``V``."""
@@ -284,7 +308,8 @@ class _Closure:
 def _run(
     opt: torch.optim.LBFGS, closure: _Closure, stop: Stop, max_iter: int, seen: torch.Tensor | None
 ) -> bool:
-    """Step ``opt`` in chunks, checking ``stop`` between them; False at ``max_iter``."""
+    """Step ``opt`` in chunks, checking ``stop`` between them; False at ``max_iter`` or at a
+    stall before ``stop`` is met."""
     v, b = closure.v, closure.b
     fn = closure.fn
     objective = fn.exact if isinstance(fn, _Bf16Twin) else fn
@@ -304,10 +329,11 @@ def _run(
             return True
         if ran < CHUNK:  # L-BFGS ended the chunk early: why?
             if int(opt.state[v]["func_evals"]) - evaluations >= group["max_eval"]:
-                if loss - closure.evaluate()[0] <= RESOLUTION * abs(loss):
-                    return True  # line searches found no decrease that float32 resolves
+                resolved = RESOLUTION * torch.finfo(objective.dtype).eps * abs(loss)
+                if loss - closure.evaluate()[0] <= resolved:
+                    return _stalled(in_w, stop)  # no decrease that the dtype resolves
             elif in_v > group["tolerance_grad"]:
-                return True  # no more decrease in float32 (L-BFGS's change tolerance)
+                return _stalled(in_w, stop)  # no more decrease (L-BFGS's change tolerance)
             else:
                 group["tolerance_grad"] = in_v / 2  # small in V, not yet in W: go on
         if stop.watch is None:
@@ -315,6 +341,15 @@ def _run(
         history.append(_predict(objective, stop, (closure.pre.weights(v), b)))
         if len(history) > lag and _share_changed(history[-1], history[-1 - lag]) <= stop.changed:
             return True
+    return False
+
+
+def _stalled(largest: float, stop: Stop) -> bool:
+    """A fit that can make no more progress before ``stop`` is met: not converged (False)."""
+    logger.info(
+        "L-BFGS stalled: the loss no longer decreases in its dtype, largest gradient %.2e > %.2e",
+        largest, stop.gtol,
+    )  # fmt: skip
     return False
 
 

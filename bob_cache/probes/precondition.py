@@ -48,10 +48,10 @@ class Preconditioner:
         return cls(power(-0.5), power(0.5))
 
     def weights(self, v: torch.Tensor) -> torch.Tensor:
-        return v @ self.forward
+        return v @ self.forward.to(v.dtype)  # float64 fits use the same (float32) M
 
     def params(self, w: torch.Tensor) -> torch.Tensor:
-        return w @ self.inverse
+        return w @ self.inverse.to(w.dtype)
 
     def gradient(self, gw: torch.Tensor) -> torch.Tensor:
-        return gw @ self.forward
+        return gw @ self.forward.to(gw.dtype)

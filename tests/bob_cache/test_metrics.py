@@ -37,3 +37,37 @@ def test_multilabel_auc_ignores_unknown_entries_and_single_outcome_columns() -> 
         [skm.roc_auc_score(y[:, 0], scores[:, 0]), skm.roc_auc_score([1, 0, 1], [0.8, 0.1, 0.7])]
     )
     assert m["roc_auc"] == pytest.approx(expected)
+
+
+def _per_column_reference(y: np.ndarray, scores: np.ndarray) -> tuple[list, list]:
+    """scikit-learn's ROC-AUC and AP per column on its known rows, where both outcomes occur."""
+    aucs, aps = [], []
+    for j in range(y.shape[1]):
+        known = y[:, j] >= 0
+        if len(np.unique(y[known, j])) == 2:
+            aucs.append(skm.roc_auc_score(y[known, j], scores[known, j]))
+            aps.append(skm.average_precision_score(y[known, j], scores[known, j]))
+    return aucs, aps
+
+
+def test_multilabel_columns_without_known_labels_are_left_out_not_a_crash() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, size=(60, 5))
+    y[rng.random(y.shape) < 0.3] = -1
+    y[:, 1] = -1  # entirely unknown (scikit-learn would see 0 samples)
+    y[:, 3] = np.where(y[:, 3] >= 0, 1, -1)  # only positives among its known rows
+    scores = rng.normal(size=y.shape) + y
+    m = multilabel_metrics(y, scores)
+    aucs, aps = _per_column_reference(y, scores)
+    assert m["labels_scored"] == len(aucs) == 3
+    assert m["roc_auc"] == pytest.approx(np.mean(aucs), abs=1e-12)
+    assert m["mean_average_precision"] == pytest.approx(np.mean(aps), abs=1e-12)
+
+
+def test_multilabel_metrics_with_no_scorable_column_name_the_fix() -> None:
+    from bob_cache.errors import DataSourceError
+
+    y = np.array([[1, -1], [1, -1], [-1, -1]])
+    with pytest.raises(DataSourceError, match="No label column can be scored") as caught:
+        multilabel_metrics(y, np.zeros(y.shape))
+    assert "both a 1 and a 0" in str(caught.value)
