@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from bob_cache.data.splits import parse_split_fractions
 from bob_cache.errors import SpecError
 from bob_cache.finetune import checkpoint as ckpt
 from bob_cache.finetune.launch import barrier, rank
@@ -41,7 +42,10 @@ _NOT_IDENTITY = (*_NOT_IN_HASH, "lrs")  # a run folder is one lr: the sweep is n
 def config_hash(config: FinetuneConfig) -> str:
     """The results-table hash of a run: every option that changes its numbers, from the
     config alone (the battle checks it without building a model)."""
-    return stable_hash({k: v for k, v in asdict(config).items() if k not in _NOT_IN_HASH})
+    values = {k: v for k, v in asdict(config).items() if k not in _NOT_IN_HASH}
+    if values.get("split_fractions") is None:  # the default: hashes from before it existed
+        values.pop("split_fractions", None)
+    return stable_hash(values)
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ class FinetuneConfig:
     images: str | None = None
     classes: tuple[str, ...] | None = None
     ignore_index: int = 255
+    split_fractions: tuple[float, float, float] | None = None  # a source in several roles
     mode: str = "finetune"
     lrs: tuple[float, ...] = (1e-4,)
     epochs: int = 10
@@ -114,6 +119,7 @@ def finetune(config: FinetuneConfig) -> FinetuneSummary | None:
     inputs = TaskInputs(
         train=config.train, val=config.val, test=config.test, images=config.images,
         classes=config.classes, ignore_index=config.ignore_index,
+        split_fractions=config.split_fractions,
     )  # fmt: skip
     task.check(inputs)  # before any weights load: a missing file is named, not a download
     init_distributed()
@@ -167,6 +173,7 @@ def _check(config: FinetuneConfig) -> None:
     ):  # fmt: skip
         if value < low:
             raise SpecError(f"--{option} must be at least {low}; got {value}.")
+    parse_split_fractions(config.split_fractions)  # checked before any work
     if config.image_size is not None and config.image_size < 32:
         raise SpecError(f"--image-size must be at least 32 pixels; got {config.image_size}.")
 
@@ -291,7 +298,7 @@ def _rows(
         "backbone": summary.slug, "feature_key": stable_hash(identity["backbone_identity"]),
         "method": task.name, "seed": config.seed, "config_hash": config_hash(config),
         "versions": library_versions(), "time": utc_now(), "train_rows": train_rows,
-        "val_rows": val_rows, "task": "",
+        "val_rows": val_rows, "task": "", "split_rule": data.info.get("split_rule", ""),
     }  # fmt: skip
     per_epoch = _epoch_protocol(config, train_rows)
     sweep = (

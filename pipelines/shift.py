@@ -2,7 +2,9 @@
 
 One output dataset per (corruption, severity), in ``OUT/<dataset>-<corruption>-<severity>/``:
 
-* a folder source is mirrored: the same split and class sub-folders and file names. PNG
+* a folder source is mirrored: the same split and class sub-folders and file names (a
+  folder without split folders that was split by id hash gets ``train/ val/ test/``, so the
+  copy reads back with exactly the original's splits, whatever ``--split`` or ``--limit``). PNG
   files stay PNG and JPEG files stay JPEG (re-encoded at quality 95 without chroma
   subsampling, so ids do not change); any other format is written as PNG with ``.png``
   appended to its name (``a.bmp`` → ``a.bmp.png``).
@@ -45,6 +47,7 @@ from bob_cache.data.corruptions import (
     parse_severities,
 )
 from bob_cache.data.source import default_name
+from bob_cache.data.splits import check_fractions_apply, parse_split_fractions
 from bob_cache.errors import BobCacheError
 from bob_cache.hashing import stable_hash
 from bob_cache.pipelines.registry import register_stage
@@ -73,6 +76,7 @@ class ShiftConfig:
     severities: tuple[int, ...]
     seed: int = 0
     split: str = "all"
+    split_fractions: Any = None  # SplitFractions (or its text) for a source without splits
     name: str | None = None
     limit: int | None = None
     workers: int = 0
@@ -102,7 +106,9 @@ def shift(config: ShiftConfig) -> ShiftSummary:
     started = time.perf_counter()
     corruptions = parse_corruptions(config.corruptions)  # cheap checks before listing data
     severities = parse_severities(config.severities)
-    source = parse_source(config.data, name=config.name, split=config.split)
+    fractions = parse_split_fractions(config.split_fractions)
+    source = parse_source(config.data, name=config.name, split=config.split, fractions=fractions)
+    check_fractions_apply(source, fractions)
     rows = {s: samples[: config.limit] for s, samples in source.select(config.split).items()}
     summary = ShiftSummary(config.data, source.name, source.fingerprint(), config.out)
     jobs = [
@@ -283,8 +289,9 @@ def _layout(source: DataSource) -> str:
 
 def output_path(source: DataSource, split: str, sample: Sample, index: int) -> str:
     """Where ``sample``'s corrupted image goes, relative to the output folder."""
-    if source.kind == "folder":
-        return _output_name(sample.id)
+    if source.kind == "folder":  # a split made by id hash becomes split folders
+        hashed = source.split_rule.kind == "id-hash"
+        return _output_name(f"{split}/{sample.id}" if hashed else sample.id)
     if source.kind == "manifest":
         base = default_name(PurePosixPath(str(sample.location).replace("\\", "/")).name)
         return f"images/{default_name(split)}/{index:06d}-{_output_name(base)}"

@@ -13,6 +13,7 @@ from bob_cache.commands.common import (
     JsonOpt,
     QuietOpt,
     ResultsOpt,
+    SplitFractionsOpt,
     handle_errors,
     out,
     print_json,
@@ -43,6 +44,7 @@ def finetune(
         str | None,
         typer.Option(help="Test data, scored once; another dataset for cross-domain drop."),
     ] = None,
+    split_fractions: SplitFractionsOpt = None,
     mode: Annotated[
         str,
         typer.Option(
@@ -109,15 +111,18 @@ def finetune(
     (predictions_*.json) beside the checkpoint. Several GPUs: torchrun --nproc_per_node N -m
     bob_cache.cli finetune ...
     """
+    from bob_cache.data.splits import parse_split_fractions
     from bob_cache.finetune.tasks import parse_lrs
     from bob_cache.pipelines import get_stage
     from bob_cache.pipelines.finetune import FinetuneConfig
     from bob_cache.stores.results import DEFAULT_RESULTS
 
+    fractions = parse_split_fractions(split_fractions)
     config = FinetuneConfig(
         task=task, backbone=backbone, train=train, val=val, test=test, images=images,
         classes=tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else None,
-        ignore_index=ignore_index, mode=mode, lrs=parse_lrs(lr), epochs=epochs,
+        ignore_index=ignore_index, split_fractions=fractions and fractions.as_tuple(), mode=mode,
+        lrs=parse_lrs(lr), epochs=epochs,
         batch_size=batch_size, accum_steps=accum_steps, image_size=image_size,
         weight_decay=weight_decay, layer_decay=layer_decay, warmup_epochs=warmup_epochs,
         steps_per_epoch=steps_per_epoch, weights=weights, seed=seed, precision=precision,

@@ -8,7 +8,15 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from bob_cache.commands.common import JsonOpt, QuietOpt, err, handle_errors, out, print_json
+from bob_cache.commands.common import (
+    JsonOpt,
+    QuietOpt,
+    SplitFractionsOpt,
+    err,
+    handle_errors,
+    out,
+    print_json,
+)
 
 SHIFT_EXAMPLE = (
     "Example: bob-cache shift --data builtin:digits --out shifted --corruption "
@@ -40,6 +48,7 @@ def shift(
         int, typer.Option(help="Seeds every random draw (with the corruption, severity, id).")
     ] = 0,
     split: Annotated[str, typer.Option(help="Split to copy, or 'all'.")] = "all",
+    split_fractions: SplitFractionsOpt = None,
     name: Annotated[
         str | None, typer.Option(help="Dataset name (default: folder or manifest stem).")
     ] = None,
@@ -74,6 +83,7 @@ def shift(
         severities=parse_severities(severity),
         seed=seed,
         split=split,
+        split_fractions=split_fractions,
         name=name,
         limit=limit,
         workers=workers,

@@ -53,6 +53,9 @@ class SplitFractions:
                 "Example: --split-fractions 0.6,0.2,0.2."
             )
 
+    def as_tuple(self) -> tuple[float, float, float]:
+        return (self.train, self.val, self.test)
+
     def as_dict(self) -> dict[str, float]:
         return {"train": self.train, "val": self.val, "test": self.test}
 

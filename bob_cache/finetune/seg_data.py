@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,27 @@ def load_seg_folder(
         classes=("background", *names),
         ignore_index=ignore,
     )
+
+
+def split_seg_set(seg: SegSet, split: str, fractions: Any) -> SegSet:
+    """The ``split`` part of a folder without split folders, by the id-hash rule
+    (:mod:`bob_cache.data.splits`): the same images the dense probe's feature sets of that
+    folder hold as ``split``."""
+    from bob_cache.data.source import Sample
+    from bob_cache.data.splits import split_rows
+
+    ids = [p.relative_to(seg.root / "images").as_posix() for p in seg.image_paths]
+    rows = [Sample(i, -1, n) for n, i in enumerate(ids)]
+    parts, rule = split_rows(rows, split="all", fractions=fractions, labelled=True)
+    keep = [s.location for s in parts.get(split, [])]
+    if not keep:
+        raise SpecError(
+            f"Splitting {seg.root} by id hash ({rule.text}) leaves no {split} images: it has "
+            f"{len(ids)}. Add images, pass other --split-fractions, or give --{split} a folder "
+            "of its own."
+        )
+    return replace(seg, image_paths=tuple(seg.image_paths[i] for i in keep),
+                   mask_paths=tuple(seg.mask_paths[i] for i in keep))  # fmt: skip
 
 
 def _resolve_classes(

@@ -85,7 +85,7 @@ class ClassificationTask(FinetuneTask):
         common = dict(input_size=size, mean=mean, std=std, use_prefetcher=True)
         train_tf = create_transform(**common, is_training=True)
         eval_tf = create_transform(**common, is_training=False, crop_pct=1.0)
-        train_src = parse_source(inputs.train)
+        train_src = parse_source(inputs.train, fractions=inputs.fractions_for(inputs.train))
         classes = list(train_src.class_names)
         train_rows = pick_split(train_src, "train", option="train")
         if not classes:
@@ -95,12 +95,16 @@ class ClassificationTask(FinetuneTask):
             spec = getattr(inputs, split)
             if spec is None:
                 continue
-            src = parse_source(spec)
+            src = (
+                train_src
+                if spec == inputs.train
+                else parse_source(spec, fractions=inputs.fractions_for(spec))
+            )
             rows = relabel(pick_split(src, split, option=split), src, classes, option=split)
             setattr(data, split, LabeledImages(src, rows, eval_tf))
         sizes = {f"{k}_rows": len(getattr(data, k)) for k in ("train", "val", "test")
                  if getattr(data, k) is not None}  # fmt: skip
-        data.info = {"dataset": train_src.name, **sizes}
+        data.info = {"dataset": train_src.name, "split_rule": train_src.split_rule.text, **sizes}
         return data
 
     def build(

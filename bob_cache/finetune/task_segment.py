@@ -23,6 +23,7 @@ from bob_cache.finetune.seg_data import (
     horizontal_flip_seg,
     load_seg_folder,
     resize_seg_pair,
+    split_seg_set,
 )
 from bob_cache.finetune.seg_metrics import SegMeter
 from bob_cache.finetune.tasks import FinetuneTask, TaskData, TaskInputs, register_task
@@ -61,6 +62,13 @@ def dataset_name(path: str) -> str:
     return folder.parent.name if folder.name in ("train", "val", "test") else folder.name
 
 
+def _split_rule(inputs: TaskInputs) -> str:
+    """``id-hash …`` when one folder serves several roles, else the folders as given."""
+    if inputs.roles_of(inputs.train) > 1:
+        return f"id-hash {inputs.fractions_for(inputs.train)}"
+    return "as distributed"
+
+
 @register_task
 class SemanticTask(FinetuneTask):
     name = "semantic"
@@ -77,6 +85,8 @@ class SemanticTask(FinetuneTask):
             sets[split] = load_seg_folder(
                 spec, classes=inputs.classes, ignore_index=inputs.ignore_index
             )
+            if inputs.roles_of(spec) > 1:  # one folder for several roles: split by id hash
+                sets[split] = split_seg_set(sets[split], split, inputs.fractions_for(spec))
             check_masks(sets[split])
         _check_classes(sets)
         size = inputs.image_size
@@ -92,6 +102,7 @@ class SemanticTask(FinetuneTask):
         data.info = {
             "dataset": dataset_name(inputs.train),
             "ignore_index": sets["train"].ignore_index,
+            "split_rule": _split_rule(inputs),
             **{f"{s}_images": len(v) for s, v in sets.items()},
         }
         return data

@@ -31,6 +31,21 @@ class TaskInputs:
     classes: tuple[str, ...] | None = None  # semantic: class names when no classes.json
     ignore_index: int = 255
     image_size: int = 224
+    # a source without splits given for several roles is split by id hash with these
+    # train/val/test fractions (None: the defaults); one given for one role is taken whole
+    split_fractions: tuple[float, float, float] | None = None
+
+    def roles_of(self, spec: str) -> int:
+        """How many of train/val/test name ``spec``."""
+        return sum(spec == s for s in (self.train, self.val, self.test))
+
+    def fractions_for(self, spec: str) -> Any:
+        """The split fractions a source read for ``spec`` gets (see ``split_fractions``)."""
+        from bob_cache.data.splits import SplitFractions, parse_split_fractions
+
+        if self.roles_of(spec) > 1:
+            return parse_split_fractions(self.split_fractions)
+        return SplitFractions(1.0, 0.0, 0.0)  # one role: the whole source
 
 
 @dataclass

@@ -304,12 +304,20 @@ def _finetune_data(dataset: DatasetSpec) -> tuple[str, str, str | None]:
 
     if dataset.kind == "images":  # scored on its test split, when it has one
         from bob_cache.data import parse_source
+        from bob_cache.data.splits import parse_split_fractions
 
-        test = dataset.data if "test" in parse_source(dataset.data).splits else None
+        fractions = parse_split_fractions(dataset.split_fractions)
+        test = (
+            dataset.data
+            if "test" in parse_source(dataset.data, fractions=fractions).splits
+            else None
+        )
         return dataset.data, dataset.data, test
     if dataset.val_data is not None:
         return dataset.data, dataset.val_data, dataset.test_data
     root = Path(dataset.data)
+    if (root / "images").is_dir():  # one folder without splits: split by id hash
+        return dataset.data, dataset.data, dataset.data
     test = root / dataset.test_split
     return (str(root / dataset.train_split), str(root / dataset.val_split),
             str(test) if test.is_dir() else None)  # fmt: skip
@@ -361,6 +369,7 @@ class FinetuneTask(TaskKind):
             steps_per_epoch=options.steps_per_epoch, warmup_epochs=options.warmup_epochs,
             weights=ctx.weights, seed=options.seed, device=ctx.device, workers=options.workers,
             results=ctx.results, name=dataset.name, resume=True,
+            split_fractions=dataset.split_fractions,
         )  # fmt: skip
         label = ctx.label or ctx.backbone
         folder = f"{options.task}-{config.mode}-{config_hash(config)[:8]}"

@@ -151,6 +151,30 @@ def test_classification_on_digits_beats_chance(tmp_path: Path) -> None:
     assert set(rows["train_rows"]) == {1078} and set(rows["val_rows"]) == {359}
 
 
+def test_one_source_without_splits_in_every_role_is_split_by_id_hash(
+    tmp_path: Path, shapes: dict[str, Path]
+) -> None:
+    """The same split the probes see: a plain class folder (or a segmentation folder without
+    split folders) named for train, val and test; a folder named for one role is taken whole."""
+    from bob_cache.data import parse_source
+    from tests.conftest import write_image_folder
+
+    photos = write_image_folder(tmp_path / "photos", splits=("",), per_class=10)
+    other = write_image_folder(tmp_path / "other", splits=("",), per_class=4)
+    config = _config(tmp_path, task="classification", mode="random-init", train=str(photos),
+                     val=str(photos), test=str(other), image_size=32)  # fmt: skip
+    summary = finetune(config)
+    assert (summary.info["train_rows"], summary.info["val_rows"]) == (18, 6)  # 0.6 / 0.2
+    assert summary.info["test_rows"] == 12  # another folder, one role: all of it
+    rows = ResultsTable.open(config.results).read()
+    assert set(rows["split_rule"]) == {"id-hash 0.6/0.2/0.2"}
+    flat = shapes["a"] / "train"  # images/ + masks/, classes.json beside it
+    listed = {k: len(v) for k, v in parse_source(str(flat)).splits.items()}
+    seg = finetune(_config(tmp_path / "seg", task="semantic", mode="random-init",
+                           train=str(flat), val=str(flat), test=str(flat)))  # fmt: skip
+    assert {k: seg.info[f"{k}_images"] for k in listed} == listed
+
+
 class _Killed(Exception):
     pass
 

@@ -80,8 +80,25 @@ def test_unreadable_images_are_skipped_and_listed(tmp_path: Path) -> None:
     assert [u["id"] for u in output["unreadable"]] == ["cat/broken.jpg"]
     assert "UnidentifiedImageError" in output["unreadable"][0]["reason"]
     root = Path(output["data"])
-    assert sorted(p.name for p in (root / "cat").iterdir()) == ["cat_00.png", "grey.bmp.png"]
+    # split by id hash (a class folder without splits): the copy has the split folders
+    assert sorted(p.name for p in root.glob("*/cat/*")) == ["cat_00.png", "grey.bmp.png"]
     assert json.loads((root / "shift.json").read_text())["unreadable"] == output["unreadable"]
+
+
+def test_a_class_folder_without_splits_is_copied_with_its_id_hash_split(tmp_path: Path) -> None:
+    photos = write_image_folder(tmp_path / "photos", splits=("",), per_class=5)
+    clean = parse_source(str(photos))
+    whole = run(photos, tmp_path / "all", corruptions=("contrast",), severities=(1,))
+    copy = parse_source(whole.outputs[0]["data"])
+    assert copy.split_rule.kind == "distributed"  # the split travels as split folders
+    for split, rows in clean.splits.items():
+        assert [s.id for s in copy.splits[split]] == [f"{split}/{s.id}" for s in rows]
+    test_only = run(photos, tmp_path / "test", corruptions=("contrast",), severities=(1,),
+                    split="test")  # fmt: skip
+    copy = parse_source(test_only.outputs[0]["data"])  # the same test images, not re-split
+    assert {k: [s.id for s in v] for k, v in copy.splits.items()} == {
+        "test": [f"test/{s.id}" for s in clean.splits["test"]]
+    }
 
 
 def test_manifest_copy_keeps_ids_labels_and_splits(tmp_path: Path) -> None:
