@@ -148,7 +148,7 @@ class ProbeData:
 
     def val_score(self, y: np.ndarray, scores: np.ndarray) -> float:
         if self.multilabel:
-            return multilabel_metrics(y, scores).get("roc_auc", 0.0)
+            return multilabel_metrics(y, scores)["roc_auc"]  # raises when no label scores
         return float((scores.argmax(1) == y).mean())
 
 

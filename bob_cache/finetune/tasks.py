@@ -41,10 +41,10 @@ class TaskInputs:
 
     def fractions_for(self, spec: str) -> Any:
         """The split fractions a source read for ``spec`` gets (see ``split_fractions``)."""
-        from bob_cache.data.splits import SplitFractions, parse_split_fractions
+        from bob_cache.data.splits import DEFAULT_FRACTIONS, SplitFractions, parse_split_fractions
 
         if self.roles_of(spec) > 1:
-            return parse_split_fractions(self.split_fractions)
+            return parse_split_fractions(self.split_fractions) or DEFAULT_FRACTIONS
         return SplitFractions(1.0, 0.0, 0.0)  # one role: the whole source
 
 

@@ -108,3 +108,89 @@ def test_an_invalid_image_is_named_by_its_id_once(cli, photos: Path, tmp_path: P
     line = next(x for x in done.output.splitlines() if "invalid (" in x)
     assert re.match(rf"  invalid \((train|val|test)\): {re.escape(str(broken))}: ", line)
     assert "//" not in line and "BytesIO" not in line
+
+
+BATTLE = """\
+name: plain
+backbones:
+  - name: test_resnet
+    label: r0
+    random_init: true
+    image_size: 64
+datasets:
+  - name: photos
+    data: {photos}
+    shift: [photos-noise]
+    detect: [photos-noise]
+  - name: photos-noise
+    data: {shifted}
+    evaluate: false
+  - name: shapes
+    kind: segmentation
+    data: {shapes}
+tasks:
+  - kind: linear
+  - kind: knn
+    k: [3]
+  - kind: few-shot
+    shots: [2]
+    seeds: [0]
+  - kind: retrieval
+  - kind: ood
+    detectors: [msp, knn]
+    knn_k: 3
+  - kind: finetune
+    task: classification
+    lr: [0.001]
+    epochs: 1
+    batch_size: 8
+    image_size: 64
+  - kind: dense
+    epochs: 1
+    lrs: [0.01]
+  - kind: finetune
+    task: semantic
+    lr: [0.001]
+    epochs: 1
+    batch_size: 4
+    image_size: 64
+options:
+  workers: 0
+  shard_rows: 8
+  runs: {runs}
+"""
+
+
+def test_the_whole_battle_runs_on_folders_without_splits(photos: Path, tmp_path: Path) -> None:
+    """Every task kind succeeds on a plain class folder (and a segmentation folder without
+    split folders) with no split options, all on the same id-hash split."""
+    from bob_cache.data.synth_shapes import write_synth_shapes
+    from bob_cache.pipelines.battle import BattleConfig, battle, load_battle_suite
+    from bob_cache.pipelines.battle.plan import plan_battle
+    from bob_cache.pipelines.shift import ShiftConfig, shift
+
+    noise = ShiftConfig(data=str(photos), out=str(tmp_path / "shifted"),
+                        corruptions=("gaussian_noise",), severities=(3,), quiet=True)  # fmt: skip
+    shifted = shift(noise)
+    write_synth_shapes(tmp_path / "synth", n=20, image_size=64, val_fraction=0.1)
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(BATTLE.format(photos=photos, shifted=shifted.outputs[0]["data"],
+                                   shapes=tmp_path / "synth" / "train",
+                                   runs=tmp_path / "runs"))  # fmt: skip
+    store, results = str(tmp_path / "store"), str(tmp_path / "results")
+    plan = plan_battle(load_battle_suite(suite), store=store, results=results)
+    assert plan.splits["photos"] == {"rule": RULE, "rows": {"train": 18, "val": 6, "test": 6}}
+    assert plan.splits["shapes"]["rule"] == RULE
+    summary = battle(BattleConfig(suite=str(suite), store=store, results=results, threads=1))
+    assert not summary.failed, summary.failed
+    kinds = {o["job"].split("#")[0].split("/")[0] for o in summary.outcomes}
+    assert kinds == {"extract", "linear", "knn", "few-shot", "retrieval", "ood", "finetune",
+                     "dense"}  # fmt: skip
+    frame = ResultsTable.open(results).read()
+    photos_rows = frame[frame.dataset == "photos"]
+    assert set(photos_rows.stage) == {"probe", "retrieval", "ood", "finetune"}
+    assert set(photos_rows.split_rule) == {RULE}
+    assert set(frame[frame.dataset == "shapes"].split_rule) == {RULE}
+    tuned = photos_rows[(photos_rows.stage == "finetune") & (photos_rows.metric == "top1")]
+    assert set(tuned.train_rows) == {18} and set(tuned.val_rows) == {6}  # the probes' split
+    assert battle(BattleConfig(suite=str(suite), store=store, results=results)).outcomes == []
