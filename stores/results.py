@@ -69,7 +69,13 @@ class ResultsTable:
 
         if self.is_local:
             return fsspec.filesystem("file"), str(Path(self.directory).resolve())
-        fs, root = fsspec.core.url_to_fs(str(self.directory), **self.storage_options)
+        try:
+            fs, root = fsspec.core.url_to_fs(str(self.directory), **self.storage_options)
+        except ImportError as exc:  # fsspec names the package its protocol needs
+            raise StoreError(
+                f"Cannot open the results table '{self.directory}': {exc}. For s3:// install "
+                "the s3 extra (pip install 'bob-cache[s3]')."
+            ) from exc
         return fs, root
 
     def path(self, name: str) -> str:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from bob_cache.errors import StoreError
 from bob_cache.stores.results import COLUMNS, ResultsTable, summarize
 
 
@@ -193,3 +194,14 @@ def test_concurrent_writers_lose_no_rows(tmp_path: Path) -> None:
     assert [p.exitcode for p in procs] == [0] * 4
     frame = ResultsTable.open(tmp_path / "r").read()
     assert len(frame) == 80 and frame["config_hash"].nunique() == 80
+
+
+def test_a_remote_table_without_its_fsspec_backend_names_the_extra(monkeypatch) -> None:
+    import fsspec
+
+    def no_backend(*args: object, **kwargs: object) -> None:
+        raise ImportError("Install s3fs to access S3")
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", no_backend)
+    with pytest.raises(StoreError, match=r"pip install 'bob-cache\[s3\]'"):
+        ResultsTable.open("s3://bucket/results").read()
