@@ -18,6 +18,7 @@ from bob_cache.errors import BobCacheError
 from bob_cache.extras import require
 
 CONNECT_TIMEOUT_S = 10
+INTERRUPT_GRACE_S = 5  # how long Ctrl-C waits for running local tasks to stop
 
 
 class SchedulerError(BobCacheError, ConnectionError):
@@ -26,44 +27,106 @@ class SchedulerError(BobCacheError, ConnectionError):
 
 @contextmanager
 def dask_client(*, scheduler: str | None, workers: int | None, gpus: int) -> Iterator[Any]:
-    """A client on the requested cluster, closed (and a local cluster stopped) afterwards."""
+    """A client on the requested cluster, closed (and a local cluster stopped) afterwards.
+
+    A local cluster keeps Dask's own log off the console (a failed task's worker traceback
+    would otherwise print there; callers report failures themselves). On Ctrl-C
+    (``KeyboardInterrupt``) a local cluster is stopped without waiting for running tasks
+    beyond :data:`INTERRUPT_GRACE_S` (see :func:`_stop_interrupted`).
+    """
     require("battle", "Running on a Dask cluster (the battle, --scheduler, --local-cluster)")
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if scheduler:
-        try:
-            client = Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
-        except (OSError, TimeoutError) as exc:
-            raise SchedulerError(
-                f"No Dask scheduler answers at '{scheduler}' within {CONNECT_TIMEOUT_S} s "
-                f"({type(exc).__name__}). Start one (`dask scheduler`, then `dask worker "
-                f"{scheduler}`), check the address, or drop --scheduler to run locally."
-            ) from exc
+        client = _connect(scheduler)
         try:
             yield client
         finally:
             client.close()
         return
+    cluster = _local_cluster(workers, gpus)
+    client = Client(cluster)
+    interrupted = False
+    try:
+        yield client
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        if interrupted:
+            _stop_interrupted(client, cluster)
+        else:
+            client.close()
+            cluster.close()
+
+
+def _connect(scheduler: str) -> Any:
+    from distributed import Client
+
+    try:
+        return Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
+    except (OSError, TimeoutError) as exc:
+        raise SchedulerError(
+            f"No Dask scheduler answers at '{scheduler}' within {CONNECT_TIMEOUT_S} s "
+            f"({type(exc).__name__}). Start one (`dask scheduler`, then `dask worker "
+            f"{scheduler}`), check the address, or drop --scheduler to run locally."
+        ) from exc
+
+
+def _local_cluster(workers: int | None, gpus: int) -> Any:
+    """An in-process cluster with one worker thread, or ``workers`` non-daemonic processes (so
+    extraction can start its image loaders); Dask's log stays off the console."""
     import dask
+    from distributed import LocalCluster
 
     resources = {"GPU": gpus} if gpus else None
     kwargs: dict[str, Any] = {"dashboard_address": ":0", "resources": resources,
-                              "silence_logs": logging.WARNING}  # fmt: skip
-    if workers:  # non-daemonic worker processes, so extraction can start its image loaders
-        settings = {"distributed.worker.daemon": False,
-                    "distributed.nanny.pre-spawn-environ": worker_environ(workers)}  # fmt: skip
-        with dask.config.set(settings), _clean_environ():
-            cluster = LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True, **kwargs
-            )
-    else:
-        cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False, **kwargs)
-    client = Client(cluster)
+                              "silence_logs": logging.CRITICAL}  # fmt: skip
+    if not workers:
+        return LocalCluster(n_workers=1, threads_per_worker=1, processes=False, **kwargs)
+    settings = {"distributed.worker.daemon": False,
+                "distributed.nanny.pre-spawn-environ": worker_environ(workers)}  # fmt: skip
+    with dask.config.set(settings), _clean_environ(), _sigint_ignored():
+        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, **kwargs)
+
+
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Start worker processes that ignore SIGINT: Ctrl-C reaches a terminal's whole process
+    group, and this process stops them (a worker's own KeyboardInterrupt prints tracebacks).
+    An ignored signal stays ignored across exec, and Python then installs no handler."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        yield client
+        yield
     finally:
-        client.close()
-        cluster.close()
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stop_interrupted(client: Any, cluster: Any) -> None:
+    """Stop a local cluster after Ctrl-C without Dask's warnings. An in-process worker's
+    running task cannot be killed: it is given :data:`INTERRUPT_GRACE_S` to stop (the battle's
+    jobs stop at their next progress report), else left to end with this process (closing
+    would wait for it). Worker processes are stopped by the cluster's close."""
+    import time
+
+    client.close(timeout=INTERRUPT_GRACE_S)
+    threads = [w for w in cluster.workers.values() if hasattr(w, "active_threads")]
+    deadline = time.monotonic() + INTERRUPT_GRACE_S
+    while any(w.active_threads for w in threads) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if any(w.active_threads for w in threads):
+        cluster.shutdown_on_close = False  # Dask's exit hook would wait for the task too
+        return
+    try:
+        cluster.close(timeout=INTERRUPT_GRACE_S)
+    except TimeoutError:
+        cluster.shutdown_on_close = False
 
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")

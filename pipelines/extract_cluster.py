@@ -13,6 +13,7 @@ one ``GPU`` worker resource; give each GPU its own worker (``CUDA_VISIBLE_DEVICE
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
 import time
@@ -25,6 +26,7 @@ from bob_cache.errors import BobCacheError
 from bob_cache.pipelines.cluster import SchedulerError, dask_client
 
 PARTS_PER_WORKER = 1
+logger = logging.getLogger(__name__)
 
 
 def extract_on_cluster(config: ExtractConfig) -> Any:
@@ -55,7 +57,7 @@ def extract_on_cluster(config: ExtractConfig) -> Any:
                           resources={"GPU": 1} if gpu else None)
             for k in range(n)
         ]  # fmt: skip
-        parts = [_result(f) for f in futures]
+        parts = [_result(f, part=(k, n)) for k, f in enumerate(futures)]
     done = [p["summary"] for p in parts if p is not None]
     if len(done) == len(parts) and _refresh_if_complete(config, done):
         summary = dataclasses.replace(done[0])  # every shard committed, sets finalized
@@ -126,14 +128,20 @@ def _torch_threads() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
-def _result(future: Any) -> dict[str, Any] | None:
+def _result(future: Any, *, part: tuple[int, int]) -> dict[str, Any] | None:
     """A part's summary; a user error (bad data, refused resume) ends the run with its message,
-    any other failure leaves the part's shards to the final pass."""
+    any other failure is logged and leaves the part's shards to the final pass."""
     try:
         return future.result()
     except BobCacheError:
         raise
-    except Exception:
+    except Exception as exc:
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        logger.warning(
+            "Extraction part %d/%d failed on the cluster (%s); its missing shards are computed "
+            "in this process after the other parts.", *part, reason,
+        )  # fmt: skip
+        logger.debug("Traceback of part %d/%d:", *part, exc_info=exc)
         return None
 
 

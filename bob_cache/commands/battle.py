@@ -1,14 +1,25 @@
-"""The battle family: ``battle SUITE.yaml`` plans, skips what is done, and runs the rest."""
+"""The battle family: ``battle SUITE.yaml`` plans, skips what is done, and runs the rest.
+
+On a terminal a live view shows each running job (count, images/s and ETA while it extracts,
+its stage otherwise); with ``--quiet`` or off a terminal, one line per finished job. Failed
+jobs get one line each (their error names the fix); their tracebacks go to the log file the
+summary names. Ctrl-C stops the jobs and prints the command that resumes.
+"""
 
 from __future__ import annotations
 
+import shlex
+from contextlib import nullcontext
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from bob_cache.commands.common import (
+    EXIT_INTERRUPTED,
     EXIT_USER_ERROR,
     JsonOpt,
+    QuietOpt,
     ResultsOpt,
     err,
     handle_errors,
@@ -17,6 +28,8 @@ from bob_cache.commands.common import (
     print_table,
 )
 from bob_cache.extras import require
+
+MARKS = {"done": "[green]✓[/]", "failed": "[bold red]✗[/]"}
 
 
 @handle_errors
@@ -54,15 +67,55 @@ def battle(
             help="Torch threads per job (default: the cores shared by the workers).", min=1
         ),
     ] = None,
+    quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run a suite of backbones × datasets × tasks; a second run does only what is missing."""
     require("battle", "The battle")
     from bob_cache.pipelines import get_stage
     from bob_cache.pipelines.battle import BattleConfig
+    from bob_cache.progress import JobsView
 
-    def show_plan(plan: Any) -> None:
-        if as_json:
+    live = err.is_terminal and not (quiet or as_json or dry_run)
+    view = JobsView(err) if live else None
+    console = _BattleConsole(view, as_json=as_json)
+    command = _command_line(suite, {"store": store, "results": results, "scheduler": scheduler,
+                                    "workers": workers, "device": device, "threads": threads,
+                                    "quiet": quiet, "json": as_json})  # fmt: skip
+    config = BattleConfig(
+        suite=suite, store=store, results=results, dry_run=dry_run, scheduler=scheduler,
+        workers=workers, device=device, threads=threads, on_plan=console.show_plan,
+        on_done=console.show_done, on_progress=console.show_progress if view else None,
+        command=command,
+    )  # fmt: skip
+    try:
+        with view or nullcontext():
+            summary = get_stage("battle")(config)
+    except KeyboardInterrupt:
+        err.print(
+            "Interrupted. Finished jobs are kept (and an extraction's committed shards): "
+            f"rerun `{command}` to run the rest; it skips what is done.",
+            markup=False, highlight=False, soft_wrap=True,
+        )  # fmt: skip
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if as_json:
+        print_json(summary.to_dict())
+    elif not dry_run and summary.outcomes:
+        _print_summary(summary)
+    if summary.failed:
+        raise typer.Exit(EXIT_USER_ERROR)
+
+
+class _BattleConsole:
+    """What the battle prints as it goes: the plan, each finished job, the live view."""
+
+    def __init__(self, view: Any, *, as_json: bool) -> None:
+        self.view, self.as_json = view, as_json
+        self.labels: dict[str, str] = {}
+
+    def show_plan(self, plan: Any) -> None:
+        self.labels = {j.id: f"{j.kind} {j.dataset} × {j.backbone}" for j in plan.jobs}
+        if self.as_json:
             return
         rows = [{**j.to_dict(), "state": "done" if j.done else "to do"} for j in plan.jobs]
         title = f"battle {plan.suite}: {len(plan.todo)} of {len(plan.jobs)} job(s) to run"
@@ -70,37 +123,52 @@ def battle(
         if not plan.todo:
             out.print("Nothing to do: every job is in the store and the results table.")
 
-    def show_done(job: Any, outcome: Any) -> None:
-        if as_json:
+    def show_done(self, job: Any, outcome: Any) -> None:
+        """One line per finished job: its time, or why it did not finish."""
+        if self.view:
+            self.view.ended(job.id)
+        if self.as_json:
             return
-        mark = {"done": "[green]✓[/]", "failed": "[bold red]✗[/]"}.get(outcome.status, "·")
-        line = f"{mark} {job.kind} {job.dataset} × {job.backbone}"
+        line = f"{MARKS.get(outcome.status, '·')} {escape(self.labels.get(job.id, job.id))}"
         if outcome.status == "done":
-            err.print(f"{line} ({outcome.seconds:.1f} s)", highlight=False)
+            line += f" ({outcome.seconds:.1f} s)"
         else:
-            err.print(f"{line}: {outcome.status}: {outcome.error}", highlight=False)
+            line += f": {outcome.status}: {escape(outcome.error)}"
+        err.print(line, highlight=False, soft_wrap=True)
 
-    config = BattleConfig(
-        suite=suite, store=store, results=results, dry_run=dry_run, scheduler=scheduler,
-        workers=workers, device=device, threads=threads, on_plan=show_plan, on_done=show_done,
+    def show_progress(self, job: str, event: dict[str, Any]) -> None:
+        """A job's progress event (from the Dask client's thread) on the live view."""
+        label = self.labels.get(job, job)
+        if "stage" in event:
+            self.view.started(job, label, event["stage"])
+        else:
+            self.view.advance(job, label, event["desc"], event["n"], event["total"])
+
+
+def _print_summary(summary: Any) -> None:
+    failed = len(summary.failed)
+    out.print(
+        f"Battle {summary.suite}: {len(summary.outcomes) - failed} job(s) ran, {failed} failed "
+        f"or not run, {summary.already_done} already done ({summary.seconds:.1f} s). Results: "
+        f"{summary.results}; report: `bob-cache report {summary.results} --out DIR`.",
+        highlight=False, markup=False, soft_wrap=True,
     )  # fmt: skip
-    summary = get_stage("battle")(config)
-    if as_json:
-        print_json(summary.to_dict())
-    elif not dry_run and summary.outcomes:
-        ran = len(summary.outcomes) - len(summary.failed)
-        out.print(
-            f"Battle {summary.suite}: {ran} job(s) ran, {len(summary.failed)} failed or not "
-            f"run, {summary.already_done} already done ({summary.seconds:.1f} s). Results: "
-            f"{summary.results}; report: `bob-cache report {summary.results} --out DIR`.",
-            highlight=False,
-        )
-    if summary.failed:
-        if not as_json:
-            err.print(f"{len(summary.failed)} job(s) did not finish:")
-            for o in summary.failed:
-                err.print(f"  {o['job']}: {o['status']}: {o['error']}", highlight=False)
-        raise typer.Exit(EXIT_USER_ERROR)
+    if failed:
+        err.print(
+            f"{failed} job(s) did not finish (the ✗ lines above say why); their tracebacks: "
+            f"{summary.log}",
+            highlight=False, markup=False, soft_wrap=True,
+        )  # fmt: skip
+
+
+def _command_line(suite: str, options: dict[str, Any]) -> str:
+    """This battle's command line (for the rerun hint and the log): ``options`` by flag."""
+    words = ["bob-cache", "battle", suite]
+    for name, value in options.items():
+        if value is not None and value is not False:
+            flag = f"--{name.replace('_', '-')}"
+            words += [flag] if value is True else [flag, str(value)]
+    return shlex.join(words)
 
 
 def register(app: typer.Typer) -> None:

@@ -3,7 +3,8 @@ and the results table already hold, and run on Dask.
 
 ``battle(config)`` loads and checks the suite (every problem at once), plans every job,
 skips the done ones, runs the rest (extraction first, each task after its extraction), and
-records the backbones' display metadata beside the results for the report.
+records the backbones' display metadata beside the results for the report. The tracebacks
+of jobs that did not finish go to a log file beside the results (:mod:`.failures`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bob_cache.pipelines.battle.execute import Outcome, execute
+from bob_cache.pipelines.battle.execute import Outcome, ProgressHandler, execute
+from bob_cache.pipelines.battle.failures import FailureLog, new_run_id
 from bob_cache.pipelines.battle.plan import Job, Plan, plan_battle, store_exists
 from bob_cache.pipelines.battle.tasks import TaskKind, list_tasks, register_task
 from bob_cache.pipelines.cluster import dask_client
@@ -51,6 +53,8 @@ class BattleConfig:
     threads: int | None = None
     on_plan: Callable[[Plan], None] | None = None
     on_done: Callable[[Job, Outcome], None] | None = None
+    on_progress: ProgressHandler | None = None  # (job id, event): see execute's docstring
+    command: str = ""  # how the battle was started, for the failure log
 
 
 @dataclass
@@ -64,6 +68,8 @@ class BattleSummary:
     outcomes: list[dict[str, Any]] = field(default_factory=list)
     already_done: int = 0
     seconds: float = 0.0
+    run_id: str = ""
+    log: str | None = None  # the failure log (tracebacks of the jobs that did not finish)
 
     @property
     def failed(self) -> list[dict[str, Any]]:
@@ -92,16 +98,29 @@ def battle(config: BattleConfig) -> BattleSummary:
     if config.on_plan:
         config.on_plan(plan)
     if plan.todo and not config.dry_run:
-        gpus = sum(1 for j in plan.todo if j.gpu) and _local_gpus()
-        with dask_client(scheduler=config.scheduler, workers=config.workers, gpus=gpus) as client:
-            outcomes = execute(
-                plan, client, threads=config.threads, on_done=config.on_done or (lambda j, o: None)
-            )
+        summary.run_id = new_run_id()
+        log = FailureLog(results, suite=suite.name, run_id=summary.run_id, command=config.command)
+        outcomes = _run(plan, config, log)
         summary.outcomes = [outcomes[j.id].to_dict() for j in plan.todo if j.id in outcomes]
+        summary.log = log.path
     if not config.dry_run:
         write_metadata(suite, store, results)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _run(plan: Plan, config: BattleConfig, log: FailureLog) -> dict[str, Outcome]:
+    """Run the plan's jobs on the configured cluster; failures are logged as they come."""
+
+    def done(job: Job, outcome: Outcome) -> None:
+        log.add_outcome(outcome)
+        if config.on_done:
+            config.on_done(job, outcome)
+
+    gpus = sum(1 for j in plan.todo if j.gpu) and _local_gpus()
+    with dask_client(scheduler=config.scheduler, workers=config.workers, gpus=gpus) as client:
+        return execute(plan, client, threads=config.threads, on_done=done,
+                       on_progress=config.on_progress)  # fmt: skip
 
 
 def backbone_metadata(backbone: BackboneSpec) -> dict[str, Any]:

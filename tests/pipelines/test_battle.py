@@ -4,6 +4,10 @@ done, running on Dask (in-process and a LocalCluster), and reporting failures.""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +28,11 @@ datasets:
     data: builtin:digits
     limit: 60
 tasks:
+{tasks}options:
+  workers: 0
+  shard_rows: 32
+"""
+TASKS = """\
   - kind: linear
   - kind: knn
     k: [5]
@@ -31,10 +40,8 @@ tasks:
     shots: [1]
     seeds: [0]
   - kind: retrieval
-options:
-  workers: 0
-  shard_rows: 32
 """
+FAST_TASKS = "  - kind: knn\n    k: [5]\n  - kind: retrieval\n"
 BACKBONE = """\
   - name: test_resnet
     label: {label}
@@ -47,10 +54,10 @@ BACKBONE = """\
 """
 
 
-def suite_file(tmp_path: Path, seeds: list[int], extra: str = "") -> Path:
+def suite_file(tmp_path: Path, seeds: list[int], extra: str = "", tasks: str = TASKS) -> Path:
     text = "".join(BACKBONE.format(label=f"r{s}", seed=s) for s in seeds) + extra
     path = tmp_path / "suite.yaml"
-    path.write_text(SUITE.format(backbones=text.rstrip("\n")))
+    path.write_text(SUITE.format(backbones=text.rstrip("\n"), tasks=tasks))
     return path
 
 
@@ -67,12 +74,26 @@ def rows(results: Path) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A battle of two backbones, run once in-process."""
+    """A battle of two backbones, run once in-process (its progress events in events.json)."""
     tmp = tmp_path_factory.mktemp("battle")
-    summary = run(tmp, suite_file(tmp, [0, 1]), threads=1)
+    events: list[dict] = []
+    summary = run(tmp, suite_file(tmp, [0, 1]), threads=1,
+                  on_progress=lambda job, event: events.append({**event, "job": job}))  # fmt: skip
     assert not summary.failed and len(summary.outcomes) == 9  # one extraction for both
     assert summary.outcomes[0]["job"] == "extract/digits/r0+r1"  # decode once, extract many
+    assert summary.log is None and not list((tmp / "results").glob("*.log"))  # nothing failed
+    (tmp / "events.json").write_text(json.dumps(events))
     return tmp
+
+
+def test_progress_travels_from_the_worker_to_the_client(finished: Path) -> None:
+    events = json.loads((finished / "events.json").read_text())
+    stages = {e["job"]: e["stage"] for e in events if "stage" in e}
+    assert stages["extract/digits/r0+r1"] == "extract"  # every job says when it starts
+    assert stages["linear#0/digits/r1"] == stages["few-shot#2/digits/r0"] == "probe"
+    assert stages["retrieval#3/digits/r0"] == "retrieval-eval" and len(stages) == 9
+    bars = [e for e in events if e["job"] == "extract/digits/r0+r1" and "desc" in e]
+    assert {(e["n"], e["total"]) for e in bars} >= {(0, 60), (60, 60)}  # a split's count
 
 
 def test_a_battle_runs_every_job_and_a_second_run_does_nothing(finished: Path) -> None:
@@ -131,16 +152,147 @@ def test_a_failing_job_is_reported_and_the_others_finish(tmp_path: Path) -> None
     assert "needs extract/digits/broken" in status["linear#0/digits/broken"]["error"]
 
 
-def test_the_cli_exits_1_and_names_the_failed_jobs(cli, tmp_path: Path) -> None:
+def broken_suite(tmp_path: Path, seeds: list[int], tasks: str = TASKS) -> Path:
+    """A suite whose backbone 'broken' has an unreadable weights file (a user error)."""
     bad = tmp_path / "broken.pth"
     bad.write_bytes(b"not a checkpoint")
     extra = f"  - name: test_resnet\n    label: broken\n    weights: {bad}\n"
-    suite = suite_file(tmp_path, [], extra)
-    result = cli("battle", suite, "--store", tmp_path / "s", "--results", tmp_path / "r")
+    return suite_file(tmp_path, seeds, extra, tasks)
+
+
+def test_a_user_error_is_one_line_with_its_fix_and_its_traceback_goes_to_the_log(
+    tmp_path: Path,
+) -> None:
+    from tests.conftest import run_cli
+
+    suite = broken_suite(tmp_path, [0], FAST_TASKS)
+    done = run_cli("battle", suite, "--store", tmp_path / "s", "--results", tmp_path / "r")
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.splitlines()
+    ok = [line for line in lines if line.startswith("✓ ")]
+    failed = [line for line in lines if line.startswith("✗ ")]
+    assert len(ok) == 3 and len(failed) == 2  # one line per finished job (stderr not a TTY)
+    for kind in ("knn", "retrieval"):
+        (line,) = [f for f in failed if f.startswith(f"✗ {kind} digits × broken: failed: ")]
+        assert "re-save just the state_dict" in line  # the error's fix
+    assert "Traceback" not in done.stderr + done.stdout  # no worker tracebacks on the console
+    assert "distributed" not in done.stderr and "Compute Failed" not in done.stderr
+    summary = next(line for line in lines if "did not finish" in line)
+    assert summary.startswith("2 job(s) did not finish")
+    log = Path(summary.rsplit("their tracebacks: ", 1)[1])
+    assert log.parent == tmp_path / "r" and log.name.startswith("battle-tiny-")
+    text = log.read_text()
+    assert text.count("Traceback (most recent call last)") == 2
+    assert "== knn#0/digits/broken: failed" in text and "BackboneUnavailableError" in text
+    assert f"bob-cache battle {suite}" in text  # the command that ran
+
+
+def test_a_failing_extraction_leaves_its_tasks_not_run_and_json_names_the_log(
+    cli, tmp_path: Path
+) -> None:
+    suite = broken_suite(tmp_path, [])
+    result = cli("battle", suite, "--store", tmp_path / "s", "--results", tmp_path / "r", "--json")
     assert result.exit_code == 1
-    assert (
-        "5 job(s) did not finish" in result.output and "Cannot read weights file" in result.output
-    )
+    summary = json.loads(result.stdout)
+    assert [o["status"] for o in summary["outcomes"]].count("not run") == 4
+    log = Path(summary["log"]).read_text()
+    assert "== extract/digits/broken: failed" in log and "Cannot read weights file" in log
+    assert "== knn#1/digits/broken: not run" in log and "needs extract/digits/broken" in log
+
+
+def test_a_terminal_gets_the_live_view_and_quiet_gets_lines(cli, tmp_path: Path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import bob_cache.commands.battle as command
+    from bob_cache import progress
+
+    views: list[list[tuple]] = []
+
+    class Recorder(progress.JobsView):
+        def __init__(self, console: object) -> None:
+            super().__init__(console)
+            views.append([])
+
+        def started(self, job: str, label: str, stage: str) -> None:
+            views[-1].append((job, label, stage))
+            super().started(job, label, stage)
+
+    terminal = io.StringIO()
+    console = Console(file=terminal, force_terminal=True, color_system=None, width=200)
+    monkeypatch.setattr(command, "err", console)
+    monkeypatch.setattr(progress, "JobsView", Recorder)
+    suite = broken_suite(tmp_path, [])
+    args = ["battle", suite, "--store", tmp_path / "s", "--results", tmp_path / "r"]
+    assert cli(*args).exit_code == 1
+    assert views == [[("extract/digits/broken", "extract digits × broken", "extract")]]
+    assert "✗ extract digits × broken: failed: Cannot read weights" in terminal.getvalue()
+    terminal.truncate(0)
+    assert cli(*args, "--quiet").exit_code == 1
+    assert len(views) == 1 and "✗ extract digits × broken: failed" in terminal.getvalue()
+
+
+def test_ctrl_c_prints_the_rerun_hint_and_the_rerun_skips_the_done_jobs(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    execute = sys.modules["bob_cache.pipelines.battle.execute"]
+    real = execute._outcome
+
+    def interrupted_after_the_extraction(job, future, outcomes):
+        outcome = real(job, future, outcomes)
+        if job.kind == "extract":
+            raise KeyboardInterrupt  # as Ctrl-C does, in the thread that waits for the jobs
+        return outcome
+
+    monkeypatch.setattr(execute, "_outcome", interrupted_after_the_extraction)
+    suite = suite_file(tmp_path, [0], tasks=FAST_TASKS)
+    args = ["battle", suite, "--store", tmp_path / "s", "--results", tmp_path / "r"]
+    result = cli(*args)
+    assert result.exit_code == 130
+    command = f"bob-cache battle {suite} --store {tmp_path / 's'} --results {tmp_path / 'r'}"
+    assert "Interrupted. Finished jobs are kept" in result.output
+    assert f"rerun `{command}` to run the rest" in result.output
+    assert "Traceback" not in result.output and "Battle tiny:" not in result.output
+    plan = plan_battle(load_battle_suite(suite), store=str(tmp_path / "s"),
+                       results=str(tmp_path / "r"))  # what the rerun does  # fmt: skip
+    assert plan.jobs[0].kind == "extract" and plan.jobs[0].done
+    assert 1 <= len(plan.todo) <= 2  # the tasks (less one that ended before the stop)
+
+
+def test_an_interrupted_run_stops_its_jobs_at_their_next_progress_report() -> None:
+    execute = sys.modules["bob_cache.pipelines.battle.execute"]
+    reporter = execute._Reporter("extract/x", execute.RunContext(1, "t0ken"))
+    reporter("digits", 10, 100)  # running: nothing happens (no client to report to)
+    execute.mark_stopped("t0ken")
+    with pytest.raises(execute.JobInterrupted, match="interrupted"):
+        reporter("digits", 20, 100)
+    other = execute._Reporter("extract/x", execute.RunContext(1, "other"))
+    other("digits", 20, 100)  # another run goes on
+
+
+@pytest.mark.parametrize("workers", [[], pytest.param(["--workers", "2"], marks=pytest.mark.slow)])
+@pytest.mark.filterwarnings("ignore:Object at .* is not recognized:UserWarning")  # polling
+def test_sigint_stops_a_running_battle_without_dask_noise(tmp_path: Path, workers: list) -> None:
+    """Ctrl-C on a terminal: SIGINT to the whole process group (worker processes included)."""
+    from tests.pipelines.test_extract_cluster import _committed
+
+    suite = suite_file(tmp_path, [0], tasks=FAST_TASKS)
+    suite.write_text(suite.read_text().replace("limit: 60", "limit: 1000"))
+    cmd = [sys.executable, "-m", "bob_cache.cli", "battle", str(suite), "--store",
+           str(tmp_path / "s"), "--results", str(tmp_path / "r"), *workers]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not _committed(tmp_path / "s"):
+        time.sleep(0.05)  # extracting
+    os.killpg(proc.pid, signal.SIGINT)
+    stopped = time.monotonic()
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert time.monotonic() - stopped < 15  # the running extraction stopped early
+    assert "Interrupted." in stderr and f"rerun `bob-cache battle {suite} --store" in stderr
+    assert "Traceback" not in stderr and "distributed" not in stderr and "Warning" not in stderr
 
 
 def test_a_scheduler_that_does_not_answer_fails_fast_and_clearly(tmp_path: Path) -> None:
@@ -154,8 +306,11 @@ def test_a_scheduler_that_does_not_answer_fails_fast_and_clearly(tmp_path: Path)
 def test_a_local_cluster_of_two_workers_gives_the_same_rows(finished: Path, tmp_path: Path) -> None:
     suite = suite_file(tmp_path, [0, 1])  # with image loader processes inside Dask workers
     suite.write_text(suite.read_text().replace("workers: 0", "workers: 1"))
-    summary = run(tmp_path, suite, workers=2, threads=1)
+    events: list[tuple[str, dict]] = []
+    summary = run(tmp_path, suite, workers=2, threads=1,
+                  on_progress=lambda job, event: events.append((job, event)))  # fmt: skip
     assert not summary.failed
+    assert len({job for job, event in events if "stage" in event}) == 9  # from the processes
     ours, theirs = rows(tmp_path / "results"), rows(finished / "results")
     pd.testing.assert_frame_equal(ours, theirs)
 

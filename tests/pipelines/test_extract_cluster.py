@@ -115,7 +115,7 @@ def test_cli_local_cluster_fills_the_set_a_single_process_would(
 
 
 def test_a_part_that_fails_for_good_is_computed_by_the_final_pass(
-    reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
 ) -> None:
     from distributed import LocalCluster
 
@@ -133,12 +133,11 @@ def test_a_part_that_fails_for_good_is_computed_by_the_final_pass(
         summary = run(tmp_path / "store", scheduler=cluster.scheduler_address, parts=2)
     assert summary.rows_computed == 320 and summary.shards_computed == 20  # 10 + 10 here
     assert_same(reference, tmp_path / "store")
-
-
-def _environ() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)
+    (record,) = [r for r in caplog.records if r.name == "bob_cache.pipelines.extract_cluster"]
+    assert record.levelname == "WARNING"  # the user learns which part failed, and why
+    assert "part 0/2 failed on the cluster (RuntimeError: disk gone on this worker)" in (
+        record.getMessage()
+    )
 
 
 def test_local_cluster_workers_get_a_torch_friendly_environment(monkeypatch) -> None:
@@ -150,9 +149,11 @@ def test_local_cluster_workers_get_a_torch_friendly_environment(monkeypatch) -> 
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     with dask_client(scheduler=None, workers=1, gpus=0) as client:
-        env = client.submit(_environ, pure=False).result()
-    assert "MALLOC_TRIM_THRESHOLD_" not in env  # Dask's default: a fixed mmap threshold
-    assert env["OMP_NUM_THREADS"] == str(os.cpu_count() or 1)  # not Dask's 1
+        # os.getenv ships by reference (a worker process cannot import a test module)
+        omp = list(client.run(os.getenv, "OMP_NUM_THREADS").values())
+        trim = list(client.run(os.getenv, "MALLOC_TRIM_THRESHOLD_").values())
+    assert trim == [None]  # Dask's default: a fixed mmap threshold
+    assert omp == [str(os.cpu_count() or 1)]  # not Dask's 1
     assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # the caller's own is given back
 
 
