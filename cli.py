@@ -72,11 +72,26 @@ def root(
     logger = logging.getLogger("bob_cache")  # bob-cache's own log; other libraries' stay as is
     for old in [h for h in logger.handlers if getattr(h, "bob_cache_cli", False)]:
         logger.removeHandler(old)  # (an earlier command in the same process)
-    handler = logging.StreamHandler()  # the current stderr
+    handler = _ConsoleHandler()  # the current stderr, above any live view
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     handler.bob_cache_cli = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
     logger.setLevel(log_level.value)
+
+
+class _ConsoleHandler(logging.Handler):
+    """Log records through the commands' stderr console, so that a live view (the battle's)
+    keeps below them instead of being torn; the text is as a StreamHandler writes it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from bob_cache.commands.common import err
+
+        try:
+            err.print(
+                self.format(record), markup=False, highlight=False, emoji=False, soft_wrap=True
+            )
+        except Exception:  # a closed stream at exit: as logging.StreamHandler does
+            self.handleError(record)
 
 
 for family in FAMILIES:

@@ -49,6 +49,24 @@ def test_log_level_shows_the_probe_sweep_on_stderr(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "'chatty' is not one of 'warning', 'info', 'debug'" in bad.stderr
 
 
+def test_log_lines_go_through_the_console_a_live_view_draws_on(cli, monkeypatch) -> None:
+    """The battle's live view redraws below what this console prints; a log line written to
+    stderr behind its back would tear it."""
+    import io
+    import logging
+
+    from rich.console import Console
+
+    from bob_cache.commands import common
+
+    console = Console(file=io.StringIO(), width=60)
+    monkeypatch.setattr(common, "err", console)
+    assert cli("--log-level", "info", "backbones", "--json").exit_code == 0
+    logging.getLogger("bob_cache.test").info("a [red]long[/] line :cat: " + "x" * 80)
+    text = console.file.getvalue()
+    assert "bob_cache.test INFO a [red]long[/] line :cat: " + "x" * 80 in text  # as written
+
+
 @pytest.fixture(scope="module")
 def digits_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     store = tmp_path_factory.mktemp("cli") / "store"

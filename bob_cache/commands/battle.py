@@ -120,6 +120,9 @@ class _BattleConsole:
         rows = [{**j.to_dict(), "state": "done" if j.done else "to do"} for j in plan.jobs]
         title = f"battle {plan.suite}: {len(plan.todo)} of {len(plan.jobs)} job(s) to run"
         print_table(rows, ("kind", "dataset", "backbone", "detail", "state"), title=title)
+        for name, split in plan.splits.items():  # the rows each task sees, and how they were split
+            counts = ", ".join(f"{k} {n}" for k, n in split["rows"].items())
+            out.print(f"{name}: {counts} ({split['rule']})", markup=False, highlight=False)
         if not plan.todo:
             out.print("Nothing to do: every job is in the store and the results table.")
 

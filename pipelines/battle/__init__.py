@@ -65,6 +65,7 @@ class BattleSummary:
     store: str
     results: str
     jobs: list[dict[str, Any]] = field(default_factory=list)
+    splits: dict[str, dict[str, Any]] = field(default_factory=dict)  # per extracted dataset
     outcomes: list[dict[str, Any]] = field(default_factory=list)
     already_done: int = 0
     seconds: float = 0.0
@@ -93,7 +94,9 @@ def battle(config: BattleConfig) -> BattleSummary:
     store = config.store or suite.model.store or DEFAULT_STORE
     results = config.results or suite.model.results or DEFAULT_RESULTS
     plan = plan_battle(suite, store=store, results=results, device=config.device)
-    summary = BattleSummary(suite.name, store, results, jobs=[j.to_dict() for j in plan.jobs])
+    summary = BattleSummary(
+        suite.name, store, results, jobs=[j.to_dict() for j in plan.jobs], splits=plan.splits
+    )
     summary.already_done = len(plan.jobs) - len(plan.todo)
     if config.on_plan:
         config.on_plan(plan)

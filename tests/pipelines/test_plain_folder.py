@@ -194,3 +194,22 @@ def test_the_whole_battle_runs_on_folders_without_splits(photos: Path, tmp_path:
     tuned = photos_rows[(photos_rows.stage == "finetune") & (photos_rows.metric == "top1")]
     assert set(tuned.train_rows) == {18} and set(tuned.val_rows) == {6}  # the probes' split
     assert battle(BattleConfig(suite=str(suite), store=store, results=results)).outcomes == []
+
+
+def test_the_dry_run_shows_each_split_and_its_rule(cli, photos: Path, tmp_path: Path) -> None:
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        "name: dry\nbackbones:\n  - name: test_resnet\n    random_init: true\n"
+        f"datasets:\n  - name: photos\n    data: {photos}\n    split_fractions: [0.5, 0.2, 0.3]\n"
+        "tasks:\n  - kind: linear\n"
+    )
+    done = cli("battle", suite, "--store", tmp_path / "s", "--results", tmp_path / "r",
+               "--dry-run")  # fmt: skip
+    assert done.exit_code == 0, done.output
+    assert "photos: train 15, val 6, test 9 (id-hash 0.5/0.2/0.3)" in done.output
+    assert not (tmp_path / "s").exists()
+    bad = suite.read_text().replace("[0.5, 0.2, 0.3]", "[0.5, 0.2, 0.2]")
+    suite.write_text(bad)
+    refused = cli("battle", suite, "--dry-run")
+    assert refused.exit_code == 1 and "split_fractions" in refused.output
+    assert "e.g. [0.6, 0.2, 0.2]" in " ".join(refused.output.split())
