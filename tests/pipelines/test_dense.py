@@ -72,8 +72,10 @@ def test_a_segmentation_folder_lists_images_with_classes_and_masks(shapes: Path)
     seg = source.describe()["segmentation"]
     assert seg == {"root": str(shapes), "splits": {"train": "train", "val": "val"},
                    "ignore_index": 255}  # fmt: skip
-    one = parse_source(str(shapes / "val"), split="val")  # one split folder
-    assert list(one.splits) == ["val"] and one.describe()["segmentation"]["splits"] == {"val": "."}
+    one = parse_source(str(shapes / "train"))  # one folder without splits: split by id hash
+    assert one.split_rule.kind == "id-hash" and {k: len(v) for k, v in one.splits.items()} == {
+        "train": 4, "val": 1, "test": 1}  # fmt: skip
+    assert one.describe()["segmentation"]["splits"] == {"train": ".", "val": ".", "test": "."}
 
 
 # --- extraction ---------------------------------------------------------------------------
