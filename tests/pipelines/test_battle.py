@@ -295,7 +295,12 @@ def test_sigint_stops_a_running_battle_without_dask_noise(tmp_path: Path, worker
     assert "Traceback" not in stderr and "distributed" not in stderr and "Warning" not in stderr
 
 
-def test_a_scheduler_that_does_not_answer_fails_fast_and_clearly(tmp_path: Path) -> None:
+def test_a_scheduler_that_does_not_answer_fails_fast_and_clearly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bob_cache.pipelines.cluster as cluster
+
+    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT_S", 2)  # the wait is the product's setting
     started = time.monotonic()
     with pytest.raises(SchedulerError, match=r"No Dask scheduler answers at 'tcp://127.0.0.1:9'"):
         run(tmp_path, suite_file(tmp_path, [0]), scheduler="tcp://127.0.0.1:9")

@@ -80,7 +80,12 @@ def _committed(store: Path) -> int:
         return 0
 
 
-def test_cluster_options_are_checked_before_any_work(tmp_path: Path) -> None:
+def test_cluster_options_are_checked_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bob_cache.pipelines.cluster as cluster
+
+    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT_S", 2)  # the wait is the product's setting
     with pytest.raises(SpecError, match="--part cannot be combined with --scheduler"):
         ExtractConfig(data="builtin:digits", backbone="x", local_cluster=2, part=(0, 2))
     with pytest.raises(SpecError, match="--local-cluster must be at least 1"):
