@@ -62,6 +62,7 @@ from bob_cache.stores.results import ResultsTable
 
 DETECTORS = tuple(list_detectors())
 DETECT_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95")
+DEFAULT_KNN_K = 50  # Sun et al. 2022's k for ImageNet-scale ID sets
 
 
 @dataclass
@@ -77,7 +78,7 @@ class OODConfig:
     feature: str | None = None
     head: str | None = None
     class_map: str | None = None
-    knn_k: int = 50
+    knn_k: int | None = None  # None: DEFAULT_KNN_K, or every ID train row when fewer
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
@@ -98,7 +99,7 @@ class OODConfig:
             get_detector_class(name)  # unknown names: the valid ones are listed
         if not self.detectors and self.detect:
             raise SpecError(f"--detector is empty; pick from {', '.join(DETECTORS)}.")
-        if self.knn_k < 1:
+        if self.knn_k is not None and self.knn_k < 1:
             raise SpecError(f"--knn-k must be at least 1, got {self.knn_k}.")
         if self.max_memory_gb is not None and self.max_memory_gb <= 0:
             raise SpecError(f"--max-memory must be positive, got {self.max_memory_gb} GB.")
@@ -108,7 +109,15 @@ class OODConfig:
                 raise SpecError(f"--{role} names {twice} more than once; name each dataset once.")
 
     def detector_options(self, name: str) -> dict[str, Any]:
-        return {"k": self.knn_k} if name == "knn" else {}
+        """The options that identify a detector (its units and stored state)."""
+        return {"k": self.knn_k or DEFAULT_KNN_K} if name == "knn" else {}
+
+    def build_options(self, name: str) -> dict[str, Any]:
+        """:meth:`detector_options` and how to build it: the default k of the kNN detector
+        becomes the ID train rows when there are fewer (a small dataset still runs; each row's
+        protocol states the k used); an explicit ``--knn-k`` above them is an error."""
+        extra = {"at_most_rows": True} if name == "knn" and self.knn_k is None else {}
+        return {**self.detector_options(name), **extra}
 
     @property
     def budget(self) -> int:
@@ -316,7 +325,8 @@ def _detection(
             unit = _unit_hash(config, record, name, setting)
             fitted = f"fit on {detector.n_fit} ID train rows" if detector.passes else "no fit"
             protocol = (f"{fitted}{' + the head' if detector.needs_head else ''}; ID test "
-                        f"({m.n_id}) vs {dataset} ({m.n_ood}); higher score = ID")  # fmt: skip
+                        f"({m.n_id}) vs {dataset} ({m.n_ood}); higher score = ID"
+                        f"{_knn_note(config, detector) if name == 'knn' else ''}")  # fmt: skip
             # rows seen: the head's when the detector scores through it, else its own fit's
             seen = {} if detector.needs_head else {"train_rows": detector.n_fit, "val_rows": 0}
             rows += [
@@ -324,6 +334,13 @@ def _detection(
                 for metric, value in values.items()
             ]  # fmt: skip
     return rows
+
+
+def _knn_note(config: OODConfig, detector: Detector) -> str:
+    """The k the kNN detector used, and why when it is not the one asked for."""
+    k = detector.k  # type: ignore[attr-defined]
+    asked = config.knn_k or DEFAULT_KNN_K
+    return f"; k={k}" + (f" (every ID train row, default {asked})" if k < asked else "")
 
 
 def raw_head(params: HeadParams) -> LinearHead:
@@ -361,11 +378,11 @@ def _detector(
 ) -> tuple[Detector, str]:
     """The fitted detector ``name``: stored state when current, else a fresh fit (stored
     unless it has no statistics of its own). Returns it and ``stored``/``fitted``."""
-    options = config.detector_options(name)
+    options = config.build_options(name)
     cls = get_detector_class(name)
     fs = train.fs
-    key = {"detector": name, "options": options, "feature_key": fs.key, "split": fs.attrs["split"],
-           "head": record.name if cls.needs_head else ""}  # fmt: skip
+    key = {"detector": name, "options": config.detector_options(name), "feature_key": fs.key,
+           "split": fs.attrs["split"], "head": record.name if cls.needs_head else ""}  # fmt: skip
     group_name = f"{name}-{stable_hash(key, length=12)}"
     opener = _opener(store)
     found = None if config.refit else find_detector(fs, group_name)

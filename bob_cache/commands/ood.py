@@ -55,7 +55,13 @@ def ood(
             "match class names)."
         ),
     ] = None,
-    knn_k: Annotated[int, typer.Option(help="k of the kNN detector.")] = 50,
+    knn_k: Annotated[
+        int | None,
+        typer.Option(
+            help="k of the kNN detector (default 50, or every ID train row when there are "
+            "fewer; each row's protocol states the k used)."
+        ),
+    ] = None,
     train_split: Annotated[str, typer.Option(help="ID split the detectors fit on.")] = "train",
     val_split: Annotated[str, typer.Option(help="ID split a new head's C is chosen on.")] = "val",
     test_split: Annotated[str, typer.Option(help="ID split scored against shifts.")] = "test",

@@ -43,13 +43,18 @@ class KNN(Detector):
 
     Args:
         k: the neighbour whose distance is the score.
+        at_most_rows: when the fit has fewer than ``k`` rows, use every row (``k`` becomes the
+            fit's row count, and :attr:`k` says so) instead of refusing.
         bank_sink: where the fit writes the bank (default: in memory), e.g. a function that
             creates a Zarr array; the bank then never has to fit in memory.
     """
 
-    def __init__(self, k: int = 50, *, bank_sink: BankSink | None = None) -> None:
+    def __init__(
+        self, k: int = 50, *, at_most_rows: bool = False, bank_sink: BankSink | None = None
+    ) -> None:
         super().__init__()
         self.k = check_int(k, option="k", detector="knn")
+        self.at_most_rows = at_most_rows
         self.bank_sink = bank_sink
         self.bank_rows: Any = None
 
@@ -71,11 +76,13 @@ class KNN(Detector):
         self.bank_rows, self.dim, self.n_fit = bank, int(bank.shape[1]), rows
 
     def _check_bank(self, rows: int) -> None:
-        if rows < self.k:
+        if rows < self.k and self.at_most_rows and rows > 0:
+            self.k = rows
+        elif rows < self.k:
             raise DetectorError(
                 f"Detector 'knn' needs at least k={self.k} ID rows, but the fit stream had "
-                f"{rows}. Lower k (e.g. create_detector('knn', k={max(1, rows)})) or fit on "
-                "more ID rows."
+                f"{rows}. Lower k to at most {max(1, rows)} (`--knn-k`, `knn_k` in a suite's "
+                "ood task, `create_detector('knn', k=...)`) or fit on more ID rows."
             )
 
     def _score(self, x: np.ndarray) -> np.ndarray:

@@ -77,7 +77,8 @@ def plan_battle(suite: Suite, *, store: str, results: str, device: str | None = 
     limits = {d.name: d.limit for d in suite.datasets}
     plan.splits = {
         name: {"rule": source.split_rule.text,
-               "rows": {k: min(len(v), limits[name] or len(v)) for k, v in source.splits.items()}}
+               "rows": {k: min(len(v), limits[name] or len(v))
+                        for k, v in sorted(source.splits.items(), key=_split_order)}}
         for name, source in sources.items()
     }  # fmt: skip
     extracted: dict[tuple[str, str, Variant], Job] = {}
@@ -99,6 +100,12 @@ def plan_battle(suite: Suite, *, store: str, results: str, device: str | None = 
             plan.jobs += _task_jobs(suite, dataset, backbone, extracted, done_hashes,
                                     store=store, results=results, device=device)  # fmt: skip
     return plan
+
+
+def _split_order(item: tuple[str, Any]) -> tuple[int, str]:
+    """train, val, test first, then any other split by name."""
+    order = ("train", "val", "test")
+    return (order.index(item[0]) if item[0] in order else len(order), item[0])
 
 
 def _source(dataset: DatasetSpec) -> Any:

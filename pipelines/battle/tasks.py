@@ -248,7 +248,7 @@ class OODTask(TaskKind):
 
     class Options(_Options):
         detectors: tuple[str, ...] | None = None  # default: every registered detector
-        knn_k: int = Field(50, ge=1)
+        knn_k: int | None = Field(None, ge=1)  # None: 50, or every ID train row when fewer
         max_memory: str | None = None
 
     def check(self, options: dict[str, Any]) -> tuple[Any, list[tuple[tuple[Any, ...], str]]]:

@@ -346,8 +346,11 @@ def test_fit_inputs_are_checked(data):
         create_detector("mahalanobis").fit([(x, None)])
     with pytest.raises(DetectorError, match="unlabeled"):
         create_detector("relative-mahalanobis").fit([(x, np.full(len(x), -1))])
-    with pytest.raises(DetectorError, match=r"Lower k"):
+    with pytest.raises(DetectorError, match=r"Lower k to at most 30 \(`--knn-k`, `knn_k` in"):
         create_detector("knn", k=50).fit(blocks(x[:30], y[:30], 10))
+    every = create_detector("knn", k=50, at_most_rows=True).fit(blocks(x[:30], y[:30], 10))
+    exact = create_detector("knn", k=30).fit(blocks(x[:30], y[:30], 10))
+    assert every.k == 30 and np.array_equal(every.score(x[30:40]), exact.score(x[30:40]))
     with pytest.raises(DetectorError, match="not fitted"):
         create_detector("knn").score(x)
     with pytest.raises(DetectorError, match="lacks"):

@@ -138,7 +138,6 @@ tasks:
   - kind: retrieval
   - kind: ood
     detectors: [msp, knn]
-    knn_k: 3
   - kind: finetune
     task: classification
     lr: [0.001]
@@ -191,6 +190,8 @@ def test_the_whole_battle_runs_on_folders_without_splits(photos: Path, tmp_path:
     assert set(photos_rows.stage) == {"probe", "retrieval", "ood", "finetune"}
     assert set(photos_rows.split_rule) == {RULE}
     assert set(frame[frame.dataset == "shapes"].split_rule) == {RULE}
+    knn = photos_rows[(photos_rows.stage == "ood") & (photos_rows.method == "knn")]
+    assert set(knn.protocol.str.split("; ").str[-1]) == {"k=18 (every ID train row, default 50)"}
     tuned = photos_rows[(photos_rows.stage == "finetune") & (photos_rows.metric == "top1")]
     assert set(tuned.train_rows) == {18} and set(tuned.val_rows) == {6}  # the probes' split
     assert battle(BattleConfig(suite=str(suite), store=store, results=results)).outcomes == []
