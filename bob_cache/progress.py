@@ -23,6 +23,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Column
 from rich.text import Text
 from tqdm.auto import tqdm
 
@@ -86,10 +87,12 @@ class JobsView:
     """
 
     def __init__(self, console: Any, *, unit: str = "img") -> None:
+        # the label gives way first on a narrow terminal: counts, rate and ETA stay whole
+        label = Column(ratio=1, no_wrap=True, overflow="ellipsis", min_width=12)
         self._progress = Progress(
-            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-            _CountColumn(unit), TimeRemainingColumn(), TimeElapsedColumn(),
-            console=console, transient=True,
+            SpinnerColumn(), TextColumn("{task.description}", table_column=label),
+            BarColumn(bar_width=12), _CountColumn(unit), TimeRemainingColumn(),
+            TimeElapsedColumn(), console=console, transient=True, expand=True,
         )  # fmt: skip
         self._tasks: dict[str, Any] = {}  # job id -> rich task id
         self._bars: dict[str, str] = {}  # job id -> the description of its current bar
@@ -107,7 +110,7 @@ class JobsView:
         """Show ``job`` as running ``stage`` (no count yet)."""
         with self._lock:
             if job not in self._ended and job not in self._tasks:
-                self._tasks[job] = self._progress.add_task(f"{label} · {stage}", total=None)
+                self._tasks[job] = self._progress.add_task(_title(label, stage), total=None)
                 self._bars[job] = ""
 
     def advance(self, job: str, label: str, desc: str, n: int, total: int | None) -> None:
@@ -119,7 +122,7 @@ class JobsView:
             task = self._tasks[job]
             if self._bars[job] != desc:  # a new bar in the job: its own rate and ETA
                 self._bars[job] = desc
-                self._progress.reset(task, total=total, description=f"{label} · {desc}")
+                self._progress.reset(task, total=total, description=_title(label, desc))
             self._progress.update(task, completed=n, total=total)
 
     def ended(self, job: str) -> None:
@@ -129,6 +132,11 @@ class JobsView:
             task = self._tasks.pop(job, None)
             if task is not None:
                 self._progress.remove_task(task)
+
+
+def _title(label: str, part: str) -> str:
+    """``label · part``, or ``label`` alone when it already says ``part``."""
+    return label if part in label else f"{label} · {part}"
 
 
 class _CountColumn(ProgressColumn):

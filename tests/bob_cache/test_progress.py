@@ -75,3 +75,16 @@ def test_the_jobs_view_shows_count_rate_and_eta_or_the_stage() -> None:
     view.ended("e")
     view.advance("e", "extract digits × r0", "digits r0", 80, 100)  # a late report
     assert "extract digits" not in render(view) and "linear digits" in render(view)
+
+
+def test_a_narrow_terminal_shortens_the_label_not_the_numbers() -> None:
+    view = JobsView(Console(file=io.StringIO(), force_terminal=True))
+    label = "extract a-rather-long-dataset-name × 3 backbones, one decode"
+    for n in (0, 400, 900):
+        view.advance("e", label, "a-rather-long-dataset-name × 3 backbones", n, 1797)
+        time.sleep(0.05)
+    buffer = io.StringIO()
+    Console(file=buffer, width=80, force_terminal=False).print(view._progress)
+    line = next(x for x in buffer.getvalue().splitlines() if "extract" in x)
+    assert "900/1797" in line and "img/s" in line and "…" in line  # the label gave way
+    assert "· a-rather" not in line  # the bar's name is already in the label: said once
