@@ -75,15 +75,32 @@ def resolve_layout(
     shard_rows: int | None = None,
     compression: str = DEFAULT_COMPRESSION,
 ) -> StorageLayout:
-    """Fill in defaults and check that chunks tile shards exactly."""
-    shard = shard_rows or (chunk_rows * CHUNKS_PER_SHARD if chunk_rows else DEFAULT_SHARD_ROWS)
-    chunk = chunk_rows or max(1, shard // CHUNKS_PER_SHARD)
-    if chunk < 1 or shard < 1:
-        raise SpecError(f"--chunk-rows ({chunk}) and --shard-rows ({shard}) must be positive.")
+    """Fill in defaults and check that chunks tile shards exactly.
+
+    Without ``chunk_rows``, a shard holds about :data:`CHUNKS_PER_SHARD` chunks: the largest
+    divisor of ``shard_rows`` up to ``shard_rows / CHUNKS_PER_SHARD`` rows each.
+    """
+    for option, value in (("--chunk-rows", chunk_rows), ("--shard-rows", shard_rows)):
+        if value is not None and value < 1:
+            raise SpecError(f"{option} must be at least 1, got {value}.")
+    if shard_rows is None:
+        shard = chunk_rows * CHUNKS_PER_SHARD if chunk_rows else DEFAULT_SHARD_ROWS
+    else:
+        shard = shard_rows
+    fitting = [d for d in _divisors(shard) if d * CHUNKS_PER_SHARD <= shard]
+    chunk = chunk_rows or max(fitting, default=1)
     if shard % chunk:
+        choices = ", ".join(map(str, _divisors(shard)))
         raise SpecError(
-            f"--shard-rows ({shard}) must be a multiple of --chunk-rows ({chunk}); for example "
-            f"--shard-rows {chunk * CHUNKS_PER_SHARD}."
+            f"--shard-rows ({shard}) must be a multiple of --chunk-rows ({chunk}). Valid "
+            f"--chunk-rows for --shard-rows {shard}: {choices}; or --shard-rows "
+            f"{chunk * CHUNKS_PER_SHARD} for --chunk-rows {chunk}."
         )
     name, level = parse_compression(compression)
     return StorageLayout(chunk_rows=chunk, shard_rows=shard, compression=f"{name}:{level}")
+
+
+def _divisors(n: int) -> list[int]:
+    """Every divisor of ``n``, ascending."""
+    small = [d for d in range(1, int(n**0.5) + 1) if n % d == 0]
+    return sorted({*small, *(n // d for d in small)})

@@ -23,10 +23,20 @@ def test_shard_bounds_cover_every_row_once() -> None:
 
 
 def test_invalid_layouts_name_the_fix() -> None:
-    with pytest.raises(SpecError, match="must be a multiple of --chunk-rows"):
+    with pytest.raises(SpecError, match=r"Valid --chunk-rows for --shard-rows 8: 1, 2, 4, 8;"):
         resolve_layout(chunk_rows=3, shard_rows=8)
-    with pytest.raises(SpecError, match="must be positive"):
+    with pytest.raises(SpecError, match="--chunk-rows must be at least 1, got -1"):
         resolve_layout(chunk_rows=-1, shard_rows=8)
+    with pytest.raises(SpecError, match="--shard-rows must be at least 1, got 0"):
+        resolve_layout(shard_rows=0)  # was: silently the default
+
+
+def test_a_shard_size_alone_gets_chunks_that_tile_it() -> None:
+    assert resolve_layout(shard_rows=100).chunk_rows == 10  # was: 12, refused
+    assert resolve_layout(shard_rows=7).chunk_rows == 1
+    for shard in (1, 9, 100, 4096, 1000):
+        layout = resolve_layout(shard_rows=shard)
+        assert shard % layout.chunk_rows == 0 and layout.chunk_rows * 8 <= max(shard, 8)
 
 
 @pytest.mark.parametrize(
