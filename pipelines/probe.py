@@ -57,6 +57,7 @@ from bob_cache.probes import (
     train_bob_probe,
 )
 from bob_cache.probes.features import load_rows
+from bob_cache.probes.knn import split_ks
 from bob_cache.provenance import library_versions, utc_now
 from bob_cache.stores import FeatureSet, open_store
 from bob_cache.stores.head_store import HeadParams, HeadRecord, list_heads, write_head
@@ -167,6 +168,8 @@ class ProbeSummary:
     table: list[dict[str, Any]] = field(default_factory=list)
     heads: list[str] = field(default_factory=list)  # names of the heads stored by this run
     heads_note: str = ""  # why heads were not stored, if they were not
+    # kNN ks refused per setting (k above its training rows): setting, ks, train_rows, reason
+    skipped: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -222,6 +225,8 @@ def probe(config: ProbeConfig) -> ProbeSummary:
         for setting in settings:
             if not _runs(config, method, setting.name, setting.seed):
                 continue
+            if method == "knn" and not _usable_ks(config, setting, summary):
+                continue  # every k above the setting's rows: listed in summary.skipped
             config_hash = _unit_hash(config, data.feature_key, method, setting.name, setting.seed)
             if not config.force and config_hash in done and heads.has(method, config_hash):
                 summary.units_skipped += 1
@@ -236,6 +241,21 @@ def probe(config: ProbeConfig) -> ProbeSummary:
     summary.table = summarize(frame).to_dict(orient="records")
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _usable_ks(config: ProbeConfig, setting: Setting, summary: ProbeSummary) -> tuple[int, ...]:
+    """The ks a setting's training rows can vote with; the others are listed once per
+    setting in ``summary.skipped`` (with the reason) and get no row."""
+    usable, too_large = split_ks(config.ks, setting.train.n)
+    if too_large and not any(s["setting"] == setting.name for s in summary.skipped):
+        n, named = setting.train.n, ", ".join(map(str, too_large))
+        what = f"every k ({named})" if not usable else f"k={named}"
+        summary.skipped.append({
+            "method": "knn", "setting": setting.name, "ks": list(too_large), "train_rows": n,
+            "reason": f"{what} is above the {n} training rows of {setting.name}: a vote over "
+            "every row, not that k; no row written (use a smaller --k)",
+        })  # fmt: skip
+    return usable
 
 
 def _rows(
@@ -463,8 +483,9 @@ class _HeadSink:
 
 def _knn_unit(config: ProbeConfig, device: Any) -> Unit:
     def run(data: ProbeData, s: Setting) -> list[UnitResult]:
+        ks, _ = split_ks(config.ks, s.train.n)  # the others are refused (``_usable_ks``)
         scores = knn_scores(
-            s.train, s.y, data.test, n_outputs=data.n_outputs, ks=config.ks,
+            s.train, s.y, data.test, n_outputs=data.n_outputs, ks=ks,
             temperature=config.temperature, use_gpu=device.type == "cuda",
         )  # fmt: skip
         how = "neighbours among train_rows; no hyper-parameter chosen"
@@ -480,13 +501,51 @@ def unit_hashes(config: ProbeConfig, feature_key: str) -> set[str]:
     the results table holds them all, there is nothing left to do (the battle's check)."""
     names = (["full"] if config.include_full else []) + [f"{k}-shot" for k in config.shots]
     names += [f"{f:g}-fraction" for f in config.fractions]
+    # a kNN unit whose every k is above its setting's rows writes no row (it is refused)
+    refused = _knn_refused(config, feature_key) if "knn" in config.methods else set()
     return {
         _unit_hash(config, feature_key, method, name, seed)
         for method in config.methods
         for name in names
         for seed in config.seeds
-        if _runs(config, method, name, seed)
+        if _runs(config, method, name, seed) and not (method == "knn" and name in refused)
     }
+
+
+def _knn_refused(config: ProbeConfig, feature_key: str) -> set[str]:
+    """The settings whose training rows are fewer than every k: ``probe`` writes no kNN row
+    for them. Counted from the train split's labels alone (no features or ids read for
+    single-label sets), the same counts ``probe`` draws (checked in the tests)."""
+    return {name for name, n in setting_rows(config, feature_key).items() if n < min(config.ks)}
+
+
+def setting_rows(config: ProbeConfig, feature_key: str) -> dict[str, int]:
+    """Training rows of each setting ``probe(config)`` fits on the set ``feature_key``."""
+    store = open_store(config.store, storage_options=config.storage_options or None)
+    sets = select_feature_sets(
+        store, dataset=config.dataset, backbone=config.backbone, feature=feature_key,
+        splits=(config.train_split,), optional=(config.val_split,),
+    )  # fmt: skip
+    train = sets[config.train_split]
+    valid = np.flatnonzero(train.array("valid")[:])
+    y = train.array("labels")[:][valid]
+    if y.ndim == 1:
+        y = y[y >= 0]
+    has_val = config.val_split in sets and config.val_split != config.train_split
+    if y.ndim == 2:  # multi-label: full only; the hold-out is drawn by id hash
+        held = 0 if has_val else len(holdout(y, np.asarray(train.array("ids")[:])[valid],
+                                            config.val_fraction)[1])  # fmt: skip
+        return {"full": len(y) - held} if config.include_full else {}
+    counts = np.unique(y, return_counts=True)[1]
+    held = (
+        0 if has_val else int(np.minimum(np.round(config.val_fraction * counts), counts - 1).sum())
+    )
+    rows = {"full": len(y) - held} if config.include_full else {}
+    rows.update({f"{k}-shot": k * len(counts) for k in config.shots})
+    rows.update({
+        f"{f:g}-fraction": int(np.floor(f * counts + 1e-9).sum()) for f in config.fractions
+    })  # fmt: skip
+    return rows
 
 
 def missing_heads(config: ProbeConfig, feature_key: str) -> set[str]:

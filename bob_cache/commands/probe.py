@@ -151,6 +151,8 @@ def probe(
         err.print(f"  stored {len(s.heads)} probe head(s) for `bob-cache predict`", highlight=False)
     if s.heads_note:
         err.print(f"  note: {s.heads_note}", highlight=False)
+    for skip in s.skipped:
+        err.print(f"  skipped kNN: {skip['reason']}", highlight=False)
     columns = [c for c in PROBE_COLUMNS if any(c in row for row in s.table)]
     print_table(s.table, columns)
 

@@ -30,6 +30,7 @@ from bob_cache.probes import (
     train_bob_probe,
 )
 from bob_cache.probes.features import load_rows
+from bob_cache.probes.knn import split_ks
 from bob_cache.stores import open_store
 from tests.conftest import blobs, write_feature_sets
 
@@ -219,12 +220,15 @@ def test_knn_votes_match_a_brute_force_implementation() -> None:
         np.testing.assert_allclose(scores[k], expected, rtol=1e-4)
 
 
-def test_knn_separable_is_perfect_and_k_caps_at_train_size() -> None:
+def test_knn_separable_is_perfect_and_a_k_above_the_train_size_is_refused() -> None:
+    """Never capped: k=20 and k=200 on 20 rows would be one fit under two names."""
     x, y = blobs(200, classes=4)
-    scores = knn_scores(
-        Features.in_memory(x[:20]), y[:20], Features.in_memory(x[20:]), n_outputs=4, ks=(10, 200)
-    )
-    assert accuracy(y[20:], scores[10]) == 1.0 and scores[200].shape == (180, 4)
+    train, query = Features.in_memory(x[:20]), Features.in_memory(x[20:])
+    scores = knn_scores(train, y[:20], query, n_outputs=4, ks=(10, 20))
+    assert accuracy(y[20:], scores[10]) == 1.0 and scores[20].shape == (180, 4)
+    with pytest.raises(SpecError, match=r"k=200 is above the 20 training rows.*at most"):
+        knn_scores(train, y[:20], query, n_outputs=4, ks=(10, 200))
+    assert split_ks((5, 20, 21, 200), 20) == ((5, 20), (21, 200))
 
 
 def test_few_shot_subsets_are_exact_and_deterministic() -> None:

@@ -35,8 +35,10 @@ def test_linear_knn_and_few_shot_rows_land_in_the_results_table(tmp_path: Path) 
     summary = probe(
         config(store, tmp_path, shots=(1, 5), fractions=(0.1,), seeds=(0, 1), ks=(5, 10))
     )
-    # linear and knn: full once each, 2 shot settings × 2 seeds, 1 fraction × 2 seeds
-    assert summary.units_run == 2 * (1 + 4 + 2)
+    # linear and knn: full once each, 2 shot settings × 2 seeds, 1 fraction × 2 seeds, less
+    # the two kNN units of 1-shot (4 rows: k=5 and k=10 are refused, not capped)
+    assert summary.units_run == 2 * (1 + 4 + 2) - 2
+    assert [s["setting"] for s in summary.skipped] == ["1-shot"]
     frame = ResultsTable.open(tmp_path / "res").read()
     assert set(frame["method"]) == {"linear", "knn@5", "knn@10"}
     assert set(frame["setting"]) == {"full", "1-shot", "5-shot", "0.1-fraction"}
@@ -360,3 +362,88 @@ def test_cli_probe_errors_exit_1(cli, tmp_path: Path) -> None:
         "probe", "--store", store, "--dataset", "toy", "--backbone", "model", "--method", "svm"
     )
     assert method.exit_code == 1 and "Unknown probe method" in method.output
+
+
+@pytest.mark.parametrize("with_val", [True, False])
+def test_a_knn_k_above_a_settings_training_rows_is_skipped_with_the_reason(
+    tmp_path: Path, with_val: bool
+) -> None:
+    """k is never capped at the training rows (two names, one fit): a k above a setting's
+    rows is refused for that setting, listed with the reason, and the battle's done check
+    agrees that a setting with no usable k has nothing left to do."""
+    from bob_cache.pipelines.probe import setting_rows, unit_hashes
+
+    store = toy_store(tmp_path, with_val=with_val)  # 4 classes; train 300 (268 without val)
+    cfg = config(
+        store, tmp_path, methods=("knn",), shots=(1, 5), fractions=(0.1,), seeds=(0, 1),
+        ks=(5, 10, 280),
+    )  # fmt: skip
+    summary = probe(cfg)
+    frame = ResultsTable.open(tmp_path / "res").read()
+    top1 = frame[frame.metric == "top1"]
+    by_setting = top1.groupby("setting")["method"].agg(lambda m: sorted(set(m))).to_dict()
+    full_rows = 300 if with_val else 268  # a tenth of each class held out for validation
+    # full keeps k=280 only when it has 280 rows; 5-shot (20 rows) keeps 5 and 10; 1-shot none
+    expect_full = ["knn@10", "knn@280", "knn@5"] if with_val else ["knn@10", "knn@5"]
+    assert by_setting == {
+        "full": expect_full, "5-shot": ["knn@10", "knn@5"], "0.1-fraction": ["knn@10", "knn@5"]
+    }  # fmt: skip
+    # the done check counts each setting's rows from the labels: the same as the fits saw
+    fitted = top1.groupby("setting")["train_rows"].agg(set).to_dict()
+    counted = setting_rows(cfg, summary.feature_key)
+    assert counted == {"full": full_rows, "1-shot": 4, "5-shot": 20, "0.1-fraction": 28}
+    assert all(fitted[name] == {n} for name, n in counted.items() if name != "1-shot")
+    assert all(int(m[4:]) <= n for m, n in zip(top1.method, top1.train_rows, strict=True))
+    skipped = {s["setting"]: s for s in summary.skipped}
+    refused_full = set() if with_val else {"full"}
+    assert set(skipped) == {"1-shot", "5-shot", "0.1-fraction"} | refused_full
+    assert skipped["1-shot"]["ks"] == [5, 10, 280] and skipped["1-shot"]["train_rows"] == 4
+    assert (
+        "every k" in skipped["1-shot"]["reason"]
+        and "4 training rows" in skipped["1-shot"]["reason"]
+    )
+    assert skipped["5-shot"]["ks"] == [280] and "20 training rows" in skipped["5-shot"]["reason"]
+    if not with_val:
+        assert skipped["full"]["train_rows"] == full_rows
+    assert summary.to_dict()["skipped"] == summary.skipped  # in --json too
+    # the battle's done check: every unit it expects is in the table, so nothing reruns
+    table_hashes = ResultsTable.open(tmp_path / "res").config_hashes()
+    assert unit_hashes(cfg, summary.feature_key) <= table_hashes
+    again = probe(cfg)
+    assert again.units_run == 0 and again.skipped == summary.skipped
+
+
+def test_a_battle_whose_knn_ks_are_all_refused_is_done_after_one_run(tmp_path: Path) -> None:
+    """A setting with no usable k writes no row; the battle's done check knows, so the job
+    does not run again on every rerun."""
+    from bob_cache.pipelines.battle import BattleConfig, battle
+
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        "name: refused\nbackbones:\n  - name: test_resnet\n    random_init: true\n"
+        "    image_size: 32\ndatasets:\n  - {name: digits, data: 'builtin:digits', limit: 60}\n"
+        "tasks:\n  - kind: knn\n    k: [5, 500]\n  - kind: few-shot\n    methods: [knn]\n"
+        "    shots: [1]\n    seeds: [0]\n    k: [20]\noptions:\n  workers: 0\n"
+    )
+
+    def run() -> object:
+        return battle(BattleConfig(suite=str(suite), store=str(tmp_path / "s"),
+                                   results=str(tmp_path / "r"), threads=1))  # fmt: skip
+
+    first = run()
+    assert not first.failed
+    frame = ResultsTable.open(tmp_path / "r").read()
+    assert set(frame.method) == {"knn@5"} and set(frame.setting) == {"full"}  # 500, 1-shot@20
+    again = run()
+    assert again.outcomes == [] and again.already_done == len(first.outcomes)
+
+
+def test_the_probe_command_names_a_refused_k(tmp_path: Path, cli) -> None:
+    store = toy_store(tmp_path)
+    args = ["probe", "--store", store, "--dataset", "toy", "--backbone", "model",
+            "--results", tmp_path / "res", "--method", "knn", "--k", "5,400"]  # fmt: skip
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    assert "skipped kNN: k=400 is above the 300 training rows of full" in result.output
+    data = json.loads(cli(*args, "--json").output)
+    assert data["skipped"][0]["ks"] == [400] and data["units_run"] == 0
