@@ -6,7 +6,10 @@ battle stage, each with its options). Loading checks the whole file and reports 
 problem at once, each with its key path, line and the valid choices.
 
 ``${NAME}`` in any string is replaced by the environment variable ``NAME`` (an error names
-it when unset); relative paths resolve against the suite file's folder.
+it when unset); relative paths resolve against the suite file's folder. Only fields that are
+paths are resolved (each model's ``path_fields``: a dataset's ``data``, a backbone's
+``weights``); a backbone's ``data``, ``method``, ``family`` and ``params`` are display
+metadata, kept as written.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -35,8 +38,21 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# How a suite says a backbone saw no pretraining data (``data: none``), case-insensitive.
+NO_DATA = ("none", "null", "-", "")
+
+
+def is_no_data(value: Any) -> bool:
+    """Whether a backbone's ``data`` says "no pretraining data" (``none``)."""
+    return isinstance(value, str) and value.strip().lower() in NO_DATA
+
+
 class BackboneSpec(_Model):
-    """One contender: what to extract with, and how the report shows it."""
+    """One contender: what to extract with, and how the report shows it. ``family``,
+    ``method``, ``data`` (its pretraining data's name, ``none`` for random init) and
+    ``params`` are display metadata, never paths."""
+
+    path_fields: ClassVar[tuple[str, ...]] = ("weights",)
 
     name: str = Field(description="registry name, timm name or tv:<model>")
     label: str | None = Field(None, description="display name in the report")
@@ -51,7 +67,9 @@ class BackboneSpec(_Model):
     decode: str = "pil"
     family: str | None = None
     method: str | None = None
-    data: str | None = None
+    data: str | None = Field(
+        None, description="pretraining data, e.g. ImageNet-1k (a name, not a path); none"
+    )
     params: int | None = Field(None, ge=0)
 
     @field_validator("precision")
@@ -61,6 +79,15 @@ class BackboneSpec(_Model):
             raise ValueError(f"expected one of {', '.join(PRECISIONS)}")
         return value
 
+    @model_validator(mode="after")
+    def _random_init_saw_no_data(self) -> BackboneSpec:
+        if self.random_init and self.data is not None and not is_no_data(self.data):
+            raise ValueError(
+                f"a random_init backbone saw no pretraining data, but data is '{self.data}'; "
+                "drop `data` or write `data: none`"
+            )
+        return self
+
     @property
     def display(self) -> str:
         return self.label or self.name
@@ -68,6 +95,8 @@ class BackboneSpec(_Model):
 
 class DatasetSpec(_Model):
     """One dataset: a ``--data`` source, and the splits the tasks use."""
+
+    path_fields: ClassVar[tuple[str, ...]] = ("data", "gnd", "val_data", "test_data")
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
     data: str
@@ -297,9 +326,8 @@ def _parse_items(items: Any, model: type[BaseModel], base: Path) -> dict[int, An
             parsed = model.model_validate(item)
         except ValidationError:
             continue
-        paths = ("data", "gnd", "weights", "val_data", "test_data")
-        fields = {k: _resolve(getattr(parsed, k), base) for k in paths
-                  if k in model.model_fields}  # fmt: skip
+        paths: tuple[str, ...] = getattr(model, "path_fields", ())  # only real paths
+        fields = {k: _resolve(getattr(parsed, k), base) for k in paths}
         out[i] = parsed.model_copy(update=fields) if fields else parsed
     return out
 

@@ -4,7 +4,10 @@ Metadata passed in (a battle suite's, keyed by the results' ``backbone`` label) 
 it leaves out comes from the backbone registry entry matching the label: the entry whose
 ``model`` is the label (``resnet50.tv_in1k``), else an entry of the same architecture (the
 label's part before the first dot: family and parameters only, since other weights were
-pretrained otherwise). Random-init labels (``arch.random-s0``) have method ``random init``.
+pretrained otherwise). Random-init labels (``arch.random-s0``), and metadata whose method is
+``random init``, have method ``random init`` and no pretraining data (``data: none`` means
+the same). A parameter count neither gives is counted from the architecture, built without
+weights on the meta device (:func:`bob_cache.backbones.params.count_params`, once per name).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ DEFAULT_SIZE_CLASSES: tuple[tuple[str, float], ...] = (
 )
 UNKNOWN_SIZE = "unknown"
 RANDOM_INIT = "random init"
+NO_DATA = ("none", "null", "-", "")  # how metadata says "no pretraining data"
 
 
 @dataclass(frozen=True)
@@ -68,8 +72,14 @@ def resolve_backbone_info(
     own = {k: v for k, v in _fields_of(given).items() if v is not None}
     complete = {"family", "method", "data", "params"} <= set(own)
     info = replace(BackboneInfo(label) if complete else _from_registry(label), **own)
+    if _is_random(label) or info.method == RANDOM_INIT:
+        info = replace(info, method=RANDOM_INIT, data=None, data_images=None)
+    elif _says_none(info.data):
+        info = replace(info, data=None, data_images=None)
     if info.data_images is None and info.data:
         info = replace(info, data_images=get_data_size(info.data, data_sizes))
+    if info.params is None:
+        info = replace(info, params=_counted_params(info.name, label))
     return info
 
 
@@ -94,7 +104,29 @@ def _fields_of(given: Mapping[str, Any] | Any | None) -> dict[str, Any]:
     names = [f.name for f in fields(BackboneInfo) if f.name != "label"]
     found = {k: get(k) for k in names}
     found["display"] = found["display"] or get("label")
+    data = found.get("data")
+    if isinstance(data, str) and data.startswith("/"):  # written by battles before the fix,
+        found["data"] = data.rstrip("/").rpartition("/")[2]  # resolved as a path: the name
     return found
+
+
+def _says_none(data: str | None) -> bool:
+    return isinstance(data, str) and data.strip().lower() in NO_DATA
+
+
+def _is_random(label: str) -> bool:
+    return label.partition(".")[2].startswith("random")
+
+
+def _counted_params(name: str | None, label: str) -> int | None:
+    """Parameters counted from the architecture (no weights, no download), or None."""
+    from bob_cache.backbones.params import count_params, label_to_name
+
+    for candidate in dict.fromkeys(n for n in (name, label_to_name(label)) if n):
+        params = count_params(candidate)
+        if params is not None:
+            return params
+    return None
 
 
 def _from_registry(label: str) -> BackboneInfo:
@@ -104,10 +136,10 @@ def _from_registry(label: str) -> BackboneInfo:
     exact = next((e for e in entries if e.model == label), None)
     if exact is not None:
         return BackboneInfo(label, exact.name, exact.family, exact.method, exact.data, exact.params)
-    arch, _, tag = label.partition(".")
+    arch = label.partition(".")[0]
     arch = arch.split("-", 1)[1] if arch.startswith("torchvision-") else arch
     same = [e for e in entries if e.name == arch or (e.model or "").split(".")[0] == arch]
-    method = RANDOM_INIT if tag.startswith("random") else None
+    method = RANDOM_INIT if _is_random(label) else None
     if not same:
         return BackboneInfo(label, method=method)
     entry = same[0]

@@ -127,16 +127,30 @@ def _run(plan: Plan, config: BattleConfig, log: FailureLog) -> dict[str, Outcome
 
 
 def backbone_metadata(backbone: BackboneSpec) -> dict[str, Any]:
-    """Display metadata: the suite's values, filled from the registry where it knows them."""
+    """Display metadata: the suite's values, filled from the registry where it knows them.
+
+    A random-init backbone's method is ``random init`` and it has no pretraining data (null;
+    the registry's describe the pretrained weights); a parameter count neither gives is counted from the
+    architecture, built without weights on the meta device (never downloaded).
+    """
+    from bob_cache.backbones.params import count_params
     from bob_cache.backbones.registry import get_backbone_entry
+    from bob_cache.ranking.metadata import RANDOM_INIT
 
     entry = get_backbone_entry(backbone.name)
     known = entry.to_dict() if entry else {}
-    return {
+    if backbone.random_init:
+        known.update(method=RANDOM_INIT, data=None)
+    meta = {
         "label": backbone.display, "name": backbone.name,
         **{k: getattr(backbone, k) if getattr(backbone, k) is not None else known.get(k)
            for k in ("family", "method", "data", "params")},
     }  # fmt: skip
+    if backbone.random_init:
+        meta["data"] = None  # `data: none` in the suite says the same
+    if meta["params"] is None:
+        meta["params"] = count_params(backbone.name, image_size=backbone.image_size)
+    return meta
 
 
 def write_metadata(suite: Suite, store: str, results: str) -> str | None:

@@ -130,3 +130,36 @@ def test_the_bob_suite_loads_once_its_locations_are_set(
     suite = load_battle_suite(root)
     assert len(suite.backbones) >= 30 and len(suite.datasets) == 6
     assert {t.kind for t in suite.tasks} == {"linear", "knn", "few-shot", "retrieval"}
+
+
+def test_a_backbones_metadata_is_never_resolved_as_a_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only path fields resolve against the suite's folder: a dataset's data, a backbone's
+    weights; a backbone's data, method, family and params stay as written."""
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "w.pth").write_bytes(b"x")
+    text = (
+        GOOD.replace("builtin:digits", "imgs")
+        .replace("    limit: 60\n", "")
+        .replace(
+            "  - name: test_resnet\n    random_init: true\n",
+            "  - name: test_resnet\n    weights: w.pth\n    data: ImageNet-1k\n    method: supervised\n"
+            "    family: ResNet\n    params: 1000\n"
+            "  - name: test_vit\n    random_init: true\n    data: none\n",
+        )
+    )
+    suite = load_battle_suite(write(tmp_path, text))
+    pretrained, random = suite.backbones
+    assert pretrained.data == "ImageNet-1k" and pretrained.method == "supervised"
+    assert pretrained.family == "ResNet" and pretrained.params == 1000
+    assert pretrained.weights == str((tmp_path / "w.pth").resolve())  # a path: resolved
+    assert random.data == "none"
+    assert suite.datasets[0].data == str((tmp_path / "imgs").resolve())
+
+
+def test_a_random_init_backbone_with_pretraining_data_is_refused(tmp_path: Path) -> None:
+    text = GOOD.replace("    random_init: true\n", "    random_init: true\n    data: ImageNet-1k\n")
+    with pytest.raises(SuiteError, match=r"backbones.0 \(line 3\): a random_init backbone saw "
+                       r"no pretraining data.*drop `data` or write `data: none`"):  # fmt: skip
+        load_battle_suite(write(tmp_path, text))
