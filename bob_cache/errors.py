@@ -83,6 +83,10 @@ class SpecMismatchError(StoreError, ValueError):
     """An existing feature set was written with a different spec or layout."""
 
 
+class DamagedDataError(StoreError, ValueError):
+    """A committed shard's stored object is missing, fails its checksum or does not decode."""
+
+
 class DataChangedError(StoreError, ValueError):
     """Images changed since their features were stored (content digests differ)."""
 

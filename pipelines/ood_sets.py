@@ -109,10 +109,10 @@ def other_set(
             "extract it with the ID set's options."
         )
     splits = {fs.attrs["split"]: fs for fs in same}
-    if OTHER_SPLIT in splits:
-        return splits[OTHER_SPLIT]
-    if len(splits) == 1:
-        return next(iter(splits.values()))
+    if OTHER_SPLIT in splits or len(splits) == 1:
+        chosen = splits.get(OTHER_SPLIT) or next(iter(splits.values()))
+        chosen.check_intact()  # a missing object would read as data
+        return chosen
     raise FeatureSetNotFoundError(
         f"The {role} dataset '{dataset}' has splits {sorted(splits)} and no '{OTHER_SPLIT}' "
         f"split; OOD evaluation reads its '{OTHER_SPLIT}' split, or its only one. Extract it "

@@ -125,9 +125,9 @@ class Searcher:
         self.exact = exact
         self.pending_shards = [] if exact else check_index(fs, record)
         faiss_ops.set_search_param(index, get_kind(record.kind), record.search_value)
-        self.ids = fs.group["ids"][:]
-        self.labels = fs.group["labels"][:]
-        self.valid = fs.group["valid"][:]
+        self.ids = fs.array("ids")[:]
+        self.labels = fs.array("labels")[:]
+        self.valid = fs.array("valid")[:]
         names = fs.attrs.get("dataset", {}).get("class_names") or []
         self.class_names = np.asarray(names, dtype=object)
         self._row_of: dict[str, int] | None = None
@@ -311,7 +311,7 @@ class Searcher:
         if self.valid[row]:
             return
         where = f"Row '{id_}' (row {row}) of '{self.fs.path}'"
-        reason = str(self.fs.group["error"][row])
+        reason = str(self.fs.array("error")[row])
         if reason:
             raise InvalidRowError(
                 f"{where} has no features: its image could not be read when the set was "

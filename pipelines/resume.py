@@ -23,6 +23,7 @@ from bob_cache.errors import DataChangedError, DataSourceError, MixedEnvironment
 from bob_cache.progress import progress_bar
 from bob_cache.provenance import library_versions
 from bob_cache.stores import FeatureSet
+from bob_cache.stores.checksums import array_digest
 
 WRITER_LIBRARIES = ("torch", "timm")
 
@@ -63,6 +64,7 @@ def check_content(
     """Re-read the images of committed rows and compare their digests with the stored ones.
 
     Raises:
+        DamagedDataError: a committed shard's stored digests are damaged (verify --repair).
         DataSourceError: some committed row's image, readable when it was stored, cannot be
             read now (its content is unknown, so nothing is concluded about it).
         DataChangedError: some committed row's image has other bytes now.
@@ -71,7 +73,8 @@ def check_content(
     if not shards:
         return
     rows = np.concatenate([np.arange(*fs.layout.shard_bounds(s, fs.n_rows)) for s in shards])
-    stored = np.concatenate([_stored_digests(fs, s) for s in shards])
+    records = fs.commits()
+    stored = np.concatenate([_stored_digests(fs, s, records[s]) for s in shards])
     with (
         ThreadPoolExecutor(max_workers=max(1, workers)) as pool,
         progress_bar(len(rows), desc=f"check {fs.path}", quiet=quiet) as bar,
@@ -110,9 +113,15 @@ def command_without_part(command: str | None) -> str | None:
     return shlex.join(out)
 
 
-def _stored_digests(fs: FeatureSet, shard: int) -> np.ndarray:
+def _stored_digests(fs: FeatureSet, shard: int, record: dict | None = None) -> np.ndarray:
+    """The image digests a committed shard stored, checked against its commit record's
+    digest of them: a mismatch is damage to the store, not a change of images."""
     start, stop = fs.layout.shard_bounds(shard, fs.n_rows)
-    return np.array([str(d) for d in fs.array("digest")[start:stop]], dtype=object)
+    values = fs.array("digest")[start:stop]  # a failed checksum raises DamagedDataError
+    expected = ((record or {}).get("arrays") or {}).get("digest")
+    if expected is not None and array_digest(values) != expected:
+        raise fs.damage([shard], "its stored image digests differ from their commit record's")
+    return np.array([str(d) for d in values], dtype=object)
 
 
 @dataclass(frozen=True)

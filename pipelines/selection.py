@@ -31,6 +31,7 @@ def select_feature_sets(
     Raises:
         FeatureSetNotFoundError: nothing matches (what exists is listed), a required split is
             missing, or several keys match and ``feature`` does not pick one.
+        DamagedDataError: a chosen set's committed shard has an object missing.
     """
     sets = store.feature_sets() if listed is None else listed
     chosen = [
@@ -72,7 +73,10 @@ def select_feature_sets(
             "Pick one with --feature KEY (a unique prefix is enough)."
         )
     (found,) = complete.values()
-    return {s: found[s] for s in (*splits, *optional) if s in found}
+    chosen = {s: found[s] for s in (*splits, *optional) if s in found}
+    for fs in chosen.values():
+        fs.check_intact()  # a committed shard's missing object would read as data
+    return chosen
 
 
 def missing_split_hint(have: dict[str, FeatureSet], missing: Sequence[str], store: str) -> str:

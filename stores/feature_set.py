@@ -10,7 +10,13 @@ Arrays (dimension ``sample`` along rows, all sharded alike so one shard is one o
 - ``valid`` (N, bool) and ``error`` (N, string: why a row is invalid, '' otherwise)
 - ``shard_commit`` (one JSON record per shard, each its own object): written only after
   every array of that shard is stored. It names the shard's generation (new at every
-  commit), its invalid rows, and who wrote it (device, torch, timm).
+  commit), its invalid rows, who wrote it (device, torch, timm) and a digest of each array's
+  decoded values (``arrays``; :mod:`bob_cache.stores.checksums`).
+
+Every object also ends with a crc32c checksum. Reads go through :meth:`FeatureSet.array`,
+which turns a damaged object into one :class:`DamagedDataError` naming the set, the shard
+and ``bob-cache verify --repair``; :meth:`FeatureSet.check_intact` finds committed shards
+whose objects are missing (zarr would read them as fill values).
 
 Writing rules (many writers, any crash point): the group's attributes are written once, at
 an exclusive create, and never rewritten; completeness is derived from the commit records;
@@ -33,10 +39,12 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from bob_cache.errors import FeatureOverflowError, SpecError, SpecMismatchError
+from bob_cache.errors import DamagedDataError, FeatureOverflowError, SpecError, SpecMismatchError
 from bob_cache.hashing import canonical_json
 from bob_cache.provenance import utc_now
+from bob_cache.stores.checksums import array_digest, checksummed
 from bob_cache.stores.group_metadata import consolidate, create_group
+from bob_cache.stores.guarded import GuardedArray, check_intact, damage_error
 from bob_cache.stores.layout import StorageLayout
 from bob_cache.stores.location import translate_write_errors
 
@@ -119,7 +127,7 @@ class FeatureSet:
             "format": self.format,
             "key": self.attrs.get("key"),
             "spec": self.attrs.get("spec"),
-            "storage": self.attrs.get("storage"),
+            "storage": _without_checksum(self.attrs.get("storage")),
             "n_rows": self.attrs.get("n_rows"),
             "dim": self.attrs.get("dim"),
             "grid": self.attrs.get("grid"),
@@ -128,7 +136,7 @@ class FeatureSet:
             "format": FORMAT_VERSION,
             "key": request.key,
             "spec": request.spec,
-            "storage": layout.to_dict(),
+            "storage": _without_checksum(layout.to_dict()),  # a set keeps what it was made with
             "n_rows": request.n_rows,
             "dim": request.dim,
             "grid": list(request.grid) if request.grid else None,
@@ -185,7 +193,7 @@ class FeatureSet:
                 "dtype": str,
                 "chunks": (1,),
                 "dimension_names": ("shard",),
-                "compressors": None,
+                "compressors": checksummed([]) if layout.checksum else None,
             },
         }
         existing = set(self.group.array_keys())
@@ -236,7 +244,7 @@ class FeatureSet:
 
     @property
     def layout(self) -> StorageLayout:
-        return StorageLayout(**self.attrs["storage"])
+        return StorageLayout(**{"checksum": False, **self.attrs["storage"]})  # older: none
 
     @property
     def n_shards(self) -> int:
@@ -257,7 +265,7 @@ class FeatureSet:
                 f"{'×'.join(map(str, self.row_shape))}), not one vector per image. Fix: use "
                 "`bob-cache probe --method dense-linear`, or extract without --dense."
             )
-        return self.group["features"]
+        return self.array("features")
 
     @property
     def complete(self) -> bool:
@@ -269,9 +277,19 @@ class FeatureSet:
         """Invalid rows among the committed shards."""
         return sum(r["invalid"] for r in self.commits() if r is not None)
 
-    def array(self, name: str) -> zarr.Array:
-        """A row-aligned array: ``features``, ``labels``, ``ids``, ``valid``, ``error``..."""
-        return self.group[name]
+    def array(self, name: str) -> GuardedArray:
+        """A row-aligned array (``features``, ``labels``, ``ids``, ``valid``, ``error``...) whose
+        reads name a damaged shard instead of failing with zarr's or a codec's error."""
+        return GuardedArray(self, name)
+
+    def damage(self, shards: Sequence[int], reason: str) -> DamagedDataError:
+        """The error for damaged ``shards``: what, where, and the repair."""
+        return damage_error(self, shards, reason)
+
+    def check_intact(self) -> None:
+        """Refuse a set where a committed shard's object is missing (see
+        :func:`~bob_cache.stores.guarded.check_intact`)."""
+        check_intact(self)
 
     # --- commit records -----------------------------------------------------------------
     def commits(self) -> list[dict[str, Any] | None]:
@@ -336,6 +354,7 @@ class FeatureSet:
             "error": np.asarray(list(rows.errors), dtype=str),
         }
         record = {
+            "arrays": {name: array_digest(value) for name, value in values.items()},
             "generation": uuid.uuid4().hex[:16],
             "invalid": int((~valid).sum()),
             "time": utc_now(),
@@ -452,6 +471,10 @@ class FeatureSet:
             ids, errors = self.group["ids"][start:stop], self.group["error"][start:stop]
             out += [(str(ids[i]), str(errors[i])) for i in np.flatnonzero(~valid)]
         return out
+
+
+def _without_checksum(storage: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if storage is None else {k: v for k, v in storage.items() if k != "checksum"}
 
 
 def _row_shape(grid: tuple[int, int] | None, dim: int) -> tuple[int, ...]:

@@ -25,6 +25,11 @@ from bob_cache.stores.location import (
     translate_remote_errors,
     translate_write_errors,
 )
+from bob_cache.stores.metadata_scan import (
+    METADATA_DAMAGE,
+    damaged_metadata_error,
+    scan_hierarchy,
+)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
@@ -72,13 +77,32 @@ class FeatureStore:
             ) from exc
 
     def feature_sets(self) -> list[FeatureSet]:
-        """Every feature set in the store, sorted by group path."""
+        """Every feature set in the store, sorted by group path.
+
+        Raises:
+            DamagedDataError: a metadata file does not parse (named, with the fix).
+        """
+        try:
+            nodes = self.root.members(max_depth=None)
+        except METADATA_DAMAGE as exc:  # find which file, without reading the rest at once
+            _, damaged = self.scan()
+            if damaged:
+                raise damaged_metadata_error(self.location, damaged) from exc
+            raise
         found = [
             FeatureSet(node, location=self.location)
-            for _, node in self.root.members(max_depth=None)
+            for _, node in nodes
             if isinstance(node, zarr.Group) and MARKER in node.attrs
         ]
         return sorted(found, key=lambda fs: fs.path)
+
+    def scan(self) -> tuple[list[FeatureSet], list[tuple[str, str]]]:
+        """The feature sets whose metadata is whole, and each damaged metadata file with
+        why (``ls`` and ``verify`` show both; see :mod:`bob_cache.stores.metadata_scan`)."""
+        with translate_remote_errors(self.location):
+            scan = scan_hierarchy(self.store, MARKER)
+        sets = [FeatureSet(self.root[path], location=self.location) for path in scan.sets]
+        return sets, scan.damaged
 
     def list(self) -> list[dict[str, Any]]:
         """One info row per feature set (see :meth:`FeatureSet.info`)."""

@@ -2,7 +2,9 @@
 
 Rows are chunked along the sample axis; ``shard_rows`` rows form one stored object (a
 shard), which is the unit of atomic writes, commits and resume. Features keep whole rows
-in each inner chunk so one row is never split across objects.
+in each inner chunk so one row is never split across objects. Every encoded chunk ends with
+a crc32c checksum (:mod:`bob_cache.stores.checksums`) unless ``checksum`` is off (sets
+written before checksums existed).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 from zarr.codecs import BloscCodec, BloscShuffle, GzipCodec, ZstdCodec
 
 from bob_cache.errors import SpecError
+from bob_cache.stores.checksums import checksummed
 
 DEFAULT_SHARD_ROWS = 4096
 CHUNKS_PER_SHARD = 8
@@ -38,11 +41,14 @@ class StorageLayout:
     chunk_rows: int
     shard_rows: int
     compression: str
+    checksum: bool = True
 
     def compressors(self) -> list[Any]:
+        """The bytes-to-bytes codecs of every chunk: the compressor, then crc32c."""
         name, level = parse_compression(self.compression)
         codec = _COMPRESSORS[name][0](level)
-        return [codec] if codec is not None else []
+        codecs = [codec] if codec is not None else []
+        return checksummed(codecs) if self.checksum else codecs
 
     def n_shards(self, n_rows: int) -> int:
         return max(1, -(-n_rows // self.shard_rows))
@@ -74,6 +80,7 @@ def resolve_layout(
     chunk_rows: int | None = None,
     shard_rows: int | None = None,
     compression: str = DEFAULT_COMPRESSION,
+    checksum: bool = True,
 ) -> StorageLayout:
     """Fill in defaults and check that chunks tile shards exactly.
 
@@ -97,7 +104,7 @@ def resolve_layout(
             f"{chunk * CHUNKS_PER_SHARD} for --chunk-rows {chunk}."
         )
     name, level = parse_compression(compression)
-    return StorageLayout(chunk_rows=chunk, shard_rows=shard, compression=f"{name}:{level}")
+    return StorageLayout(chunk, shard, f"{name}:{level}", checksum=checksum)
 
 
 def _divisors(n: int) -> list[int]:

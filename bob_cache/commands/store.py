@@ -36,6 +36,7 @@ def list_sets(
     """List the feature sets in a store (with their probe-head count), or its probe heads."""
     from bob_cache.stores import open_store
     from bob_cache.stores.head_store import count_heads, list_store_heads
+    from bob_cache.stores.metadata_scan import damaged_metadata_error
 
     require_existing_store(store)
     opened = open_store(store)
@@ -43,7 +44,8 @@ def list_sets(
         rows = list_store_heads(opened)
         columns, none = HEAD_COLUMNS, "no probe heads yet (`bob-cache probe` stores them)"
     else:
-        rows = [{**fs.info(), "heads": count_heads(fs)} for fs in opened.feature_sets()]
+        sets, damaged = opened.scan()  # the rest is listed; a damaged metadata file named
+        rows = [{**fs.info(), "heads": count_heads(fs)} for fs in sets]
         columns = (*FEATURE_SET_COLUMNS[:1], "dataset", *FEATURE_SET_COLUMNS[1:], "heads")
         none = "no feature sets yet"
     if as_json:
@@ -57,6 +59,11 @@ def list_sets(
             for r in rows
         ]
         print_table(shown, columns)
+    if not heads and damaged:
+        err.print(
+            damaged_metadata_error(store, damaged), highlight=False, markup=False, soft_wrap=True
+        )
+        raise typer.Exit(1)
 
 
 @handle_errors
@@ -102,6 +109,7 @@ def verify(
 ) -> None:
     """Read every chunk of every feature set and report damage (exit 1 if any)."""
     from bob_cache.stores import open_store, verify_store
+    from bob_cache.stores.metadata_scan import damaged_metadata_error
 
     require_existing_store(store)  # --repair opens for writing, which would create a store
     reports = verify_store(
@@ -114,16 +122,23 @@ def verify(
         for r in reports:
             state = "ok" if r.ok else "[bold red]DAMAGED[/]"
             done = "complete" if r.complete else f"incomplete ({r.committed}/{r.shards} shards)"
-            out.print(f"{state}  {r.group}  {r.rows} rows, {done}")
+            out.print(f"{state}  {r.group}  {r.rows} rows, {done}; checksums: {r.checksums}")
             for problem in r.problems:
                 out.print(f"    {problem}", highlight=False)
-        if damaged:
+        shards = [r for r in damaged if r.checksums != "unknown"]  # metadata: not repairable
+        if shards:
             fix = "`bob-cache verify --repair`, then the `extract` command `bob-cache info` shows"
             hint = (
                 "repaired: rerun the same `bob-cache extract` command" if repair else f"run {fix}"
             )
-            count = f"{len(damaged)} of {len(reports)} feature set(s) damaged"
-            err.print(f"{count}; {hint} to recompute them.")
+            count = f"{len(shards)} of {len(reports)} feature set(s) damaged"
+            err.print(f"{count}; {hint} to recompute them.", soft_wrap=True)
+        if len(shards) < len(damaged):
+            broken = [(r.group, r.problems[0].split(": ", 1)[1]) for r in damaged
+                      if r.checksums == "unknown"]  # fmt: skip
+            err.print(
+                damaged_metadata_error(store, broken), markup=False, highlight=False, soft_wrap=True
+            )
     if damaged:
         raise typer.Exit(1)
 

@@ -22,7 +22,7 @@ def shard_vectors(
     for shard in shards:
         start, stop = fs.layout.shard_bounds(shard, fs.n_rows)
         x = fs.features[start:stop]
-        usable = fs.group["valid"][start:stop] & np.isfinite(x).all(axis=1)
+        usable = fs.array("valid")[start:stop] & np.isfinite(x).all(axis=1)
         rows = np.flatnonzero(usable)
         yield prepare(x[rows], metric), (rows + start).astype(np.int64)
 
@@ -37,7 +37,7 @@ def sample_rows(
     rng = np.random.default_rng(seed)
     bounds = [fs.layout.shard_bounds(shard, fs.n_rows) for shard in shards]
     candidates = np.concatenate([np.arange(a, b) for a, b in bounds] or [np.zeros(0, int)])
-    candidates = candidates[fs.group["valid"][:][candidates]]
+    candidates = candidates[fs.array("valid")[:][candidates]]
     rows = np.sort(rng.choice(candidates, size=min(n, len(candidates)), replace=False))
     if not len(rows):
         return np.zeros((0, fs.dim), np.float32), rows.astype(np.int64)

@@ -7,10 +7,6 @@ store makes to the stages and users that read it.
 
 from __future__ import annotations
 
-import logging
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +15,6 @@ import pytest
 import xarray as xr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
-from zarr.storage import MemoryStore
 
 from bob_cache.errors import FeatureOverflowError, FeatureSetNotFoundError, SpecMismatchError
 from bob_cache.stores import (
@@ -30,59 +25,12 @@ from bob_cache.stores import (
     verify_store,
 )
 from bob_cache.stores.feature_set import ShardRows
+from tests.stores.conftest import Backend
 
 N, D = 10, 4
 LAYOUT = resolve_layout(chunk_rows=2, shard_rows=4)  # 3 shards: rows 0-3, 4-7, 8-9
 IDS = [f"img/{i:02d}.png" for i in range(N)]
 LABELS = np.arange(N) % 3
-
-
-@dataclass
-class Backend:
-    name: str
-    open: Callable[..., FeatureStore]
-
-
-@pytest.fixture(scope="module")
-def s3_server() -> Iterator[dict[str, Any]]:
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    boto3.client(
-        "s3",
-        endpoint_url=url,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    ).create_bucket(Bucket="bob")
-    yield {
-        "endpoint_url": url,
-        "key": "testing",
-        "secret": "testing",
-        "client_kwargs": {"region_name": "us-east-1"},
-    }
-    server.stop()
-
-
-@pytest.fixture(params=["local", "memory-store", "memory-url", "s3"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    kind = request.param
-    if kind == "local":
-        return Backend(kind, lambda mode="a": open_store(tmp_path / "store", mode=mode))
-    if kind == "memory-store":
-        store = MemoryStore()
-        return Backend(kind, lambda mode="a": open_store(store, mode=mode))
-    if kind == "memory-url":
-        url = f"memory://bob-{uuid.uuid4().hex}"
-        return Backend(kind, lambda mode="a": open_store(url, mode=mode))
-    options = request.getfixturevalue("s3_server")
-    url = f"s3://bob/{uuid.uuid4().hex}"
-    return Backend(kind, lambda mode="a": open_store(url, mode=mode, storage_options=options))
 
 
 def request_for(
@@ -136,7 +84,8 @@ def test_new_feature_set_has_the_documented_arrays_and_attributes(backend: Backe
     put(fs, 1)
     assert list(fs.array("ids")[4:8]) == IDS[4:8]  # rows are written with their shard
     assert fs.array("labels")[4:8].tolist() == LABELS[4:8].tolist()
-    assert fs.attrs["storage"] == {"chunk_rows": 2, "shard_rows": 4, "compression": "zstd:3"}
+    assert fs.attrs["storage"] == {"chunk_rows": 2, "shard_rows": 4, "compression": "zstd:3",
+                                   "checksum": True}  # fmt: skip
     assert fs.attrs["bob_cache"]["format"] == 2 and fs.complete is False
     assert not {"complete", "n_invalid", "rows_listed"} & set(fs.attrs)  # never stored
     assert fs.missing_shards() == [0, 2]

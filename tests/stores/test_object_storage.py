@@ -15,11 +15,10 @@ import pytest
 from bob_cache.errors import StoreError
 from bob_cache.stores.results import ResultsTable
 from tests.conftest import TINY
-from tests.stores.test_contract import s3_server  # noqa: F401 (the moto server fixture)
 
 
 @pytest.fixture
-def s3_env(s3_server: dict, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:  # noqa: F811
+def s3_env(s3_server: dict, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     import s3fs
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")

@@ -1,0 +1,65 @@
+"""The store tests' backends: a local directory, zarr's in-memory store, an fsspec
+``memory://`` URL, and S3 through a real moto server on loopback (``backend`` runs a test on
+each; ``s3_server`` is the server)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from zarr.storage import MemoryStore
+
+from bob_cache.stores import FeatureStore, open_store
+
+
+@dataclass
+class Backend:
+    name: str
+    open: Callable[..., FeatureStore]
+
+
+@pytest.fixture(scope="module")
+def s3_server() -> Iterator[dict[str, Any]]:
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    boto3.client(
+        "s3",
+        endpoint_url=url,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    ).create_bucket(Bucket="bob")
+    yield {
+        "endpoint_url": url,
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"region_name": "us-east-1"},
+    }
+    server.stop()
+
+
+@pytest.fixture(params=["local", "memory-store", "memory-url", "s3"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    kind = request.param
+    if kind == "local":
+        return Backend(kind, lambda mode="a": open_store(tmp_path / "store", mode=mode))
+    if kind == "memory-store":
+        store = MemoryStore()
+        return Backend(kind, lambda mode="a": open_store(store, mode=mode))
+    if kind == "memory-url":
+        url = f"memory://bob-{uuid.uuid4().hex}"
+        return Backend(kind, lambda mode="a": open_store(url, mode=mode))
+    options = request.getfixturevalue("s3_server")
+    url = f"s3://bob/{uuid.uuid4().hex}"
+    return Backend(kind, lambda mode="a": open_store(url, mode=mode, storage_options=options))
