@@ -31,9 +31,10 @@ from bob_cache.stores.index_store import (
     IndexRecord,
     check_index,
     get_record,
-    group_exists,
+    index_exists,
     index_reader,
     index_writer,
+    prune_versions,
 )
 
 TRAIN_ROWS_PER_LIST = 64
@@ -118,8 +119,9 @@ def _build(config: IndexConfig, fs: FeatureSet) -> IndexSummary:
         target_recall=config.target_recall,
     )  # fmt: skip
     name = config.name or (choice.kind.name if config.kind != "auto" else "auto")
-    if group_exists(fs, name) and not config.force:
+    if index_exists(fs, name) and not config.force:
         record = get_record(fs, name)
+        prune_versions(fs, record)  # what a killed build of this name left behind
         return IndexSummary(fs.path, "exists", record.to_dict())
     started = time.perf_counter()
     index = faiss_ops.create_index(choice.kind, fs.dim, config.metric, choice.params)
@@ -148,10 +150,11 @@ def _update(config: IndexConfig, fs: FeatureSet) -> IndexSummary:
     generations = fs.generations()
     pending = check_index(fs, record)
     if not pending:
+        prune_versions(fs, record)  # what a killed update left behind
         return IndexSummary(fs.path, "up-to-date", record.to_dict())
     started = time.perf_counter()
     kind = get_kind(record.kind)
-    index = faiss_ops.read_index(index_reader(fs, record.name))
+    index = faiss_ops.read_index(index_reader(fs, record))
     index = _maybe_gpu(index, kind, record.params, config.gpu)
     config.target_recall, config.k = record.target_recall, record.recall_k
     shards = sorted(record.shards + pending)

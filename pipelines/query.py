@@ -146,7 +146,7 @@ class Searcher:
         if config.index is None and not list_indexes(fs):
             return cls._open_exact(fs, config)
         record = get_record(fs, config.index)
-        index = faiss_ops.read_index(index_reader(fs, record.name))
+        index = faiss_ops.read_index(index_reader(fs, record))
         return cls(fs, record, index, config=config)
 
     @classmethod

@@ -1,15 +1,18 @@
 """Retrieval indexes persisted beside their feature set.
 
-An index lives in the feature set's group at ``indexes/<name>``: the serialized FAISS index
-as a chunked ``uint8`` array (so every store backend, local or ``s3://``, holds it) and
-attributes recording what it was built from (feature key, the set's creation time, the
-shards it covers and their commit generations), how (kind, metric, parameters) and what it
-measured (recall). The attributes are written last, so a killed build leaves no index that
-looks complete.
+An index lives in the feature set's group at ``indexes/<name>~<version>``: the serialized
+FAISS index as a chunked ``uint8`` array (so every store backend, local or ``s3://``, holds
+it) and attributes recording what it was built from (feature key, the set's creation time,
+the shards it covers and their commit generations), how (kind, metric, parameters) and what
+it measured (recall). A build writes a new version and its attributes last, and only then
+deletes the older versions of that name: a kill or a full disk at any step leaves the
+previous index whole (or none) and an incomplete version that readers ignore and the next
+build of the same name removes, so the same command finishes the work.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -19,10 +22,13 @@ import numpy as np
 import zarr
 
 from bob_cache.errors import IndexMismatchError, IndexNotFoundError, StaleIndexError
+from bob_cache.stores import feature_set as feature_set_module
+from bob_cache.stores.checksums import checksummed
 from bob_cache.stores.feature_set import FeatureSet
 from bob_cache.stores.location import translate_write_errors
 
 INDEX_GROUP = "indexes"
+VERSION_SEP = "~"
 INDEX_FORMAT = 1
 _CHUNK_BYTES = 64 * 2**20
 
@@ -54,6 +60,7 @@ class IndexRecord:
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
     format: int = INDEX_FORMAT
+    key: str = ""  # the group holding this version (``name~version``; ``name`` before)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,18 +74,20 @@ def index_writer(fs: FeatureSet, record: IndexRecord) -> Iterator[Callable[[byte
     what = f"index '{record.name}' of '{fs.path}'"
     with translate_write_errors(fs.location, what):
         parent = fs.group.require_group(INDEX_GROUP)
-        if record.name in parent:
-            del parent[record.name]
-        group = parent.create_group(record.name)
+        record.key = f"{record.name}{VERSION_SEP}{uuid.uuid4().hex[:12]}"
+        group = parent.create_group(record.key)
         array = group.create_array(
-            "data", shape=(0,), dtype="uint8", chunks=(_CHUNK_BYTES,), compressors=None,
-            dimension_names=("byte",),
+            "data", shape=(0,), dtype="uint8", chunks=(_CHUNK_BYTES,),
+            compressors=checksummed([]), dimension_names=("byte",),
         )  # fmt: skip
         sink = _ChunkSink(array)
         yield sink
         sink.close()
+        feature_set_module.crash_point("index-data")
         record.bytes = sink.total
         group.attrs.update({"record": record.to_dict(), "complete": True})
+        feature_set_module.crash_point("index-record")
+        prune_versions(fs, record)
 
 
 class _ChunkSink:
@@ -109,16 +118,32 @@ class _ChunkSink:
 
 
 def list_indexes(fs: FeatureSet) -> list[IndexRecord]:
-    """Records of the complete indexes beside ``fs``, newest first."""
+    """Records of the complete indexes beside ``fs`` (the newest version of each name),
+    newest first."""
     if INDEX_GROUP not in fs.group:
         return []
-    parent = fs.group[INDEX_GROUP]
-    records = [
-        IndexRecord(**node.attrs["record"])
-        for _, node in parent.groups()
-        if node.attrs.get("complete") and "record" in node.attrs
-    ]
-    return sorted(records, key=lambda r: r.created, reverse=True)
+    newest: dict[str, IndexRecord] = {}
+    for key, node in fs.group[INDEX_GROUP].groups():
+        if node.attrs.get("complete") and "record" in node.attrs:
+            record = IndexRecord(**{**node.attrs["record"], "key": key})
+            if record.name not in newest or record.created > newest[record.name].created:
+                newest[record.name] = record
+    return sorted(newest.values(), key=lambda r: r.created, reverse=True)
+
+
+def prune_versions(fs: FeatureSet, record: IndexRecord) -> None:
+    """Delete every other group of ``record``'s name: older versions, killed attempts."""
+    with translate_write_errors(fs.location, f"old versions of index '{record.name}'"):
+        parent = fs.group[INDEX_GROUP]
+        for key in _versions_of(parent, record.name):
+            if key != record.key:
+                del parent[key]
+                feature_set_module.crash_point("index-cleanup")
+
+
+def _versions_of(parent: zarr.Group, name: str) -> list[str]:
+    """Every group of index ``name``: its versions (complete or not) and an unversioned one."""
+    return [k for k, _ in parent.groups() if k == name or k.startswith(f"{name}{VERSION_SEP}")]
 
 
 def get_record(fs: FeatureSet, name: str | None) -> IndexRecord:
@@ -141,10 +166,10 @@ def get_record(fs: FeatureSet, name: str | None) -> IndexRecord:
     )
 
 
-def index_reader(fs: FeatureSet, name: str) -> Callable[[int], bytes]:
-    """``read(n) → up to n bytes`` of index ``name``'s serialized data, one stored chunk in
+def index_reader(fs: FeatureSet, record: IndexRecord) -> Callable[[int], bytes]:
+    """``read(n) → up to n bytes`` of the index ``record`` describes, one stored chunk in
     memory at a time (``b""`` at the end)."""
-    return _ChunkSource(fs.group[f"{INDEX_GROUP}/{name}/data"])
+    return _ChunkSource(fs.group[f"{INDEX_GROUP}/{record.key or record.name}/data"])
 
 
 class _ChunkSource:
@@ -200,9 +225,6 @@ def check_index(fs: FeatureSet, record: IndexRecord) -> list[int]:
     return sorted(committed - set(record.shards))
 
 
-def group_exists(fs: FeatureSet, name: str) -> bool:
-    return INDEX_GROUP in fs.group and name in fs.group[INDEX_GROUP]
-
-
-def open_group(fs: FeatureSet, name: str) -> zarr.Group:
-    return fs.group[f"{INDEX_GROUP}/{name}"]
+def index_exists(fs: FeatureSet, name: str) -> bool:
+    """Whether a complete index of that name is stored (a killed build's is not)."""
+    return any(r.name == name for r in list_indexes(fs))

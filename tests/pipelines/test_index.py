@@ -134,7 +134,7 @@ def test_an_index_is_streamed_to_the_store_in_chunks(
     write_feature_sets(tmp_path / "s", {"train": (x, y)})
     r = build_index(cfg(tmp_path / "s", kind="flat")).record
     fs = open_store(tmp_path / "s").get("toy/train/model.tag/feat00000001")
-    data = fs.group["indexes/flat/data"]
+    data = fs.group[f"indexes/{r['key']}/data"]
     assert data.shape[0] == r["bytes"] > 500 * 16 * 4 and data.chunks == (4096,)
     searcher = Searcher.open(QueryConfig(str(tmp_path / "s"), "toy", "model"))
     assert searcher.search_vectors(x[[7, 450]], k=1)["row"].tolist() == [7, 450]
@@ -153,3 +153,47 @@ def test_update_tunes_on_new_rows_held_out_then_added(tmp_path: Path) -> None:
     assert updated.record["recall"] >= 0.9
     searcher = Searcher.open(QueryConfig(str(tmp_path / "s"), "toy", "model"))
     assert searcher.n_indexed == 2953  # the held-out rows were added after tuning
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs."""
+
+
+@pytest.mark.parametrize("step", ["index-data", "index-record", "index-cleanup"])
+@pytest.mark.parametrize("update", [False, True])
+def test_a_build_killed_at_any_step_is_finished_by_the_same_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str, update: bool
+) -> None:
+    """Each step of an index write (data, record, removal of the old version) killed once:
+    the previous index stays usable (or there is none), and rerunning the same command ends
+    with exactly one complete index equal to an uninterrupted build."""
+    from bob_cache.stores import feature_set as feature_set_module
+    from bob_cache.stores import open_store
+    from bob_cache.stores.index_store import INDEX_GROUP, list_indexes
+
+    x, y = blobs(400, classes=4, dim=8)
+    partial_set(tmp_path / "s", x, y, shards=[0, 1, 2])
+    build_index(cfg(tmp_path / "s", kind="flat"))  # the index a killed update must not lose
+    partial_set(tmp_path / "s", x, y, shards=[3, 4, 5, 6])
+    config = cfg(tmp_path / "s", update=True) if update else cfg(tmp_path / "s", kind="flat",
+                                                                   force=True)  # fmt: skip
+
+    def kill(name: str) -> None:
+        if name == step:
+            raise _Killed(name)
+
+    monkeypatch.setattr(feature_set_module, "crash_point", kill)
+    with pytest.raises(_Killed):
+        build_index(config)
+    monkeypatch.setattr(feature_set_module, "crash_point", lambda name: None)
+    fs = open_store(tmp_path / "s").get("toy/train/model.tag/feat00000001")
+    survivors = list_indexes(fs)
+    assert len(survivors) == 1  # the old index (or the new one, once its record is written)
+    Searcher.open(QueryConfig(str(tmp_path / "s"), "toy", "model"))  # still serves queries
+    again = build_index(config)
+    assert again.action in ("built", "updated", "up-to-date")
+    fs = open_store(tmp_path / "s").get("toy/train/model.tag/feat00000001")
+    [final] = list_indexes(fs)
+    assert [k for k, _ in fs.group[INDEX_GROUP].groups()] == [final.key]  # leftovers removed
+    searcher = Searcher.open(QueryConfig(str(tmp_path / "s"), "toy", "model"))
+    assert searcher.n_indexed == final.rows == 400 - 7  # every committed, valid row

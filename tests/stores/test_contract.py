@@ -273,8 +273,9 @@ def test_an_index_stored_beside_a_set_round_trips_and_is_not_a_feature_set(
     again = store.get(fs.path)
     assert [r.name for r in list_indexes(again)] == ["flat"]
     assert check_index(again, list_indexes(again)[0]) == [1, 2]  # shards not indexed yet
-    assert list_indexes(again)[0].bytes == again.group["indexes/flat/data"].shape[0] > 0
-    loaded = faiss_ops.read_index(index_reader(again, "flat"))
+    [stored] = list_indexes(again)
+    assert stored.bytes == again.group[f"indexes/{stored.key}/data"].shape[0] > 0
+    loaded = faiss_ops.read_index(index_reader(again, stored))
     assert loaded.search(rows(0)[2:3], 1)[1].tolist() == [[2]]
     assert [f.path for f in store.feature_sets()] == [fs.path]
     assert all(r.ok for r in verify_store(store))
