@@ -41,7 +41,7 @@ from bob_cache.probes.features import require_complete, valid_rows
 from bob_cache.probes.fewshot import hash_holdout
 from bob_cache.provenance import library_versions, utc_now
 from bob_cache.stores import FeatureSet, FeatureStore, open_store
-from bob_cache.stores.results import ResultsTable, summarize
+from bob_cache.stores.results import ResultsTable, config_columns, summarize
 
 METHOD = "dense-linear"
 PROTOCOL_VERSION = 1
@@ -187,7 +187,7 @@ def dense_probe(config: DenseProbeConfig) -> DenseProbeSummary:
     else:
         splits = _load_splits(config, sets, ids)
         _run_unit(config, splits, summary)
-        table.append(_rows(config, summary, config_hash))
+        table.append(_rows(config, summary, config_hash, spec=first.attrs.get("spec")))
         summary.units_run = 1
     frame = table.read(dataset=config.dataset, backbone=summary.backbone, feature_key=first.key)
     frame = frame[frame["method"] == METHOD]
@@ -378,7 +378,11 @@ def _protocol(recipe: DenseRecipe, splits: _Splits, scored_on_val: bool) -> str:
 
 
 def _rows(
-    config: DenseProbeConfig, summary: DenseProbeSummary, config_hash: str
+    config: DenseProbeConfig,
+    summary: DenseProbeSummary,
+    config_hash: str,
+    *,
+    spec: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     values = {
         **summary.metrics,
@@ -393,6 +397,10 @@ def _rows(
         "seed": config.seed, "config_hash": config_hash, "time": utc_now(),
         "train_rows": summary.train_rows, "val_rows": summary.val_rows,
         "protocol": summary.protocol, "split_rule": summary.split_rule,
+        **config_columns(spec, stage="probe", protocol=PROTOCOL_VERSION,
+                         splits=[config.train_split, config.val_split, config.test_split,
+                                 config.val_fraction],
+                         recipe=config.recipe.to_dict()),
     }  # fmt: skip
     return [{**base, "metric": m, "value": float(v)} for m, v in values.items()]
 

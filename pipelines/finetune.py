@@ -32,7 +32,7 @@ from bob_cache.finetune.trainer import Fitter, TrainSettings, epoch_images
 from bob_cache.hashing import stable_hash
 from bob_cache.pipelines.registry import register_stage
 from bob_cache.provenance import library_versions, utc_now
-from bob_cache.stores.results import DEFAULT_RESULTS, ResultsTable
+from bob_cache.stores.results import DEFAULT_RESULTS, ResultsTable, config_columns
 
 # Options that change no number: left out of the run's identity.
 _NOT_IN_HASH = ("out", "results", "resume", "quiet", "workers", "device", "name")
@@ -299,6 +299,7 @@ def _rows(
         "method": task.name, "seed": config.seed, "config_hash": config_hash(config),
         "versions": library_versions(), "time": utc_now(), "train_rows": train_rows,
         "val_rows": val_rows, "task": "", "split_rule": data.info.get("split_rule", ""),
+        **_row_config(config, identity),
     }  # fmt: skip
     per_epoch = _epoch_protocol(config, train_rows)
     sweep = (
@@ -324,6 +325,17 @@ def _rows(
             base, drop, split="test", setting=config.mode, protocol=f"val − test; {chosen}"
         )
     return rows
+
+
+def _row_config(config: FinetuneConfig, identity: dict[str, Any]) -> dict[str, str]:
+    """The rows' ``config`` (the run's identity without seed, data and backbone label, with
+    the lr sweep) and ``dataset_fingerprint`` (a hash of the data's locations: the data
+    itself is not fingerprinted here)."""
+    data = ("train", "val", "test", "images")
+    options = {k: v for k, v in identity.items() if k not in ("seed", "backbone", *data)}
+    columns = config_columns(None, stage="finetune", lrs=list(config.lrs), **options)
+    where = [identity.get(k) for k in data]
+    return {**columns, "dataset_fingerprint": "paths-" + stable_hash(where, length=16)}
 
 
 def _epoch_protocol(config: FinetuneConfig, train_rows: int) -> str:

@@ -58,7 +58,7 @@ from bob_cache.stores.detector_store import (
     read_state,
 )  # fmt: skip
 from bob_cache.stores.head_store import HeadParams, HeadRecord, check_head, open_set, read_head
-from bob_cache.stores.results import ResultsTable
+from bob_cache.stores.results import ResultsTable, config_columns
 
 DETECTORS = tuple(list_detectors())
 DETECT_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95")
@@ -434,11 +434,16 @@ def _refit_hint(config: OODConfig) -> str:
 
 
 def _base(config: OODConfig, record: HeadRecord, test_fs: FeatureSet) -> dict[str, Any]:
+    # `_config`: what `_row` needs for the row's configuration (not a column itself)
+    identity = {"spec": test_fs.attrs.get("spec"), "knn": config.detector_options("knn"),
+                "splits": [config.train_split, config.val_split, config.test_split],
+                "head": {"method": record.method, "setting": record.setting},
+                "class_map": _file_digest(config.class_map)}  # fmt: skip
     return {
         "run_id": uuid.uuid4().hex[:12], "versions": library_versions(), "stage": "ood",
         "dataset": config.dataset, "split": test_fs.attrs["split"], "backbone": record.backbone,
         "feature_key": record.feature_key, "seed": record.seed, "time": utc_now(),
-        "split_rule": rule_text(test_fs.attrs.get("dataset", {})),
+        "split_rule": rule_text(test_fs.attrs.get("dataset", {})), "_config": identity,
     }  # fmt: skip
 
 
@@ -452,8 +457,16 @@ def _row(
     record: HeadRecord,
     how: str,
 ) -> dict[str, Any]:
-    return {**base, "method": method, "setting": setting, "metric": metric, "value": float(value),
-            "config_hash": unit, "train_rows": record.train_rows, "val_rows": record.val_rows,
+    common = {k: v for k, v in base.items() if k != "_config"}
+    ident = base["_config"]
+    columns = config_columns(
+        ident["spec"], stage="ood", splits=ident["splits"], head=ident["head"],
+        options=ident["knn"] if method == "knn" else {},
+        class_map=ident["class_map"] if setting.startswith("shift") else "",
+    )  # fmt: skip
+    return {**common, **columns, "method": method, "setting": setting, "metric": metric,
+            "value": float(value), "config_hash": unit, "train_rows": record.train_rows,
+            "val_rows": record.val_rows,
             "protocol": f"head {record.name} ({record.setting}, C={record.C}); {how}"}  # fmt: skip
 
 

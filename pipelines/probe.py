@@ -61,7 +61,7 @@ from bob_cache.probes.knn import split_ks
 from bob_cache.provenance import library_versions, utc_now
 from bob_cache.stores import FeatureSet, open_store
 from bob_cache.stores.head_store import HeadParams, HeadRecord, list_heads, write_head
-from bob_cache.stores.results import ResultsTable, summarize
+from bob_cache.stores.results import ResultsTable, config_columns, summarize
 
 METHODS = ("linear", "knn")
 SUBSET_DRAW = "subset drawn by id hash from the whole train split"  # in few-shot protocols
@@ -275,6 +275,7 @@ def _rows(
     return [
         {
             **base,
+            **_row_config(config, data, r.name),
             "method": r.name,
             "metric": metric,
             "value": float(value),
@@ -285,6 +286,17 @@ def _rows(
         for r in results
         for metric, value in r.metrics.items()
     ]
+
+
+def _row_config(config: ProbeConfig, data: ProbeData, method: str) -> dict[str, str]:
+    """The row's ``config`` (its unit's identity without seed, dataset and feature key, with
+    the feature spec; kNN: the temperature, not the list of ks) and dataset fingerprint."""
+    ident = _config_identity(config, data.feature_key, method)
+    options = {k: v for k, v in ident.items() if k not in ("stage", "dataset", "feature_key")}
+    if "knn" in options:
+        options["knn"] = {"temperature": config.temperature}
+    spec = data.sets[config.train_split].attrs.get("spec")
+    return config_columns(spec, stage="probe", **options)
 
 
 def load_probe_data(config: ProbeConfig) -> ProbeData:

@@ -7,7 +7,8 @@ rows as ``results.parquet`` and ``results.csv``, and the PNG figures.
 
 Backbone metadata (family, pretraining method and data, parameters, display name) comes from
 the caller, else from the battle's ``backbones-<suite>.json`` beside the results, else from
-the backbone registry.
+the backbone registry. Given the suite, cells that its tasks leave out on purpose (a task's
+``backbones`` list) are listed as excluded, not as missing.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -27,10 +28,18 @@ from bob_cache.errors import NoResultsError, StoreError
 from bob_cache.extras import require
 from bob_cache.pipelines.registry import register_stage
 from bob_cache.pipelines.report_plots import Plot, draw_plots
+from bob_cache.pipelines.report_sections import (
+    Section,
+    configuration_section,
+    missing_section,
+    protocol,
+    uncertainty_section,
+)
 from bob_cache.pipelines.report_tables import (
     Marks,
     Table,
     correlation_table,
+    flagged_table,
     frame_table,
     missing_cells,
     provenance_frame,
@@ -39,9 +48,12 @@ from bob_cache.pipelines.report_tables import (
     task_tables,
 )
 from bob_cache.provenance import utc_now
-from bob_cache.ranking import DEFAULT_SIZE_CLASSES, Ranking, rank_backbones
+from bob_cache.ranking import DEFAULT_SIZE_CLASSES, Ranking, list_tasks, rank_backbones
 from bob_cache.ranking.metadata import SizeClasses
 from bob_cache.stores.results import ResultsTable
+
+if TYPE_CHECKING:
+    from bob_cache.suite import Suite
 
 # Written beside the results by the battle stage (its METADATA_FILE): {slug: metadata}.
 SUITE_METADATA = "backbones-{suite}.json"
@@ -59,25 +71,22 @@ class ReportSummary:
     backbones: list[str] = field(default_factory=list)  # best first
     tasks: list[str] = field(default_factory=list)
     top_backbone: str | None = None
+    tied_with_top: list[str] = field(default_factory=list)  # bootstrap intervals overlap
     missing_cells: list[dict[str, str]] = field(default_factory=list)
+    excluded_cells: list[dict[str, str]] = field(default_factory=list)  # left out by the suite
+    suite_checked: bool = False  # whether a suite said which cells are left out on purpose
     skipped_settings: int = 0
+    configurations: dict[str, list[str]] = field(default_factory=dict)  # backbone → what differs
+    prefer: list[str] = field(default_factory=list)
+    chosen: list[dict[str, Any]] = field(default_factory=list)  # what --prefer picked
+    stale_rows: int = 0  # rows of an earlier source of a dataset name, left out
+    below_chance: int = 0  # values flagged (AUROC < 0.5)
+    bootstrap: dict[str, Any] | None = None  # resamples, seed
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass
-class Section:
-    """One heading of the report."""
-
-    title: str
-    anchor: str
-    paragraphs: list[str] = field(default_factory=list)
-    tables: list[Table] = field(default_factory=list)
-    figures: list[dict[str, str]] = field(default_factory=list)
-    collapsed: bool = False
 
 
 @register_stage("report")
@@ -89,6 +98,10 @@ def build_report(
     suite_name: str | None = None,
     primary_metrics: Mapping[str, str | Sequence[str]] | None = None,
     size_classes: SizeClasses = DEFAULT_SIZE_CLASSES,
+    prefer: Sequence[str] = (),
+    bootstrap: int | None = None,
+    seed: int = 0,
+    suite: Suite | None = None,
 ) -> ReportSummary:
     """Write the report of the results table at ``results_dir`` into ``out_dir``.
 
@@ -101,9 +114,17 @@ def build_report(
         suite_name: named in the title.
         primary_metrics: task → metric(s) replacing a task's ranked metric.
         size_classes: ``(name, upper bound of parameters)`` pairs, ascending.
+        prefer: ``KEY=VALUE`` items picking one configuration where a backbone has several
+            (:mod:`bob_cache.ranking.identity`).
+        bootstrap: resamples of the ranking's bootstrap (:mod:`bob_cache.ranking.bootstrap`);
+            None: 1000 where there are two settings or more; 0: none.
+        seed: the bootstrap's seed.
+        suite: the battle suite: cells its tasks leave out on purpose are not "missing".
 
     Raises:
         NoResultsError: the table has no rows.
+        RankingOptionError: a ``prefer`` no row matches; a bootstrap with too few
+            resamples or settings. Nothing is written then.
     """
     require("report", "The report")
     started = time.perf_counter()
@@ -114,16 +135,19 @@ def build_report(
             f"No results in '{table.directory}'. Run `bob-cache probe` / `bob-cache battle` "
             "first (or `bob-cache results import FILE.csv`), or pass the results directory."
         )
-    out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
     if metadata is None:
         metadata, suite_name = find_suite_metadata(table, suite_name)
     ranking = rank_backbones(
-        frame, metadata=metadata, primary_metrics=primary_metrics, size_classes=size_classes
-    )
-    summary = _summary(out, frame, ranking)
+        frame, metadata=metadata, primary_metrics=primary_metrics, size_classes=size_classes,
+        prefer=prefer, bootstrap=bootstrap, seed=seed,
+    )  # fmt: skip
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    excluded = suite_exclusions(suite, metadata or {}) if suite is not None else set()
+    summary = _summary(out, frame, ranking, excluded)
+    summary.suite_checked = suite is not None
     plots, summary.notes = draw_plots(ranking, out)
-    marks = Marks.from_rows(ranking.rows)
+    marks = Marks.from_ranking(ranking)
     context = {
         "title": "bob-cache report" + (f": {suite_name}" if suite_name else ""),
         "generated": utc_now(), "results_dir": str(table.directory),
@@ -152,15 +176,51 @@ def find_suite_metadata(
         ) from exc
 
 
-def _summary(out: Path, frame: pd.DataFrame, ranking: Ranking) -> ReportSummary:
+def suite_exclusions(suite: Suite, metadata: Mapping[str, Any]) -> set[tuple[str, str, str]]:
+    """(backbone label, ranked task, dataset) cells that ``suite``'s tasks leave out on
+    purpose (a task's ``backbones`` list without the backbone, and no other task of the
+    kind running it there). ``metadata`` maps the results' labels to the suite's backbones
+    (its ``name`` and ``label``), as the battle writes it."""
+    left_out: set[tuple[str, str, str]] = set()
+    planned: set[tuple[str, str, str]] = set()
+    for task in suite.tasks:
+        ranked = [t for t in list_tasks() if t == task.kind or t.startswith(f"{task.kind}-")]
+        for dataset in suite.datasets_of(task):
+            for label, meta in metadata.items():
+                backbone = _suite_backbone(suite, meta)
+                if backbone is None:
+                    continue
+                target = planned if suite.runs_on(task, backbone) else left_out
+                target.update((label, t, dataset.name) for t in ranked)
+    return left_out - planned
+
+
+def _suite_backbone(suite: Suite, meta: Any) -> Any:
+    get = meta.get if isinstance(meta, Mapping) else lambda k: getattr(meta, k, None)
+    same = [b for b in suite.backbones if b.name == get("name")]
+    return next((b for b in same if b.display == get("label")), same[0] if same else None)
+
+
+def _summary(
+    out: Path, frame: pd.DataFrame, ranking: Ranking, excluded: Collection[tuple[str, str, str]]
+) -> ReportSummary:
     imported = frame[frame["source"].astype(str) != ""]
-    gaps = missing_cells(ranking)
+    gaps, on_purpose = missing_cells(ranking, excluded)
+    boot = ranking.bootstrap
+    tied = [] if boot is None else list(boot.overall["entry"][boot.overall["tied_with_leader"]])
+    configs = ranking.configurations
     return ReportSummary(
         out_dir=str(out), rows=len(frame), imported_rows=len(imported),
-        sources=sorted(set(imported["source"])), backbones=list(ranking.overall["backbone"]),
+        sources=sorted(set(imported["source"])), backbones=list(ranking.overall["entry"]),
         tasks=ranking.task_names,
-        top_backbone=None if ranking.overall.empty else str(ranking.overall["backbone"].iloc[0]),
-        missing_cells=gaps.to_dict(orient="records"), skipped_settings=len(ranking.skipped),
+        top_backbone=None if ranking.overall.empty else str(ranking.overall["entry"].iloc[0]),
+        tied_with_top=tied, missing_cells=gaps.to_dict(orient="records"),
+        excluded_cells=on_purpose.to_dict(orient="records"),
+        skipped_settings=len(ranking.skipped),
+        configurations=dict(configs.varying) if configs else {}, prefer=ranking.prefer,
+        chosen=list(configs.chosen) if configs else [], stale_rows=len(ranking.stale_rows),
+        below_chance=len(ranking.below_chance),
+        bootstrap=None if boot is None else {"resamples": boot.resamples, "seed": boot.seed},
     )  # fmt: skip
 
 
@@ -173,10 +233,18 @@ def _sections(
     ranked.figures = [figures[n] for n in ("ranking",) if n in figures]
     ranked.tables = [ranking_table(ranking, ranking.overall, marks, "Overall ranking")]
     ranked.tables += [
-        ranking_table(ranking, part, marks, f"Ranking among {name} backbones")
+        ranking_table(ranking, part, marks, f"Ranking among {name} backbones", full=False)
         for name, part in ranking.by_size_class().items()
     ]
     tasks = Section("Results per task", "tasks", tables=task_tables(ranking, marks, z=False))
+    if not ranking.below_chance.empty:
+        tasks.paragraphs.append(
+            f"{len(ranking.below_chance)} value(s) lie below their metric's chance level (an "
+            "AUROC under 0.5 ranks the OOD set as more in-distribution than the ID set: "
+            "often an ill-posed detector fit). They are marked ⚠ and still count in the "
+            "z-scores; see the table below."
+        )
+        tasks.tables.append(flagged_table(ranking))
     zs = Section("z-scores", "z-scores", tables=task_tables(ranking, marks, z=True))
     if not ranking.skipped.empty:
         zs.tables.append(frame_table(ranking.skipped, "Settings left out of the z-scores"))
@@ -184,8 +252,9 @@ def _sections(
     corr.figures = [figures[n] for n in ("correlations", "task_scatter") if n in figures]
     corr.tables = [correlation_table(ranking)] if len(ranking.correlations) else []
     scale = Section("Scale", "scale", tables=[scale_table(ranking)])
-    return [ranked, tasks, zs, corr, scale, _missing_section(ranking, summary),
-            Section("Method", "method", _protocol(ranking)), _appendix(ranking)]  # fmt: skip
+    return [ranked, uncertainty_section(ranking), tasks, zs, corr, scale,
+            configuration_section(ranking), missing_section(ranking, summary),
+            Section("Method", "method", protocol(ranking)), _appendix(ranking)]  # fmt: skip
 
 
 def _headline(ranking: Ranking, summary: ReportSummary) -> list[str]:
@@ -193,60 +262,26 @@ def _headline(ranking: Ranking, summary: ReportSummary) -> list[str]:
         return ["No backbone could be ranked: no setting of any task has two backbones that "
                 "scored differently (see z-scores and Missing results)."]  # fmt: skip
     best = ranking.overall.iloc[0]
-    info = ranking.backbones[best["backbone"]]
-    top = info.shown if info.shown == info.label else f"{info.shown} ({info.label})"
+    shown = ranking.shown(best["entry"])
+    top = shown if shown == best["entry"] else f"{shown} ({best['entry']})"
     lines = [
         f"Top backbone: {top} (overall z {best['z']:.2f} over "
         f"{best['tasks']} task(s), {best['settings']} setting(s)). {len(summary.backbones)} "
-        f"backbone(s) ranked on {ranking.tasks['task'].nunique()} task(s) from {summary.rows} "
-        "result rows."
+        f"entr{'y' if len(summary.backbones) == 1 else 'ies'} ranked on "
+        f"{ranking.tasks['task'].nunique()} task(s) from {summary.rows} result rows."
     ]
+    if ranking.bootstrap is not None:
+        tied = [ranking.shown(e) for e in summary.tied_with_top]
+        lines.append(
+            f"Tied with it (95% bootstrap intervals of the overall z overlap, "
+            f"{ranking.bootstrap.resamples} resamples): {', '.join(tied)}."
+            if tied else "No other entry's 95% bootstrap interval of the overall z reaches "
+            "the leader's."
+        )  # fmt: skip
     if summary.imported_rows:
         lines.append(f"{summary.imported_rows} of the rows were imported; numbers resting on "
                      "them are marked (see the footnotes).")  # fmt: skip
     return lines
-
-
-def _missing_section(ranking: Ranking, summary: ReportSummary) -> Section:
-    section = Section("Missing results", "missing")
-    gaps = pd.DataFrame(summary.missing_cells, columns=["backbone", "task", "dataset"])
-    if gaps.empty:
-        section.paragraphs.append("Every backbone has rows for every task and dataset present.")
-    else:
-        section.paragraphs.append(
-            f"{len(gaps)} backbone × task × dataset cell(s) have no rows, so those backbones' "
-            "task means rest on fewer settings. Run the missing evaluations to fill them."
-        )
-        section.tables.append(frame_table(gaps, "Cells without rows", anchor="missing-cells"))
-    if not ranking.unassigned.empty:
-        kinds = ranking.unassigned.groupby(["stage", "method", "setting"]).size()
-        section.paragraphs.append(
-            f"{len(ranking.unassigned)} row(s) belong to no task and are not ranked: "
-            + "; ".join(f"{s}/{m}/{t} ({n})" for (s, m, t), n in kinds.items())
-        )
-    return section
-
-
-def _protocol(ranking: Ranking) -> list[str]:
-    metrics = sorted({f"{t}: {m}" for (_, t), m in ranking.primary_metrics.items()})
-    bounds = "".join(f"{name} < {bound / 1e6:g}M ≤ " for name, bound in ranking.size_classes[:-1])
-    return [
-        "Tasks: linear = probe, method linear, setting full; few-shot = probe settings K-shot "
-        "or F-fraction (any method); knn = method knn@k, setting full; retrieval = stage "
-        "retrieval. A row's own task wins. The latest run of each configuration counts.",
-        f"Ranked metric per task: {', '.join(metrics) or 'none'}.",
-        "A setting is (dataset, task, method, setting, metric). A backbone's value there is "
-        "the mean over its seeds; its z-score is (value − mean) / std over the backbones "
-        "present in that setting, with the population std (ddof 0, as BoB and "
-        "scipy.stats.zscore). Settings with fewer than two backbones or zero std are left "
-        f"out ({len(ranking.skipped)} here).",
-        "A backbone's task score is the mean z over the task's settings (all datasets, "
-        "methods and settings alike); its overall score is the mean of its task scores, so "
-        "every task weighs the same. ± on the overall z is its std (ddof 1) when each seed is "
-        "scored alone (settings run once count the same for every seed).",
-        f"Size classes by parameters: {bounds}{ranking.size_classes[-1][0]}. "
-        "Correlations are Spearman's over the backbones that have both values (n/a below 3).",
-    ]
 
 
 def _appendix(ranking: Ranking) -> Section:

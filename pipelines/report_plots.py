@@ -3,7 +3,8 @@
 * ``correlations.png``: heatmap of Spearman rho between tasks (needs two tasks).
 * ``task_scatter.png``: task against task, one point per backbone; marker area by parameter
   count, colour by pretraining method (the paper's Figure 1); the first ``MAX_PAIRS`` pairs.
-* ``ranking.png``: overall z per backbone, error bars = std of the overall z over seeds.
+* ``ranking.png``: overall z per entry; error bars = its 95% bootstrap interval (or, without
+  a bootstrap, the std of the overall z over seeds); entries tied with the leader hatched.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def correlation_heatmap(ranking: Ranking) -> Any:
 def task_scatter(ranking: Ranking) -> Any:
     import matplotlib.pyplot as plt
 
-    wide = ranking.tasks.pivot(index="backbone", columns="task", values="z")
+    wide = ranking.tasks.pivot(index="entry", columns="task", values="z")
     pairs = list(itertools.combinations([t for t in ranking.task_names if t in wide], 2))
     pairs = pairs[:MAX_PAIRS]
     cols = min(3, len(pairs))
@@ -85,10 +86,11 @@ def task_scatter(ranking: Ranking) -> Any:
     for ax, (a, b) in zip(axes.flat, pairs, strict=False):
         both = wide[[a, b]].dropna()
         for label, (x, y) in both.iterrows():
-            info = ranking.backbones[label]
+            info = ranking.info(label)
             ax.scatter(x, y, s=_marker_area(info.params), color=colours[_method(info.method)],
                        alpha=0.75, edgecolors="black", linewidths=0.5)  # fmt: skip
-            ax.annotate(info.shown, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(ranking.shown(label), (x, y), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")  # fmt: skip
         ax.set_xlabel(f"{a} (mean z)")
         ax.set_ylabel(f"{b} (mean z)")
         ax.axhline(0, color="grey", lw=0.5)
@@ -105,15 +107,32 @@ def ranking_bars(ranking: Ranking) -> Any:
 
     overall = ranking.overall.iloc[::-1]
     fig, ax = plt.subplots(figsize=(7, max(3.0, 0.35 * len(overall) + 1.2)))
-    spread = overall["z_seed_std"].fillna(0.0).to_numpy()
-    names = [ranking.backbones[b].shown for b in overall["backbone"]]
-    ax.barh(names, overall["z"], xerr=spread, color="tab:blue", alpha=0.8,
-            error_kw={"capsize": 3})  # fmt: skip
+    names = [ranking.shown(e) for e in overall["entry"]]
+    error, what, tied = _error_bars(ranking, overall)
+    bars = ax.barh(names, overall["z"], xerr=error, color="tab:blue", alpha=0.8,
+                   edgecolor="white", error_kw={"capsize": 3})  # fmt: skip
+    for bar, is_tied in zip(bars, tied, strict=True):
+        bar.set_hatch("//" if is_tied else "")
     ax.axvline(0, color="black", lw=0.6)
-    ax.set_xlabel("overall z (mean of task means); bars: std over seeds")
+    ax.set_xlabel(f"overall z (mean of task means); bars: {what}")
     ax.set_title("Ranking")
     fig.tight_layout()
     return fig
+
+
+def _error_bars(ranking: Ranking, overall: Any) -> tuple[np.ndarray, str, list[bool]]:
+    """(2, n) distances to the bootstrap interval's ends (or the seed std both ways), what
+    they are, and which entries are tied with the leader."""
+    boot = ranking.bootstrap
+    if boot is None:
+        spread = overall["z_seed_std"].fillna(0.0).to_numpy()
+        return np.vstack([spread, spread]), "std over seeds", [False] * len(overall)
+    b = boot.overall.set_index("entry").loc[list(overall["entry"])]
+    z = overall["z"].to_numpy(dtype=float)
+    low = np.clip(z - b["z_low"].to_numpy(dtype=float), 0, None)
+    high = np.clip(b["z_high"].to_numpy(dtype=float) - z, 0, None)
+    what = f"95% bootstrap interval ({boot.resamples} resamples); hatched: tied with #1"
+    return np.nan_to_num(np.vstack([low, high])), what, list(b["tied_with_leader"])
 
 
 def _needs_two_tasks(ranking: Ranking) -> str:

@@ -41,7 +41,7 @@ from bob_cache.retrieval.metrics import (
     mean_metrics,
 )
 from bob_cache.stores import FeatureSet, open_store
-from bob_cache.stores.results import ResultsTable
+from bob_cache.stores.results import ResultsTable, config_columns
 
 EVAL_PROTOCOLS = ("classes", "gnd")
 # --metrics-definition when none is given: classes keeps scikit-learn's AP, which its rows used
@@ -141,7 +141,8 @@ def retrieval_eval(config: RetrievalEvalConfig) -> RetrievalEvalSummary:
             _classes(config, db_set, summary)
         else:
             _gnd(config, truth, db_set, sets[query_split], summary)
-        table.append(_rows(config, summary, config_hash))
+        spec = db_set.attrs.get("spec")
+        table.append(_rows(config, summary, config_hash, ident=ident, spec=spec))
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -270,8 +271,17 @@ def _identity(config: RetrievalEvalConfig, fs: FeatureSet, query_split: str) -> 
 
 
 def _rows(
-    config: RetrievalEvalConfig, summary: RetrievalEvalSummary, config_hash: str
+    config: RetrievalEvalConfig,
+    summary: RetrievalEvalSummary,
+    config_hash: str,
+    *,
+    ident: dict[str, Any] | None = None,
+    spec: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
+    # the row's configuration: its identity without the seed of the query draw
+    options = {k: v for k, v in (ident or {}).items() if k not in ("stage", "feature_key")}
+    if "queries" in options:
+        options["queries"] = options["queries"][0]  # the fraction; [1] is the seed
     base = {
         "run_id": uuid.uuid4().hex[:12], "stage": "retrieval", "dataset": config.dataset,
         "split": config.split, "backbone": summary.backbone, "feature_key": summary.feature_key,
@@ -280,7 +290,7 @@ def _rows(
         ),
         "seed": config.seed, "config_hash": config_hash, "versions": library_versions(),
         "time": utc_now(), "train_rows": 0, "val_rows": 0, "protocol": _protocol_text(config),
-        "split_rule": summary.split_rule,
+        "split_rule": summary.split_rule, **config_columns(spec, **options),
     }  # fmt: skip
     return [
         {**base, "method": method, "metric": metric, "value": float(value)}

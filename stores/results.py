@@ -10,6 +10,13 @@ results import``) carry their ``source``; own rows have ``source == ""``. A row 
 ``task`` (``linear``, ``knn``, ...); empty means the ranking's rules decide. ``split_rule``
 says how the dataset's rows came to be in their splits (``as distributed``, ``id-hash
 0.6/0.2/0.2`` for a source without splits; :mod:`bob_cache.data.splits`).
+
+``config`` is the row's configuration without its seed, as canonical JSON (the feature spec
+less its dataset, and the method's options: :func:`config_columns`); rows that differ in it
+are never averaged (:mod:`bob_cache.ranking.identity`). ``dataset_fingerprint`` names the
+dataset's source (its content fingerprint, ``/limit=N`` for a ``--limit`` extraction): rows
+of two sources of one dataset name are never mixed. Both are empty in rows written before
+they existed (then the feature key stands for the configuration).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import io
 import json
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,11 +40,11 @@ from bob_cache.stores.location import is_url, translate_remote_errors, translate
 COLUMNS = (
     "run_id", "stage", "dataset", "split", "backbone", "feature_key", "method", "setting",
     "metric", "value", "seed", "config_hash", "versions", "time", "train_rows", "val_rows",
-    "protocol", "source", "task", "split_rule",
+    "protocol", "source", "task", "split_rule", "config", "dataset_fingerprint",
 )  # fmt: skip
 # Columns a writer may leave out (and tables written before they existed lack): their fill.
-OPTIONAL = {"source": "", "task": "", "split_rule": ""}
-SUMMARY_KEYS = ("dataset", "backbone", "method", "setting")
+OPTIONAL = {"source": "", "task": "", "split_rule": "", "config": "", "dataset_fingerprint": ""}
+SUMMARY_KEYS = ("dataset", "data", "backbone", "configuration", "method", "setting")
 DEFAULT_RESULTS = "bob-results"
 
 
@@ -161,27 +168,70 @@ class ResultsTable:
         return set(self.read()["config_hash"])
 
 
+def config_columns(spec: Mapping[str, Any] | None = None, **options: Any) -> dict[str, str]:
+    """A row's ``config`` and ``dataset_fingerprint`` columns.
+
+    Args:
+        spec: the feature set's spec (its ``spec`` attribute), or None (fine-tuning).
+        options: everything else that changes the row's number, except the seed, the
+            dataset and what the row's method and setting already say.
+    """
+    spec = dict(spec or {})
+    data = spec.pop("dataset", None) or {}
+    config = {"feature": spec, **options} if spec else dict(options)
+    fingerprint = str(data.get("fingerprint") or "")
+    if fingerprint and data.get("limit") is not None:
+        fingerprint += f"/limit={data['limit']}"
+    text = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
+    return {"config": text, "dataset_fingerprint": fingerprint}
+
+
 def summarize(frame: pd.DataFrame, *, metrics: Sequence[str] | None = None) -> pd.DataFrame:
-    """Pivot long rows to one line per (dataset, backbone, method, setting) with
-    ``mean ± std`` over seeds for each metric (the latest run of each config wins), and the
-    labelled rows each fit used (``train_rows``, ``val_rows``: a range when seeds differ)."""
+    """Pivot long rows to one line per (dataset, backbone, configuration, method, setting)
+    with ``mean ± std`` over seeds for each metric (the latest run of each config wins),
+    ``seeds``, and the labelled rows each fit used (``train_rows``, ``val_rows``: a range
+    when seeds differ).
+
+    Rows that differ by more than their seed are never averaged
+    (:mod:`bob_cache.ranking.identity`): a backbone with several configurations in one
+    setting gets one line each, ``configuration`` saying what differs. A dataset name with
+    rows of several sources gets one line per source (``data``: its fingerprint). Both
+    columns are left out when nothing differs.
+    """
+    from bob_cache.ranking.identity import resolve_configurations
+
     if frame.empty:
         return frame
     latest = frame.sort_values("time").drop_duplicates(
         ["config_hash", "method", "setting", "metric", "seed", "split"], keep="last"
     )
-    rows = latest.groupby(list(SUMMARY_KEYS))[["train_rows", "val_rows"]].agg(_span).reset_index()
+    latest = _fill_optional(latest.assign(**{c: latest.get(c) for c in OPTIONAL}))
+    latest["data"] = _sources(latest)
+    keys = ["dataset", "data", "method", "setting", "metric"]
+    latest = resolve_configurations(latest.reset_index(drop=True), keys).rows
+    group = list(SUMMARY_KEYS)
+    rows = latest.groupby(group)[["train_rows", "val_rows"]].agg(_span).reset_index()
     if metrics:
         latest = latest[latest["metric"].isin(metrics)]
-    keys = [*SUMMARY_KEYS, "metric"]
-    stats = latest.groupby(keys)["value"].agg(["mean", "std", "count"]).reset_index()
+    stats = latest.groupby([*group, "metric"])["value"].agg(["mean", "std", "count"])
+    stats = stats.reset_index()
     stats["cell"] = [
         f"{m:.4f}" if n < 2 else f"{m:.4f} ± {s:.4f}"
         for m, s, n in zip(stats["mean"], stats["std"], stats["count"], strict=True)
     ]
-    table = stats.pivot(index=keys[:-1], columns="metric", values="cell").reset_index()
+    table = stats.pivot(index=group, columns="metric", values="cell").reset_index()
     table.columns.name = None
-    return table.merge(rows, on=list(SUMMARY_KEYS), how="left")
+    seeds = stats.groupby(group)["count"].max().rename("seeds").reset_index()
+    table = table.merge(seeds, on=group, how="left").merge(rows, on=group, how="left")
+    unused = [c for c in ("data", "configuration") if (table[c] == "").all()]
+    return table.drop(columns=unused)
+
+
+def _sources(frame: pd.DataFrame) -> pd.Series:
+    """A row's dataset source (fingerprint, 12 characters) where its dataset has several."""
+    fingerprint = frame["dataset_fingerprint"].str[:12]
+    several = fingerprint.groupby(frame["dataset"]).transform("nunique") > 1
+    return fingerprint.where(several, "")
 
 
 def _fill_optional(frame: pd.DataFrame) -> pd.DataFrame:

@@ -56,7 +56,11 @@ def results(
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show the results table, filtered, as mean ± std over seeds (or import rows into it)."""
+    """Show the results table, filtered, as mean ± std over seeds (or import rows into it).
+
+    Rows that differ by more than their seed (another layer, pooling, kNN temperature,
+    split or source) are never averaged: each configuration gets its own line.
+    """
     if ctx.invoked_subcommand is not None:
         return
     from bob_cache.stores.results import ResultsTable, summarize
@@ -121,41 +125,85 @@ def report(
     ),
     suite: Annotated[
         str | None,
-        typer.Option(help="Battle suite file: names the report and picks its backbone metadata."),
+        typer.Option(
+            help="Battle suite file: names the report, picks its backbone metadata, and tells "
+            "cells its tasks leave out on purpose from missing ones."
+        ),
     ] = None,
+    prefer: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--prefer",
+            metavar="KEY=VALUE",
+            help="Where a backbone ran under several configurations in one setting (another "
+            "layer, pooling, kNN temperature), rank only the one with KEY=VALUE (e.g. "
+            "layer=layer3); repeatable. Without it each configuration is its own entry.",
+        ),
+    ] = None,
+    bootstrap: Annotated[
+        int | None,
+        typer.Option(
+            "--bootstrap",
+            metavar="N",
+            help="Bootstrap resamples over the settings (and seeds) behind each task, for 95% "
+            "intervals of every z and rank [default: 1000 when there are two settings or "
+            "more; 0: none].",
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="The bootstrap's random seed.")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """Rank the backbones of a results table and write report.md, report.html and plots."""
     from bob_cache.pipelines.report import build_report
 
-    name, suite_results = _suite(suite)
-    summary = build_report(directory or suite_results, out_dir, suite_name=name)
+    loaded = _suite(suite)
+    summary = build_report(
+        directory or (loaded.model.results if loaded else None), out_dir,
+        suite_name=loaded.name if loaded else None, prefer=prefer or (), bootstrap=bootstrap,
+        seed=seed, suite=loaded,
+    )  # fmt: skip
     if as_json:
         print_json(summary.to_dict())
         return
-    s = summary
+    _print_report(summary)
+
+
+def _print_report(s: Any) -> None:
     top = f"top backbone {s.top_backbone}" if s.top_backbone else "no backbone could be ranked"
     out.print(
-        f"Report of {s.rows} row(s) ({len(s.backbones)} backbone(s), {len(s.tasks)} task(s)): "
-        f"{top}. Wrote {s.files['html']} and {s.files['md']} ({s.seconds:.1f} s).",
+        f"Report of {s.rows} row(s) ({len(s.backbones)} ranked entr"
+        f"{'y' if len(s.backbones) == 1 else 'ies'}, {len(s.tasks)} task(s)): {top}. "
+        f"Wrote {s.files['html']} and {s.files['md']} ({s.seconds:.1f} s).",
         highlight=False,
     )
+    if s.bootstrap:
+        tied = ", ".join(s.tied_with_top) or "none"
+        err.print(f"  note: {s.bootstrap['resamples']} bootstrap resamples (seed "
+                  f"{s.bootstrap['seed']}); tied with the top: {tied}")  # fmt: skip
+    for backbone, keys in s.configurations.items():
+        err.print(f"  note: {backbone} ran under several configurations (differing in "
+                  f"{', '.join(keys)}): each is ranked apart; --prefer KEY=VALUE picks "
+                  "one")  # fmt: skip
+    if s.stale_rows:
+        err.print(f"  note: {s.stale_rows} row(s) of an earlier source of a dataset name are "
+                  "left out; the report lists them")  # fmt: skip
     if s.missing_cells:
-        err.print(f"  note: {len(s.missing_cells)} backbone × task × dataset cell(s) have no "
+        err.print(f"  note: {len(s.missing_cells)} entry × task × dataset cell(s) have no "
                   "rows; the report lists them")  # fmt: skip
+    if s.below_chance:
+        err.print(f"  note: {s.below_chance} value(s) below chance (AUROC < 0.5) are flagged")
     for note in s.notes:
         err.print(f"  note: {note}")
 
 
-def _suite(path: str | None) -> tuple[str | None, str | None]:
-    """The suite's name (its metadata file beside the results is found by it) and results."""
+def _suite(path: str | None) -> Any:
+    """The loaded suite (its name finds its metadata file beside the results), or None."""
     if path is None:
-        return None, None
+        return None
     require("battle", "Reading a battle suite (--suite)")
     from bob_cache.pipelines.battle import load_battle_suite
 
-    loaded = load_battle_suite(path)
-    return loaded.name, loaded.model.results
+    return load_battle_suite(path)
 
 
 def _records(frame: Any) -> list[dict[str, Any]]:
@@ -175,5 +223,6 @@ def register(app: typer.Typer) -> None:
     )(import_results)
     app.add_typer(results_app, name="results")
     app.command(
-        epilog="Example: bob-cache report ./bob-results --out ./bob-report --suite suite.yaml"
+        epilog="Example: bob-cache report ./bob-results --out ./bob-report --suite suite.yaml "
+        "--bootstrap 1000 --seed 0 --prefer layer=final"
     )(report)
