@@ -15,7 +15,7 @@ _STAGES: dict[str, Stage] = {}
 # command stay light (torch, faiss and zarr load only when a stage that needs them runs).
 _STAGE_NAMES = (
     "extract", "probe", "predict", "index", "query", "retrieval-eval", "ood", "battle", "report",
-    "shift", "finetune", "dense-probe",
+    "shift", "finetune", "dense-probe", "transferability",
 )  # fmt: skip
 
 

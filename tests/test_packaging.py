@@ -152,6 +152,7 @@ EXTRA_OF_FILE = {
     "pipelines/report.py": "report",
     "pipelines/report_plots.py": "report",
     "bob_cache/data/corruption_filters.py": "report",  # matplotlib's HSV conversion
+    "bob_cache/transfer/plots.py": "report",  # the transferability scatter
 }
 # Declared, but imported by no shipped module: what uses each.
 INDIRECT = {

@@ -41,7 +41,8 @@ def probe(
         str,
         typer.Option(
             help="linear, knn, or all (comma-separated); dense-linear: semantic segmentation "
-            "from an `extract --dense` set (run on its own)."
+            "from an `extract --dense` set (run on its own); transferability estimates "
+            "logme, hscore, leep, nce, knn-loo (comma-separated, run on their own)."
         ),
     ] = "all",
     train_split: Annotated[str, typer.Option(help="Training split.")] = "train",
@@ -89,6 +90,18 @@ def probe(
             "extraction (same layout)."
         ),
     ] = None,
+    loo_k: Annotated[int, typer.Option(help="knn-loo: neighbours that vote (leave-one-out).")] = 5,
+    loo_rows: Annotated[
+        int,
+        typer.Option(help="knn-loo: rows scored (a sample drawn by id hash above this)."),
+    ] = 20_000,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            help="leep/nce: the backbone's checkpoint, when the file it was extracted with "
+            "moved (its classifier gives the source-task distribution)."
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     results: ResultsOpt = None,
     force: Annotated[
@@ -111,9 +124,11 @@ def probe(
     from bob_cache.config import parse_numbers
     from bob_cache.pipelines import get_stage
     from bob_cache.pipelines.probe import METHODS, ProbeConfig
+    from bob_cache.pipelines.transferability import METHODS as TRANSFER_METHODS
 
     require_existing_store(store)
     methods = METHODS if method == "all" else tuple(m.strip() for m in method.split(","))
+    _check_methods(methods, (*METHODS, DENSE, *TRANSFER_METHODS))
     if DENSE in methods:
         dense = _dense_config(
             methods, seeds=seeds, lrs=lrs, epochs=epochs, batch_size=batch_size, store=store,
@@ -122,6 +137,13 @@ def probe(
             results=results, force=force,
         )  # fmt: skip
         return _dense(dense, as_json=as_json)
+    if set(methods) & set(TRANSFER_METHODS):
+        transfer = _transfer_config(
+            methods, store=store, dataset=dataset, backbone=backbone, feature=feature,
+            train_split=train_split, knn_k=loo_k, knn_max_rows=loo_rows, weights=weights,
+            results=results, force=force, stream=stream, max_memory_gb=max_memory,
+        )  # fmt: skip
+        return _transfer(transfer, as_json=as_json)
     config = ProbeConfig(
         store=store, dataset=dataset, backbone=backbone, feature=feature, methods=methods,
         train_split=train_split, val_split=val_split, test_split=test_split,
@@ -213,6 +235,59 @@ def _dense(config: Any, *, as_json: bool) -> None:
     print_table(s.table, [c for c in DENSE_COLUMNS if any(c in row for row in s.table)])
 
 
+TRANSFER_COLUMNS = ("method", "metric", "estimate", "train_rows", "details")
+
+
+def _check_methods(methods: tuple[str, ...], known: tuple[str, ...]) -> None:
+    from bob_cache.errors import SpecError, did_you_mean
+
+    for name in methods:
+        if name not in known:
+            raise SpecError(
+                f"Unknown --method '{name}'.{did_you_mean(name, known)} Known: "
+                f"{', '.join(known)}, or all (linear and knn)."
+            )
+
+
+def _transfer_config(methods: tuple[str, ...], **options: Any) -> Any:
+    """The transferability stage's config: its methods run alone (no probe is fitted)."""
+    from bob_cache.errors import SpecError
+    from bob_cache.pipelines.transferability import METHODS as TRANSFER_METHODS
+    from bob_cache.pipelines.transferability import TransferConfig
+
+    others = [m for m in methods if m not in TRANSFER_METHODS]
+    if others:
+        raise SpecError(
+            f"Transferability estimates ({', '.join(TRANSFER_METHODS)}) fit nothing and run "
+            f"on their own; got them with {others}. Run --method "
+            f"{','.join(m for m in methods if m in TRANSFER_METHODS)} and --method "
+            f"{','.join(others)} as two calls."
+        )
+    return TransferConfig(methods=methods, **options)
+
+
+def _transfer(config: Any, *, as_json: bool) -> None:
+    from bob_cache.pipelines import get_stage
+
+    s = get_stage("transferability")(config)
+    if as_json:
+        print_json(s.to_dict())
+        return
+    out.print(
+        f"Transferability of [bold]{s.dataset}[/] ({s.split}) × [bold]{s.backbone}[/] "
+        f"(feature {s.feature_key}): {s.units_run} estimate(s) computed, {s.units_skipped} "
+        f"already in {s.results} ({s.seconds:.1f} s). Higher = better; compare backbones on "
+        "one dataset only.",
+        highlight=False,
+    )
+    if s.unlabeled_rows_dropped:
+        err.print(f"  note: {s.unlabeled_rows_dropped} unlabeled row(s) (label -1) were left out")
+    if s.source:
+        err.print(f"  leep/nce source model: {s.source}", highlight=False)
+    table = [{**r, "estimate": f"{r['estimate']:.6g}"} for r in s.table]
+    print_table(table, [c for c in TRANSFER_COLUMNS if any(r.get(c) for r in table)])
+
+
 PREDICT_COLUMNS = ("query", "class", "predicted_class", "probability", "top")
 
 
@@ -279,7 +354,8 @@ def register(app: typer.Typer) -> None:
     app.command(
         epilog="Example: bob-cache probe --dataset digits --backbone resnet18 --method all "
         "--shots 1,5\n\nDense: bob-cache probe --dataset shapes --backbone test_vit "
-        "--method dense-linear"
+        "--method dense-linear\n\nTransferability: bob-cache probe --dataset digits --backbone "
+        "resnet18 --method logme,hscore,knn-loo"
     )(probe)
     app.command(
         epilog="Example: bob-cache predict --store ./bob-store --dataset digits --backbone "

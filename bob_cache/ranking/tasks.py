@@ -50,8 +50,14 @@ def list_tasks() -> list[str]:
     return list(_TASKS)
 
 
+# Stages whose rows are never a ranked task, whatever their method or ``task`` value:
+# transferability estimates are predictions of the battle, compared with it, not part of it.
+UNRANKED_STAGES = frozenset({"transferability"})
+
+
 def assign_tasks(frame: pd.DataFrame) -> pd.Series:
-    """The task of every row: its own ``task`` value, else the first matching rule, else ``""``."""
+    """The task of every row: its own ``task`` value, else the first matching rule, else ``""``
+    (always ``""`` for rows of :data:`UNRANKED_STAGES`)."""
     task = pd.Series("", index=frame.index, dtype=object)
     for kind in _TASKS.values():
         free = task == ""
@@ -59,6 +65,8 @@ def assign_tasks(frame: pd.DataFrame) -> pd.Series:
     if "task" in frame:
         own = frame["task"].astype(object).where(frame["task"].notna(), "").astype(str).str.strip()
         task = own.where(own != "", task)
+    if "stage" in frame:
+        task[_column(frame, "stage").isin(UNRANKED_STAGES)] = ""
     return task
 
 

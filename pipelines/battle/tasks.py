@@ -420,3 +420,46 @@ class DenseTask(TaskKind):
 
     def describe(self, options: Any) -> str:
         return f"dense-linear, {options.epochs} epochs"
+
+
+@register_task
+class TransferabilityTask(TaskKind):
+    """Transferability estimates (LogME, H-score, LEEP, NCE, kNN-LOO) of the training split:
+    cheap predictions beside the measured tasks, never ranked themselves."""
+
+    name = "transferability"
+    stage = "transferability"
+
+    class Options(_Options):
+        methods: tuple[str, ...] = Field(("logme", "hscore", "knn-loo"), min_length=1)
+        k: int = Field(5, ge=1)  # knn-loo's neighbours
+        max_rows: int = Field(20_000, ge=2)  # knn-loo's sample
+
+    def check(self, options: dict[str, Any]) -> tuple[Any, list[tuple[tuple[Any, ...], str]]]:
+        from bob_cache.transfer import list_estimators
+
+        parsed, problems = super().check(options)
+        known = list_estimators()
+        for j, name in enumerate(parsed.methods if parsed is not None else ()):
+            if name not in known:
+                hint = did_you_mean(name, known)
+                problems.append((("methods", j), f"unknown method '{name}'.{hint} Known: "
+                                 f"{', '.join(known)}"))  # fmt: skip
+        return parsed, problems
+
+    def config(self, options: Any, dataset: DatasetSpec, key: str, ctx: TaskContext) -> Any:
+        from bob_cache.pipelines.transferability import TransferConfig
+
+        return TransferConfig(
+            store=ctx.store, dataset=dataset.name, backbone=ctx.backbone, feature=key,
+            methods=options.methods, train_split=dataset.train_split, knn_k=options.k,
+            knn_max_rows=options.max_rows, weights=ctx.weights, results=ctx.results,
+        )  # fmt: skip
+
+    def done_hashes(self, config: Any, key: str) -> set[str]:
+        from bob_cache.pipelines.transferability import unit_hashes
+
+        return unit_hashes(config, key)
+
+    def describe(self, options: Any) -> str:
+        return ",".join(options.methods)
