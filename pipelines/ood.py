@@ -326,7 +326,10 @@ def _detection(
             fitted = f"fit on {detector.n_fit} ID train rows" if detector.passes else "no fit"
             protocol = (f"{fitted}{' + the head' if detector.needs_head else ''}; ID test "
                         f"({m.n_id}) vs {dataset} ({m.n_ood}); higher score = ID"
-                        f"{_knn_note(config, detector) if name == 'knn' else ''}")  # fmt: skip
+                        f"{_knn_note(config, detector) if name == 'knn' else ''}"
+                        f"{'; ' + detector.note if detector.note else ''}")  # fmt: skip
+            if detector.note:
+                report.detection[-1]["note"] = detector.note
             # rows seen: the head's when the detector scores through it, else its own fit's
             seen = {} if detector.needs_head else {"train_rows": detector.n_fit, "val_rows": 0}
             rows += [
@@ -382,7 +385,8 @@ def _detector(
     cls = get_detector_class(name)
     fs = train.fs
     key = {"detector": name, "options": config.detector_options(name), "feature_key": fs.key,
-           "split": fs.attrs["split"], "head": record.name if cls.needs_head else ""}  # fmt: skip
+           "split": fs.attrs["split"], "head": record.name if cls.needs_head else "",
+           **({"state_version": cls.state_version} if cls.state_version > 1 else {})}  # fmt: skip
     group_name = f"{name}-{stable_hash(key, length=12)}"
     opener = _opener(store)
     found = None if config.refit else find_detector(fs, group_name)

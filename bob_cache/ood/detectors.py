@@ -38,6 +38,8 @@ class Detector(abc.ABC):
     passes: ClassVar[int] = 1
     needs_labels: ClassVar[bool] = False
     needs_head: ClassVar[bool] = False
+    # Raised when what state() holds or means changes, so stored states of before are refit.
+    state_version: ClassVar[int] = 1
 
     def __init__(self) -> None:
         self.dim: int | None = None  # feature dimension, set by fit/from_state
@@ -59,6 +61,12 @@ class Detector(abc.ABC):
             )
         self._fit(stream, head)
         return self
+
+    @property
+    def note(self) -> str:
+        """What a results row should say about this fit (e.g. that an ill-posed fit was
+        regularized); empty when there is nothing to say."""
+        return ""
 
     def score(self, features: Any) -> np.ndarray:
         """OOD scores of ``(n, D)`` features, float64 ``(n,)``; higher = more in-distribution."""

@@ -15,11 +15,32 @@ from __future__ import annotations
 import numpy as np
 from scipy import linalg
 
+# A singular covariance's ridge, relative to the mean variance of all ID rows (see gaussian.py).
+RIDGE = 1e-6
+
 
 def pinv_psd(matrix: np.ndarray) -> np.ndarray:
     """Pseudo-inverse of a symmetric PSD matrix: ``scipy.linalg.pinvh`` with its default
     cutoff, exactly as scikit-learn's ``EmpiricalCovariance.precision_``."""
     return linalg.pinvh(matrix, check_finite=False)
+
+
+def psd_rank(matrix: np.ndarray) -> int:
+    """The dimensions a pseudo-inverse of ``matrix`` keeps; below ``D`` it is singular."""
+    return eigenvalue_rank(linalg.eigvalsh(matrix, check_finite=False))
+
+
+def eigenvalue_rank(values: np.ndarray) -> int:
+    """Eigenvalues above ``pinvh``'s default cutoff (``D · eps · max |eigenvalue|``)."""
+    values = np.abs(values)
+    cutoff = len(values) * np.finfo(np.float64).eps * values.max(initial=0.0)
+    return int((values > cutoff).sum())
+
+
+def ridge_inverse(matrix: np.ndarray, ridge: float) -> np.ndarray:
+    """``inv(matrix + ridge · I)`` of a symmetric PSD matrix, through its eigenvectors."""
+    values, vectors = linalg.eigh(matrix, check_finite=False)
+    return _symmetric((vectors / (np.maximum(values, 0.0) + ridge)) @ vectors.T)
 
 
 class GaussianMoments:

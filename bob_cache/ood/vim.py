@@ -14,6 +14,14 @@ leaves a residual space (``D > 512``); for ``D <= 512`` it is ``D // 2``. ``C`` 
 decomposed with ``numpy.linalg.eigh`` (the official code calls ``eig``; the residual norm does
 not depend on the eigenvectors' signs). Fitting reads the ID stream twice (``C`` first, then the
 residual norms for ``alpha``), so the stream must be re-iterable.
+
+**Singular fits.** When the ID rows span fewer dimensions than ``principal_dim`` (``rank(C)``,
+eigenvalues above ``pinvh``'s cutoff, is at most ``principal_dim``: fewer rows than the rule
+assumes), the principal space is not determined by the data (eigenvectors of the zero
+eigenvalues are arbitrary) and the ID rows have no residual, so ``alpha`` is undefined. A
+``principal_dim`` given explicitly is then an error naming the rank; the default becomes
+``rank // 2`` (the rule for small ``D``, applied to the dimensions the rows span), and the
+detector's :attr:`note` says so.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from bob_cache.errors import DetectorError
 from bob_cache.ood.blocks import BlockSource, LinearHead, iter_blocks
 from bob_cache.ood.detectors import Detector, State, check_int, register_detector
 from bob_cache.ood.logit import energy
+from bob_cache.ood.stats import eigenvalue_rank
 
 
 def resolve_principal_dim(principal_dim: int | None, dim: int) -> int:
@@ -47,6 +56,7 @@ class ViM(Detector):
 
     passes = 2
     needs_head = True
+    state_version = 2  # 2: principal_dim below the rank of C (rank, official_dim)
 
     def __init__(self, principal_dim: int | None = None) -> None:
         super().__init__()
@@ -57,6 +67,8 @@ class ViM(Detector):
         self.origin = np.zeros(0)
         self.residual_space = np.zeros((0, 0))
         self.alpha = 0.0
+        self.rank = 0  # of C: the dimensions the ID rows span
+        self.official_dim = 0  # the default rule's principal_dim when the rank overruled it
 
     def _fit(self, stream: BlockSource, head: LinearHead) -> None:
         origin = -np.linalg.pinv(head.weight) @ head.bias
@@ -67,8 +79,9 @@ class ViM(Detector):
             second += centered.T @ centered
             max_logit_sum += float(head.logits_tensor(x).amax(1).sum())
             rows += len(x)
-        principal = resolve_principal_dim(self.principal_dim, head.dim)
-        _, vectors = np.linalg.eigh((second + second.T) / (2 * rows))  # ascending eigenvalues
+        values, vectors = np.linalg.eigh((second + second.T) / (2 * rows))  # ascending
+        self.rank = eigenvalue_rank(values)
+        principal = self._principal(head.dim)
         residual_space = np.ascontiguousarray(vectors[:, : head.dim - principal])
         residual_sum, second_rows = 0.0, 0
         for x, _ in iter_blocks(stream, detector=self.name, labels=False, dim=head.dim):
@@ -88,6 +101,31 @@ class ViM(Detector):
         self.principal_dim, self.head, self.origin = principal, head, origin
         self.residual_space, self.dim, self.n_fit = residual_space, head.dim, rows
 
+    def _principal(self, dim: int) -> int:
+        """``principal_dim`` for this fit: below the rank of ``C`` (see the module doc)."""
+        principal = resolve_principal_dim(self.principal_dim, dim)
+        if principal < self.rank:
+            return principal
+        if self.principal_dim is not None or self.rank < 2:
+            raise DetectorError(
+                f"Detector 'vim' needs principal_dim below the {self.rank} dimensions the ID "
+                f"rows span (of D={dim}); got principal_dim={principal}, so the principal space "
+                f"is not determined by the data. Pass principal_dim < {self.rank}, or fit on "
+                "more ID rows."
+            )
+        self.official_dim = principal
+        return self.rank // 2
+
+    @property
+    def note(self) -> str:
+        if not self.official_dim:
+            return ""
+        return (
+            f"regularized: principal_dim {self.principal_dim} = rank // 2 (the ID rows span "
+            f"{self.rank} of {self.dim} dims, the official rule's {self.official_dim} would "
+            "leave them no residual)"
+        )
+
     def virtual_logit(self, x: np.ndarray) -> np.ndarray:
         """``alpha * ||(x - u) @ R||`` per row."""
         return self.alpha * np.linalg.norm((x - self.origin) @ self.residual_space, axis=1)
@@ -103,11 +141,14 @@ class ViM(Detector):
             "origin": self.origin,
             "residual_space": self.residual_space,
             "alpha": self.alpha,
+            "rank": self.rank,
+            "official_dim": self.official_dim,
         }
 
     @classmethod
     def _state_keys(cls) -> tuple[str, ...]:
-        return ("weight", "bias", "principal_dim", "origin", "residual_space", "alpha")
+        return ("weight", "bias", "principal_dim", "origin", "residual_space", "alpha", "rank",
+                "official_dim")  # fmt: skip
 
     @classmethod
     def _restore(cls, state: Mapping[str, Any]) -> ViM:
@@ -116,4 +157,5 @@ class ViM(Detector):
         detector.origin = np.asarray(state["origin"], dtype=np.float64)
         detector.residual_space = np.asarray(state["residual_space"], dtype=np.float64)
         detector.alpha = float(state["alpha"])
+        detector.rank, detector.official_dim = int(state["rank"]), int(state["official_dim"])
         return detector

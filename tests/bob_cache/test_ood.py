@@ -374,3 +374,96 @@ def test_knn_bank_on_zarr_scores_as_in_memory_across_bank_blocks(small, monkeypa
     np.testing.assert_allclose(on_disk.score(q), in_memory.score(q), rtol=0, atol=1e-5)
     restored = restore_detector("knn", {**on_disk.state(), "dim": on_disk.dim, "n_fit": len(x)})
     np.testing.assert_allclose(restored.score(q), in_memory.score(q), rtol=0, atol=1e-5)
+
+
+# -- singular fits: more dimensions than the ID rows span ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def singular():
+    """40-dim features, 3 classes of 10 rows (30 rows span at most 27 within-class dims); the
+    OOD rows are ID rows with added noise, as a corrupted copy of a dataset."""
+    rng = np.random.default_rng(0)
+    k, per, d = 3, 10, 40
+    means = 3 * rng.normal(size=(k, d))
+    y = np.repeat(np.arange(k), per)
+    x = means[y] + rng.normal(size=(k * per, d))
+    id_test = means[rng.integers(0, k, 200)] + rng.normal(size=(200, d))
+    noisy = means[rng.integers(0, k, 200)] + rng.normal(size=(200, d)) * np.sqrt(2)
+    return {"x": x, "y": y, "id_test": id_test, "noisy": noisy}
+
+
+def _gaussians(x, y, ridge_of):
+    """Independent numpy: class means, tied and background covariances (/N), precisions."""
+    n, d = x.shape
+    means = np.stack([x[y == c].mean(axis=0) for c in np.unique(y)])
+    centered = x - means[y]
+    within = centered.T @ centered / n
+    mu0 = x.mean(axis=0)
+    background = (x - mu0).T @ (x - mu0) / n
+    ridge = ridge_of(background, d)
+    if ridge:
+        return (
+            means,
+            np.linalg.inv(within + ridge * np.eye(d)),
+            mu0,
+            np.linalg.inv(background + ridge * np.eye(d)),
+        )
+    from scipy.linalg import pinvh
+
+    return means, pinvh(within), mu0, pinvh(background)
+
+
+def _definition(x, y, q, *, ridge_of):
+    means, p, mu0, p0 = _gaussians(x, y, ridge_of)
+    d_k = np.stack([np.einsum("ij,jk,ik->i", q - m, p, q - m) for m in means], axis=1)
+    d_0 = np.einsum("ij,jk,ik->i", q - mu0, p0, q - mu0)
+    return -d_k.min(axis=1), d_0 - d_k.min(axis=1)  # mahalanobis, relative-mahalanobis
+
+
+def _auroc(id_scores, ood_scores):
+    return ood_metrics(id_scores, ood_scores).auroc
+
+
+def test_a_singular_gaussian_fit_gets_the_shared_ridge_of_its_definition(singular):
+    """Ren et al.'s relative distance on a rank-deficient tied covariance: regularized with
+    one ridge (1e-6 x the mean variance) on both covariances, as defined here in numpy."""
+    x, y = singular["x"], singular["y"]
+    q = np.r_[singular["id_test"], singular["noisy"]]
+    want_md, want_rmd = _definition(x, y, q, ridge_of=lambda b, d: 1e-6 * np.trace(b) / d)
+    for name, want in (("mahalanobis", want_md), ("relative-mahalanobis", want_rmd)):
+        detector = create_detector(name).fit(blocks(x, y, 7))
+        assert detector.rank == 27 and detector.ridge == pytest.approx(1e-6 * np.trace(
+            np.cov(x.T, bias=True)) / 40, rel=1e-9)  # fmt: skip
+        assert "regularized: singular covariance (rank 27 of 40 dims, 30 fit rows)" in detector.note
+        np.testing.assert_allclose(detector.score(q), want, rtol=1e-6)
+        restored = restore_detector(name, detector.state())
+        assert restored.note == detector.note
+        np.testing.assert_array_equal(restored.score(q), detector.score(q))
+    # the pseudo-inverse alone (no ridge) ranks the noisy rows above the clean ones
+    _, pinv_rmd = _definition(x, y, q, ridge_of=lambda b, d: 0.0)
+    assert _auroc(pinv_rmd[:200], pinv_rmd[200:]) < 0.5
+    fitted = create_detector("relative-mahalanobis").fit(blocks(x, y, 30))
+    scores = fitted.score(q)
+    assert _auroc(scores[:200], scores[200:]) > 0.6
+
+
+def test_a_non_singular_gaussian_fit_is_unchanged(small):
+    detector = _fit_small("relative-mahalanobis", small)
+    assert (detector.rank, detector.ridge, detector.note) == (12, 0.0, "")
+
+
+def test_vim_principal_dim_stays_below_what_the_id_rows_span(singular):
+    """15 rows span at most 15 of 40 dims: the default rule's 20 leaves them no residual."""
+    x, y = singular["x"][::2], singular["y"][::2]
+    head = (np.random.default_rng(1).normal(size=(3, 40)), np.zeros(3))
+    vim = create_detector("vim").fit(blocks(x, y, 15), head=head)
+    assert (vim.rank, vim.principal_dim) == (15, 7)
+    assert "principal_dim 7 = rank // 2 (the ID rows span 15 of 40 dims" in vim.note
+    assert np.isfinite(vim.alpha) and restore_detector("vim", vim.state()).note == vim.note
+    with pytest.raises(DetectorError, match=r"below the 15 dimensions the ID rows span.*"
+                       r"Pass principal_dim < 15"):  # fmt: skip
+        create_detector("vim", principal_dim=20).fit(blocks(x, y, 15), head=head)
+    assert (
+        create_detector("vim").fit(blocks(singular["x"], singular["y"], 30), head=head).note == ""
+    )
