@@ -94,7 +94,8 @@ def scale_analysis(overall: pd.DataFrame, infos: Mapping[str, BackboneInfo]) -> 
             known = part[part[field].notna()]
             rho, p = spearman(known["z"], known[field].astype(float))
             excluded = sorted(part.index[part[field].isna()])
+            how = p_value_method(len(known)) if np.isfinite(p) else ""
             rows.append({"against": label, "family": group, "backbones": len(known),
-                         "rho": rho, "p_value": p, "p_method": p_value_method(len(known)),
+                         "rho": rho, "p_value": p, "p_method": how,
                          "excluded": ", ".join(excluded)})  # fmt: skip
     return pd.DataFrame(rows)
