@@ -132,6 +132,30 @@ def translate_remote_errors(location: StoreLike) -> Iterator[None]:
 _REMOTE_MODULES = {"botocore", "aiobotocore", "s3fs", "aiohttp", "gcsfs", "adlfs", "fsspec"}
 
 
+def remote_failure(exc: BaseException) -> BaseException | None:
+    """The object-store client's error behind ``exc`` (itself, or one it was raised from),
+    or None: how a failure mid-run (not at open) is told from a bug."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if type(current).__module__.split(".")[0] in _REMOTE_MODULES:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def remote_failure_message(exc: BaseException) -> str:
+    """What to say when the object store stops answering mid-run."""
+    detail = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return (
+        f"The object store stopped answering ({detail}). Check the URL, the credentials "
+        "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile), the endpoint (AWS_ENDPOINT_URL "
+        "for S3-compatible servers) and the network, then rerun the same command: committed "
+        "shards, stored artifacts and results rows are kept."
+    )
+
+
 async def _put_exclusive(store: Store, key: str, data: bytes) -> bool:
     buffer = default_buffer_prototype().buffer.from_bytes(data)
     if isinstance(store, FsspecStore):

@@ -24,6 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from bob_cache.errors import BobCacheError, StoreNotFoundError
+from bob_cache.stores.location import remote_failure, remote_failure_message
 
 # Terminals get their own width; logs and pipes get wide, unwrapped tables.
 out = Console(width=None if sys.stdout.isatty() else 250)
@@ -99,6 +100,11 @@ def handle_errors(fn: F | None = None, *, interrupted: str = INTERRUPTED) -> Any
         except _EXITS:
             raise  # a command's own exit code, or a usage error
         except Exception as exc:
+            remote = remote_failure(exc)
+            if remote is not None:  # an object store that stopped answering mid-run
+                err.print(remote_failure_message(remote), markup=False, highlight=False,
+                          soft_wrap=True)  # fmt: skip
+                raise typer.Exit(EXIT_USER_ERROR) from None
             log = write_crash_log()
             summary = " ".join(f"{type(exc).__name__}: {exc}".split())
             err.print(
