@@ -209,12 +209,16 @@ def _source_head(config: TransferConfig, fs: FeatureSet) -> tuple[Any, str]:
 
     embedder = embedder_from_provenance(dict(fs.attrs), weights=config.weights, device="cpu")
     head = embedder.backbone.head
-    if not isinstance(head, torch.nn.Linear) or head.in_features != fs.dim:
+    if (
+        not isinstance(head, torch.nn.Linear)
+        or head.in_features != fs.dim
+        or not _head_in_checkpoint(embedder.backbone, head)
+    ):
         raise SpecError(
             f"{asked} need the backbone's source-task classifier, and "
             f"'{fs.attrs['backbone']['slug']}' has none over its {fs.dim}-d features (e.g. an "
-            "official self-supervised checkpoint without a head). Use logme, hscore or "
-            "knn-loo for this backbone."
+            "official self-supervised checkpoint, or a weights file without a head). Use "
+            "logme, hscore or knn-loo for this backbone."
         )
     weight = head.weight.detach().double().numpy()
     bias = None if head.bias is None else head.bias.detach().double().numpy()
@@ -227,6 +231,21 @@ def _source_head(config: TransferConfig, fs: FeatureSet) -> tuple[Any, str]:
         f"({origin.get(weights.get('kind'), weights.get('kind'))})"
     )
     return LinearHead(weight, bias), note
+
+
+def _head_in_checkpoint(backbone: Any, head: Any) -> bool:
+    """Whether the classifier came from the weights (a weights file may lack one, leaving the
+    architecture's random head): the file holds a tensor equal to its weight."""
+    if backbone.weights.kind != "file" or backbone.weights.file is None:
+        return True
+    from bob_cache.backbones.weights import load_state_dict
+
+    weight = head.weight.detach().float()
+    return any(
+        tuple(t.shape) == tuple(weight.shape) and bool((t.float() == weight).all())
+        for t in load_state_dict(backbone.weights.file).values()
+        if hasattr(t, "shape")
+    )
 
 
 def _rows(

@@ -94,7 +94,7 @@ def probe(
     loo_rows: Annotated[
         int,
         typer.Option(help="knn-loo: rows scored (a sample drawn by id hash above this)."),
-    ] = 20_000,
+    ] = 10_000,
     weights: Annotated[
         str | None,
         typer.Option(

@@ -22,7 +22,7 @@ from bob_cache.transfer.estimators import Estimate, Estimator, TransferInputs, r
 
 QUERY_BLOCK = 2048
 DEFAULT_K = 5  # scikit-learn's KNeighborsClassifier default
-DEFAULT_MAX_ROWS = 20_000
+DEFAULT_MAX_ROWS = 10_000
 
 
 def sample_positions(ids: np.ndarray, max_rows: int) -> np.ndarray:

@@ -433,7 +433,7 @@ class TransferabilityTask(TaskKind):
     class Options(_Options):
         methods: tuple[str, ...] = Field(("logme", "hscore", "knn-loo"), min_length=1)
         k: int = Field(5, ge=1)  # knn-loo's neighbours
-        max_rows: int = Field(20_000, ge=2)  # knn-loo's sample
+        max_rows: int = Field(10_000, ge=2)  # knn-loo's sample
 
     def check(self, options: dict[str, Any]) -> tuple[Any, list[tuple[tuple[Any, ...], str]]]:
         from bob_cache.transfer import list_estimators

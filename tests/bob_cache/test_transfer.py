@@ -146,6 +146,19 @@ def test_moments_over_many_blocks_equal_one_block(monkeypatch: pytest.MonkeyPatc
     assert parts.ledoit_wolf_shrinkage() == pytest.approx(whole.ledoit_wolf_shrinkage(), rel=1e-6)
 
 
+def test_the_float32_pass_of_large_sets_stays_close(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above FLOAT64_PRODUCTS the block products run in float32 (ImageNet size)."""
+    import bob_cache.transfer.moments as moments
+
+    x, y = draw(2000, 32, seed=6)
+    x = x + 5
+    monkeypatch.setattr(moments, "FLOAT64_PRODUCTS", 0)
+    logme = create_estimator("logme").estimate(inputs(x, y)).value
+    hscore = create_estimator("hscore").estimate(inputs(x, y)).value
+    assert logme == pytest.approx(logme_direct(x, y), rel=3e-4)
+    assert hscore == pytest.approx(hscore_direct(x, y)[0], rel=1e-4)
+
+
 # --- LEEP and NCE --------------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ of LEEP and NCE, bad input, the CLI route, the battle task kind, and the ranking
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -209,3 +210,26 @@ def test_unit_hashes_cover_every_method(tmp_path: Path) -> None:
     c = config(store, tmp_path, methods=("logme", "knn-loo"))
     summary = transferability(c)
     assert unit_hashes(c, summary.feature_key) <= ResultsTable.open(c.results).config_hashes()
+
+
+@pytest.mark.slow
+def test_a_weights_file_without_a_classifier_is_refused_and_one_with_it_is_used(
+    tmp_path: Path, mobilenet_weights: Path
+) -> None:
+    """torchvision's ImageNet MobileNetV2 file: its classifier is the source model; the same
+    file with the classifier removed leaves the architecture's random head, which is refused."""
+    state = torch.load(mobilenet_weights, map_location="cpu", weights_only=True)
+    headless = tmp_path / "headless.pth"
+    torch.save({k: v for k, v in state.items() if not k.startswith("classifier")}, headless)
+    photos = write_image_folder(tmp_path / "photos", splits=("",), per_class=4)
+    for name, weights in (("full", mobilenet_weights), ("headless", headless)):
+        done = run_cli("extract", "--data", photos, "--store", tmp_path / name, "--backbone",
+                       "tv:mobilenet_v2", "--weights", weights, "--image-size", "64",
+                       "--split-fractions", "1,0,0", "--workers", "0", "-q")  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    run = TransferConfig(str(tmp_path / "full"), "photos", "tv:mobilenet_v2",
+                         methods=("leep", "nce"), results=str(tmp_path / "res"))  # fmt: skip
+    summary = transferability(run)
+    assert summary.units_run == 2 and "1000-class classifier (weights file sha256" in summary.source
+    with pytest.raises(SpecError, match="has none over its 1280-d features.*without a head"):
+        transferability(replace(run, store=str(tmp_path / "headless"), methods=("leep",)))
