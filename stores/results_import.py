@@ -83,7 +83,7 @@ def parse_results_csv(
     path: str | Path, *, source: str | None = None
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Results rows (every column filled) and the CSV's header, or every problem at once."""
-    records, header = _read(Path(path))
+    records, header = read_csv(Path(path))
     missing = [c for c in REQUIRED if c not in header]
     if missing:
         raise ResultsImportError(
@@ -117,7 +117,8 @@ def is_known_metric(name: str) -> bool:
     return bool(CLASSIFICATION_METRICS.fullmatch(name) or RETRIEVAL_METRICS.fullmatch(name))
 
 
-def _read(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
+def read_csv(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
+    """``(line, record)`` pairs and the stripped header of a UTF-8 CSV file."""
     if not path.is_file():
         raise DataNotFoundError(f"No results CSV at '{path}'. Check the path.")
     try:

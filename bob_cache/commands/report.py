@@ -3,6 +3,7 @@ and ``report`` (the ranked, plotted report)."""
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Any
 
 import click
@@ -80,13 +81,18 @@ def results(
         print_table(records, list(shown.columns))
 
 
+class ImportFormat(str, Enum):
+    rows = "rows"
+    timm = "timm"
+
+
 @handle_errors
 def import_results(
     file: Annotated[
         str,
         typer.Argument(
             help="CSV of rows: dataset, backbone, method, "
-            "setting, metric, value[, seed, split, ...]."
+            "setting, metric, value[, seed, split, ...]; or timm's results-<set>.csv."
         ),
     ],
     results: ResultsOpt = None,
@@ -94,11 +100,35 @@ def import_results(
         str | None,
         typer.Option(help="Where the rows come from (a paper, a tool); fills empty source cells."),
     ] = None,
+    fmt: Annotated[
+        ImportFormat,
+        typer.Option(
+            "--format",
+            help="rows: bob-cache's own columns; timm: a timm results table as distributed "
+            "(model, top1, top5, param_count, img_size, ...).",
+        ),
+    ] = ImportFormat.rows,
+    dataset: Annotated[
+        str, typer.Option(help="timm: the ID dataset's name in your results (ImageNet).")
+    ] = "imagenet",
+    eval_set: Annotated[
+        str | None,
+        typer.Option("--set", help="timm: the evaluated set (default: from results-<set>.csv)."),
+    ] = None,
+    all_models: Annotated[
+        bool,
+        typer.Option(
+            "--all", help="timm: every model, not only registry entries and backbones present."
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Import results rows from elsewhere (a CSV); they stay marked with their source."""
     from bob_cache.stores.results_import import import_results as run_import
 
+    if fmt is ImportFormat.timm:
+        _import_timm(file, results, source, dataset, eval_set, all_models, as_json)
+        return
     summary = run_import(file, results=results, source=source)
     if as_json:
         print_json(summary.to_dict())
@@ -115,6 +145,39 @@ def import_results(
         err.print(f"  note: metrics bob-cache does not compute: {', '.join(s.unknown_metrics)}")
     if s.ignored_columns:
         err.print(f"  note: columns ignored: {', '.join(s.ignored_columns)}")
+
+
+def _import_timm(
+    file: str,
+    results: str | None,
+    source: str | None,
+    dataset: str,
+    eval_set: str | None,
+    all_models: bool,
+    as_json: bool,
+) -> None:
+    from bob_cache.stores.timm_results import SHOWN, import_timm_results
+
+    s = import_timm_results(file, results=results, source=source, dataset=dataset,
+                            eval_set=eval_set, all_models=all_models)  # fmt: skip
+    if as_json:
+        print_json(s.to_dict())
+        return
+    out.print(
+        f"Imported {s.added} of {s.rows} row(s) ({s.models} model(s), {s.set} as {s.stage} "
+        f"{s.dataset} · {s.setting}) from {s.file} into {s.results} (source: {s.source}).",
+        highlight=False,
+    )
+    if s.already_imported:
+        err.print(f"  note: {s.already_imported} row(s) were already imported; skipped")
+    err.print(f"  {len(s.registry)} model(s) map to registry entries", highlight=False)
+    if s.not_imported:
+        names = ", ".join(s.not_imported[:SHOWN]) + (" ..." if len(s.not_imported) > SHOWN else "")
+        err.print(
+            f"  not imported: {len(s.not_imported)} model(s) with no registry entry and no rows "
+            f"in the table ({names}); --all imports them",
+            highlight=False,
+        )
 
 
 @handle_errors
@@ -219,7 +282,8 @@ def register(app: typer.Typer) -> None:
     )(results)
     results_app.command(
         "import",
-        epilog="Example: bob-cache results import bob-paper.csv --source 'Goldblum et al. 2023'",
+        epilog="Example: bob-cache results import bob-paper.csv --source 'Goldblum et al. 2023'"
+        "  ·  bob-cache results import --format timm results-imagenet-r.csv",
     )(import_results)
     app.add_typer(results_app, name="results")
     app.command(
