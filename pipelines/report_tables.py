@@ -209,7 +209,10 @@ def missing_cells(
     """Entry × task × dataset cells without rows, where other entries have some: those
     still to run, and those ``excluded`` names (backbone label, task, dataset: a suite's task
     that leaves the backbone out on purpose)."""
-    present = ranking.values[["task", "dataset", "entry"]].drop_duplicates()
+    present = ranking.values[["task", "dataset", "entry"]].drop_duplicates().astype(str)
+    if present.empty:
+        empty = pd.DataFrame(columns=["backbone", "task", "dataset"])
+        return empty, empty.copy()
     order = _entry_order(ranking)
     wanted = (
         present[["task", "dataset"]]

@@ -77,8 +77,9 @@ def row_configs(frame: pd.DataFrame) -> list[dict[str, str]]:
     """Each row's configuration (step 1), as flat ``{dotted key: text}``."""
     configs = []
     columns = [_text(frame, c) for c in ("config", "feature_key", "split", "source")]
+    parsed = {text: _parse(text) for text in set(columns[0]) if text}
     for config, feature_key, split, source in zip(*columns, strict=True):
-        fields = _flatten(json.loads(config)) if config else {}
+        fields = dict(parsed[config]) if config else {}
         if not fields and feature_key:
             fields = {"feature_key": feature_key}
         fields["split"] = split
@@ -253,6 +254,15 @@ def _display_names(keys: list[str]) -> dict[str, str]:
 def _key_order(key: str) -> tuple[int, str]:
     leaf = key.rsplit(".", 1)[-1]
     return (SHOWN_BARE.index(leaf) if leaf in SHOWN_BARE else len(SHOWN_BARE), key)
+
+
+def _parse(text: str) -> dict[str, str]:
+    """A ``config`` cell's flat fields; text that is not a JSON object is one field."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    return _flatten(value) if isinstance(value, dict) and value else {"config": text}
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, str]:

@@ -191,8 +191,9 @@ def _bootstrap(
 
 
 def _below_chance(values: pd.DataFrame) -> pd.DataFrame:
-    chance = values["metric"].map(CHANCE)
-    return values[chance.notna() & (values["value"] < chance)].reset_index(drop=True)
+    chance = values["metric"].map(CHANCE).astype(float)
+    below = pd.to_numeric(values["value"], errors="coerce").astype(float) < chance
+    return values[chance.notna() & below].reset_index(drop=True)
 
 
 def _primary_rows(rows: pd.DataFrame, chosen: Mapping[tuple[str, str], str]) -> pd.DataFrame:

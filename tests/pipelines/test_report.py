@@ -366,3 +366,16 @@ def test_bootstrap_resamples_and_seed_are_options_and_recorded(cli, tmp_path: Pa
     text_a = (tmp_path / "a" / "report.md").read_text().split(section)[1].split("## ")[0]
     text_b = (tmp_path / "b" / "report.md").read_text().split(section)[1].split("## ")[0]
     assert text_a == text_b and "300 bootstrap resamples (seed 7)" in text_a
+
+
+def test_a_table_where_nothing_can_be_ranked_still_reports_why(tmp_path: Path) -> None:
+    base = rows()[0]
+    ResultsTable.open(tmp_path / "res").append(
+        [{**base, "stage": "other", "method": "mystery", "config_hash": "x"},
+         {**base, "backbone": "b", "config_hash": "y"}, {**base, "value": float("nan")}]
+    )  # fmt: skip
+    summary = build_report(tmp_path / "res", tmp_path / "out", metadata=META)
+    assert summary.top_backbone is None and summary.bootstrap is None
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "No backbone could be ranked" in markdown
+    assert "1 row(s) hold no finite value (not applicable)" in markdown
