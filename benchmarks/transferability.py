@@ -119,7 +119,7 @@ PHOTO_CLASSES = (
 CROPS_PER_CLASS = 30
 RANDOM = (("resnet18", {}), ("vit_tiny_patch16_224", {}), ("convnext_atto", {}),
           ("efficientnet_b0", {}))  # fmt: skip
-MOBILENET_LAYER = "features.13"
+MOBILENET_LAYER = "features.13.add"  # a graph node: the 14th block's output (96-d)
 
 
 def photos(root: Path) -> Path:

@@ -40,7 +40,7 @@ from bob_cache.pipelines.selection import select_feature_sets
 from bob_cache.probes.features import load_rows
 from bob_cache.provenance import library_versions, utc_now
 from bob_cache.stores import FeatureSet, open_store
-from bob_cache.stores.results import ResultsTable
+from bob_cache.stores.results import ResultsTable, config_columns
 from bob_cache.transfer import (
     Estimator,
     TransferInputs,
@@ -259,6 +259,8 @@ def _rows(
         "config_hash": unit_hash(config, fs.key, estimator), "time": utc_now(),
         "train_rows": estimate.rows, "val_rows": 0, "protocol": estimate.protocol, "task": "",
         "split_rule": rule_text(fs.attrs.get("dataset", {})),
+        **config_columns(fs.attrs.get("spec"), stage=STAGE, version=VERSION,
+                         options=estimator.options()),
     }  # fmt: skip
     return [{**base, "metric": k, "value": float(v)} for k, v in estimate.metrics.items()]
 

@@ -130,8 +130,8 @@ def backbone_metadata(backbone: BackboneSpec) -> dict[str, Any]:
     """Display metadata: the suite's values, filled from the registry where it knows them.
 
     A random-init backbone's method is ``random init`` and it has no pretraining data (null;
-    the registry's describe the pretrained weights); a parameter count neither gives is counted from the
-    architecture, built without weights on the meta device (never downloaded).
+    the registry's describe the pretrained weights); a parameter count neither gives is counted
+    from the architecture, built without weights on the meta device (never downloaded).
     """
     from bob_cache.backbones.params import count_params
     from bob_cache.backbones.registry import get_backbone_entry

@@ -144,7 +144,8 @@ def test_a_backbones_metadata_is_never_resolved_as_a_path(
         .replace("    limit: 60\n", "")
         .replace(
             "  - name: test_resnet\n    random_init: true\n",
-            "  - name: test_resnet\n    weights: w.pth\n    data: ImageNet-1k\n    method: supervised\n"
+            "  - name: test_resnet\n    weights: w.pth\n    data: ImageNet-1k\n"
+            "    method: supervised\n"
             "    family: ResNet\n    params: 1000\n"
             "  - name: test_vit\n    random_init: true\n    data: none\n",
         )

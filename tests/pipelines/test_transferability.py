@@ -41,6 +41,7 @@ def test_estimates_land_as_rows_of_their_own_stage_and_a_rerun_skips(tmp_path: P
     assert set(frame["stage"]) == {"transferability"} and set(frame["setting"]) == {"full"}
     assert set(frame["split"]) == {"train"} and (frame["train_rows"] == 200).all()
     assert (frame["val_rows"] == 0).all() and frame["protocol"].str.len().min() > 50
+    assert frame["config"].map(lambda c: json.loads(c)["stage"]).eq("transferability").all()
     values = frame.set_index(["method", "metric"])["value"]
     inputs = TransferInputs(labelled_rows(x, y))
     for method in ("logme", "hscore", "knn-loo"):
