@@ -47,6 +47,7 @@ from bob_cache.pipelines.report_tables import (
     scale_table,
     task_tables,
 )
+from bob_cache.pipelines.report_transfer import TransferReport, transferability_report
 from bob_cache.provenance import utc_now
 from bob_cache.ranking import DEFAULT_SIZE_CLASSES, Ranking, list_tasks, rank_backbones
 from bob_cache.ranking.metadata import SizeClasses
@@ -82,6 +83,7 @@ class ReportSummary:
     stale_rows: int = 0  # rows of an earlier source of a dataset name, left out
     below_chance: int = 0  # values flagged (AUROC < 0.5)
     bootstrap: dict[str, Any] | None = None  # resamples, seed
+    transferability: list[dict[str, Any]] = field(default_factory=list)  # agreement rows
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -147,13 +149,16 @@ def build_report(
     summary = _summary(out, frame, ranking, excluded)
     summary.suite_checked = suite is not None
     plots, summary.notes = draw_plots(ranking, out)
+    transfer = transferability_report(ranking, out, resamples=bootstrap or 1000, seed=seed)
+    summary.transferability = _transfer_summary(transfer)
     marks = Marks.from_ranking(ranking)
     context = {
         "title": "bob-cache report" + (f": {suite_name}" if suite_name else ""),
         "generated": utc_now(), "results_dir": str(table.directory),
-        "sections": _sections(ranking, marks, summary, plots), "footnotes": marks.footnotes(),
+        "sections": _sections(ranking, marks, summary, plots, transfer),
+        "footnotes": marks.footnotes(),
     }  # fmt: skip
-    summary.files = _write(out, frame, context, plots)
+    summary.files = _write(out, frame, context, [*plots, *transfer.plots])
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -225,10 +230,12 @@ def _summary(
 
 
 def _sections(
-    ranking: Ranking, marks: Marks, summary: ReportSummary, plots: list[Plot]
-) -> list[Section]:
+    ranking: Ranking, marks: Marks, summary: ReportSummary, plots: list[Plot],
+    transfer: TransferReport,
+) -> list[Section]:  # fmt: skip
     figures = {p.name: {"title": p.title, "file": p.path.name, "uri": _data_uri(p.path)}
-               for p in plots}  # fmt: skip
+               for p in [*plots, *transfer.plots]}  # fmt: skip
+    transfer.section.figures = [figures[p.name] for p in transfer.plots]
     ranked = Section("Ranking", "ranking", _headline(ranking, summary))
     ranked.figures = [figures[n] for n in ("ranking",) if n in figures]
     ranked.tables = [ranking_table(ranking, ranking.overall, marks, "Overall ranking")]
@@ -252,9 +259,18 @@ def _sections(
     corr.figures = [figures[n] for n in ("correlations", "task_scatter") if n in figures]
     corr.tables = [correlation_table(ranking)] if len(ranking.correlations) else []
     scale = Section("Scale", "scale", tables=[scale_table(ranking)])
-    return [ranked, uncertainty_section(ranking), tasks, zs, corr, scale,
+    return [ranked, uncertainty_section(ranking), tasks, zs, corr, scale, transfer.section,
             configuration_section(ranking), missing_section(ranking, summary),
             Section("Method", "method", protocol(ranking)), _appendix(ranking)]  # fmt: skip
+
+
+def _transfer_summary(transfer: TransferReport) -> list[dict[str, Any]]:
+    if transfer.table is None:
+        return []
+    keep = ["dataset", "estimator", "outcome", "n_backbones", "spearman", "spearman_p",
+            "spearman_low", "spearman_high", "weighted_tau", "verdict"]  # fmt: skip
+    rows = transfer.table[keep].astype(object)
+    return rows.where(rows.notna(), None).to_dict(orient="records")
 
 
 def _headline(ranking: Ranking, summary: ReportSummary) -> list[str]:

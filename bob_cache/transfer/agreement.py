@@ -36,6 +36,7 @@ from bob_cache.errors import SpecError
 
 STAGE = "transferability"
 MIN_ENTRIES = 3
+ALPHA = 0.05  # an interval off 0 says an order only where the permutation p is below this
 EXACT_UP_TO = 8  # entries up to which Spearman's p is an exact permutation p (8! = 40,320)
 COLUMNS = (
     "dataset", "estimator", "metric", "outcome", "n_backbones", "spearman", "spearman_p",
@@ -264,19 +265,31 @@ def _verdict(out: dict[str, object], n: int) -> str:
     words = []
     if out["failures"]:
         words.append("FAILS: " + str(out["failures"]))
+    p = out.get("spearman_p")
+    significant = p is not None and p < ALPHA
     if low is None:
         words.append(f"ρ = {rho:.2f}; too few distinct resamples for an interval")
-    elif low > 0:
-        words.append(f"predicts the order (ρ = {rho:.2f}, interval above 0)")
-    elif high < 0:
-        words.append(f"ranks in reverse (ρ = {rho:.2f}, interval below 0)")
+    elif low > 0 and significant:
+        words.append(f"predicts the order (ρ = {rho:.2f}, interval above 0, p = {p:.3f})")
+    elif high < 0 and significant:
+        words.append(f"ranks in reverse (ρ = {rho:.2f}, interval below 0, p = {p:.3f})")
+    elif low > 0 or high < 0:  # an interval off 0 from resampling very few backbones
+        words.append(
+            f"no reliable signal (ρ = {rho:.2f}, but the exact permutation p = {p:.2f}: "
+            f"{n} backbones cannot show an order)"
+        )
     else:
         words.append(
             f"no reliable signal (ρ = {rho:.2f}, interval [{low:.2f}, {high:.2f}] spans 0)"
         )
     if n <= 4:
-        words.append(f"only {n} backbones: exact p = {out['spearman_p']:.2f} at best")
+        words.append(f"only {n} backbones (the smallest exact p possible is {_min_p(n):.2f})")
     return "; ".join(words)
+
+
+def _min_p(n: int) -> float:
+    """The smallest two-sided exact permutation p of Spearman's ρ over ``n`` entries."""
+    return min(1.0, 2 / math.factorial(n))
 
 
 def _failures(group: pd.DataFrame) -> str:

@@ -161,17 +161,30 @@ def write_metadata(suite: Suite, store: str, results: str) -> str | None:
 
     if not store_exists(store):
         return None
-    by_name = {b.name: backbone_metadata(b) for b in suite.backbones}
     names = {d.name for d in suite.datasets}
     mapping: dict[str, dict[str, Any]] = {}
     for fs in open_store(store).feature_sets():
         b = fs.attrs.get("backbone", {})
-        if fs.attrs["dataset"]["name"] in names and b.get("name") in by_name:
-            mapping[b["slug"]] = by_name[b["name"]]
+        if fs.attrs["dataset"]["name"] not in names or b.get("slug") in mapping:
+            continue
+        spec = _suite_backbone_of(suite, b)
+        if spec is not None:
+            mapping[b["slug"]] = backbone_metadata(spec)
     table = ResultsTable.open(results)
     name = METADATA_FILE.format(suite=suite.name)
     table.write_bytes(name, json.dumps(mapping, indent=2, sort_keys=True).encode())
     return table.path(name)
+
+
+def _suite_backbone_of(suite: Suite, attrs: dict[str, Any]) -> BackboneSpec | None:
+    """The suite backbone a feature set's backbone attrs came from: same name, and for random
+    init the same seed (two seeds of one architecture are two backbones with two labels)."""
+    weights = attrs.get("weights") or {}
+    random = weights.get("kind") == "random"
+    same = [b for b in suite.backbones if b.name == attrs.get("name")]
+    exact = [b for b in same if b.random_init == random
+             and (not random or b.seed == weights.get("seed"))]  # fmt: skip
+    return (exact or same or [None])[0]
 
 
 def _check_backbone(backbone: BackboneSpec) -> str | None:

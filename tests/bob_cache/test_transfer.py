@@ -381,7 +381,8 @@ def test_agreement_with_few_backbones_is_not_assessed_and_three_say_so() -> None
     three = {k: ESTIMATES[k] for k in ("a.in1k", "b.in1k", "c.in1k")}
     (row,) = agreement_table(results_frame(three, TOP1), n_boot=50).to_dict("records")
     assert row["spearman"] == pytest.approx(1.0) and row["spearman_p"] == pytest.approx(1 / 3)
-    assert "only 3 backbones: exact p = 0.33" in row["verdict"]
+    assert "only 3 backbones (the smallest exact p possible is 0.33)" in row["verdict"]
+    assert "no reliable signal" in row["verdict"]  # a perfect ρ of 3 backbones is no order
 
 
 def test_agreement_uses_the_newest_configuration_averages_seeds_and_pairs_finetuning() -> None:
