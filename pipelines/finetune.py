@@ -9,12 +9,16 @@ from another dataset (cross-domain) is reported with its ``drop`` from val.
 Layout of ``--out``: ``config.json`` and ``summary.json`` for the sweep, ``best.safetensors``
 (the chosen model) and one folder per learning rate (``<mode>-lr<lr>/``) with its config,
 per-epoch log, checkpoint, best weights, metrics and COCO predictions.
+
+Interruptions: every file is written under a temporary name and renamed into place, each run's
+``metrics.json`` once its epochs are done, ``summary.json`` and the results rows last; after a
+kill or a full disk at any step, the same command with ``--resume`` finishes the sweep to the
+same weights, figures and rows as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
@@ -32,6 +36,7 @@ from bob_cache.finetune.trainer import Fitter, TrainSettings, epoch_images
 from bob_cache.hashing import stable_hash
 from bob_cache.pipelines.registry import register_stage
 from bob_cache.provenance import library_versions, utc_now
+from bob_cache.stores.atomic import copy_file, crash_point
 from bob_cache.stores.results import DEFAULT_RESULTS, ResultsTable, config_columns
 
 # Options that change no number: left out of the run's identity.
@@ -135,6 +140,7 @@ def finetune(config: FinetuneConfig) -> FinetuneSummary | None:
     if rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.write_json(out / ckpt.CONFIG, {**identity, "lrs": list(config.lrs)})
+        crash_point("finetune-config")
     common = dict(identity=identity, device=device, precision=precision, inputs=inputs,
                   mean=mean, std=std)  # fmt: skip
     runs = [_run_one(task, config, data, lr=lr, **common) for lr in config.lrs]
@@ -149,6 +155,7 @@ def finetune(config: FinetuneConfig) -> FinetuneSummary | None:
                    slug=probe.slug)  # fmt: skip
     result = FinetuneSummary(**summary)
     ckpt.write_json(out / "summary.json", result.to_dict())
+    crash_point("finetune-summary")
     table = ResultsTable.open(config.results) if config.results else None
     if table is not None and config_hash(config) not in table.config_hashes():
         table.append(_rows(task, config, result, identity, data))  # once per run
@@ -220,6 +227,7 @@ def _run_one(
     if rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_json(run_dir / ckpt.CONFIG, run_config)
+        crash_point("finetune-run-config")
     barrier()
     model, net = _model(task, config, data, inputs=inputs, mean=mean, std=std)
     settings = TrainSettings(
@@ -244,6 +252,7 @@ def _run_one(
     }
     if rank() == 0:
         ckpt.write_json(done, record)
+        crash_point("finetune-record")
     return record
 
 
@@ -278,7 +287,8 @@ def _score_best(
         drop = {k: val[k] - test[k] for k in val.keys() & test.keys() if min(val[k], test[k]) >= 0}
     out = Path(config.out)
     if rank() == 0:
-        shutil.copyfile(run_dir / ckpt.BEST, out / ckpt.BEST)
+        copy_file(run_dir / ckpt.BEST, out / ckpt.BEST)
+        crash_point("finetune-best-copy")
     files = {p.name: p.as_posix() for p in sorted(run_dir.glob("predictions*.json"))}
     return dict(
         task=task.name, backbone=config.backbone, mode=config.mode, primary=task.primary,

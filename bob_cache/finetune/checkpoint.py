@@ -1,16 +1,18 @@
 """A fine-tuning run's files: the resumable checkpoint (every epoch), the best weights
 (safetensors), the per-epoch log and the final metrics.
 
-Every file is written to a temporary name and renamed into place, so a kill at any point
-leaves either the previous version or the new one. The checkpoint is written last in an
-epoch: a rerun with ``--resume`` repeats at most the epoch that was cut short, and since each
-epoch reseeds every random draw from (seed, epoch), the repeat is the same computation.
+Every file is written to a temporary name and renamed into place
+(:mod:`bob_cache.stores.atomic`), so a kill or a full disk at any point leaves either the
+previous version or the new one, never a partial file that a resume would load. In an epoch
+the best weights come first, then the checkpoint (the commit: a rerun with ``--resume``
+repeats at most the epoch that was cut short, and since each epoch reseeds every random draw
+from (seed, epoch), the repeat is the same computation), then the log, rewritten whole from
+the checkpoint's history (one line per epoch that counted, as in an uninterrupted run).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,22 +20,13 @@ import torch
 from torch import nn
 
 from bob_cache.errors import FinetuneError
+from bob_cache.stores.atomic import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.safetensors"
 LOG = "log.jsonl"
 METRICS = "metrics.json"
 CONFIG = "config.json"
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` and rename the result to ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -92,7 +85,7 @@ def check_run_dir(run_dir: Path, config: dict[str, Any], *, resume: bool) -> dic
         ) from exc
 
 
-def append_log(run_dir: Path, record: dict[str, Any]) -> None:
-    """One JSON line per epoch (a resumed epoch appears again with its new numbers)."""
-    with open(run_dir / LOG, "a") as fh:
-        fh.write(json.dumps(record, default=str) + "\n")
+def write_log(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    """The per-epoch log, one JSON line per epoch of ``history``, rewritten whole."""
+    lines = "".join(json.dumps(record, default=str) + "\n" for record in history)
+    atomic_write(run_dir / LOG, lambda tmp: tmp.write_text(lines, encoding="utf-8"))

@@ -39,6 +39,7 @@ from bob_cache.finetune import checkpoint as ckpt
 from bob_cache.finetune.launch import is_distributed, rank
 from bob_cache.finetune.optim import create_optimizer, create_scheduler, resolve_layer_decay
 from bob_cache.progress import progress_bar
+from bob_cache.stores.atomic import crash_point
 
 if TYPE_CHECKING:
     from bob_cache.finetune.tasks import FinetuneTask, TaskData
@@ -184,6 +185,8 @@ class Fitter:
             start, updates = state["epoch"], state["updates"]
             best, history = state["best"], state["history"]
             self.scheduler.step_update(updates)
+            if rank() == 0:  # a kill after the checkpoint, before the log: the log catches up
+                ckpt.write_log(self.run_dir, history)
         total, per_epoch = len(self.data.train), self.images_per_epoch()
         if per_epoch < total and rank() == 0:
             logger.info(
@@ -223,8 +226,8 @@ class Fitter:
         if best is None or primary > best["metrics"][self.task.primary]:
             best = {"epoch": record["epoch"], "metrics": metrics}
             ckpt.save_best(self.run_dir, self.model)
+            crash_point("finetune-best")
         history.append(record)
-        ckpt.append_log(self.run_dir, record)
         state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -236,6 +239,9 @@ class Fitter:
             "settings": asdict(self.settings),
         }
         ckpt.save_checkpoint(self.run_dir, state)
+        crash_point("finetune-checkpoint")
+        ckpt.write_log(self.run_dir, history)
+        crash_point("finetune-log")
         return best
 
     def _epoch(self, epoch: int, updates: int) -> tuple[dict[str, Any], int, int]:
