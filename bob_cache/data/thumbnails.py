@@ -7,6 +7,12 @@ rendered in memory. ``images_root`` replaces the recorded folder when the images
 Only ids of the feature set are served, and only from files whose real path (symlinks
 resolved) lies inside the images root: anything else raises
 :class:`~bob_cache.errors.ThumbnailNotFoundError`, whatever the id spells.
+
+Memory is bounded whatever the images are: an image's header is read first and one that
+would decode to more than ``max_pixels`` (after a JPEG's reduced-scale draft) is refused with
+:class:`~bob_cache.errors.ImageTooLargeError`; decodes in flight share that same pixel budget
+(one waits for another rather than both holding full-size pixels); concurrent requests for
+one id decode it once; and the cache of finished thumbnails is bounded in count and bytes.
 """
 
 from __future__ import annotations
@@ -14,17 +20,23 @@ from __future__ import annotations
 import functools
 import io
 import os
-from collections.abc import Callable, Collection, Mapping
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Iterator, Mapping
+from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from bob_cache.errors import ThumbnailNotFoundError
+from bob_cache.errors import ImageTooLargeError, ThumbnailNotFoundError
 
 THUMB_SIZE = 160  # longest side, pixels
 CACHE_SIZE = 1024  # thumbnails kept in memory (a few KB each)
+CACHE_BYTES = 32 * 2**20  # and at most this many bytes of them
+MAX_PIXELS = 40_000_000  # decoded pixels of one image (the uploads' --max-image-mp default)
 JPEG_QUALITY = 85
 
 
@@ -37,6 +49,9 @@ class Thumbnails:
         images_root: the folder the images are in now (default: the recorded one).
         size: longest side of a thumbnail.
         cache_size: most thumbnails kept in memory.
+        cache_bytes: most bytes of thumbnails kept in memory.
+        max_pixels: most pixels one image may decode to (and all decodes in flight
+            together); a larger image's thumbnail is refused from its header.
     """
 
     def __init__(
@@ -47,14 +62,17 @@ class Thumbnails:
         images_root: str | Path | None = None,
         size: int = THUMB_SIZE,
         cache_size: int = CACHE_SIZE,
+        cache_bytes: int = CACHE_BYTES,
+        max_pixels: int = MAX_PIXELS,
     ) -> None:
-        self.size = size
+        self.size, self.max_pixels = size, max_pixels
         self._ids = ids
         self._kind = str(dataset.get("kind") or "")
         self._origin = str(dataset.get("origin") or "")
         images = _locate(dataset, images_root)
         self.root, self.problem, self._path_of = images.root, images.problem, images.path_of
-        self._cached = functools.lru_cache(maxsize=cache_size)(self._render)
+        self._cache = _JpegCache(cache_size, cache_bytes)
+        self._budget = _PixelBudget(max_pixels)
 
     @property
     def available(self) -> bool:
@@ -67,20 +85,19 @@ class Thumbnails:
         Raises:
             ThumbnailNotFoundError: ``id_`` is not a row, its image lies outside the images
                 root, or it is missing or unreadable.
+            ImageTooLargeError: its image would decode to more than :attr:`max_pixels`.
         """
         if id_ not in self._ids:
             raise ThumbnailNotFoundError(f"No row with id '{id_}' in this feature set.")
         if self.problem is not None:
             raise ThumbnailNotFoundError(self.problem)
-        return self._cached(id_)
+        return self._cache.get(id_, self._render)
 
     def _render(self, id_: str) -> bytes:
         try:
-            image = self._open(id_)
-            image.thumbnail((self.size, self.size))
             out = io.BytesIO()
-            image.convert("RGB").save(out, format="JPEG", quality=JPEG_QUALITY)
-        except ThumbnailNotFoundError:
+            self._thumbnail(id_).save(out, format="JPEG", quality=JPEG_QUALITY)
+        except (ThumbnailNotFoundError, ImageTooLargeError):
             raise
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise ThumbnailNotFoundError(
@@ -88,19 +105,34 @@ class Thumbnails:
             ) from exc
         return out.getvalue()
 
-    def _open(self, id_: str) -> Image.Image:
+    def _thumbnail(self, id_: str) -> Image.Image:
+        """The small RGB image; the full-size pixels live only inside the pixel budget."""
         if self._kind == "builtin":
             source, samples = _builtin(self._origin)
             if id_ not in samples:
                 raise ThumbnailNotFoundError(f"'{self._origin}' has no image '{id_}'.")
-            return source.open_image(samples[id_])
+            image = source.open_image(samples[id_])  # rendered in memory: small
+            image.thumbnail((self.size, self.size))
+            return image.convert("RGB")
         path = self._find(id_)
         if path is None:
             raise ThumbnailNotFoundError(f"The image of row '{id_}' is not under the images root.")
-        with Image.open(path) as image:
+        with Image.open(path) as image:  # the header only
             image.draft("RGB", (self.size, self.size))  # JPEGs decode at a reduced scale
-            image.load()
-            return image.copy()
+            pixels = self._check_pixels(id_, image.size)
+            with self._budget.held(pixels):
+                image.thumbnail((self.size, self.size))  # decodes, reduces, resizes
+                return image.convert("RGB")
+
+    def _check_pixels(self, id_: str, size: tuple[int, int]) -> int:
+        (w, h), limit = size, self.max_pixels
+        if w * h > limit:
+            raise ImageTooLargeError(
+                f"The image of row '{id_}' is {w} × {h} = {w * h / 1e6:.1f} MP, over the "
+                f"{limit / 1e6:g} MP thumbnail budget (--max-image-mp), so it has no "
+                "thumbnail. Raise --max-image-mp to serve it."
+            )
+        return w * h
 
     def _find(self, id_: str) -> str | None:
         relative = self._path_of(id_) if self._path_of is not None else None
@@ -177,6 +209,69 @@ def _inside(root: Path, path: str) -> str | None:
     if os.path.commonpath([root, real]) != str(root) or not os.path.isfile(real):
         return None
     return real
+
+
+class _PixelBudget:
+    """Decoded pixels in flight across threads: a decode waits until its pixels fit."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.used = capacity, 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def held(self, pixels: int) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: self.used + pixels <= self.capacity)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= pixels
+                self._cond.notify_all()
+
+
+class _JpegCache:
+    """Least-recently-used bytes by key, bounded in count and bytes; concurrent misses of
+    one key run ``make`` once and share its result (or its error, which is not cached)."""
+
+    def __init__(self, max_items: int, max_bytes: int) -> None:
+        self.max_items, self.max_bytes, self.bytes = max_items, max_bytes, 0
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._pending: dict[str, Future[bytes]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str, make: Callable[[str], bytes]) -> bytes:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            pending = self._pending.get(key)
+            owner = pending is None
+            if pending is None:
+                pending = self._pending[key] = Future()
+        if not owner:
+            return pending.result()
+        try:
+            value = make(key)
+        except BaseException as exc:
+            with self._lock:
+                del self._pending[key]
+            pending.set_exception(exc)
+            raise
+        with self._lock:
+            del self._pending[key]
+            self._put(key, value)
+        pending.set_result(value)
+        return value
+
+    def _put(self, key: str, value: bytes) -> None:
+        if len(value) > self.max_bytes:
+            return
+        self._items[key] = value
+        self.bytes += len(value)
+        while len(self._items) > self.max_items or self.bytes > self.max_bytes:
+            self.bytes -= len(self._items.popitem(last=False)[1])
 
 
 @functools.lru_cache(maxsize=4)

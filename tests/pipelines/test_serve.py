@@ -1,18 +1,23 @@
 """The query service over real HTTP on a loopback port: answers, batches, 4xx on bad input,
-and a bounded load test."""
+a damaged store reported by /health (503) and by every query, and a bounded load test."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from zarr.core.sync import sync
 
 from bob_cache.pipelines.query import QueryConfig, Searcher
 from bob_cache.pipelines.serve import create_app
+from bob_cache.stores import open_store
+from bob_cache.stores.index_store import INDEX_GROUP
 from tests.loadtest import load_test, serve_in_thread
+from tests.pipelines.test_damage import flip
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +85,54 @@ def test_bounded_load_test_reports_latency_percentiles(server) -> None:
     assert report.errors == 0 and report.requests == 40
     assert 0 < report.p50_ms <= report.p99_ms <= report.max_ms
     assert report.requests_per_second > 0
+
+
+@pytest.fixture
+def damageable(photo_store: tuple[Path, Path], tmp_path: Path) -> Iterator[tuple[str, Searcher]]:
+    """The service over a copy of the photo store (checked for damage on every call)."""
+    store = tmp_path / "store"
+    shutil.copytree(photo_store[0], store)
+    searcher = Searcher.open(QueryConfig(str(store), "photos", "test_resnet"))
+    with serve_in_thread(create_app(searcher, load_model=False, health_ttl=0)) as url:
+        yield url, searcher
+
+
+def query_all(url: str, searcher: Searcher) -> list[httpx.Response]:
+    vector = searcher.index.reconstruct(0).astype(float).tolist()  # not read from the store
+    by_id = {"ids": [str(searcher.ids[1])], "k": 1}
+    return [httpx.post(f"{url}/query/vector", json={"vectors": [vector], "k": 1}),
+            httpx.post(f"{url}/query/id", json=by_id)]  # fmt: skip
+
+
+@pytest.mark.parametrize("damage", ["delete valid", "flip features", "delete index chunk"])
+def test_a_damaged_set_or_index_turns_health_and_queries_to_503_naming_the_repair(
+    damageable, damage: str
+) -> None:
+    """The fault injected as tests/pipelines/test_damage.py does, after the service started."""
+    url, searcher = damageable
+    (fs,) = [f for f in open_store(searcher.fs.location, mode="a").feature_sets()
+             if f.path == searcher.fs.path]  # a writable handle  # fmt: skip
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    assert [r.status_code for r in query_all(url, searcher)] == [200, 200]
+    if damage == "delete valid":  # found by /health's listing
+        sync(fs.group.store.delete(fs.object_keys(0)["valid"]))
+    elif damage == "flip features":  # found by the read of a query by id (crc32c)
+        flip(fs, 0, "features")
+        by_id = query_all(url, searcher)[1]
+        assert by_id.status_code == 503, by_id.text
+        assert "Shard 0 (rows 0-14)" in by_id.json()["detail"]
+    else:
+        data = fs.group[f"{INDEX_GROUP}/{searcher.record.key}/data"]
+        sync(fs.group.store.delete(f"{data.path}/c/0"))
+    health = httpx.get(f"{url}/health")
+    assert health.status_code == 503 and health.json()["status"] == "damaged"
+    said = health.json()["damage"]
+    if damage == "delete index chunk":
+        assert f"Index 'flat' of feature set '{fs.path}'" in said and "chunk(s) 0" in said
+        assert "--name flat --force`" in said
+    else:
+        assert f"Shard 0 (rows 0-14) of feature set '{fs.path}'" in said
+        assert f"`bob-cache verify {fs.location} --repair`" in said
+    assert "restart the service" in said
+    for answer in query_all(url, searcher):  # no query answers from a damaged store
+        assert answer.status_code == 503 and answer.json()["detail"] == said, answer.text

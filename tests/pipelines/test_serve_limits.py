@@ -1,29 +1,38 @@
 """Bad requests cannot hurt the query service: real HTTP over loopback to a real uvicorn.
 
 Oversized bodies (chunked ones with no length, ones that stall) get 413 as soon as they pass
-the limit; images whose headers claim too many pixels get 413 before any decode; ragged or
-non-finite vectors and ids of unreadable rows get 4xx; a set without an index is searched
-exactly and says so; and good queries keep their latency while bad ones pour in.
+the limit, and a client streaming one reads that 413 (no reset); JSON bodies have a smaller
+limit sized to --max-batch and are parsed off the event loop; images whose headers claim too
+many pixels get 413 before any decode, thumbnails' too, and concurrent thumbnails of one
+huge image cost one bounded decode; ragged or non-finite vectors and ids of unreadable rows
+get 4xx; a set without an index is searched exactly and says so; and good queries keep
+their latency while bad ones pour in.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
+import psutil
 import pytest
-from PIL import ImageFile
+from PIL import Image, ImageFile
 
+import bob_cache.pipelines.serve as serve_module
+from bob_cache.data.thumbnails import Thumbnails
 from bob_cache.pipelines.query import QueryConfig, Searcher
-from bob_cache.pipelines.serve import create_app
+from bob_cache.pipelines.serve import create_app, json_body_limit
 from tests.loadtest import interference_test, serve_in_thread
 from tests.pipelines.conftest import BROKEN_ID
 
@@ -105,11 +114,21 @@ def _complete(data: bytes) -> bool:
     return False
 
 
-def chunked_head(path: str = "/query/vector") -> bytes:
+PART = (b'--XX\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n")  # fmt: skip
+
+
+def chunked_head(path: str = "/query/image") -> bytes:
+    """The head of a chunked POST: an upload to /query/image (the upload limit; its first
+    chunk opens the file's part), or JSON."""
+    if path != "/query/image":
+        kind, first = "application/json", b""
+    else:
+        kind, first = "multipart/form-data; boundary=XX", b"%x\r\n%s\r\n" % (len(PART), PART)
     return (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {kind}\r\n"
         "Transfer-Encoding: chunked\r\n\r\n"
-    ).encode()
+    ).encode() + first
 
 
 def good_vector(searcher: Searcher, row: int = 0) -> list[float]:
@@ -158,7 +177,7 @@ def test_a_chunked_body_that_passes_the_limit_then_stalls_gets_413(service) -> N
 def test_a_declared_length_over_the_limit_is_refused_before_the_body(service) -> None:
     url, searcher = service
     head = (
-        "POST /query/vector HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        "POST /query/image HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
         f"Content-Length: {10 * LIMIT}\r\n\r\n"
     ).encode()
     request = RawRequest(url, head)  # no body byte is ever sent
@@ -192,6 +211,95 @@ def test_a_chunked_upload_over_the_limit_gets_413(service) -> None:
     assert answer.status_code == 413, answer.text
     assert "over the 1 MB limit (--max-upload-mb)" in answer.json()["detail"]
     assert_still_serving(url, searcher)
+
+
+def multipart(total: int) -> Iterator[bytes]:
+    """A multipart upload of ``total`` bytes of one file, streamed without a length."""
+    yield PART
+    for _ in range(total // 65536):
+        yield b"\0" * 65536
+    yield b"\r\n--XX--\r\n"
+
+
+@pytest.mark.parametrize(
+    ("path", "streamed"),
+    [("/query/image", True), ("/query/image", False), ("/query/vector", True)],
+)
+def test_a_client_sending_a_body_over_the_limit_reads_the_413_not_a_reset(
+    service, path: str, streamed: bool
+) -> None:
+    """httpx sends the whole body before it reads the answer: the server must answer, then
+    read and drop the rest (up to its drain bounds) instead of closing on the sender."""
+    url, searcher = service
+    size = 6 * LIMIT  # six times the upload limit, many times the JSON one
+    if path == "/query/image":
+        kind, option = "multipart/form-data; boundary=XX", "(--max-upload-mb)"
+        content: Any = multipart(size) if streamed else b"".join(multipart(size))
+    else:
+        kind, option = "application/json", "(--max-batch 8 queries of"
+        content = iter([b'{"vectors": [', *[b" " * 65536] * (size // 65536), b"]}"])
+    started = time.perf_counter()
+    answer = httpx.post(f"{url}{path}", content=content, headers={"content-type": kind},
+                        timeout=30)  # fmt: skip
+    assert answer.status_code == 413, answer.text
+    assert option in answer.json()["detail"] and answer.headers["connection"] == "close"
+    assert time.perf_counter() - started < 5.0
+    assert_still_serving(url, searcher)
+
+
+# --- 1b. JSON bodies: a limit sized to --max-batch, parsed off the event loop ------------------
+def test_json_bodies_are_limited_to_what_max_batch_vectors_need_and_such_batches_fit(
+    service,
+) -> None:
+    url, searcher = service
+    dim, limit = searcher.fs.dim, json_body_limit(8, searcher.fs.dim)
+    assert limit < LIMIT and httpx.get(f"{url}/health").json()["max_json_bytes"] == limit
+    widest = (-np.random.default_rng(0).random((8, dim)) * 1e-5 - 1e-6).tolist()
+    body = json.dumps({"vectors": widest, "k": 1}, indent=2).encode()  # the longest numbers
+    assert len(body) > 0.9 * 8 * dim * serve_module.BYTES_PER_VALUE  # what the limit allows
+    answer = httpx.post(f"{url}/query/vector", content=body,
+                        headers={"content-type": "application/json"})  # fmt: skip
+    assert answer.status_code == 200 and len(answer.json()["results"]) == 8
+    padded = b'{"vectors": [' + b" " * limit + b"[1]]}"
+    over = httpx.post(f"{url}/query/id", content=padded,
+                      headers={"content-type": "application/json"})  # fmt: skip
+    assert over.status_code == 413, over.text
+    detail = over.json()["detail"]
+    assert f"{len(padded)} bytes is over the" in detail
+    assert f"limit for JSON queries (--max-batch 8 queries of {dim} values)" in detail
+    bad = {  # the body is parsed by hand: its errors still say what was expected
+        b'{"vectors": [[1,': (400, "not JSON"),
+        b'{"vectors": "x"}': (422, "'vectors' a list"),
+        b'{"ids": ["a"], "k": "3"}': (422, "'k' must be an integer"),
+    }
+    for content, (status, message) in bad.items():
+        path = "/query/id" if b"ids" in content else "/query/vector"
+        answer = httpx.post(f"{url}{path}", content=content)
+        assert answer.status_code == status and message in answer.json()["detail"], answer.text
+
+
+def test_a_slow_json_parse_does_not_stall_other_requests(service, monkeypatch) -> None:
+    """Parsing runs on a worker thread: while one body takes 1.5 s to parse, other requests
+    (the event loop) answer at once."""
+    url, searcher = service
+    parse = serve_module.parse_json_query
+
+    def slow(body: bytes, field: str) -> Any:
+        time.sleep(1.5)
+        return parse(body, field)
+
+    monkeypatch.setattr(serve_module, "parse_json_query", slow)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(httpx.post, f"{url}/query/vector", timeout=10,
+                              json={"vectors": [good_vector(searcher)], "k": 1})  # fmt: skip
+        time.sleep(0.2)
+        waits = []
+        for _ in range(5):
+            started = time.perf_counter()
+            assert httpx.get(f"{url}/health").status_code == 200
+            waits.append(time.perf_counter() - started)
+        assert not pending.done() and max(waits) < 0.5, waits
+        assert pending.result().status_code == 200
 
 
 # --- 2. decompression bombs ---------------------------------------------------------------------
@@ -360,3 +468,90 @@ def test_bad_requests_do_not_slow_good_ones(service, blank_png) -> None:
     else:
         pytest.fail(f"good p99 over 2× the clean p99 in every try: {[t.to_dict() for t in tries]}")
     assert_still_serving(url, searcher)
+
+
+# --- 4. thumbnails: a pixel budget from the header, one bounded decode, a cache ----------------
+@pytest.fixture(scope="module")
+def huge_images(unindexed_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The set's images, moved, with two rows' files replaced by 8000-pixel-wide ones: an
+    8000 × 8000 one-colour RGB PNG (~200 KB on disk, 256 MB decoded) and an 8000 × 6000 JPEG."""
+    root = tmp_path_factory.mktemp("huge-images") / "photos"
+    shutil.copytree(unindexed_store.parent / "photos", root)
+    Image.new("RGB", (8000, 8000), (200, 120, 40)).save(root / "cat/cat_00.png")
+    Image.new("RGB", (8000, 6000), (40, 120, 200)).save(root / "cat/cat_01.jpg", quality=80)
+    return root
+
+
+class PeakRss:
+    """This process's resident memory growth, sampled every millisecond while the block runs
+    (the server runs in this process)."""
+
+    def __enter__(self) -> PeakRss:
+        self.process, self.stop = psutil.Process(), threading.Event()
+        self.base = self.peak = self.process.memory_info().rss
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.stop.wait(0.001):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def six_at_once(url: str, path: str) -> list[httpx.Response]:
+    with ThreadPoolExecutor(6) as pool:
+        return list(pool.map(lambda _: httpx.get(f"{url}{path}", timeout=60), range(6)))
+
+
+def test_a_huge_thumbnail_is_refused_from_its_header(
+    unindexed_store: Path, huge_images: Path, decodes
+) -> None:
+    """Six concurrent thumbnails of a 64 MP PNG (over the 40 MP budget): 413 without a decode,
+    and the server's memory does not grow (it took 3.7 GB before the budget)."""
+    searcher = Searcher.open(QueryConfig(str(unindexed_store), "photos", "test_resnet"))
+    app = create_app(searcher, load_model=False, images_root=huge_images)
+    with serve_in_thread(app) as url, PeakRss() as rss:
+        answers = six_at_once(url, "/thumb/cat/cat_00.png")
+        jpeg = httpx.get(f"{url}/thumb/cat/cat_01.jpg")  # 48 MP, decoded at 1/8 scale
+    assert [a.status_code for a in answers] == [413] * 6, answers[0].text
+    detail = answers[0].json()["detail"]
+    assert "8000 × 8000 = 64.0 MP, over the 40 MP thumbnail budget (--max-image-mp)" in detail
+    assert (8000, 8000) not in decodes
+    assert jpeg.status_code == 200 and Image.open(io.BytesIO(jpeg.content)).size == (160, 120)
+    assert (1000, 750) in decodes and (8000, 6000) not in decodes  # the draft: 1/8 a side
+    print(f"\nsix refused thumbnails: peak RSS growth {rss.growth_mb:.0f} MB")
+    assert rss.growth_mb < 100, rss.growth_mb
+
+
+def test_concurrent_thumbnails_of_one_huge_image_decode_it_once(
+    unindexed_store: Path, huge_images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a budget that admits the 64 MP PNG, six concurrent requests share one decode
+    (256 MB, as PIL holds RGB in 4 bytes a pixel) and later ones come from the cache."""
+    renders: list[str] = []
+    render = Thumbnails._render
+
+    def counted(self: Thumbnails, id_: str) -> bytes:
+        renders.append(id_)
+        return render(self, id_)
+
+    monkeypatch.setattr(Thumbnails, "_render", counted)
+    searcher = Searcher.open(QueryConfig(str(unindexed_store), "photos", "test_resnet"))
+    app = create_app(searcher, load_model=False, images_root=huge_images, max_image_mp=70)
+    with serve_in_thread(app) as url, PeakRss() as rss:
+        answers = six_at_once(url, "/thumb/cat/cat_00.png")
+        again = httpx.get(f"{url}/thumb/cat/cat_00.png")
+    assert [a.status_code for a in answers] == [200] * 6, answers[0].text
+    assert {a.content for a in answers} == {again.content}
+    assert Image.open(io.BytesIO(again.content)).size == (160, 160)
+    assert renders == ["cat/cat_00.png"]  # once, for all seven requests
+    print(f"\nsix thumbnails, one decode: peak RSS growth {rss.growth_mb:.0f} MB")
+    assert rss.growth_mb < 450, rss.growth_mb  # one decode, not six (3.7 GB before)
