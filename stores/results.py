@@ -35,6 +35,7 @@ import pandas as pd
 
 from bob_cache.errors import StoreError
 from bob_cache.provenance import utc_now
+from bob_cache.stores.claims import ClaimBoard
 from bob_cache.stores.location import is_url, translate_remote_errors, translate_write_errors
 
 COLUMNS = (
@@ -45,6 +46,12 @@ COLUMNS = (
 # Columns a writer may leave out (and tables written before they existed lack): their fill.
 OPTIONAL = {"source": "", "task": "", "split_rule": "", "config": "", "dataset_fingerprint": ""}
 SUMMARY_KEYS = ("dataset", "data", "backbone", "configuration", "method", "setting")
+# A row's unit key (the config hash names the unit's run; the rest, which of its numbers).
+UNIT_KEY = ("config_hash", "method", "setting", "metric", "seed", "split")
+# Rows equal in these are one number written twice (two runs of one unit): readers keep one.
+DUPLICATE_KEY = ("stage", "dataset", "backbone", "feature_key", "source", *UNIT_KEY, "value")
+CLAIMS = ".claims"  # the folder of claims beside the parts (:mod:`bob_cache.stores.claims`)
+APPEND_LEASE = 120.0  # seconds an append may hold the table's lock
 DEFAULT_RESULTS = "bob-results"
 
 
@@ -89,8 +96,18 @@ class ResultsTable:
         """The full path (local) or URL of file ``name`` in the table's directory."""
         return f"{str(self.directory).rstrip('/')}/{name}"
 
+    @functools.cached_property
+    def claims(self) -> ClaimBoard:
+        """The claims beside this table (who is computing what; the append lock)."""
+        fs, root = self._fs
+        return ClaimBoard(f"{root}/{CLAIMS}", fs=None if self.is_local else fs)
+
     def append(self, rows: Sequence[dict[str, Any]]) -> str | None:
-        """Write ``rows`` as one new parquet file; returns its path (None when empty)."""
+        """Write ``rows`` as one new parquet file; returns its path (None when nothing is new).
+
+        Under the table's lock, rows another writer already wrote (equal in
+        :data:`DUPLICATE_KEY`) are left out, so two runs of one unit never add a row twice.
+        """
         if not rows:
             return None
         missing = set(COLUMNS) - set(OPTIONAL) - set(rows[0])
@@ -100,11 +117,40 @@ class ResultsTable:
         frame["versions"] = frame["versions"].map(
             lambda v: v if isinstance(v, str) else json.dumps(v)
         )
-        name = f"part-{utc_now().replace(':', '')}-{uuid.uuid4().hex[:8]}.parquet"
-        buffer = io.BytesIO()
-        frame.to_parquet(buffer, index=False)
-        self.write_bytes(name, buffer.getvalue())
+        self._known_rows()  # read what is there before taking the lock: held briefly
+        with (
+            translate_remote_errors(self.directory),
+            self.claims.claim("append", owner="results append", lease=APPEND_LEASE, poll=0.05),
+        ):
+            data = _parquet(frame)
+            keys = _row_keys(pd.read_parquet(io.BytesIO(data)))  # as a reader will see them
+            new = [k not in self._known_rows() for k in keys]
+            if not any(new):
+                return None
+            if not all(new):
+                frame = frame[new].reset_index(drop=True)
+                data, keys = _parquet(frame), [k for k, n in zip(keys, new, strict=True) if n]
+            name = f"part-{utc_now().replace(':', '')}-{uuid.uuid4().hex[:8]}.parquet"
+            self.write_bytes(name, data)
+            self._part_keys[name] = frozenset(keys)
         return self.path(name)
+
+    @functools.cached_property
+    def _part_keys(self) -> dict[str, frozenset[tuple[str, ...]]]:
+        """Each part's row keys, read once (parts are written whole and never rewritten)."""
+        return {}
+
+    def _known_rows(self) -> set[tuple[str, ...]]:
+        """The row keys of every part now in the table (new parts read, the rest cached)."""
+        names = self.files("part-*.parquet")
+        for name in names:
+            if name not in self._part_keys:
+                try:
+                    part = pd.read_parquet(io.BytesIO(self.read_bytes(name)))
+                except (OSError, ValueError):  # damaged: read() names it; nothing to match
+                    continue
+                self._part_keys[name] = frozenset(_row_keys(part))
+        return set().union(*(self._part_keys[n] for n in names if n in self._part_keys))
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write file ``name`` whole: readers see the old file or the new one, never a part
@@ -154,6 +200,7 @@ class ResultsTable:
             if column not in frame:
                 frame[column] = None
         frame = _fill_optional(frame)
+        frame = frame[~frame.duplicated(list(DUPLICATE_KEY), keep="last")]
         for column, value in filters.items():
             if value is not None:
                 frame = frame[frame[column] == value]
@@ -232,6 +279,21 @@ def _sources(frame: pd.DataFrame) -> pd.Series:
     fingerprint = frame["dataset_fingerprint"].str[:12]
     several = fingerprint.groupby(frame["dataset"]).transform("nunique") > 1
     return fingerprint.where(several, "")
+
+
+def _parquet(frame: pd.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    return buffer.getvalue()
+
+
+def _row_keys(frame: pd.DataFrame) -> list[tuple[str, ...]]:
+    """Each row's :data:`DUPLICATE_KEY` as text (one part's rows, as stored)."""
+    for column in DUPLICATE_KEY:  # parts written before a column existed
+        if column not in frame:
+            frame = frame.assign(**{column: OPTIONAL.get(column)})
+    columns = [frame[c].map(str) for c in DUPLICATE_KEY]
+    return list(zip(*columns, strict=True)) if len(frame) else []
 
 
 def _fill_optional(frame: pd.DataFrame) -> pd.DataFrame:

@@ -134,7 +134,7 @@ class _BattleConsole:
             return
         line = f"{MARKS.get(outcome.status, '·')} {escape(self.labels.get(job.id, job.id))}"
         if outcome.status == "done":
-            line += f" ({outcome.seconds:.1f} s)"
+            line += " (done by another battle)" if outcome.joined else f" ({outcome.seconds:.1f} s)"
         else:
             line += f": {outcome.status}: {escape(outcome.error)}"
         err.print(line, highlight=False, soft_wrap=True)

@@ -16,12 +16,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bob_cache.pipelines.battle.claims import JOB_CLAIMS
 from bob_cache.pipelines.battle.execute import Outcome, ProgressHandler, execute
 from bob_cache.pipelines.battle.failures import FailureLog, new_run_id
 from bob_cache.pipelines.battle.plan import Job, Plan, plan_battle, store_exists
 from bob_cache.pipelines.battle.tasks import TaskKind, list_tasks, register_task
 from bob_cache.pipelines.cluster import dask_client
 from bob_cache.pipelines.registry import register_stage
+from bob_cache.stores.claims import release_held
 from bob_cache.stores.results import DEFAULT_RESULTS
 from bob_cache.suite import BackboneSpec, Suite, load_suite
 
@@ -121,9 +123,13 @@ def _run(plan: Plan, config: BattleConfig, log: FailureLog) -> dict[str, Outcome
             config.on_done(job, outcome)
 
     gpus = sum(1 for j in plan.todo if j.gpu) and _local_gpus()
-    with dask_client(scheduler=config.scheduler, workers=config.workers, gpus=gpus) as client:
-        return execute(plan, client, threads=config.threads, on_done=done,
-                       on_progress=config.on_progress)  # fmt: skip
+    try:
+        with dask_client(scheduler=config.scheduler, workers=config.workers, gpus=gpus) as client:
+            return execute(plan, client, threads=config.threads, on_done=done,
+                           on_progress=config.on_progress)  # fmt: skip
+    except KeyboardInterrupt:  # this process's job claims go now, not when its jobs stop
+        release_held(JOB_CLAIMS)
+        raise
 
 
 def backbone_metadata(backbone: BackboneSpec) -> dict[str, Any]:

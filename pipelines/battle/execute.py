@@ -49,9 +49,14 @@ class Outcome:
     result: dict[str, Any] | None = None
     traceback: str = field(default="", repr=False)  # the worker's, for the log file
 
+    @property
+    def joined(self) -> bool:
+        """Done by another battle sharing the results table (this one waited for it)."""
+        return bool(self.result and self.result.get("joined"))
+
     def to_dict(self) -> dict[str, Any]:
         return {"job": self.job, "status": self.status, "seconds": round(self.seconds, 2),
-                "error": self.error}  # fmt: skip
+                "error": self.error, "joined": self.joined}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ class RunContext:
     threads: int
     token: str
     report: bool = False  # log progress events for the client
+    results: str = ""  # the results table whose claims the jobs take ("": none)
 
     @property
     def topic(self) -> str:
@@ -80,7 +86,7 @@ def run_job(job: Job, run: RunContext, *deps: dict[str, Any]) -> dict[str, Any]:
     try:
         # BLAS and OpenMP (FAISS) pools too: the nanny's OMP_NUM_THREADS=1 would cap them.
         with threadpool_limits(limits=run.threads), reporting_progress(reporter):
-            result = job.run(*deps)
+            result = _run_claimed(job, run, reporter, deps)
     except (BobCacheError, JobInterrupted) as exc:
         exc.worker_traceback = traceback.format_exc()  # type: ignore[attr-defined]
         raise
@@ -92,6 +98,23 @@ def run_job(job: Job, run: RunContext, *deps: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(before)
     result["wall_seconds"] = time.perf_counter() - started
     return result
+
+
+def _run_claimed(
+    job: Job, run: RunContext, reporter: _Reporter, deps: tuple[dict[str, Any], ...]
+) -> dict[str, Any]:
+    """The job under its claim beside the results (another battle's run of it is waited for
+    and joined), or plainly where the run names no results table."""
+    from bob_cache.pipelines.battle.claims import run_claimed
+
+    if not run.results:
+        return job.run(*deps)
+
+    def waiting(text: str) -> None:
+        logger.info("%s", text)
+        reporter(text, 0, None)  # stops the wait once the battle is interrupted
+
+    return run_claimed(job, run.results, deps, on_wait=waiting)
 
 
 def stage_of(job: Job) -> str:
@@ -148,7 +171,7 @@ def execute(
     todo = plan.todo
     _check_gpu(client, todo)
     run = RunContext(threads or _threads_per_job(client), uuid.uuid4().hex[:8],
-                     report=on_progress is not None)  # fmt: skip
+                     report=on_progress is not None, results=plan.results)  # fmt: skip
     if on_progress is not None:
         client.subscribe_topic(run.topic, lambda event: on_progress(event[1]["job"], event[1]))
     futures = _submit(plan, client, run)

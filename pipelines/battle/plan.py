@@ -281,7 +281,6 @@ class TaskRun:
     def __call__(self, *deps: dict[str, Any]) -> dict[str, Any]:
         """Runs after its extraction and the extractions it reads (same backbone); a kind
         that reads no features runs once, with no dependency."""
-        from bob_cache.errors import BackboneUnavailableError
         from bob_cache.pipelines import get_stage
 
         kind = get_task(self.kind)
@@ -289,20 +288,38 @@ class TaskRun:
             config = kind.config(self.options, self.dataset, "", self.ctx)
             run = get_stage(kind.stage)(without_loaders_in_daemon(config))
             return {"keys": [], "seconds": getattr(run, "seconds", 0.0)}
-        extraction = deps[0]
+        keys = self._keys(deps)
+        runs = [
+            get_stage(kind.stage)(kind.config(self.options, self.dataset, key, self.ctx))
+            for key in keys
+        ]
+        seconds = sum(getattr(r, "seconds", 0.0) for r in runs)
+        return {"keys": keys, "seconds": seconds}
 
+    def finished(self, *deps: dict[str, Any]) -> dict[str, Any] | None:
+        """The job's result when the results table already holds all of it (another battle
+        ran it since the plan; ``joined``), else None."""
+        kind = get_task(self.kind)
+        keys = self._keys(deps) if kind.reads_features else []
+        hashes = ResultsTable.open(self.ctx.results).config_hashes()
+        done = all(
+            kind.is_done(kind.config(self.options, self.dataset, key, self.ctx), key, hashes)
+            for key in keys or [""]
+        )
+        return {"keys": keys, "seconds": 0.0, "joined": True} if done else None
+
+    def _keys(self, deps: tuple[dict[str, Any], ...]) -> list[str]:
+        """The feature keys of this backbone's extraction (the first dependency)."""
+        from bob_cache.errors import BackboneUnavailableError
+
+        extraction = deps[0]
         if "by_backbone" in extraction:  # several backbones were decoded together
             extraction = extraction["by_backbone"][self.ctx.label]
             if "error" in extraction:
                 raise BackboneUnavailableError(
                     f"the extraction of '{self.ctx.label}' failed: {extraction['error']}"
                 )
-        runs = [
-            get_stage(kind.stage)(kind.config(self.options, self.dataset, key, self.ctx))
-            for key in extraction["keys"]
-        ]
-        seconds = sum(getattr(r, "seconds", 0.0) for r in runs)
-        return {"keys": extraction["keys"], "seconds": seconds}
+        return list(extraction["keys"])
 
 
 def extract_config(

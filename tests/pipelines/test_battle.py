@@ -145,6 +145,7 @@ def test_a_failing_job_is_reported_and_the_others_finish(tmp_path: Path) -> None
     )
     assert all(o["status"] == "done" for j, o in status.items() if j.endswith("/r0"))
     assert len(summary.failed) == 4
+    assert not list((tmp_path / "results" / ".claims").glob("*.json"))  # failed jobs' released
     alone = run(tmp_path / "alone", suite_file(tmp_path, [], extra))  # its own job fails
     status = {o["job"]: o for o in alone.outcomes}
     assert status["extract/digits/broken"]["status"] == "failed"
@@ -258,6 +259,7 @@ def test_ctrl_c_prints_the_rerun_hint_and_the_rerun_skips_the_done_jobs(
                        results=str(tmp_path / "r"))  # what the rerun does  # fmt: skip
     assert plan.jobs[0].kind == "extract" and plan.jobs[0].done
     assert 1 <= len(plan.todo) <= 2  # the tasks (less one that ended before the stop)
+    assert not list((tmp_path / "r" / ".claims").glob("*.json"))  # its job claims released
 
 
 def test_an_interrupted_run_stops_its_jobs_at_their_next_progress_report() -> None:

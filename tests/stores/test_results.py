@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from bob_cache.errors import StoreError
@@ -209,3 +210,61 @@ def test_a_remote_table_without_its_fsspec_backend_names_the_extra(monkeypatch) 
     monkeypatch.setattr(fsspec.core, "url_to_fs", no_backend)
     with pytest.raises(StoreError, match=r"pip install 'bob-cache\[s3\]'"):
         ResultsTable.open("s3://bucket/results").read()
+
+
+def raw_rows(directory: Path) -> pd.DataFrame:
+    """Every row of every part, as written (no reader's deduplication)."""
+    parts = sorted(directory.glob("part-*.parquet"))
+    return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+
+
+def test_readers_drop_a_row_written_twice_but_keep_a_different_value(tmp_path: Path) -> None:
+    import shutil
+
+    table = ResultsTable.open(tmp_path / "r")
+    table.append([row(), row(metric="top5", value=0.9)])
+    (part,) = (tmp_path / "r").glob("part-*.parquet")
+    shutil.copy(part, tmp_path / "r" / "part-9999-copy.parquet")  # a second run's same rows
+    assert len(raw_rows(tmp_path / "r")) == 4
+    frame = table.read()
+    assert len(frame) == 2 and sorted(frame["metric"]) == ["top1", "top5"]
+    assert summarize(frame).loc[0, "top1"] == "0.5000"  # one row, not a mean of two
+    table.append([row(value=0.6, run_id="r2", time="2026-02-01T00:00:00+00:00")])
+    frame = table.read(metric="top1")
+    assert sorted(frame["value"]) == [0.5, 0.6]  # a different number is a different row
+    assert summarize(table.read()).loc[0, "top1"] == "0.6000"  # the latest run wins, as before
+
+
+def test_append_leaves_out_rows_another_writer_already_wrote(tmp_path: Path) -> None:
+    first, second = ResultsTable.open(tmp_path / "r"), ResultsTable.open(tmp_path / "r")
+    first.append([row(), row(metric="top5", value=0.9)])
+    again = [row(run_id="r2"), row(metric="top5", value=0.9, run_id="r2")]
+    assert second.append(again) is None  # the same unit, the same numbers: nothing written
+    assert second.append([*again, row(metric="top10", value=1.0, run_id="r2")]) is not None
+    written = raw_rows(tmp_path / "r")
+    assert len(written) == 3 and sorted(written["metric"]) == ["top1", "top10", "top5"]
+    assert not list((tmp_path / "r" / ".claims").iterdir())  # the append lock released
+
+
+def _append_same(directory: str, writer: int, barrier: object) -> None:
+    table = ResultsTable.open(directory)
+    barrier.wait()  # type: ignore[attr-defined]
+    for i in range(5):
+        table.append([row(run_id=f"w{writer}", config_hash=f"h{i}", value=i)])
+
+
+def test_writers_appending_the_same_rows_at_once_write_each_once(tmp_path: Path) -> None:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(4)
+    procs = [
+        ctx.Process(target=_append_same, args=(str(tmp_path / "r"), w, barrier)) for w in range(4)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * 4
+    written = raw_rows(tmp_path / "r")
+    assert len(written) == 5 and written["config_hash"].nunique() == 5
