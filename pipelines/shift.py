@@ -17,7 +17,11 @@ Each output also holds ``shift.json``: the source, its fingerprint, the corrupti
 severity, seed and library versions. An output is written into ``.<name>.partial/`` (each
 image atomically) and renamed when complete, so a finished output is never half-done; a
 rerun skips finished outputs and completes a partial one whose settings match (one that
-does not match is rewritten). Images the source cannot decode are skipped and listed.
+does not match is rewritten). ``--overwrite`` renames the old copy aside before the new one
+takes its name and deletes it last (:func:`bob_cache.stores.atomic.replace_folder`): a kill or
+a full disk at any step leaves the old copy or the new one under the final name (or neither,
+with the complete new one still partial), and the same command finishes. Images the source
+cannot decode are skipped and listed.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ import contextlib
 import csv
 import functools
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -53,6 +56,14 @@ from bob_cache.hashing import stable_hash
 from bob_cache.pipelines.registry import register_stage
 from bob_cache.progress import progress_bar
 from bob_cache.provenance import library_versions, utc_now
+from bob_cache.stores.atomic import (
+    RETIRED_PREFIX,
+    atomic_write,
+    crash_point,
+    remove_leftovers,
+    replace_folder,
+    write_text,
+)
 
 PROVENANCE = "shift.json"
 _PARTIAL_MARK = "partial.json"
@@ -205,6 +216,7 @@ class _Job:
             "path": str(self.final),
             "data": str(self._data_path(self.final)),
         }
+        remove_leftovers(self.final.parent, f"{RETIRED_PREFIX}{self.dirname}-")  # killed swaps
         if self.finished():
             return {**result, "status": "done", "images_written": 0, "unreadable": []}
         resumed = self._partial_matches()
@@ -214,6 +226,7 @@ class _Job:
             _write_json(self.partial / _PARTIAL_MARK, {"key": self.key, **self.identity})
         pending = self.pending()
         unreadable = self._corrupt_all(pending, mapper, advance)
+        crash_point("shift-images")
         self._finish(unreadable)
         status = "resumed" if resumed else "written"
         written = len(pending) - len(unreadable)
@@ -242,13 +255,16 @@ class _Job:
     def _finish(self, unreadable: list[dict]) -> None:
         """Index file and provenance, then the rename that makes the output visible."""
         written = {key: rel for key, rel in self.paths.items() if (self.partial / rel).is_file()}
+        for leftover in self.partial.rglob(".*.tmp-*"):  # images a killed worker was writing
+            leftover.unlink(missing_ok=True)
         if self.source.kind == "manifest":
             self._write_manifest(written)
+            crash_point("shift-manifest")
         _write_json(self.partial / PROVENANCE, self._provenance(written, unreadable))
+        crash_point("shift-provenance")
         (self.partial / _PARTIAL_MARK).unlink(missing_ok=True)
-        if self.final.exists():  # --overwrite: the old copy goes only once the new one is done
-            shutil.rmtree(self.final)
-        os.replace(self.partial, self.final)
+        crash_point("shift-unmark")
+        replace_folder(self.partial, self.final)  # --overwrite: the old copy is deleted last
 
     def _write_manifest(self, written: dict[tuple[str, str], str]) -> None:
         names = self.source.class_names
@@ -329,12 +345,12 @@ def _corrupt_one(task: tuple, source: DataSource | None = None) -> str:
     out = apply_corruption(image, name, severity, corruption_rng(seed, name, severity, sample.id))
     path = Path(root) / rel
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     if rel.lower().endswith((".jpg", ".jpeg")):
-        Image.fromarray(out).save(tmp, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+        save = functools.partial(Image.fromarray(out).save, format="JPEG", quality=JPEG_QUALITY,
+                                 subsampling=0)  # fmt: skip
     else:
-        Image.fromarray(out).save(tmp, format="PNG")
-    os.replace(tmp, path)
+        save = functools.partial(Image.fromarray(out).save, format="PNG")
+    atomic_write(path, save)
     return ""
 
 
@@ -346,6 +362,4 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")

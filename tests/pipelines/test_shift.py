@@ -295,3 +295,86 @@ def test_help_has_an_example_and_corruptions_lists_them(cli) -> None:
     }  # fmt: skip
     blur = cli("corruptions", "--family", "blur")
     assert blur.exit_code == 0 and "zoom_blur" in blur.output and "fog" not in blur.output
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs, no ``except Exception`` catches it."""
+
+
+def _kill_at(monkeypatch: pytest.MonkeyPatch, step: str) -> None:
+    from bob_cache.stores import feature_set as feature_set_module
+
+    def kill(name: str) -> None:
+        if name == step:
+            raise _Killed(name)
+
+    monkeypatch.setattr(feature_set_module, "crash_point", kill)
+
+
+def _no_leftovers(out: Path) -> None:
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+
+
+@pytest.mark.parametrize("step", ["shift-images", "shift-provenance", "shift-unmark",
+                                  "folder-rename"])  # fmt: skip
+def test_a_copy_killed_at_any_step_is_finished_by_the_same_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    fresh = run("builtin:digits", tmp_path / "fresh", limit=2)
+    final = tmp_path / "out" / "digits-gaussian_noise-3"
+    with monkeypatch.context() as mp, pytest.raises(_Killed):
+        _kill_at(mp, step)
+        run("builtin:digits", tmp_path / "out", limit=2)
+    assert final.exists() == (step == "folder-rename")  # only ever visible whole
+    again = run("builtin:digits", tmp_path / "out", limit=2)
+    assert again.outputs[0]["status"] == ("done" if step == "folder-rename" else "resumed")
+    assert files(final) == files(tmp_path / "fresh" / "digits-gaussian_noise-3")
+    key = json.loads((final / "shift.json").read_text())["key"]
+    assert fresh.outputs[0]["status"] == "written" and key
+    _no_leftovers(tmp_path / "out")
+
+
+@pytest.mark.parametrize("step", ["shift-unmark", "folder-retire", "folder-rename"])
+def test_an_overwrite_killed_at_any_step_keeps_a_whole_copy_and_finishes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    run("builtin:digits", tmp_path / "new", limit=2, seed=1)
+    new = files(tmp_path / "new" / "digits-gaussian_noise-3")
+    run("builtin:digits", tmp_path / "out", limit=2, seed=0)
+    final = tmp_path / "out" / "digits-gaussian_noise-3"
+    old = files(final)
+    with monkeypatch.context() as mp, pytest.raises(_Killed):
+        _kill_at(mp, step)
+        run("builtin:digits", tmp_path / "out", limit=2, seed=1, overwrite=True)
+    # the old copy whole, the new one whole, or (between the two renames) neither
+    assert (files(final) if final.exists() else None) in (old, new, None)
+    assert final.exists() or step == "folder-retire"
+    run("builtin:digits", tmp_path / "out", limit=2, seed=1, overwrite=True)
+    assert files(final) == new
+    assert json.loads((final / "shift.json").read_text())["seed"] == 1
+    _no_leftovers(tmp_path / "out")
+
+
+def test_a_full_disk_at_the_provenance_is_finished_by_the_same_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    write_text = shift_module.write_text
+
+    def full_disk(path: Path, text: str) -> None:
+        if path.name == shift_module.PROVENANCE:  # every image written, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_text(path, text)
+
+    with monkeypatch.context() as mp, pytest.raises(OSError, match="No space left"):
+        mp.setattr(shift_module, "write_text", full_disk)
+        run("builtin:digits", tmp_path / "out", limit=2)
+    assert not (tmp_path / "out" / "digits-gaussian_noise-3").exists()
+    again = run("builtin:digits", tmp_path / "out", limit=2)
+    assert again.outputs[0]["status"] == "resumed"
+    run("builtin:digits", tmp_path / "fresh", limit=2)
+    final, fresh = (tmp_path / d / "digits-gaussian_noise-3" for d in ("out", "fresh"))
+    assert files(final) == files(fresh)
+    _no_leftovers(tmp_path / "out")
