@@ -253,9 +253,15 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     max_upload_mb: Annotated[float, typer.Option(help="Largest request body.")] = 20.0,
-    max_batch: Annotated[int, typer.Option(help="Most queries per request.")] = 256,
+    max_batch: Annotated[
+        int, typer.Option(help="Most queries per request (it also sizes the JSON body limit).")
+    ] = 256,
     max_image_mp: Annotated[
-        float, typer.Option(help="Largest image (megapixels, from its header) a request may hold.")
+        float,
+        typer.Option(
+            help="Largest image (megapixels, from its header) a request may hold or a "
+            "thumbnail be made from."
+        ),
     ] = 40.0,
     max_request_mp: Annotated[
         float, typer.Option(help="Most megapixels decoded for one request, all images together.")
