@@ -3,7 +3,10 @@
 ``build_report`` reads the table, ranks the backbones (:mod:`bob_cache.ranking`), draws the
 figures (:mod:`bob_cache.pipelines.report_plots`) and writes into ``out_dir``: ``report.md``
 (figures beside it), a self-contained ``report.html`` (figures inlined as data URIs), the
-rows as ``results.parquet`` and ``results.csv``, and the PNG figures.
+rows as ``results.parquet`` and ``results.csv``, and the PNG figures. Every file is first
+written into a hidden staging folder inside ``out_dir`` and renamed into place at the end,
+the pages last: a kill or a full disk leaves the previous report (or none), and the same
+command writes it whole (the next report removes a killed one's staging folder).
 
 Backbone metadata (family, pretraining method and data, parameters, display name) comes from
 the caller, else from the battle's ``backbones-<suite>.json`` beside the results, else from
@@ -27,7 +30,7 @@ import pandas as pd
 from bob_cache.errors import NoResultsError, StoreError
 from bob_cache.extras import require
 from bob_cache.pipelines.registry import register_stage
-from bob_cache.pipelines.report_plots import Plot, draw_plots
+from bob_cache.pipelines.report_plots import FIGURES, Plot, draw_plots
 from bob_cache.pipelines.report_sections import (
     Section,
     configuration_section,
@@ -47,10 +50,15 @@ from bob_cache.pipelines.report_tables import (
     scale_table,
     task_tables,
 )
-from bob_cache.pipelines.report_transfer import TransferReport, transferability_report
+from bob_cache.pipelines.report_transfer import (
+    PLOT_PREFIX,
+    TransferReport,
+    transferability_report,
+)
 from bob_cache.provenance import utc_now
 from bob_cache.ranking import DEFAULT_SIZE_CLASSES, Ranking, list_tasks, rank_backbones
 from bob_cache.ranking.metadata import SizeClasses
+from bob_cache.stores.atomic import commit_staging, crash_point, start_staging
 from bob_cache.stores.results import ResultsTable
 
 if TYPE_CHECKING:
@@ -58,6 +66,9 @@ if TYPE_CHECKING:
 
 # Written beside the results by the battle stage (its METADATA_FILE): {slug: metadata}.
 SUITE_METADATA = "backbones-{suite}.json"
+
+
+PAGES = ("results.parquet", "results.csv", "report.md", "report.html")  # renamed last, in order
 
 
 @dataclass
@@ -144,12 +155,12 @@ def build_report(
         prefer=prefer, bootstrap=bootstrap, seed=seed,
     )  # fmt: skip
     out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    stage = start_staging(out)  # every file is written here, renamed into ``out`` at the end
     excluded = suite_exclusions(suite, metadata or {}) if suite is not None else set()
     summary = _summary(out, frame, ranking, excluded)
     summary.suite_checked = suite is not None
-    plots, summary.notes = draw_plots(ranking, out)
-    transfer = transferability_report(ranking, out, resamples=bootstrap or 1000, seed=seed)
+    plots, summary.notes = draw_plots(ranking, stage)
+    transfer = transferability_report(ranking, stage, resamples=bootstrap or 1000, seed=seed)
     summary.transferability = _transfer_summary(transfer)
     marks = Marks.from_ranking(ranking)
     context = {
@@ -158,7 +169,9 @@ def build_report(
         "sections": _sections(ranking, marks, summary, plots, transfer),
         "footnotes": marks.footnotes(),
     }  # fmt: skip
-    summary.files = _write(out, frame, context, [*plots, *transfer.plots])
+    staged = _write(stage, frame, context, [*plots, *transfer.plots])
+    crash_point("report-staged")
+    summary.files = _commit(stage, out, staged)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -320,6 +333,19 @@ def _write(out: Path, frame: pd.DataFrame, context: dict[str, Any], plots: list[
         (out / f"report.{kind}").write_text(template.render(**context), encoding="utf-8")
         written[kind] = str(out / f"report.{kind}")
     return written
+
+
+def _commit(stage: Path, out: Path, staged: dict[str, str]) -> dict[str, str]:
+    """Rename the staged files into ``out``, the pages last (a kill before them leaves the
+    previous report's pages, or none), then delete the figures of an earlier report that
+    this one no longer draws. Returns the final paths."""
+    commit_staging(stage, out, last=PAGES)
+    names = {Path(path).name for path in staged.values()}
+    owned = [*(out / f"{name}.png" for name in FIGURES), *out.glob(f"{PLOT_PREFIX}*.png")]
+    for path in owned:
+        if path.name not in names:
+            path.unlink(missing_ok=True)
+    return {kind: str(out / Path(path).name) for kind, path in staged.items()}
 
 
 def _template(name: str) -> str:
