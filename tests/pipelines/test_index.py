@@ -197,3 +197,32 @@ def test_a_build_killed_at_any_step_is_finished_by_the_same_command(
     assert [k for k, _ in fs.group[INDEX_GROUP].groups()] == [final.key]  # leftovers removed
     searcher = Searcher.open(QueryConfig(str(tmp_path / "s"), "toy", "model"))
     assert searcher.n_indexed == final.rows == 400 - 7  # every committed, valid row
+
+
+@pytest.mark.parametrize("step", ["index-data", "index-record"])
+def test_a_first_build_killed_at_any_step_is_finished_without_force(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """No earlier index, no --force: the same command after the kill ends with one complete
+    index (a killed attempt's leftovers removed) that serves every valid row."""
+    from bob_cache.stores import feature_set as feature_set_module
+    from bob_cache.stores.index_store import INDEX_GROUP, list_indexes
+
+    x, y = blobs(400, classes=4, dim=8)
+    partial_set(tmp_path / "s", x, y, shards=list(range(7)))
+
+    def kill(name: str) -> None:
+        if name == step:
+            raise _Killed(name)
+
+    with monkeypatch.context() as mp, pytest.raises(_Killed):
+        mp.setattr(feature_set_module, "crash_point", kill)
+        build_index(cfg(tmp_path / "s", kind="flat"))
+    fs = open_store(tmp_path / "s").get("toy/train/model.tag/feat00000001")
+    assert len(list_indexes(fs)) == (step == "index-record")  # complete only once recorded
+    again = build_index(cfg(tmp_path / "s", kind="flat"))
+    assert again.action == ("exists" if step == "index-record" else "built")
+    fs = open_store(tmp_path / "s").get("toy/train/model.tag/feat00000001")
+    [final] = list_indexes(fs)
+    assert [k for k, _ in fs.group[INDEX_GROUP].groups()] == [final.key]
+    assert Searcher.open(QueryConfig(str(tmp_path / "s"), "toy", "model")).n_indexed == 393

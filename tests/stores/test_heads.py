@@ -90,10 +90,11 @@ def test_a_head_round_trips_and_is_listed(opener) -> None:
     assert np.array_equal(read_head(fs, again).weight, params(3).weight)
 
 
-def test_a_killed_write_leaves_no_head_that_looks_complete(opener, monkeypatch) -> None:
+@pytest.mark.parametrize("at", ["head-weight", "head-bias", "head-mean", "head-scale"])
+def test_a_killed_write_leaves_no_head_that_looks_complete(opener, monkeypatch, at) -> None:
     def crash(step: str) -> None:
-        if step == "head-bias":
-            raise KeyboardInterrupt  # a kill between two arrays
+        if step == at:
+            raise KeyboardInterrupt  # a kill after that array, before the record
 
     monkeypatch.setattr(feature_set_module, "crash_point", crash)
     fs = train_set(opener())
