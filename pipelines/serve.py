@@ -2,7 +2,7 @@
 
 The index, the row metadata and the backbone are loaded once at start-up; each request
 costs the embedding (image queries), the index search, and O(k) metadata lookups. Queries
-are serialized by the searcher's lock, so concurrent requests never oversubscribe the CPU.
+run on the searcher's one compute thread, so concurrent requests never oversubscribe the CPU.
 
 Endpoints: ``GET /health``; ``POST /query/vector`` (JSON ``{"vectors": [[...]], "k": 10}``);
 ``POST /query/id`` (JSON ``{"ids": [...], "k": 10}``); ``POST /query/image`` (multipart

@@ -136,3 +136,18 @@ def test_a_damaged_set_or_index_turns_health_and_queries_to_503_naming_the_repai
     assert "restart the service" in said
     for answer in query_all(url, searcher):  # no query answers from a damaged store
         assert answer.status_code == 503 and answer.json()["detail"] == said, answer.text
+
+
+def test_a_large_batch_is_searched_in_slices_with_the_same_neighbours(server) -> None:
+    """A batch takes turns with other requests on the compute thread, a slice at a time."""
+    from bob_cache.pipelines.query import SEARCH_SLICE
+
+    _, searcher, _ = server
+    x = np.resize(
+        searcher.fs.features[:].astype(np.float32), (2 * SEARCH_SLICE + 5, searcher.fs.dim)
+    )
+    batch = searcher.search(x, 3)
+    alone = [searcher.search(row, 3) for row in x]
+    assert batch.rows.shape == (len(x), 3)
+    assert batch.rows.tolist() == [hits.rows[0].tolist() for hits in alone]
+    np.testing.assert_allclose(batch.scores, np.concatenate([h.scores for h in alone]), rtol=1e-5)
