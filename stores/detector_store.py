@@ -82,6 +82,7 @@ def finish_detector(
         for key, value in state.items():
             if isinstance(value, zarr.Array):
                 record.arrays.append(key)  # written by the fit (the kNN bank)
+                feature_set_module.crash_point(f"detector-{key}")
             elif isinstance(value, np.ndarray):
                 group.create_array(key, data=value, chunks=value.shape or (1,), compressors=None)
                 record.arrays.append(key)

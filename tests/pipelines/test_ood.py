@@ -172,25 +172,46 @@ def test_streaming_under_a_tiny_budget_equals_in_memory(tmp_path: Path) -> None:
     assert knn["bank"].shape == (500, 12)  # the bank is kept beside the set
 
 
+# Every array a detector stores, in the order written; the record follows the last.
+DETECTOR_STEPS = [
+    ("vim", "weight"), ("vim", "bias"), ("vim", "origin"), ("vim", "residual_space"),
+    ("mahalanobis", "classes"), ("mahalanobis", "means"), ("mahalanobis", "precision"),
+    ("relative-mahalanobis", "background_mean"),
+    ("relative-mahalanobis", "background_precision"), ("knn", "bank"),
+]  # fmt: skip
+FAST_STEPS = {("vim", "residual_space"), ("knn", "bank")}  # the others: -m slow
+
+
+@pytest.mark.parametrize(
+    ("detector", "array"),
+    [pytest.param(*step, marks=() if step in FAST_STEPS else pytest.mark.slow)
+     for step in DETECTOR_STEPS],
+)  # fmt: skip
 def test_a_fit_killed_while_storing_is_repaired_by_rerunning(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, detector: str, array: str
 ) -> None:
     world(tmp_path / "s")
-    clean = run(tmp_path / "s", tmp_path / "clean", shifts=(), detectors=("vim",))
+    steps: list[str] = []
+    with monkeypatch.context() as mp:
+        mp.setattr(feature_set_module, "crash_point", steps.append)
+        clean = run(tmp_path / "s", tmp_path / "clean", shifts=(), detectors=(detector,))
+    assert f"detector-{array}" in steps
     (tmp_path / "s2").mkdir()
     world(tmp_path / "s2")
 
     def kill(step: str) -> None:
-        if step == "detector-residual_space":
+        if step == f"detector-{array}":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(feature_set_module, "crash_point", kill)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "s2", tmp_path / "res", shifts=(), detectors=("vim",))
-    monkeypatch.undo()
-    repaired = run(tmp_path / "s2", tmp_path / "res", shifts=(), detectors=("vim",))
+    with monkeypatch.context() as mp, pytest.raises(KeyboardInterrupt):
+        mp.setattr(feature_set_module, "crash_point", kill)
+        run(tmp_path / "s2", tmp_path / "res", shifts=(), detectors=(detector,))
+    repaired = run(tmp_path / "s2", tmp_path / "res", shifts=(), detectors=(detector,))
     assert repaired.detection[0]["state"] == "fitted"  # the half-written state was not used
-    assert repaired.detection[0]["auroc"] == clean.detection[0]["auroc"]
+    for metric in ("auroc", "aupr_in", "aupr_out", "fpr95"):
+        assert repaired.detection[0][metric] == clean.detection[0][metric], metric
+    again = run(tmp_path / "s2", tmp_path / "res", shifts=(), detectors=(detector,))
+    assert again.detection[0]["state"] != "fitted"  # stored whole: reused, not refitted
 
 
 def test_a_damaged_detector_file_is_named_with_the_refit(tmp_path: Path) -> None:
