@@ -36,7 +36,7 @@ from bob_cache.finetune.trainer import Fitter, TrainSettings, epoch_images
 from bob_cache.hashing import stable_hash
 from bob_cache.pipelines.registry import register_stage
 from bob_cache.provenance import library_versions, utc_now
-from bob_cache.stores.atomic import copy_file, crash_point
+from bob_cache.stores.atomic import copy_file, crash_point, full_disk_is_reported
 from bob_cache.stores.results import DEFAULT_RESULTS, ResultsTable, config_columns
 
 # Options that change no number: left out of the run's identity.
@@ -112,6 +112,10 @@ class FinetuneSummary:
 
 
 @register_stage("finetune")
+@full_disk_is_reported(
+    "the fine-tuning run",
+    "rerun the same command with --resume: it continues from the last checkpoint",
+)
 def finetune(config: FinetuneConfig) -> FinetuneSummary | None:
     """Run the learning-rate sweep of ``config`` and report the chosen model (on rank 0;
     the other ranks of a torchrun launch return None)."""

@@ -58,7 +58,12 @@ from bob_cache.pipelines.report_transfer import (
 from bob_cache.provenance import utc_now
 from bob_cache.ranking import DEFAULT_SIZE_CLASSES, Ranking, list_tasks, rank_backbones
 from bob_cache.ranking.metadata import SizeClasses
-from bob_cache.stores.atomic import commit_staging, crash_point, start_staging
+from bob_cache.stores.atomic import (
+    commit_staging,
+    crash_point,
+    full_disk_is_reported,
+    start_staging,
+)
 from bob_cache.stores.results import ResultsTable
 
 if TYPE_CHECKING:
@@ -103,6 +108,7 @@ class ReportSummary:
 
 
 @register_stage("report")
+@full_disk_is_reported("the report", "rerun the same command: it writes the report whole")
 def build_report(
     results_dir: str | Path | None,
     out_dir: str | Path,

@@ -60,6 +60,7 @@ from bob_cache.stores.atomic import (
     RETIRED_PREFIX,
     atomic_write,
     crash_point,
+    full_disk_is_reported,
     remove_leftovers,
     replace_folder,
     write_text,
@@ -112,6 +113,9 @@ class ShiftSummary:
 
 
 @register_stage("shift")
+@full_disk_is_reported(
+    "the corrupted copies", "rerun the same command: it completes the unfinished copies"
+)
 def shift(config: ShiftConfig) -> ShiftSummary:
     """Write one corrupted copy of ``config.data`` per corruption and severity."""
     started = time.perf_counter()

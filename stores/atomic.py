@@ -14,14 +14,21 @@ reaches the store's writes and these alike.
 
 from __future__ import annotations
 
+import errno
+import functools
 import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, TypeVar
+
+from bob_cache.errors import StoreFullError
 
 STAGE_PREFIX = ".staging-"
 RETIRED_PREFIX = ".retired-"
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def crash_point(step: str) -> None:
@@ -102,3 +109,27 @@ def replace_folder(new: Path, final: Path) -> None:
     os.replace(new, final)
     crash_point("folder-rename")
     shutil.rmtree(retired, ignore_errors=True)
+
+
+def full_disk_is_reported(what: str, fix: str) -> Callable[[F], F]:
+    """Decorate a command's entry point: a full disk (or quota, or file-size limit) while it
+    writes becomes a :class:`StoreFullError` that says nothing half-written was kept and
+    names ``fix`` (how to finish the work); other errors pass through unchanged."""
+
+    def decorate(function: F) -> F:
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return function(*args, **kwargs)
+            except OSError as exc:
+                if exc.errno not in _FULL or isinstance(exc, StoreFullError):
+                    raise
+                raise StoreFullError(
+                    f"Ran out of space while writing {what} ({os.strerror(exc.errno or 0)}). "
+                    f"No partial file was left under its final name. Free some space (or raise "
+                    f"the quota), then {fix}."
+                ) from exc
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate

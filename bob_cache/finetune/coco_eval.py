@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from bob_cache.errors import AnnotationError, SpecError
+from bob_cache.stores.atomic import write_text
 
 IOU_TYPES = ("bbox", "segm")
 STAT_NAMES = (
@@ -240,7 +240,5 @@ def write_results(path: str | Path, results: Sequence[Mapping[str, Any]]) -> Pat
     """Write COCO results json (atomically) for rescoring with pycocotools; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(list(results)))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(list(results)))
     return path

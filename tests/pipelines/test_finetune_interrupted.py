@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bob_cache.errors import StoreFullError
 from bob_cache.finetune import checkpoint as ckpt
 from bob_cache.pipelines.finetune import FinetuneConfig, finetune
 from bob_cache.stores import feature_set as feature_set_module
@@ -133,7 +134,7 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_last_one_and_resume_finishes(
         save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(StoreFullError, match="No space left.*same command with --resume"):
         finetune(config(tmp_path, photos))
     monkeypatch.undo()
     run = tmp_path / "run" / f"{KW['mode']}-lr{KW['lrs'][0]:g}"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bob_cache.errors import StoreFullError
 from bob_cache.pipelines import report as report_module
 from bob_cache.pipelines.report import build_report
 from bob_cache.stores import feature_set as feature_set_module
@@ -106,7 +107,10 @@ def test_a_full_disk_keeps_the_previous_report_and_the_rerun_writes_it(
             raise OSError(errno.ENOSPC, "No space left on device")
         return write_text(self, *args, **kwargs)  # type: ignore[arg-type]
 
-    with monkeypatch.context() as mp, pytest.raises(OSError, match="No space left"):
+    with (
+        monkeypatch.context() as mp,
+        pytest.raises(StoreFullError, match="No space left.*rerun the same command"),
+    ):
         mp.setattr(Path, "write_text", full_disk)
         report(tables["new"], out)
     assert files(out) == before  # the previous report, untouched

@@ -361,6 +361,8 @@ def test_a_full_disk_at_the_provenance_is_finished_by_the_same_command(
 ) -> None:
     import errno
 
+    from bob_cache.errors import StoreFullError
+
     write_text = shift_module.write_text
 
     def full_disk(path: Path, text: str) -> None:
@@ -368,7 +370,10 @@ def test_a_full_disk_at_the_provenance_is_finished_by_the_same_command(
             raise OSError(errno.ENOSPC, "No space left on device")
         write_text(path, text)
 
-    with monkeypatch.context() as mp, pytest.raises(OSError, match="No space left"):
+    with (
+        monkeypatch.context() as mp,
+        pytest.raises(StoreFullError, match="No space left.*rerun the same command"),
+    ):
         mp.setattr(shift_module, "write_text", full_disk)
         run("builtin:digits", tmp_path / "out", limit=2)
     assert not (tmp_path / "out" / "digits-gaussian_noise-3").exists()
