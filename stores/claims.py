@@ -12,14 +12,16 @@ written before it, as S3 and local directories do.
 
 A claim is stale, and ignored (then deleted) by the others, when its process is gone (same
 host, pid not running) or its heartbeat is older than its lease (another host, or a process
-stopped). Holders of long work renew the heartbeat from a thread. Every claim a process holds
-is released on exit (``atexit``) and by :func:`release_held`, so a Ctrl-C frees them at once;
-a SIGKILL leaves them for the next claimant to find stale.
+stopped; hosts' clocks must agree to well within the lease). Holders of long work renew the
+heartbeat from a thread. Every claim a process holds is released on exit (``atexit``) and by
+:func:`release_held`, so a Ctrl-C frees them at once; a SIGKILL leaves them for the next
+claimant to find stale. A local folder left empty is removed.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -175,10 +177,16 @@ class ClaimBoard:
         data = json.dumps(asdict(record)).encode()
         file = _file(record.name, record.token)
         if self.fs is None:
-            Path(self.root).mkdir(parents=True, exist_ok=True)
-            tmp = Path(self.root, f".{file}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, Path(self.root, file))
+            for attempt in range(5):  # another process may remove the empty folder meanwhile
+                try:
+                    Path(self.root).mkdir(parents=True, exist_ok=True)
+                    tmp = Path(self.root, f".{file}.{uuid.uuid4().hex[:8]}.tmp")
+                    tmp.write_bytes(data)
+                    os.replace(tmp, Path(self.root, file))
+                    return
+                except FileNotFoundError:
+                    if attempt == 4:
+                        raise
         else:
             self.fs.pipe_file(f"{self.root}/{file}", data)
 
@@ -190,6 +198,9 @@ class ClaimBoard:
                 self.fs.rm_file(f"{self.root}/{file}")
         except FileNotFoundError:
             pass
+        if self.fs is None:  # no empty folder left behind (one still in use stays)
+            with contextlib.suppress(OSError):
+                os.rmdir(self.root)
 
 
 class Claim:

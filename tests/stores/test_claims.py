@@ -50,7 +50,7 @@ def test_processes_racing_for_one_claim_hold_it_one_at_a_time(tmp_path: Path) ->
         p.join(60)
     assert [p.exitcode for p in procs] == [0] * 4
     assert_one_at_a_time(log.read_text().splitlines(), 20)
-    assert os.listdir(tmp_path / "claims") == []  # every claim released
+    assert not (tmp_path / "claims").exists()  # every claim released, no empty folder left
 
 
 def test_threads_racing_on_s3_hold_it_one_at_a_time(s3_server: dict) -> None:
@@ -88,7 +88,7 @@ def stored(board: ClaimBoard, **fields: object) -> ClaimRecord:
 
 
 def test_a_claim_of_a_dead_process_or_a_lapsed_lease_is_taken_over(tmp_path: Path) -> None:
-    board = ClaimBoard(str(tmp_path))
+    board = ClaimBoard(str(tmp_path / "claims"))
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)  # fmt: skip
     dead = stored(board, pid=int(gone.stdout))
@@ -104,7 +104,7 @@ def test_a_claim_of_a_dead_process_or_a_lapsed_lease_is_taken_over(tmp_path: Pat
 
 
 def test_a_heartbeat_keeps_a_long_claim_and_release_happens_on_errors(tmp_path: Path) -> None:
-    board = ClaimBoard(str(tmp_path))
+    board = ClaimBoard(str(tmp_path / "claims"))
     with board.claim("long", lease=0.4, heartbeat=True) as claim:
         time.sleep(0.8)  # twice the lease: only the heartbeat keeps it live
         assert board.try_claim("long") == claim.record or board.holders("long")
@@ -114,12 +114,12 @@ def test_a_heartbeat_keeps_a_long_claim_and_release_happens_on_errors(tmp_path: 
     assert board.records("failing") == []
     held = board.claim("interrupted")
     release_held()  # what Ctrl-C does
-    assert board.records("interrupted") == [] and os.listdir(tmp_path) == []
+    assert board.records("interrupted") == [] and not (tmp_path / "claims").exists()
     held.release()  # once only: a later release does nothing
 
 
 def test_waiting_reports_the_holder_and_ends_when_it_releases(tmp_path: Path) -> None:
-    board = ClaimBoard(str(tmp_path))
+    board = ClaimBoard(str(tmp_path / "claims"))
     first = board.claim("job/1 + x")
     seen: list[str] = []
     timer = threading.Timer(0.3, first.release)
@@ -127,13 +127,14 @@ def test_waiting_reports_the_holder_and_ends_when_it_releases(tmp_path: Path) ->
     second = board.claim("job/1 + x", poll=0.05, on_wait=lambda r: seen.append(r.holder))
     assert second.waited and seen and seen[0] == f"{socket.gethostname()}:{os.getpid()}"
     second.release()
-    assert safe_name("job/1 + x") == "job_1___x" and not os.listdir(tmp_path)
+    assert safe_name("job/1 + x") == "job_1___x" and not (tmp_path / "claims").exists()
 
 
 def test_an_unreadable_claim_file_is_ignored(tmp_path: Path) -> None:
-    board = ClaimBoard(str(tmp_path))
-    (tmp_path / "job~junk.json").write_text("{not json")
+    board = ClaimBoard(str(tmp_path / "claims"))
+    (tmp_path / "claims").mkdir()
+    (tmp_path / "claims" / "job~junk.json").write_text("{not json")
     stale = json.dumps({"name": "job"})  # missing fields: not a claim either
-    (tmp_path / "job~half.json").write_text(stale)
+    (tmp_path / "claims" / "job~half.json").write_text(stale)
     with board.claim("job") as claim:
         assert [r.token for r in board.records("job")] == [claim.record.token]
