@@ -36,7 +36,12 @@ from bob_cache.finetune.trainer import Fitter, TrainSettings, epoch_images
 from bob_cache.hashing import stable_hash
 from bob_cache.pipelines.registry import register_stage
 from bob_cache.provenance import library_versions, utc_now
-from bob_cache.stores.atomic import copy_file, crash_point, full_disk_is_reported
+from bob_cache.stores.atomic import (
+    copy_file,
+    crash_point,
+    full_disk_is_reported,
+    remove_temporaries,
+)
 from bob_cache.stores.results import DEFAULT_RESULTS, ResultsTable, config_columns
 
 # Options that change no number: left out of the run's identity.
@@ -143,6 +148,7 @@ def finetune(config: FinetuneConfig) -> FinetuneSummary | None:
     identity = _identity(config, probe, image_size, precision)
     if rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(out)  # a killed run's half-written files (never read)
         ckpt.write_json(out / ckpt.CONFIG, {**identity, "lrs": list(config.lrs)})
         crash_point("finetune-config")
     common = dict(identity=identity, device=device, precision=precision, inputs=inputs,
@@ -222,6 +228,8 @@ def _run_one(
     run_dir = Path(config.out) / f"{config.mode}-lr{lr:g}"
     run_config = {**identity, "lr": lr}
     state = ckpt.check_run_dir(run_dir, run_config, resume=config.resume)
+    if rank() == 0:
+        remove_temporaries(run_dir)  # a killed run's half-written files (never read)
     barrier()  # every rank has checked the folder before rank 0 writes into it
     done = run_dir / ckpt.METRICS
     if state is not None and done.exists() and state["epoch"] >= config.epochs:

@@ -43,6 +43,15 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+def remove_temporaries(folder: Path) -> None:
+    """Delete the temporary files (:func:`temporary_name`) that killed writes left in
+    ``folder``; call it only where no other process is writing."""
+    if folder.is_dir():
+        for path in folder.glob(".*.tmp-*"):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp)`` and rename ``tmp`` to ``path``; on any failure (a full disk) the
     temporary file is removed and ``path`` keeps its previous content, if any."""

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import errno
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +161,39 @@ def test_a_full_disk_at_the_results_rows_is_finished_by_resume(
     assert ResultsTable.open(tmp_path / "results").files("part-*.parquet") == []
     resumed = finetune(config(tmp_path, photos, resume=True))
     assert outcome(resumed, tmp_path) == whole["outcome"]
+
+
+SIGKILLED = """
+import json, os, signal, sys
+from pathlib import Path
+import torch
+from bob_cache.pipelines.finetune import FinetuneConfig, finetune
+root, photos, kw = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+save, calls = torch.save, {"n": 0}
+def dying(obj, path, *args, **kwargs):
+    calls["n"] += 1
+    if calls["n"] == 2:  # the second epoch's checkpoint, half written
+        Path(path).write_bytes(b"half a checkpoint")
+        os.kill(os.getpid(), signal.SIGKILL)
+    save(obj, path, *args, **kwargs)
+torch.save = dying
+finetune(FinetuneConfig(out=str(root / "run"), results=str(root / "results"), train=photos,
+                        val=photos, **{**kw, "lrs": tuple(kw["lrs"])}))
+"""
+
+
+@pytest.mark.slow
+def test_a_run_sigkilled_while_writing_a_checkpoint_resumes_from_the_last_whole_one(
+    tmp_path: Path, whole: dict[str, Any], photos: str
+) -> None:
+    """A real SIGKILL: no cleanup runs, the half-written temporary file stays behind; the
+    resume never reads it, removes it, and ends where an uninterrupted run does."""
+    done = subprocess.run(
+        [sys.executable, "-c", SIGKILLED, str(tmp_path), photos, json.dumps(KW)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert leftovers(tmp_path)  # the torn file, under a temporary name only
+    resumed = finetune(config(tmp_path, photos, resume=True))
+    assert outcome(resumed, tmp_path) == whole["outcome"]
+    assert leftovers(tmp_path) == []

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import errno
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,3 +120,46 @@ def test_a_full_disk_keeps_the_previous_report_and_the_rerun_writes_it(
     report(tables["new"], out)
     assert files(out) == files(tables["new-report"])
     assert not list(out.glob(f"{STAGE_PREFIX}*"))  # the failed run's staging folder went too
+
+
+SIGKILLED = """
+import os, signal, sys
+from bob_cache.pipelines import report
+from bob_cache.stores import feature_set
+from tests.pipelines.test_report import META
+
+def kill(name):
+    if name == sys.argv[3]:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+feature_set.crash_point = kill
+report.utc_now = lambda: "2026-01-01T00:00:00+00:00"
+report.build_report(sys.argv[1], sys.argv[2], metadata=META, suite_name="unit", bootstrap=0)
+"""
+
+
+@pytest.mark.parametrize(
+    "step", [pytest.param(s, marks=() if s == "commit-report.md" else pytest.mark.slow)
+             for s in ("report-staged", "commit-ranking.png", "commit-report.md")],
+)  # fmt: skip
+def test_a_report_sigkilled_mid_commit_is_rewritten_whole(
+    tmp_path: Path, tables: dict[str, Path], step: str
+) -> None:
+    """A real SIGKILL (no cleanup runs): the previous report's pages or the new ones, and a
+    staging folder that the same command removes while writing the report whole."""
+    out = tmp_path / "out"
+    shutil.copytree(tables["old-report"], out)
+    before = files(out)
+    done = subprocess.run(
+        [sys.executable, "-c", SIGKILLED, str(tables["new"]), str(out), step],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2],
+    )  # fmt: skip
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    whole = files(tables["new-report"])
+    cut = files(out)
+    assert cut["report.html"] == before["report.html"]
+    assert cut["report.md"] in (before["report.md"], whole["report.md"])
+    assert list(out.glob(f"{STAGE_PREFIX}*"))  # left behind by the kill
+    report(tables["new"], out)
+    assert files(out) == whole
+    assert not list(out.glob(f"{STAGE_PREFIX}*"))
