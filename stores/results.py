@@ -1,7 +1,10 @@
 """The results table: long-format evaluation rows in a directory of parquet files.
 
 Every evaluation appends rows (one metric value each) as a new parquet file, so concurrent
-runs never rewrite each other's output; readers see the union. Reports are built only from
+runs never rewrite each other's output; readers see the union. An append holds the table's
+lock (a claim in ``.claims/``) while it leaves out rows another writer already wrote, and
+readers drop a row written twice anyway (equal in :data:`DUPLICATE_KEY`: its unit key and
+value), so one number is never counted twice. Reports are built only from
 this table. Each row says which labelled rows produced it: ``train_rows`` (training rows),
 ``val_rows`` (validation rows that chose hyper-parameters; disjoint from ``train_rows``) and
 ``protocol`` (how each was used, in words: e.g. the ``full`` linear probe refits on both once
