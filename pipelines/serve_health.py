@@ -19,7 +19,7 @@ from zarr.core.sync import sync
 
 from bob_cache.errors import BobCacheError, DamagedDataError
 from bob_cache.stores.guarded import check_intact
-from bob_cache.stores.index_store import INDEX_GROUP
+from bob_cache.stores.index_store import INDEX_GROUP, index_damage
 
 HEALTH_TTL = 10.0  # seconds between two listing checks
 
@@ -81,13 +81,7 @@ def check_index_objects(fs: Any, record: Any) -> None:
     found = sync(collect())
     missing = [i for i in range(n_chunks) if f"{prefix}{i}" not in found]
     if missing:
-        raise DamagedDataError(
-            f"Index '{record.name}' of feature set '{fs.path}' in '{fs.location}' is damaged: "
-            f"the stored object of its chunk(s) {', '.join(map(str, missing[:5]))} is missing. "
-            f"Fix: rebuild it with `bob-cache index build --store {fs.location} --dataset "
-            f"{fs.attrs['dataset']['name']} --backbone {fs.attrs['backbone']['slug']} --split "
-            f"{fs.attrs['split']} --kind {record.kind} --name {record.name} --force`."
-        )
+        raise index_damage(fs, record, ", ".join(map(str, missing[:5])), "is missing")
 
 
 def _restart(message: str) -> str:

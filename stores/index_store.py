@@ -21,10 +21,16 @@ from typing import Any
 import numpy as np
 import zarr
 
-from bob_cache.errors import IndexMismatchError, IndexNotFoundError, StaleIndexError
+from bob_cache.errors import (
+    DamagedDataError,
+    IndexMismatchError,
+    IndexNotFoundError,
+    StaleIndexError,
+)
 from bob_cache.stores import feature_set as feature_set_module
 from bob_cache.stores.checksums import checksummed
 from bob_cache.stores.feature_set import FeatureSet
+from bob_cache.stores.guarded import DAMAGE
 from bob_cache.stores.location import translate_write_errors
 
 INDEX_GROUP = "indexes"
@@ -168,23 +174,44 @@ def get_record(fs: FeatureSet, name: str | None) -> IndexRecord:
 
 def index_reader(fs: FeatureSet, record: IndexRecord) -> Callable[[int], bytes]:
     """``read(n) → up to n bytes`` of the index ``record`` describes, one stored chunk in
-    memory at a time (``b""`` at the end)."""
-    return _ChunkSource(fs.group[f"{INDEX_GROUP}/{record.key or record.name}/data"])
+    memory at a time (``b""`` at the end).
+
+    A chunk that fails its crc32c or does not decode raises :class:`DamagedDataError`
+    naming the index, the chunk and the rebuild (never a codec's own error).
+    """
+    array = fs.group[f"{INDEX_GROUP}/{record.key or record.name}/data"]
+    return _ChunkSource(array, lambda chunk, why: index_damage(fs, record, chunk, why))
+
+
+def index_damage(fs: FeatureSet, record: IndexRecord, chunks: str, why: str) -> DamagedDataError:
+    """The error for a damaged index: which, where, what, and the command that rebuilds it."""
+    return DamagedDataError(
+        f"Index '{record.name}' of feature set '{fs.path}' in '{fs.location}' is damaged: "
+        f"the stored object of its chunk(s) {chunks} {why}. Fix: rebuild it with `bob-cache "
+        f"index build --store {fs.location} --dataset {fs.attrs['dataset']['name']} "
+        f"--backbone {fs.attrs['backbone']['slug']} --split {fs.attrs['split']} --kind "
+        f"{record.kind} --name {record.name} --force`."
+    )
 
 
 class _ChunkSource:
     """Reads a 1-D ``uint8`` array sequentially, one of its chunks in memory at a time."""
 
-    def __init__(self, array: zarr.Array) -> None:
+    def __init__(self, array: zarr.Array, damaged: Callable[[str, str], DamagedDataError]) -> None:
         self.array, self.size, self.step = array, int(array.shape[0]), int(array.chunks[0])
         self.pos, self.start, self.chunk = 0, 0, b""
+        self.damaged = damaged
 
     def __call__(self, n: int) -> bytes:
         if self.pos >= self.size:
             return b""
         if not self.start <= self.pos < self.start + len(self.chunk):
             self.start = self.pos - self.pos % self.step
-            self.chunk = self.array[self.start : self.start + self.step].tobytes()
+            try:
+                self.chunk = self.array[self.start : self.start + self.step].tobytes()
+            except DAMAGE as exc:
+                why = f"does not decode ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+                raise self.damaged(str(self.start // self.step), why) from exc
         out = self.chunk[self.pos - self.start : self.pos - self.start + n]
         self.pos += len(out)
         return out

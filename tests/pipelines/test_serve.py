@@ -10,12 +10,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
+from bob_cache.errors import DamagedDataError
 from bob_cache.pipelines.query import QueryConfig, Searcher
 from bob_cache.pipelines.serve import create_app
 from bob_cache.stores import open_store
-from bob_cache.stores.index_store import INDEX_GROUP
+from bob_cache.stores.index_store import INDEX_GROUP, list_indexes
 from tests.loadtest import load_test, serve_in_thread
 from tests.pipelines.test_damage import flip
 
@@ -151,3 +153,26 @@ def test_a_large_batch_is_searched_in_slices_with_the_same_neighbours(server) ->
     assert batch.rows.shape == (len(x), 3)
     assert batch.rows.tolist() == [hits.rows[0].tolist() for hits in alone]
     np.testing.assert_allclose(batch.scores, np.concatenate([h.scores for h in alone]), rtol=1e-5)
+
+
+def test_a_damaged_index_at_start_is_named_with_its_rebuild(
+    photo_store: tuple[Path, Path], tmp_path: Path, cli
+) -> None:
+    """A bit flipped in an index chunk: opening the service (or a query) names the index,
+    the chunk and the rebuild, which then works (was: exit 3, "hit a bug")."""
+    store = tmp_path / "store"
+    shutil.copytree(photo_store[0], store)
+    (fs,) = open_store(store, mode="a").feature_sets()
+    data = fs.group[f"{INDEX_GROUP}/{list_indexes(fs)[0].key}/data"]
+    key, proto = f"{data.path}/c/0", default_buffer_prototype()
+    raw = bytearray(sync(fs.group.store.get(key, prototype=proto)).to_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    sync(fs.group.store.set(key, proto.buffer.from_bytes(bytes(raw))))
+    with pytest.raises(DamagedDataError) as damaged:
+        Searcher.open(QueryConfig(str(store), "photos", "test_resnet"))
+    said = str(damaged.value)
+    assert f"Index 'flat' of feature set '{fs.path}'" in said and "chunk(s) 0 does not" in said
+    rebuild = said.split("`")[1].split()
+    assert rebuild[:3] == ["bob-cache", "index", "build"] and rebuild[-1] == "--force"
+    assert cli(*rebuild[1:]).exit_code == 0
+    assert Searcher.open(QueryConfig(str(store), "photos", "test_resnet")).n_indexed == 15
