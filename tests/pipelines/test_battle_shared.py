@@ -15,13 +15,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from bob_cache.pipelines.battle import BattleConfig, battle, load_battle_suite
 from bob_cache.pipelines.battle import claims as battle_claims
-from bob_cache.pipelines.battle import load_battle_suite
 from bob_cache.pipelines.battle.claims import claim_name, run_claimed
 from bob_cache.pipelines.battle.plan import plan_battle
 from bob_cache.stores.claims import ClaimBoard, ClaimRecord
 from bob_cache.stores.results import UNIT_KEY, ResultsTable
-from tests.pipelines.test_battle import FAST_TASKS, run, suite_file
+from tests.pipelines.test_battle import FAST_TASKS, suite_file
+from tests.pipelines.test_outage import s3  # noqa: F401  (a moto server of the test's own)
 
 
 def raw_rows(results: Path) -> pd.DataFrame:
@@ -68,7 +69,7 @@ def test_two_battles_started_at_once_compute_each_job_once(tmp_path: Path) -> No
     assert claim_files(tmp_path / "results") == []  # every claim released
 
 
-def stored_claim(results: Path, name: str, **fields: object) -> ClaimRecord:
+def stored_claim(results: str, name: str, **fields: object) -> ClaimRecord:
     board = ResultsTable.open(results).claims
     now = time.time()
     base = {"name": name, "token": f"t{time.monotonic_ns()}", "host": socket.gethostname(),
@@ -78,14 +79,17 @@ def stored_claim(results: Path, name: str, **fields: object) -> ClaimRecord:
     return record
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_dead_battles_claim_is_taken_over_and_a_live_one_waited_for(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, where: str
 ) -> None:
     monkeypatch.setattr(battle_claims, "POLL_SECONDS", 0.1)
     suite = suite_file(tmp_path, [0], tasks=FAST_TASKS)
-    results = tmp_path / "results"
-    plan = plan_battle(load_battle_suite(suite), store=str(tmp_path / "store"),
-                       results=str(results))  # fmt: skip
+    results = str(tmp_path / "results")
+    if where == "s3":  # the results table, and so the claims, on an S3 server
+        results = f"{request.getfixturevalue('s3')['prefix']}/results"
+    store = str(tmp_path / "store")
+    plan = plan_battle(load_battle_suite(suite), store=store, results=results)
     extract, knn = plan.jobs[0], plan.get("knn#0/digits/r0")
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)  # fmt: skip
@@ -99,12 +103,14 @@ def test_a_dead_battles_claim_is_taken_over_and_a_live_one_waited_for(
             ResultsTable.open(results).claims.remove(foreign)
 
     started = time.monotonic()
-    summary = run(tmp_path, suite, on_progress=progress)
+    summary = battle(BattleConfig(suite=str(suite), store=store, results=results,
+                                  on_progress=progress))  # fmt: skip
     assert time.monotonic() - started < 20  # not the foreign claim's lease: it was released
     assert not summary.failed and len(summary.outcomes) == 3
     waits = {e["desc"] for job, e in events if "waiting" in e.get("desc", "")}
     assert waits == {f"waiting for {knn.id} (claimed by elsewhere:4242)"}
-    assert claim_files(results) == []
+    assert ResultsTable.open(results).claims._list() == []  # all released
+    assert len(ResultsTable.open(results).read()) > 0
 
 
 def test_a_failing_or_interrupted_job_releases_its_claim(tmp_path: Path) -> None:
