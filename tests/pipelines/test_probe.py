@@ -361,7 +361,7 @@ def test_cli_probe_errors_exit_1(cli, tmp_path: Path) -> None:
     method = cli(
         "probe", "--store", store, "--dataset", "toy", "--backbone", "model", "--method", "svm"
     )
-    assert method.exit_code == 1 and "Unknown probe method" in method.output
+    assert method.exit_code == 1 and "Unknown --method 'svm'" in method.output
 
 
 @pytest.mark.parametrize("with_val", [True, False])
