@@ -166,8 +166,12 @@ class ResultsTable:
             if self.is_local:
                 Path(root).mkdir(parents=True, exist_ok=True)
                 tmp = Path(root) / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
-                tmp.write_bytes(data)
-                os.replace(tmp, Path(root) / name)
+                try:
+                    tmp.write_bytes(data)
+                    os.replace(tmp, Path(root) / name)
+                except BaseException:  # a full disk keeps no partial file taking its space
+                    tmp.unlink(missing_ok=True)
+                    raise
             else:
                 fs.pipe_file(f"{root}/{name}", data)
 

@@ -68,6 +68,7 @@ def test_an_import_stopped_by_a_full_disk_adds_nothing_and_reruns_whole(
         mp.setattr(Path, "write_bytes", full_disk)
         import_results(csv, results=tmp_path / "r", source="paper")
     assert ResultsTable.open(tmp_path / "r").files("part-*.parquet") == []
+    assert list((tmp_path / "r").glob(".*.tmp")) == []  # no half part left taking the space
     assert ResultsTable.open(tmp_path / "r").read().empty  # the half-written file is not read
     summary = import_results(csv, results=tmp_path / "r", source="paper")
     assert summary.added == 4
