@@ -224,6 +224,12 @@ def _assess(group: pd.DataFrame, rng: np.random.Generator, *, n_boot: int,
         "n_backbones": n,
         "note": "; ".join(sorted(set(group["note"]) - {""})),
     }
+    broken = ~(np.isfinite(x) & np.isfinite(y))
+    if broken.any():
+        out["verdict"] = "not assessed: not finite for " + ", ".join(
+            group["entry"][broken].astype(str)
+        )
+        return out
     out["failures"] = _failures(group)
     top = int(np.argmax(x))
     out["top_pick"] = group["entry"].iloc[top]

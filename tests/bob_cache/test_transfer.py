@@ -38,6 +38,9 @@ def draw(n: int = 400, dim: int = 24, classes: int = 5, *, seed: int = 0, relu: 
     return x.astype(np.float32), y
 
 
+EPS = 1e-5  # LogME's ε, as its authors' code (each_evidence) puts it in updates and evidence
+
+
 def inputs(x: np.ndarray, y: np.ndarray, **kw: object) -> TransferInputs:
     return TransferInputs(labelled_rows(x, y), **kw)
 
@@ -46,9 +49,10 @@ def inputs(x: np.ndarray, y: np.ndarray, **kw: object) -> TransferInputs:
 
 
 def logme_direct(f: np.ndarray, y: np.ndarray) -> float:
-    """The paper's evidence, straight from its definition: for each class, A = αI + βFᵀF and
-    m = βA⁻¹Fᵀy by a dense solve, γ = D − α tr(A⁻¹) (no eigendecomposition), the α/β updates
-    of Algorithm 1 run to 1e-12, and the log evidence from slogdet(A) and ‖Fm − y‖² over rows."""
+    """The paper's evidence, straight from its definition (with the authors' code's ε in the
+    updates and the fit terms): for each class, A = αI + βFᵀF and m = βA⁻¹Fᵀy by a dense
+    solve, γ = D − α tr(A⁻¹) (no eigendecomposition), the α/β updates of Algorithm 1 run to
+    1e-12, and the log evidence from slogdet(A) and ‖Fm − y‖² over rows."""
     f = f.astype(np.float64)
     n, d = f.shape
     ftf = f.T @ f
@@ -60,7 +64,8 @@ def logme_direct(f: np.ndarray, y: np.ndarray) -> float:
             a = alpha * np.eye(d) + beta * ftf
             m = beta * np.linalg.solve(a, f.T @ t)
             gamma = d - alpha * np.trace(np.linalg.inv(a))
-            new_alpha, new_beta = gamma / (m @ m), (n - gamma) / np.sum((f @ m - t) ** 2)
+            new_alpha = gamma / (m @ m + EPS)
+            new_beta = (n - gamma) / (np.sum((f @ m - t) ** 2) + EPS)
             still = abs(new_alpha / new_beta - alpha / beta) > 1e-12 * (alpha / beta)
             alpha, beta = new_alpha, new_beta
             if not still:
@@ -69,7 +74,7 @@ def logme_direct(f: np.ndarray, y: np.ndarray) -> float:
         m = beta * np.linalg.solve(a, f.T @ t)
         evidence = (
             n / 2 * math.log(beta) + d / 2 * math.log(alpha) - n / 2 * math.log(2 * math.pi)
-            - beta / 2 * np.sum((f @ m - t) ** 2) - alpha / 2 * (m @ m)
+            - beta / 2 * (np.sum((f @ m - t) ** 2) + EPS) - alpha / 2 * (m @ m + EPS)
             - np.linalg.slogdet(a)[1] / 2
         )  # fmt: skip
         values.append(evidence / n)
@@ -83,16 +88,29 @@ def test_logme_matches_the_papers_evidence_computed_directly(n: int, dim: int) -
     assert got == pytest.approx(logme_direct(x, y), rel=1e-9)
 
 
+def test_logme_of_classes_the_features_fit_exactly_is_finite() -> None:
+    """Fewer rows than dimensions and separable classes (a small photo folder's 180 rows of
+    1,280-d MobileNetV2 features): without ε every class's β diverged and LogME was NaN."""
+    rng = np.random.default_rng(4)
+    y = np.repeat(np.arange(6), 8)
+    x = np.maximum(rng.normal(0, 1, (6, 300))[y] * 4 + rng.normal(0, 0.3, (48, 300)), 0)
+    estimate = create_estimator("logme", tol=1e-10).estimate(inputs(x.astype(np.float32), y))
+    assert np.isfinite(estimate.value) and "NOT CONVERGED" not in estimate.protocol
+    assert estimate.value == pytest.approx(logme_direct(x.astype(np.float32), y), rel=1e-7)
+
+
 def test_logme_matches_scikit_learns_evidence_maximization() -> None:
-    """BayesianRidge without priors on (α, β) and without intercept maximizes the same evidence
-    (MacKay's updates, its own code); its final log marginal likelihood / n per class."""
+    """BayesianRidge without intercept, with Gamma priors of rate ε/2 and shape 0 on both
+    precisions, maximizes the same evidence (MacKay's updates with ε, its own code); its final
+    log marginal likelihood / n per class."""
     from sklearn.linear_model import BayesianRidge
 
     x, y = draw(300, 16, classes=4, seed=3)
     per_class = []
     for k in range(4):
         model = BayesianRidge(
-            fit_intercept=False, alpha_1=0, alpha_2=0, lambda_1=0, lambda_2=0, alpha_init=1,
+            fit_intercept=False, alpha_1=0, alpha_2=EPS / 2, lambda_1=0, lambda_2=EPS / 2,
+            alpha_init=1,
             lambda_init=1, tol=1e-12, max_iter=10_000, compute_score=True,
         ).fit(x.astype(np.float64), (y == k).astype(np.float64))  # fmt: skip
         per_class.append(model.scores_[-1] / len(y))
@@ -383,6 +401,9 @@ def test_agreement_with_few_backbones_is_not_assessed_and_three_say_so() -> None
     assert row["spearman"] == pytest.approx(1.0) and row["spearman_p"] == pytest.approx(1 / 3)
     assert "only 3 backbones (the smallest exact p possible is 0.33)" in row["verdict"]
     assert "no reliable signal" in row["verdict"]  # a perfect ρ of 3 backbones is no order
+    broken = results_frame({**three, "b.in1k": float("nan")}, TOP1)
+    (row,) = agreement_table(broken, n_boot=50).to_dict("records")
+    assert row["verdict"] == "not assessed: not finite for b.in1k"
 
 
 def test_agreement_uses_the_newest_configuration_averages_seeds_and_pairs_finetuning() -> None:
