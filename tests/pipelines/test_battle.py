@@ -280,7 +280,9 @@ def test_sigint_stops_a_running_battle_without_dask_noise(tmp_path: Path, worker
     from tests.pipelines.test_extract_cluster import _committed
 
     suite = suite_file(tmp_path, [0], tasks=FAST_TASKS)
-    suite.write_text(suite.read_text().replace("limit: 60", "limit: 1000"))
+    # the whole of digits at 64 px: the extraction outlasts the poll below by many seconds
+    suite.write_text(suite.read_text().replace("limit: 60", "limit: 1797")
+                     .replace("image_size: 32", "image_size: 64"))  # fmt: skip
     cmd = [sys.executable, "-m", "bob_cache.cli", "battle", str(suite), "--store",
            str(tmp_path / "s"), "--results", str(tmp_path / "r"), *workers]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -169,6 +169,7 @@ from pathlib import Path
 import torch
 from bob_cache.pipelines.finetune import FinetuneConfig, finetune
 root, photos, kw = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+torch.set_num_threads(int(sys.argv[4]))  # the parent's: float sums must add up the same way
 save, calls = torch.save, {"n": 0}
 def dying(obj, path, *args, **kwargs):
     calls["n"] += 1
@@ -189,7 +190,8 @@ def test_a_run_sigkilled_while_writing_a_checkpoint_resumes_from_the_last_whole_
     """A real SIGKILL: no cleanup runs, the half-written temporary file stays behind; the
     resume never reads it, removes it, and ends where an uninterrupted run does."""
     done = subprocess.run(
-        [sys.executable, "-c", SIGKILLED, str(tmp_path), photos, json.dumps(KW)],
+        [sys.executable, "-c", SIGKILLED, str(tmp_path), photos, json.dumps(KW),
+         str(torch.get_num_threads())],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == -signal.SIGKILL, done.stderr
