@@ -280,9 +280,9 @@ def test_sigint_stops_a_running_battle_without_dask_noise(tmp_path: Path, worker
     from tests.pipelines.test_extract_cluster import _committed
 
     suite = suite_file(tmp_path, [0], tasks=FAST_TASKS)
-    # the whole of digits at 64 px: the extraction outlasts the poll below by many seconds
+    # the whole of digits at 128 px: the extraction outlasts the poll below by many seconds
     suite.write_text(suite.read_text().replace("limit: 60", "limit: 1797")
-                     .replace("image_size: 32", "image_size: 64"))  # fmt: skip
+                     .replace("image_size: 32", "image_size: 128"))  # fmt: skip
     cmd = [sys.executable, "-m", "bob_cache.cli", "battle", str(suite), "--store",
            str(tmp_path / "s"), "--results", str(tmp_path / "r"), *workers]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -290,6 +290,7 @@ def test_sigint_stops_a_running_battle_without_dask_noise(tmp_path: Path, worker
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not _committed(tmp_path / "s"):
         time.sleep(0.05)  # extracting
+    assert proc.poll() is None, "the battle finished before a shard was seen committed"
     os.killpg(proc.pid, signal.SIGINT)
     stopped = time.monotonic()
     _, stderr = proc.communicate(timeout=60)
