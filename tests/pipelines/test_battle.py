@@ -287,8 +287,8 @@ def test_sigint_stops_a_running_battle_without_dask_noise(tmp_path: Path, worker
                      .replace("image_size: 32", "image_size: 128"))  # fmt: skip
     cmd = [sys.executable, "-m", "bob_cache.cli", "battle", str(suite), "--store",
            str(tmp_path / "s"), "--results", str(tmp_path / "r"), *workers]  # fmt: skip
-    # A terminal's battle: SIGINT at its default disposition, whatever an earlier test in this
-    # process left it at (an ignored signal stays ignored across exec).
+    # A terminal's battle: SIGINT at its default disposition, whatever pytest inherited (a
+    # shell's background job, `cmd &`, runs with SIGINT ignored, and that survives exec).
     default = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, preexec_fn=default)  # fmt: skip
