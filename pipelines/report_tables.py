@@ -316,8 +316,12 @@ def _missing(value: object) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _num(value: object, digits: int) -> str:
+def format_number(value: object, digits: int) -> str:
+    """A table cell: ``value`` to ``digits`` decimals, or a dash when it is missing."""
     return NONE if _missing(value) else f"{float(value):.{digits}f}"  # type: ignore[arg-type]
+
+
+_num = format_number
 
 
 def _text(value: object) -> str:

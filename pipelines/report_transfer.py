@@ -20,7 +20,7 @@ import pandas as pd
 
 from bob_cache.pipelines.report_plots import Plot
 from bob_cache.pipelines.report_sections import Section
-from bob_cache.pipelines.report_tables import Table, frame_table
+from bob_cache.pipelines.report_tables import Table, format_number, frame_table
 from bob_cache.ranking import Ranking
 from bob_cache.ranking.sources import FINGERPRINT
 from bob_cache.transfer import agreement_points, agreement_table, plot_agreement
@@ -129,7 +129,7 @@ def _agreement_table(table: pd.DataFrame, ranking: Ranking) -> Table:
             "ρ [95%]": [
                 _interval(r.spearman, r.spearman_low, r.spearman_high) for r in table.itertuples()
             ],
-            "p": [_num(p, 2) for p in table["spearman_p"]],
+            "p": [format_number(p, 2) for p in table["spearman_p"]],
             "τw [95%]": [
                 _interval(r.weighted_tau, r.weighted_tau_low, r.weighted_tau_high)
                 for r in table.itertuples()
@@ -153,8 +153,8 @@ def _points_table(points: pd.DataFrame, ranking: Ranking) -> Table:
     wide = wide.sort_values(["dataset", "outcome", "outcome_value"], ascending=[True, True, False])
     wide = wide.rename(columns={"outcome_value": "outcome top-1"})
     for column in wide.columns[4:]:
-        wide[column] = [_num(v, 4) for v in wide[column]]
-    wide["outcome top-1"] = [_num(v, 4) for v in wide["outcome top-1"]]
+        wide[column] = [format_number(v, 4) for v in wide[column]]
+    wide["outcome top-1"] = [format_number(v, 4) for v in wide["outcome top-1"]]
     return frame_table(wide, "Each backbone's estimates beside its measured outcome")
 
 
@@ -196,10 +196,6 @@ def _interval(value: float, low: float, high: float) -> str:
     if pd.isna(value):
         return "—"
     return f"{value:.2f}" + ("" if pd.isna(low) else f" [{low:.2f}, {high:.2f}]")
-
-
-def _num(value: object, digits: int) -> str:
-    return "—" if value is None or pd.isna(value) else f"{float(value):.{digits}f}"
 
 
 def _slug(name: str) -> str:
