@@ -50,7 +50,14 @@ class FolderSource(DataSource):
         ]
 
 
-@register_source("folder", lambda spec: Path(spec).expanduser().is_dir())
+@register_source(
+    "folder",
+    lambda spec: Path(spec).expanduser().is_dir(),
+    syntax="FOLDER",
+    layout="Class sub-folders of images (ImageFolder), optionally under train/ val/ test/; "
+    "without split folders, split by id hash (--split-fractions).",
+    example="~/photos",
+)
 def load_folder(
     spec: str,
     *,

@@ -37,7 +37,14 @@ def _is_manifest(spec: str) -> bool:
     return spec.lower().endswith(_SUFFIXES)
 
 
-@register_source("manifest", _is_manifest)
+@register_source(
+    "manifest",
+    _is_manifest,
+    syntax="FILE.csv | FILE.jsonl",
+    layout="Columns path,label[,split][,id] (or one label:<name> column per label of a "
+    "multi-label set); relative paths resolve against the manifest's folder.",
+    example="data/photos.csv",
+)
 def load_manifest(
     spec: str,
     *,

@@ -67,7 +67,15 @@ def _holds_pairs(folder: Path) -> bool:
     return (folder / IMAGES).is_dir() and (folder / MASKS).is_dir()
 
 
-@register_source("segfolder", is_seg_folder, before="folder")
+@register_source(
+    "segfolder",
+    is_seg_folder,
+    before="folder",
+    syntax="FOLDER",
+    layout="images/ + masks/ (PNG class indices, paired by file stem) and classes.json, "
+    "optionally under train/ val/ test/.",
+    example="data/shapes",
+)
 def load_seg_source(
     spec: str,
     *,

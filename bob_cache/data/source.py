@@ -41,13 +41,19 @@ class Sample:
 
 @dataclass
 class DataSource(ABC):
-    """A listed dataset: samples per split, class names, and how the splits were made."""
+    """A listed dataset: samples per split, class names, and how the splits were made.
+
+    ``origin`` is a ``--data`` value that lists the same source again (thumbnails and workers
+    re-parse it); ``catalog`` names the distributed dataset it reads
+    (:mod:`bob_cache.data.catalog`), where it reads one.
+    """
 
     name: str
     origin: str
     splits: dict[str, list[Sample]]
     class_names: list[str] = field(default_factory=list)
     split_rule: SplitRule = AS_DISTRIBUTED
+    catalog: str | None = None
 
     kind: ClassVar[str] = "abstract"
 
@@ -110,6 +116,7 @@ class DataSource(ABC):
             "class_names": self.class_names,
             "splits": {k: len(v) for k, v in self.splits.items()},
             "split_rule": self.split_rule.describe(),
+            **({"catalog": self.catalog} if self.catalog else {}),
         }
 
 
@@ -126,20 +133,46 @@ def default_name(stem: str) -> str:
 SourceLoader = Callable[..., DataSource]
 _KINDS: list[tuple[str, Callable[[str], bool], SourceLoader]] = []
 _PRECEDES: dict[str, str | None] = {}
+# The modules that register source kinds, imported on first use (in this order).
+SOURCE_MODULES = (
+    "builtin", "torchvision_source", "webdataset", "parquet", "imagenet", "revisitop", "ade20k",
+    "folder", "manifest", "segfolder",
+)  # fmt: skip
 
 
 def register_source(
-    kind: str, matches: Callable[[str], bool], *, before: str | None = None
+    kind: str,
+    matches: Callable[[str], bool],
+    *,
+    before: str | None = None,
+    syntax: str = "",
+    layout: str = "",
+    example: str = "",
 ) -> Callable[[SourceLoader], SourceLoader]:
     """Decorator: register a loader for data specs that ``matches`` accepts; ``before`` names
-    a kind it must be tried ahead of (a more specific folder layout), wherever that one is."""
+    a kind it must be tried ahead of (a more specific folder layout), wherever that one is.
+    ``syntax``, ``layout`` and ``example`` describe the kind in ``bob-cache datasets``."""
+    from bob_cache.data.catalog import SourceKind, register_kind
+
+    if syntax:
+        register_kind(SourceKind(kind, syntax, layout, example))
 
     def wrap(loader: SourceLoader) -> SourceLoader:
+        if any(k == kind for k, _, _ in _KINDS):
+            return loader  # the module was imported again
         _KINDS.append((kind, matches, loader))
         _PRECEDES[kind] = before
         return loader
 
     return wrap
+
+
+def load_source_modules() -> None:
+    """Import every module that registers a source kind."""
+    import importlib
+
+    for module in SOURCE_MODULES:
+        importlib.import_module(f"bob_cache.data.{module}")
 
 
 def _ordered_kinds() -> list[tuple[str, Callable[[str], bool], SourceLoader]]:
@@ -171,13 +204,14 @@ def parse_source(
             (:mod:`bob_cache.data.splits`; None: the defaults). Ignored where the source has
             splits of its own.
     """
-    from bob_cache.data import builtin, folder, manifest, segfolder  # noqa: F401  (register kinds)
-
+    load_source_modules()
     for _kind, matches, loader in _ordered_kinds():
         if matches(spec):
             return loader(spec, name=name, split=split, fractions=fractions)
     raise DataNotFoundError(
         f"Data source '{spec}' does not exist. Expected a folder of images (class "
         "sub-folders, optionally under train/ val/ test/), a .csv or .jsonl manifest with "
-        "path,label[,split] columns, or builtin:digits."
+        "path,label[,split] columns, builtin:digits, or a dataset as it is distributed "
+        "(torchvision:NAME:ROOT, WebDataset .tar shards, parquet, imagenet:ROOT, ...). "
+        "`bob-cache datasets` lists every kind and the layout it expects."
     )
