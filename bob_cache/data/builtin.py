@@ -13,12 +13,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from bob_cache.data.catalog import DatasetInfo, register_dataset
 from bob_cache.data.source import DataSource, Sample, SplitRule, content_digest, register_source
 from bob_cache.data.splits import SplitFractions
 from bob_cache.errors import DataNotFoundError, did_you_mean
 
 _BUILTINS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray, list[str]]]] = {}
 PREFIX = "builtin:"
+DATASETS_BUILTIN = ("digits",)  # catalogued with official counts
 
 
 def register_builtin(name: str) -> Callable:
@@ -38,6 +40,20 @@ def _digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
     bunch = load_digits()
     images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
     return images, bunch.target.astype(np.int64), [str(c) for c in bunch.target_names]
+
+
+register_dataset(
+    DatasetInfo(
+        name="digits",
+        spec="builtin:digits",
+        task="classification",
+        counts={"train": 1078, "val": 359, "test": 360},
+        classes=10,
+        source="ships with scikit-learn (sklearn.datasets.load_digits)",
+        layout="nothing to download",
+        note="split 0.6/0.2/0.2 with train_test_split, stratified, seed 0",
+    )
+)
 
 
 @dataclass
@@ -105,5 +121,6 @@ def load_builtin(
         splits=splits,
         class_names=class_names,
         split_rule=rule,
+        catalog=key if key in DATASETS_BUILTIN else None,
         images=images,
     )

@@ -107,3 +107,87 @@ def get_dataset(name: str) -> DatasetInfo:
     load_source_modules()
     lowered = {k.lower(): k for k in DATASETS}
     return DATASETS.get(lowered.get(name.lower(), name))
+
+
+@dataclass(frozen=True)
+class SplitCount:
+    """One split's images in a local copy against the official count."""
+
+    split: str
+    official: int | None
+    found: int | None
+
+    @property
+    def ok(self) -> bool:
+        return self.official == self.found
+
+    @property
+    def missing(self) -> int:
+        """Official images the copy lacks (negative: it has more)."""
+        return (self.official or 0) - (self.found or 0)
+
+
+@dataclass(frozen=True)
+class CountCheck:
+    """A local copy of a catalogued dataset compared with its official counts."""
+
+    dataset: DatasetInfo
+    spec: str
+    splits: list[SplitCount]
+    classes_found: int | None
+
+    @property
+    def ok(self) -> bool:
+        classes_ok = self.dataset.classes is None or self.classes_found in (
+            None,
+            self.dataset.classes,
+        )
+        return classes_ok and all(s.ok for s in self.splits)
+
+    def problems(self) -> list[str]:
+        """What differs, one sentence each (empty when the copy is complete)."""
+        out = []
+        for s in self.splits:
+            if s.found is None:
+                out.append(f"split '{s.split}' is missing ({s.official:,} images expected)")
+            elif s.official is None:
+                out.append(f"split '{s.split}' ({s.found:,} images) is not an official split")
+            elif s.missing > 0:
+                out.append(f"split '{s.split}' lacks {s.missing:,} of {s.official:,} images")
+            elif s.missing < 0:
+                out.append(
+                    f"split '{s.split}' has {-s.missing:,} images more than the official "
+                    f"{s.official:,}"
+                )
+        expected = self.dataset.classes
+        if expected is not None and self.classes_found not in (None, expected):
+            out.append(f"{self.classes_found} classes found, {expected} expected")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset.name,
+            "data": self.spec,
+            "ok": self.ok,
+            "splits": [
+                {"split": s.split, "official": s.official, "found": s.found, "ok": s.ok}
+                for s in self.splits
+            ],
+            "classes": {"official": self.dataset.classes, "found": self.classes_found},
+            "problems": self.problems(),
+        }
+
+
+def check_counts(source: Any, info: DatasetInfo, *, spec: str = "") -> CountCheck:
+    """Compare ``source``'s images per split (and classes) with ``info``'s official counts."""
+    names = list(info.counts) + [s for s in source.splits if s not in info.counts]
+    splits = [
+        SplitCount(
+            name,
+            info.counts.get(name),
+            len(source.splits[name]) if name in source.splits else None,
+        )
+        for name in names
+    ]
+    classes = len(source.class_names) if source.class_names else None
+    return CountCheck(info, spec or source.origin, splits, classes)
