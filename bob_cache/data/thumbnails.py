@@ -2,7 +2,9 @@
 
 A folder set's images are ``root / id`` under the folder given to ``--data``; a manifest
 set's are the files its manifest lists (under their common folder); a built-in set's are
-rendered in memory. ``images_root`` replaces the recorded folder when the images moved.
+rendered in memory; any other source (a dataset as distributed: torchvision, WebDataset shards,
+parquet, ...) is listed again from its recorded ``--data`` value and each row's image read
+through it. ``images_root`` replaces the recorded folder when a folder's images moved.
 
 Only ids of the feature set are served, and only from files whose real path (symlinks
 resolved) lies inside the images root: anything else raises
@@ -38,6 +40,7 @@ CACHE_SIZE = 1024  # thumbnails kept in memory (a few KB each)
 CACHE_BYTES = 32 * 2**20  # and at most this many bytes of them
 MAX_PIXELS = 40_000_000  # decoded pixels of one image (the uploads' --max-image-mp default)
 JPEG_QUALITY = 85
+FILE_KINDS = ("folder", "manifest")  # served from files under an images root
 
 
 class Thumbnails:
@@ -107,16 +110,26 @@ class Thumbnails:
 
     def _thumbnail(self, id_: str) -> Image.Image:
         """The small RGB image; the full-size pixels live only inside the pixel budget."""
-        if self._kind == "builtin":
-            source, samples = _builtin(self._origin)
-            if id_ not in samples:
-                raise ThumbnailNotFoundError(f"'{self._origin}' has no image '{id_}'.")
-            image = source.open_image(samples[id_])  # rendered in memory: small
-            image.thumbnail((self.size, self.size))
-            return image.convert("RGB")
+        if self._kind not in FILE_KINDS:
+            return self._from_source(id_)
         path = self._find(id_)
         if path is None:
             raise ThumbnailNotFoundError(f"The image of row '{id_}' is not under the images root.")
+        return self._reduce(id_, path)
+
+    def _from_source(self, id_: str) -> Image.Image:
+        """A row's image read through its source (listed again from the recorded origin)."""
+        source, samples = _listed(self._origin)
+        if id_ not in samples:
+            raise ThumbnailNotFoundError(f"'{self._origin}' has no image '{id_}'.")
+        data = source.read_bytes(samples[id_])
+        if data is None:  # rendered from arrays in memory (CIFAR, digits): small
+            image = source.open_image(samples[id_])
+            image.thumbnail((self.size, self.size))
+            return image.convert("RGB")
+        return self._reduce(id_, io.BytesIO(data))
+
+    def _reduce(self, id_: str, path: str | io.BytesIO) -> Image.Image:
         with Image.open(path) as image:  # the header only
             image.draft("RGB", (self.size, self.size))  # JPEGs decode at a reduced scale
             pixels = self._check_pixels(id_, image.size)
@@ -162,11 +175,11 @@ class _Images:
 
 def _locate(dataset: Mapping[str, Any], images_root: str | Path | None) -> _Images:
     kind, origin = str(dataset.get("kind") or ""), str(dataset.get("origin") or "")
-    if kind == "builtin":
-        return _Images()
-    if kind not in ("folder", "manifest") or not origin:
-        return _Images(problem=f"The feature set records no image folder (data kind "
+    if not origin:
+        return _Images(problem=f"The feature set records no image source (data kind "
                        f"'{kind or 'unknown'}'), so results have no thumbnails.")  # fmt: skip
+    if kind not in FILE_KINDS:
+        return _Images()  # read through the source itself
     recorded, path_of = _folder(origin) if kind == "folder" else _manifest(origin)
     root = Path(os.path.realpath(Path(images_root).expanduser() if images_root else recorded))
     if not root.is_dir():
@@ -275,8 +288,15 @@ class _JpegCache:
 
 
 @functools.lru_cache(maxsize=4)
-def _builtin(origin: str) -> tuple[Any, dict[str, Any]]:
+def _listed(origin: str) -> tuple[Any, dict[str, Any]]:
+    """The source ``origin`` names, and its samples by id (every split)."""
     from bob_cache.data import parse_source
 
-    source = parse_source(origin)
+    try:
+        source = parse_source(origin)
+    except Exception as exc:  # moved, changed, unreadable: no thumbnails, with the reason
+        raise ThumbnailNotFoundError(
+            f"The images of this feature set cannot be listed from '{origin}' "
+            f"({type(exc).__name__}: {exc})."
+        ) from exc
     return source, {s.id: s for rows in source.splits.values() for s in rows}

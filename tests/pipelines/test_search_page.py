@@ -172,6 +172,22 @@ def test_manifest_thumbnails_follow_its_paths_and_images_root(tmp_path: Path) ->
     assert jpeg_size(Thumbnails(dataset, {"first"}, images_root=moved).jpeg("first")) == (30, 20)
 
 
+def test_other_kinds_are_read_through_their_source(tmp_path: Path) -> None:
+    """A kind without an images root (here a segmentation folder) is listed again from its
+    recorded --data value and served through the source; a source that no longer lists says so."""
+    root = tmp_path / "seg"
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+    Image.new("RGB", (200, 100), "red").save(root / "images" / "a.png")
+    Image.new("L", (200, 100), 0).save(root / "masks" / "a.png")
+    (root / "classes.json").write_text('{"classes": ["background", "thing"]}')
+    thumbs = Thumbnails({"kind": "segfolder", "origin": str(root)}, {"a.png"}, size=50)
+    assert thumbs.available and jpeg_size(thumbs.jpeg("a.png")) == (50, 25)
+    gone = Thumbnails({"kind": "segfolder", "origin": str(tmp_path / "gone")}, {"a.png"})
+    with pytest.raises(ThumbnailNotFoundError, match="cannot be listed from"):
+        gone.jpeg("a.png")
+
+
 def test_serve_help_names_the_page_and_images_root(cli) -> None:
     result = cli("serve", "--help")
     assert result.exit_code == 0 and "--images-root" in result.output
