@@ -27,6 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from bob_cache.errors import BobCacheError, did_you_mean
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# A --data value's kind prefixes (torchvision:Flowers102:, imagenet-r:, wds:); the rest is a path.
+_PREFIX = re.compile(r"^(?:[A-Za-z][A-Za-z0-9_.+-]*:)+")
+_PATTERN_CHARS = "{}*?["
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -378,16 +381,30 @@ def _check_names(
 def _check_data(data: str | None) -> str | None:
     if data is None or data.startswith("builtin:") or "://" in data or _VAR.search(data):
         return None  # an unset variable is reported already
-    if not Path(data).exists():
-        return f"data source '{data}' does not exist (a folder, .csv/.jsonl manifest or builtin:)"
+    prefix, path = _split_prefix(data)
+    if any(c in path for c in _PATTERN_CHARS):
+        return None  # a shard pattern or options: the source checks them when it lists
+    if not Path(path).exists():
+        if prefix:
+            return f"the folder '{path}' of data source '{data}' does not exist"
+        return (f"data source '{data}' does not exist (a folder, .csv/.jsonl manifest, "
+                "builtin:, or a KIND:ROOT source of `bob-cache datasets`)")  # fmt: skip
     return None
 
 
 def _resolve(value: str | None, base: Path) -> str | None:
     if value is None or value.startswith("builtin:") or "://" in value or _VAR.search(value):
         return value  # (an unset variable is reported already)
-    p = Path(value).expanduser()
-    return str(p if p.is_absolute() else (base / p).resolve())
+    prefix, path = _split_prefix(value)
+    p = Path(path).expanduser()
+    return prefix + str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _split_prefix(value: str) -> tuple[str, str]:
+    """``(KIND:...:, path)`` of a prefixed --data value (``torchvision:Flowers102:data/f`` →
+    ``torchvision:Flowers102:``, ``data/f``); a plain path has no prefix."""
+    match = _PREFIX.match(value)
+    return (match.group(0), value[match.end() :]) if match else ("", value)
 
 
 def _expand(value: Any, loc: tuple[Any, ...], problems: list) -> Any:

@@ -85,6 +85,20 @@ def test_environment_variables_and_relative_paths(
     assert suite.datasets[0].data == str((tmp_path / "imgs").resolve())
 
 
+def test_a_prefixed_source_resolves_its_path_part(tmp_path: Path) -> None:
+    """`torchvision:NAME:ROOT` and the like keep their prefix; only ROOT resolves against the
+    suite's folder, and a missing ROOT is named; shard patterns are left to the source."""
+    (tmp_path / "cifar").mkdir()
+    text = GOOD.replace("builtin:digits", "torchvision:CIFAR100:cifar")
+    suite = load_battle_suite(write(tmp_path, text))
+    assert suite.datasets[0].data == f"torchvision:CIFAR100:{(tmp_path / 'cifar').resolve()}"
+    missing = GOOD.replace("builtin:digits", "imagenet-r:nowhere")
+    with pytest.raises(SuiteError, match=r"the folder '.*nowhere' of data source 'imagenet-r:"):
+        load_battle_suite(write(tmp_path, missing))
+    shards = load_battle_suite(write(tmp_path, GOOD.replace("builtin:digits", "s/{0..3}.tar")))
+    assert shards.datasets[0].data == str(tmp_path.resolve() / "s" / "{0..3}.tar")
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
