@@ -4,7 +4,10 @@
 the query set, the rest the database; relevant = same class. ``gnd``: queries and database
 are named by a Revisited Oxford/Paris ground-truth file; database rows it does not name act
 as distractors (the R1M setting); Easy, Medium and Hard are reported. Ranking is exact
-(every database row scored), so the numbers measure the features, not an index.
+(every database row scored), so the numbers measure the features, not an index. A set extracted
+from a revisitop source (:mod:`bob_cache.data.revisitop`) records its ground truth and its
+query split (the queries cropped to their boxes): ``--gnd`` and ``--query-split`` then default
+to them.
 
 ``--metrics-definition`` picks how AP and precision@k are computed (see
 :mod:`bob_cache.retrieval.metrics`): ``sklearn`` (the classes default) or ``revisitop`` (the
@@ -14,16 +17,18 @@ gnd default; BoB's definitions for every dataset). The definition is part of eac
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bob_cache.data.splits import rule_text
-from bob_cache.errors import GroundTruthError, SpecError
+from bob_cache.errors import DataNotFoundError, GroundTruthError, SpecError
 from bob_cache.hashing import stable_hash
 from bob_cache.pipelines.registry import register_stage
 from bob_cache.pipelines.selection import select_feature_sets
@@ -76,8 +81,6 @@ class RetrievalEvalConfig:
             raise SpecError(
                 f"Unknown --protocol '{self.protocol}'. Expected {' or '.join(EVAL_PROTOCOLS)}."
             )
-        if self.protocol == "gnd" and not self.gnd:
-            raise SpecError("--protocol gnd needs --gnd FILE (Revisited Oxford/Paris format).")
         if not 0 < self.query_fraction < 1:
             raise SpecError(f"--query-fraction must be between 0 and 1, got {self.query_fraction}.")
         self.metrics_definition = resolve_metrics_definition(self.protocol, self.metrics_definition)
@@ -117,11 +120,10 @@ def retrieval_eval(config: RetrievalEvalConfig) -> RetrievalEvalSummary:
     truth = load_ground_truth(config.gnd) if config.protocol == "gnd" and config.gnd else None
     store = open_store(config.store, storage_options=config.storage_options or None)
     query_split = config.query_split or config.split
-    sets = select_feature_sets(
-        store, dataset=config.dataset, backbone=config.backbone, feature=config.feature,
-        splits=tuple(dict.fromkeys((config.split, query_split))),
-    )  # fmt: skip
+    sets = _select(config, store)
     db_set = sets[config.split]
+    if config.protocol == "gnd" and truth is None:
+        truth = _recorded_ground_truth(db_set)
     summary = RetrievalEvalSummary(
         config.dataset, db_set.attrs["backbone"]["slug"], db_set.key, config.protocol,
         config.metrics_definition, rule_text(db_set.attrs.get("dataset", {})),
@@ -140,11 +142,69 @@ def retrieval_eval(config: RetrievalEvalConfig) -> RetrievalEvalSummary:
         if config.protocol == "classes":
             _classes(config, db_set, summary)
         else:
-            _gnd(config, truth, db_set, sets[query_split], summary)
+            _gnd(config, truth, db_set, sets[_query_split(config, db_set)], summary)
         spec = db_set.attrs.get("spec")
         table.append(_rows(config, summary, config_hash, ident=ident, spec=spec))
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _select(config: RetrievalEvalConfig, store: Any) -> dict[str, FeatureSet]:
+    """The database split's set and, for gnd, the query split's set of the same key: the split
+    ``--query-split`` names, else the one the source recorded (revisitop's cropped queries),
+    else the database split itself."""
+    listed = store.feature_sets()
+    find = functools.partial(
+        select_feature_sets, store, dataset=config.dataset, backbone=config.backbone,
+        listed=listed,
+    )  # fmt: skip
+    if config.protocol != "gnd" or config.query_split:
+        splits = tuple(dict.fromkeys((config.split, config.query_split or config.split)))
+        return find(feature=config.feature, splits=splits)
+    sets = find(feature=config.feature, splits=(config.split,))
+    query_split = _query_split(config, sets[config.split])
+    if query_split not in sets:
+        sets.update(find(feature=sets[config.split].key, splits=(query_split,)))
+    return sets
+
+
+def _query_split(config: RetrievalEvalConfig, db_set: FeatureSet) -> str:
+    recorded = db_set.attrs.get("dataset", {}).get("retrieval") or {}
+    return config.query_split or recorded.get("query_split") or config.split
+
+
+def _recorded_ground_truth(fs: FeatureSet) -> GroundTruth:
+    """The ground truth a revisitop source recorded in ``fs``'s provenance, checked to be the
+    file it was extracted with.
+
+    Raises:
+        SpecError: the source recorded none (the fix: --gnd FILE).
+        DataNotFoundError: the file is gone.
+        GroundTruthError: the file changed since extraction.
+    """
+    from bob_cache.hashing import file_sha256
+
+    dataset = fs.attrs.get("dataset", {})
+    recorded = dataset.get("retrieval") or {}
+    path = recorded.get("ground_truth")
+    if not path:
+        raise SpecError(
+            f"--protocol gnd needs --gnd FILE (Revisited Oxford/Paris format): '{fs.path}' was "
+            f"extracted from a '{dataset.get('kind', '?')}' source, which records no ground "
+            "truth (a revisitop:NAME:ROOT source does). Pass --gnd FILE."
+        )
+    if not Path(path).is_file():
+        raise DataNotFoundError(
+            f"The ground truth '{path}' recorded by '{fs.path}' is gone. Fix: pass --gnd FILE "
+            "where it is now."
+        )
+    if file_sha256(path) != recorded.get("ground_truth_sha256"):
+        raise GroundTruthError(
+            f"The ground truth '{path}' changed since '{fs.path}' was extracted from it (its "
+            "sha256 differs), so its queries and boxes may not match the stored rows. Fix: "
+            "extract the dataset again, or pass --gnd FILE to evaluate with that file anyway."
+        )
+    return load_ground_truth(path)
 
 
 def _classes(config: RetrievalEvalConfig, fs: FeatureSet, summary: RetrievalEvalSummary) -> None:
@@ -266,7 +326,10 @@ def _identity(config: RetrievalEvalConfig, fs: FeatureSet, query_split: str) -> 
     else:
         from bob_cache.hashing import file_sha256
 
-        ident["gnd"] = [file_sha256(config.gnd or ""), query_split]
+        # without --gnd, the file the source recorded: its sha256 is in the dataset
+        # fingerprint, so in the feature key
+        source = "recorded by the source"
+        ident["gnd"] = [file_sha256(config.gnd) if config.gnd else source, query_split]
     return ident
 
 

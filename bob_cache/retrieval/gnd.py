@@ -110,6 +110,15 @@ def load_pickle(path: Path) -> Any:
     return _GroundTruthUnpickler(path.read_bytes(), path).load()
 
 
+def parse_ground_truth(raw: Any, path: str | Path) -> GroundTruth:
+    """Validate an unpickled or parsed ground truth (``path`` names it in messages).
+
+    Raises:
+        GroundTruthError: keys missing, lengths or positions out of range.
+    """
+    return _validate(raw, path)
+
+
 def _validate(raw: Any, path: str | Path) -> GroundTruth:
     fix = "Fix the file: see `bob-cache retrieval-eval --help` for the format."
     if not isinstance(raw, dict) or not {"imlist", "qimlist", "gnd"} <= set(raw):
