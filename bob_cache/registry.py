@@ -77,8 +77,19 @@ class Registry(Generic[T]):
         """Registered names in registration order."""
         return list(self._entries)
 
+    def values(self) -> list[T]:
+        """Registered entries in registration order."""
+        return list(self._entries.values())
+
     def items(self) -> list[tuple[str, T]]:
         return list(self._entries.items())
+
+    def copy(self) -> Registry[T]:
+        """A registry with the same settings and entries, independent of this one (tests swap
+        it in to register temporary entries)."""
+        twin: Registry[T] = Registry(self.what, hint=self.hint, error=self.error)
+        twin._entries = dict(self._entries)
+        return twin
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
@@ -91,11 +102,25 @@ class Registry(Generic[T]):
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Whether two registrations are one definition (the same object, or the same function
-    re-created by importing its module again)."""
-    if a is b or a == b:
+    """Whether two registrations are one definition: the same object, the same function or
+    class re-created by importing its module again, or an instance of such a class with equal
+    attributes (``TimmProvider()`` created again)."""
+    if a is b or _equal(a, b):
         return True
-    key = ("__module__", "__qualname__")
-    return all(hasattr(x, k) for x in (a, b) for k in key) and all(
-        getattr(a, k) == getattr(b, k) for k in key
-    )
+    if _defined_name(a) is not None or _defined_name(b) is not None:  # functions, classes
+        return _defined_name(a) == _defined_name(b)
+    if _defined_name(type(a)) != _defined_name(type(b)):
+        return False
+    return hasattr(a, "__dict__") and hasattr(b, "__dict__") and _equal(vars(a), vars(b))
+
+
+def _defined_name(obj: Any) -> tuple[str, str] | None:
+    module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    return (module, qualname) if isinstance(module, str) and isinstance(qualname, str) else None
+
+
+def _equal(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # e.g. arrays, whose == is elementwise
+        return False

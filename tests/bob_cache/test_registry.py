@@ -58,3 +58,32 @@ def test_a_clash_is_refused_unless_overridden_but_reimport_is_allowed() -> None:
     reg.register("f", make())
     reg.register("f", make())  # no error
     assert callable(reg.get("f"))
+
+
+def test_an_instance_made_again_is_the_same_definition_but_other_state_clashes() -> None:
+    class Provider:
+        def __init__(self, size: int = 1) -> None:
+            self.size = size
+
+    reg: Registry[Provider] = Registry("provider")
+    first = reg.register("p", Provider())
+    reg.register("p", Provider())  # the same class, the same attributes: no error
+    assert reg.get("p") is not first
+    with pytest.raises(ValueError, match="Provider 'p' is already registered"):
+        reg.register("p", Provider(size=2))
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register("p", object())
+
+
+def test_values_and_an_independent_copy() -> None:
+    reg: Registry[int] = Registry("widget", hint="See `bob-cache widgets`.")
+    reg.register("a", 1)
+    reg.register("b", 2)
+    assert reg.values() == [1, 2] and reg.items() == [("a", 1), ("b", 2)]
+    twin = reg.copy()
+    twin.register("c", 3)
+    twin.register("a", 10, override=True)
+    assert reg.names() == ["a", "b"] and reg.get("a") == 1
+    assert twin.names() == ["a", "b", "c"] and twin.get("a") == 10
+    with pytest.raises(UnknownNameError, match="See `bob-cache widgets`"):
+        twin.get("z")
