@@ -21,6 +21,7 @@ from torch import nn
 
 from bob_cache.backbones.weights import WeightsFile, describe_mismatch, load_state_dict
 from bob_cache.errors import CheckpointRequiredError, WeightsError
+from bob_cache.registry import Registry, UnknownNameError
 
 if TYPE_CHECKING:
     from bob_cache.backbones.registry import BackboneEntry
@@ -29,33 +30,25 @@ StateDict = dict[str, torch.Tensor]
 Converter = Callable[[StateDict, str], StateDict]
 """``(state, expected) -> state``; ``expected`` names the official file for messages."""
 
-_CONVERTERS: dict[str, Converter] = {}
+CONVERTERS: Registry[Converter] = Registry("converter")
 
 
 def register_converter(name: str) -> Callable[[Converter], Converter]:
     """Decorator: register a converter under ``name`` (what ``BackboneEntry.converter`` names)."""
-
-    def decorator(fn: Converter) -> Converter:
-        if name in _CONVERTERS:
-            raise ValueError(f"Converter '{name}' is already registered")
-        _CONVERTERS[name] = fn
-        return fn
-
-    return decorator
+    return CONVERTERS.register(name)
 
 
 def get_converter(name: str) -> Converter:
     """The converter registered as ``name``."""
-    try:
-        return _CONVERTERS[name]
-    except KeyError:
-        known = ", ".join(sorted(_CONVERTERS))
-        raise KeyError(f"No checkpoint converter '{name}'. Registered: {known}.") from None
+    if name not in CONVERTERS:
+        known = ", ".join(list_converters())
+        raise UnknownNameError(f"No checkpoint converter '{name}'. Registered: {known}.")
+    return CONVERTERS.get(name)
 
 
 def list_converters() -> list[str]:
     """Names of the registered converters."""
-    return sorted(_CONVERTERS)
+    return sorted(CONVERTERS)
 
 
 def describe_checkpoint(entry: BackboneEntry) -> str:

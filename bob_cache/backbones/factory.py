@@ -15,6 +15,7 @@ from bob_cache.backbones.timm_provider import TimmProvider
 from bob_cache.backbones.torchvision_provider import TorchvisionProvider
 from bob_cache.backbones.weights import parse_weights_file
 from bob_cache.errors import BackboneUnavailableError, SpecError, UnknownBackboneError, did_you_mean
+from bob_cache.registry import Registry
 
 
 class Provider(Protocol):
@@ -38,15 +39,21 @@ class Provider(Protocol):
     ) -> Backbone: ...
 
 
-_PROVIDERS: dict[str, Provider] = {}
-_PREFIXES: dict[str, str] = {}
+PROVIDERS: Registry[Provider] = Registry("backbone provider")
+PREFIXES: Registry[str] = Registry("backbone name prefix")  # prefix -> provider name
 
 
 def register_provider(provider: Provider, *prefixes: str) -> None:
     """Register ``provider``; names written ``prefix:model`` go to it."""
-    _PROVIDERS[provider.name] = provider
+    PROVIDERS.register(provider.name, provider)
     for prefix in (provider.name, *prefixes):
-        _PREFIXES[prefix] = provider.name
+        PREFIXES.register(prefix, provider.name)
+
+
+def split_provider(name: str) -> tuple[str, str]:
+    """``prefix:model`` → (the prefix's provider, model); any other name → (timm, name)."""
+    prefix, sep, model = name.partition(":")
+    return (PREFIXES.get(prefix), model) if sep and prefix in PREFIXES else ("timm", name)
 
 
 register_provider(TimmProvider())
@@ -72,10 +79,9 @@ def resolve_backbone_name(name: str) -> tuple[Provider, str]:
                 f"timm has no weights for it. Fix: convert its checkpoint to the matching timm "
                 f"architecture and run with --backbone ARCH --weights FILE."
             )
-        return _PROVIDERS[entry.provider], entry.model
-    prefix, sep, model = name.partition(":")
-    provider = _PROVIDERS[_PREFIXES[prefix]] if sep and prefix in _PREFIXES else _PROVIDERS["timm"]
-    model = model if sep and prefix in _PREFIXES else name
+        return PROVIDERS.get(entry.provider), entry.model
+    provider_name, model = split_provider(name)
+    provider = PROVIDERS.get(provider_name)
     if not provider.has_model(model):
         pool = [e.name for e in list_backbones()] + provider.model_names()
         hint = did_you_mean(model, pool) or did_you_mean(model.partition(".")[0], pool)
@@ -121,7 +127,7 @@ def create_backbone(
     if entry is not None and entry.needs_checkpoint:
         if weights is None and not random_init:
             raise checkpoint_required(entry)
-        return _PROVIDERS[entry.provider].create(  # type: ignore[call-arg]
+        return PROVIDERS.get(entry.provider).create(  # type: ignore[call-arg]
             str(entry.arch),
             name=name,
             weights=_weights_choice(weights, random_init=random_init, seed=seed),

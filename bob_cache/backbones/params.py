@@ -50,7 +50,7 @@ def label_to_name(label: str) -> str:
 def _count_built(name: str, *, image_size: int | None) -> int | None:
     import torch
 
-    from bob_cache.backbones.factory import _PREFIXES, _PROVIDERS
+    from bob_cache.backbones.factory import PROVIDERS, split_provider
     from bob_cache.backbones.registry import get_backbone_entry
 
     entry = get_backbone_entry(name)
@@ -58,13 +58,10 @@ def _count_built(name: str, *, image_size: int | None) -> int | None:
     if entry is not None:
         model, provider = entry.arch or entry.model, entry.provider
     else:
-        prefix, sep, rest = name.partition(":")
-        provider, model = (
-            (_PREFIXES[prefix], rest) if sep and prefix in _PREFIXES else ("timm", name)
-        )
+        provider, model = split_provider(name)
     if model is None or provider not in ("timm", "torchvision"):
         return None
-    if not _PROVIDERS[provider].has_model(model):
+    if not PROVIDERS.get(provider).has_model(model):
         return None
     with torch.device("meta"):
         net = _timm_net(model, image_size, kwargs) if provider == "timm" else _tv_net(model)

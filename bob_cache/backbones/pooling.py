@@ -17,21 +17,17 @@ import torch
 
 from bob_cache.config import GRID
 from bob_cache.errors import SpecError
+from bob_cache.registry import Registry
 
 PoolFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
-_POOLS: dict[str, PoolFn] = {}
+POOLS: Registry[PoolFn] = Registry("pooling", error=SpecError)
 POOL_CHOICES = ("default", "avg", "token", GRID)
 
 
 def register_pool(name: str) -> Callable[[PoolFn], PoolFn]:
     """Decorator: register a pooling function under ``name``."""
-
-    def wrap(fn: PoolFn) -> PoolFn:
-        _POOLS[name] = fn
-        return fn
-
-    return wrap
+    return POOLS.register(name)
 
 
 @register_pool("avg")
@@ -66,11 +62,11 @@ def is_grid(pool: str) -> bool:
 
 def get_pool(name: str, *, has_class_token: bool, model: str) -> PoolFn:
     """Return the pooling function ``name``, checked against the model."""
-    if name not in _POOLS:
+    if name not in POOLS:
         raise SpecError(f"Unknown pooling '{name}'. Expected one of: {', '.join(POOL_CHOICES)}.")
     if name == "token" and not has_class_token:
         raise SpecError(
             f"--pool token needs a model with a class token, and '{model}' has none. "
             "Use --pool avg, or --pool default for the model's own head."
         )
-    return _POOLS[name]
+    return POOLS.get(name)

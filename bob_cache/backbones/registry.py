@@ -12,6 +12,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bob_cache.errors import UnknownBackboneError
+from bob_cache.registry import Registry
+
 
 @dataclass(frozen=True)
 class BackboneEntry:
@@ -53,27 +56,26 @@ class BackboneEntry:
         return {**asdict(self), "available": self.available}
 
 
-_REGISTRY: dict[str, BackboneEntry] = {}
+BACKBONES: Registry[BackboneEntry] = Registry(
+    "backbone", hint="See `bob-cache backbones`.", error=UnknownBackboneError
+)
 
 
 def register_backbone(entry: BackboneEntry) -> BackboneEntry:
     """Add ``entry`` to the registry (names are unique)."""
-    if entry.name in _REGISTRY:
-        raise ValueError(f"Backbone '{entry.name}' is already registered")
-    _REGISTRY[entry.name] = entry
-    return entry
+    return BACKBONES.register(entry.name, entry)
 
 
 def get_backbone_entry(name: str) -> BackboneEntry | None:
     """The registered entry called ``name``, or None."""
     _ensure_catalog()
-    return _REGISTRY.get(name)
+    return BACKBONES.get(name) if name in BACKBONES else None
 
 
 def list_backbones() -> list[BackboneEntry]:
     """All registered entries, in catalog order."""
     _ensure_catalog()
-    return list(_REGISTRY.values())
+    return BACKBONES.values()
 
 
 def _ensure_catalog() -> None:

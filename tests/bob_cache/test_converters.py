@@ -179,9 +179,9 @@ def test_official_checkpoint_loads_exactly_full_size(name: str, tmp_path: Path) 
 def _shrunk(monkeypatch: pytest.MonkeyPatch, name: str, **changes: object) -> BackboneEntry:
     """Point registry entry ``name`` at a smaller architecture of the same family."""
     registry._ensure_catalog()
-    small = dataclasses.replace(registry._REGISTRY[name], **changes)
-    monkeypatch.setitem(registry._REGISTRY, name, small)
-    return small
+    small = dataclasses.replace(registry.BACKBONES.get(name), **changes)
+    monkeypatch.setattr(registry, "BACKBONES", registry.BACKBONES.copy())
+    return registry.BACKBONES.register(name, small, override=True)
 
 
 def test_midas_dpt_checkpoint_loads_exactly_small_stand_in(
