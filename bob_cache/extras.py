@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 # extra → the top-level modules it provides (tests/test_packaging.py keeps this table, the
 # extras in pyproject.toml and the imports of the shipped code in step).
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
-    "serve": ("fastapi", "uvicorn", "python_multipart", "orjson"),
+    "serve": ("fastapi", "uvicorn", "python_multipart", "orjson", "prometheus_client"),
     "battle": ("distributed", "dask", "yaml", "pydantic", "psutil", "threadpoolctl"),
     "finetune": ("pycocotools",),
     "report": ("matplotlib", "jinja2"),

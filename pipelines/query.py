@@ -18,8 +18,10 @@ import contextvars
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,6 +137,17 @@ class Searcher:
         self._embedder: Any = None
         self._lock = threading.RLock()
         self._decode_lock = threading.Lock()
+        self.observe: Callable[[str, float], None] | None = None  # (phase, seconds): metrics
+
+    @contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        """Time a phase of a query (``decode``, ``embed``, ``search``) for :attr:`observe`."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.observe is not None:
+                self.observe(name, time.perf_counter() - started)
 
     @classmethod
     def open(cls, config: QueryConfig) -> Searcher:
@@ -290,7 +303,8 @@ class Searcher:
         neighbours are the same.
         """
         slices = [x[i : i + SEARCH_SLICE] for i in range(0, max(len(x), 1), SEARCH_SLICE)]
-        parts = [on_compute_thread(faiss_ops.search, self.index, part, k) for part in slices]
+        with self._phase("search"):
+            parts = [on_compute_thread(faiss_ops.search, self.index, part, k) for part in slices]
         if len(parts) == 1:
             return parts[0]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -311,8 +325,9 @@ class Searcher:
         out: list[np.ndarray] = []
         for group in group_by_pixels(sizes, group_pixels):
             with self._decode_lock:
-                decoded = [decode_image(images[i], max_pixels=group_pixels) for i in group]
-                with self._lock:  # one model forward at a time: threads oversubscribe the CPU
+                with self._phase("decode"):
+                    decoded = [decode_image(images[i], max_pixels=group_pixels) for i in group]
+                with self._lock, self._phase("embed"):  # one forward at a time (CPU threads)
                     out.append(on_compute_thread(self.embedder.embed, decoded))
                 del decoded  # freed before the next group (of any request) is decoded
         return np.concatenate(out) if out else np.zeros((0, self.fs.dim), np.float32)

@@ -4,12 +4,13 @@ The index, the row metadata and the backbone are loaded once at start-up; each r
 costs the embedding (image queries), the index search, and O(k) metadata lookups. Queries
 run on the searcher's one compute thread, so concurrent requests never oversubscribe the CPU.
 
-Endpoints: ``GET /health``; ``POST /query/vector`` (JSON ``{"vectors": [[...]], "k": 10}``);
-``POST /query/id`` (JSON ``{"ids": [...], "k": 10}``); ``POST /query/image`` (multipart
-``files``, one or more images; ``?k=10``). Bad input gets a 4xx with a ``detail`` message.
-``GET /`` is a search page over those (upload an image or type an id, see the neighbours as
-thumbnails); ``GET /thumb/{id}`` is a row's JPEG thumbnail, read only from under the images
-root (anything else, whatever the id spells, gets 404).
+Endpoints: ``GET /health``; ``GET /metrics`` (Prometheus: requests, latency by phase, what
+is served; :mod:`~bob_cache.pipelines.serve_metrics`); ``POST /query/vector`` (JSON
+``{"vectors": [[...]], "k": 10}``); ``POST /query/id`` (JSON ``{"ids": [...], "k": 10}``);
+``POST /query/image`` (multipart ``files``, one or more images; ``?k=10``). Bad input gets a
+4xx with a ``detail`` message. ``GET /`` is a search page over those (upload an image or type
+an id, see the neighbours as thumbnails); ``GET /thumb/{id}`` is a row's JPEG thumbnail, read
+only from under the images root (anything else, whatever the id spells, gets 404).
 
 Bad requests cannot hurt the service, and heavy legal ones cost what the limits allow:
 request bodies are counted as they arrive (chunked ones too) and refused with 413 the moment
@@ -31,7 +32,8 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,7 @@ from bob_cache.errors import (
 from bob_cache.pipelines.body_limit import BodyLimit, Limit
 from bob_cache.pipelines.query import Searcher
 from bob_cache.pipelines.serve_health import HEALTH_TTL, Integrity
+from bob_cache.pipelines.serve_metrics import MetricsMiddleware, ServiceMetrics
 
 DEFAULT_MAX_UPLOAD_MB = 20.0
 DEFAULT_MAX_BATCH = 256
@@ -109,6 +112,9 @@ def create_app(
     page = files("bob_cache.pipelines").joinpath("static", "search.html").read_text("utf-8")
     json_limit = _json_limit(upload, max_batch, searcher.fs.dim)
     app.add_middleware(BodyLimit, default=upload, by_path=dict.fromkeys(JSON_PATHS, json_limit))
+    metrics = ServiceMetrics(searcher)
+    searcher.observe = metrics.observe
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts refusals too
 
     @app.exception_handler(BobCacheError)
     async def user_error(request: Request, exc: BobCacheError) -> JSONResponse:
@@ -131,6 +137,11 @@ def create_app(
             **({"thumbnails_note": thumbs.problem} if thumbs.problem else {}),
         })  # fmt: skip
 
+    @app.get("/metrics", response_class=Response)
+    def prometheus() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def search_page() -> HTMLResponse:
         return HTMLResponse(page)
@@ -141,24 +152,34 @@ def create_app(
         return Response(data, media_type="image/jpeg",
                         headers={"Cache-Control": THUMB_CACHE_CONTROL})  # fmt: skip
 
-    def answer_json(body: bytes, field: str, search: Callable[[list, int], Any]) -> Response:
+    def answer_json(
+        body: bytes, field: str, search: Callable[[list, int], Any], endpoint: str
+    ) -> Response:
         _check_intact(integrity)
-        items, k = parse_json_query(body, field)
+        with _timed(metrics, "parse"):
+            items, k = parse_json_query(body, field)
         _check_batch(len(items), max_batch)
-        answer = _answer(searcher, lambda: search(items, k))
-        return Response(orjson.dumps(answer), media_type="application/json")
+        answer = _answer(searcher, lambda: search(items, k), metrics)
+        with _timed(metrics, "encode"):
+            encoded = orjson.dumps(answer)
+        metrics.queries.labels(endpoint).inc(len(items))
+        return Response(encoded, media_type="application/json")
 
     @app.post("/query/vector", openapi_extra=_json_schema("vectors", {"type": "number"}))
     async def by_vector(request: Request) -> Response:
         """``{"vectors": [[...], ...], "k": 10}``: neighbours of each vector."""
         body = await request.body()
-        return await run_in_threadpool(answer_json, body, "vectors", searcher.search)
+        return await run_in_threadpool(
+            answer_json, body, "vectors", searcher.search, "/query/vector"
+        )
 
     @app.post("/query/id", openapi_extra=_json_schema("ids", {"type": "string"}))
     async def by_id(request: Request) -> Response:
         """``{"ids": ["..."], "k": 10}``: neighbours of stored rows (each leaves itself out)."""
         body = await request.body()
-        return await run_in_threadpool(answer_json, body, "ids", searcher.search_by_ids)
+        return await run_in_threadpool(
+            answer_json, body, "ids", searcher.search_by_ids, "/query/id"
+        )
 
     @app.post("/query/image")
     def by_image(files: list[UploadFile] = File(...), k: int = Query(10)) -> dict[str, Any]:
@@ -166,8 +187,11 @@ def create_app(
             raise _ServiceUnavailable(model_error)
         _check_intact(integrity)
         _check_batch(len(files), max_batch)
-        blobs = [_read_upload(f, upload.bytes) for f in files]
-        return _answer(searcher, lambda: searcher.search_by_images(blobs, k, **pixels))
+        with _timed(metrics, "read"):
+            blobs = [_read_upload(f, upload.bytes) for f in files]
+        answer = _answer(searcher, lambda: searcher.search_by_images(blobs, k, **pixels), metrics)
+        metrics.queries.labels("/query/image").inc(len(blobs))
+        return answer
 
     return app
 
@@ -294,11 +318,22 @@ def _read_upload(upload: Any, limit: int) -> bytes:
     return data
 
 
-def _answer(searcher: Searcher, run: Any) -> dict[str, Any]:
+def _answer(searcher: Searcher, run: Any, metrics: ServiceMetrics) -> dict[str, Any]:
     started = time.perf_counter()
     hits = run()
+    with _timed(metrics, "records"):
+        records = hits.records()
     took = (time.perf_counter() - started) * 1000
-    return {"took_ms": round(took, 3), "results": hits.records(), **_note(searcher)}
+    return {"took_ms": round(took, 3), "results": records, **_note(searcher)}
+
+
+@contextmanager
+def _timed(metrics: ServiceMetrics, phase: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        metrics.observe(phase, time.perf_counter() - started)
 
 
 def _note(searcher: Searcher) -> dict[str, str]:

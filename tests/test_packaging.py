@@ -143,6 +143,7 @@ SHIPPED = ("bob_cache", "pipelines", "stores")
 # reaches them only after `bob_cache.extras.require(extra, ...)` (the base-install test below).
 EXTRA_OF_FILE = {
     "pipelines/serve.py": "serve",
+    "pipelines/serve_metrics.py": "serve",
     "pipelines/battle/": "battle",
     "pipelines/cluster.py": "battle",
     "pipelines/extract_cluster.py": "battle",
