@@ -7,6 +7,9 @@ synth-shapes layout). Images and masks pair by file stem and class names come fr
 ``classes.json`` (in the folder or its parent), as
 :func:`bob_cache.finetune.seg_data.load_seg_folder` reads them.
 
+A distributed layout (:mod:`bob_cache.data.ade20k`) records its image and mask folders per
+split under ``dirs`` and, where stored 0 is ignored, ``reduce_zero_label``.
+
 The samples are the images only (label -1, id = the file name inside ``images/``); the class
 names (``background`` first) and, under ``segmentation`` in :meth:`SegFolderSource.describe`,
 where each split's masks are and the ignore index land in every feature set's provenance, so
@@ -142,18 +145,23 @@ def mask_path(
         sample_id: the row's id (the image's file name inside ``images/``).
         root: the dataset's folder now, when it moved since extraction (same layout).
     """
-    return (
-        split_folder(segmentation, split, root=root)
-        / MASKS
-        / f"{Path(sample_id).stem}{MASK_SUFFIX}"
-    )
+    folder = split_folder(segmentation, split, root=root)
+    return folder / _dirs(segmentation, split)[MASKS] / f"{Path(sample_id).stem}{MASK_SUFFIX}"
 
 
 def image_path(
     segmentation: dict[str, Any], split: str, sample_id: str, *, root: str | Path | None = None
 ) -> Path:
     """Where image ``sample_id`` of ``split`` is (see :func:`mask_path`)."""
-    return split_folder(segmentation, split, root=root) / IMAGES / sample_id
+    folder = split_folder(segmentation, split, root=root)
+    return folder / _dirs(segmentation, split)[IMAGES] / sample_id
+
+
+def _dirs(segmentation: dict[str, Any], split: str) -> dict[str, str]:
+    """The image and mask folders of ``split`` inside its split folder: ``images/`` and
+    ``masks/``, unless the record names others (``dirs``: a distributed layout such as
+    ADE20K's ``images/training`` and ``annotations/training``)."""
+    return segmentation.get("dirs", {}).get(split) or {IMAGES: IMAGES, MASKS: MASKS}
 
 
 def split_folder(
@@ -228,8 +236,9 @@ def load_masks(
     ignore = int(segmentation["ignore_index"])
     dtype = "uint8" if max(num_classes - 1, ignore) < 256 else "int32"
     read = functools.partial(
-        _read_one, geometry=geometry, num_classes=num_classes, ignore=ignore, dtype=dtype
-    )
+        _read_one, geometry=geometry, num_classes=num_classes, ignore=ignore, dtype=dtype,
+        reduce_zero_label=bool(segmentation.get("reduce_zero_label")),
+    )  # fmt: skip
     images = [image_path(segmentation, split, i, root=root) for i in ids]
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
         done = list(pool.map(read, paths, images))
@@ -264,10 +273,11 @@ def _read_one(
     num_classes: int,
     ignore: int,
     dtype: str,
+    reduce_zero_label: bool = False,
 ) -> tuple[bytes, tuple[int, int], list[int]]:
     from bob_cache.finetune.seg_data import bad_mask_values, read_mask
 
-    mask = read_mask(path)
+    mask = read_mask(path, reduce_zero_label=reduce_zero_label, ignore_index=ignore)
     bad = bad_mask_values(mask, num_classes=num_classes, ignore_index=ignore)
     if image.is_file():  # images may be gone since extraction; masks alone still score
         with Image.open(image) as im:

@@ -6,6 +6,11 @@ class ``k`` and the ignore index (255 by default) marks pixels left out of the l
 The label space is ``["background", *classes]``; the classes come from the ``classes`` argument
 or from a ``classes.json`` (``{"classes": [...], "background": 0, "ignore_index": 255}``, the
 list without background) in the folder or its parent.
+
+A distributed dataset's split is named as a data source (``ade20k:ROOT/train``,
+:mod:`bob_cache.data.ade20k`): its own layout and label space, where mask value 0 may be
+ignored rather than background (``reduce_zero_label``: 0 becomes the ignore index and ``v``
+class ``v - 1``, as mmsegmentation reads ADE20K).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MASK_SUFFIX = ".png"
 CLASSES_FILE = "classes.json"
 DEFAULT_IGNORE_INDEX = 255
+DATASET_PREFIXES = ("ade20k:",)  # data sources that name one split of a distributed dataset
 _MASK_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")
 SegTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -41,6 +47,7 @@ class SegSet:
         mask_paths: the mask of each image.
         classes: the label space, ``"background"`` first.
         ignore_index: mask value left out of loss and metrics.
+        reduce_zero_label: stored value 0 is ignored and ``v`` is class ``v - 1``.
     """
 
     root: Path
@@ -48,6 +55,7 @@ class SegSet:
     mask_paths: tuple[Path, ...]
     classes: tuple[str, ...]
     ignore_index: int
+    reduce_zero_label: bool = False
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -64,10 +72,15 @@ def load_seg_folder(
     """Pair a folder's images and masks and resolve its classes.
 
     Args:
-        path: folder with ``images/`` and ``masks/`` sub-folders.
+        path: folder with ``images/`` and ``masks/`` sub-folders, or a distributed dataset's
+            split named as a data source (``ade20k:ROOT/train``).
         classes: class names WITHOUT background (``--classes a,b,c``); default ``classes.json``.
         ignore_index: mask value to ignore; default the ``classes.json`` value, else 255.
     """
+    if str(path).startswith(DATASET_PREFIXES):
+        from bob_cache.data.ade20k import load_ade20k_split
+
+        return load_ade20k_split(str(path), classes=classes, ignore_index=ignore_index)
     root = Path(path)
     folders = {name: root / name for name in ("images", "masks")}
     missing = [str(f) for f in folders.values() if not f.is_dir()]
@@ -78,17 +91,30 @@ def load_seg_folder(
             "(e.g. train/ of a synth-shapes dataset)."
         )
     names, ignore = _resolve_classes(root, classes, ignore_index)
-    images = _by_stem(folders["images"], IMAGE_SUFFIXES)
-    masks = _by_stem(folders["masks"], (MASK_SUFFIX,))
-    _check_pairs(root, images, masks)
-    stems = sorted(images)
+    image_paths, mask_paths = pair_by_stem(root, folders["images"], folders["masks"])
     return SegSet(
         root=root,
-        image_paths=tuple(images[s] for s in stems),
-        mask_paths=tuple(masks[s] for s in stems),
+        image_paths=image_paths,
+        mask_paths=mask_paths,
         classes=("background", *names),
         ignore_index=ignore,
     )
+
+
+def pair_by_stem(
+    root: Path, images: Path, masks: Path
+) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+    """The images of folder ``images`` sorted by stem, and the mask of each from ``masks``.
+
+    Raises:
+        DataNotFoundError: no images.
+        AnnotationError: a stem occurs twice, or an image has no mask (or a mask no image).
+    """
+    found = _by_stem(images, IMAGE_SUFFIXES)
+    paired = _by_stem(masks, (MASK_SUFFIX,))
+    _check_pairs(root, found, paired, images_dir=images)
+    stems = sorted(found)
+    return tuple(found[s] for s in stems), tuple(paired[s] for s in stems)
 
 
 def split_seg_set(seg: SegSet, split: str, fractions: Any) -> SegSet:
@@ -177,10 +203,12 @@ def _by_stem(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
     return found
 
 
-def _check_pairs(root: Path, images: dict[str, Path], masks: dict[str, Path]) -> None:
+def _check_pairs(
+    root: Path, images: dict[str, Path], masks: dict[str, Path], *, images_dir: Path | None = None
+) -> None:
     if not images:
         raise DataNotFoundError(
-            f"No images ({' '.join(IMAGE_SUFFIXES)}) in {root / 'images'}. "
+            f"No images ({' '.join(IMAGE_SUFFIXES)}) in {images_dir or root / 'images'}. "
             "Put the images there, or point --data at the right folder."
         )
     no_mask = [str(images[s]) for s in sorted(images.keys() - masks.keys())]
@@ -196,15 +224,30 @@ def _check_pairs(root: Path, images: dict[str, Path], masks: dict[str, Path]) ->
             )
 
 
-def read_mask(path: Path) -> np.ndarray:
-    """A mask file as an int64 H x W array of labels."""
+def read_mask(
+    path: Path, *, reduce_zero_label: bool = False, ignore_index: int = DEFAULT_IGNORE_INDEX
+) -> np.ndarray:
+    """A mask file as an int64 H x W array of labels (with ``reduce_zero_label``, stored 0
+    becomes ``ignore_index`` and ``v`` becomes ``v - 1``)."""
     with Image.open(path) as im:
         if im.mode not in _MASK_MODES:
             raise AnnotationError(
                 f"{path} is a {im.mode} image; expected a single-channel label mask (L, P or "
                 "16-bit). Save masks as class indices, not colours."
             )
-        return np.asarray(im).astype(np.int64)
+        mask = np.asarray(im).astype(np.int64)
+    if reduce_zero_label:
+        zero = mask == 0
+        mask -= 1
+        mask[zero] = ignore_index
+    return mask
+
+
+def read_set_mask(segset: SegSet, path: Path) -> np.ndarray:
+    """A mask of ``segset`` in its label space."""
+    return read_mask(
+        path, reduce_zero_label=segset.reduce_zero_label, ignore_index=segset.ignore_index
+    )
 
 
 def bad_mask_values(mask: np.ndarray, *, num_classes: int, ignore_index: int) -> list[int]:
@@ -226,7 +269,7 @@ def check_masks(segset: SegSet) -> None:
     """Scan every mask once: values in the label space, size equal to its image's."""
     bad_files: list[str] = []
     for image_path, mask_path in zip(segset.image_paths, segset.mask_paths, strict=True):
-        mask = read_mask(mask_path)
+        mask = read_set_mask(segset, mask_path)
         bad = bad_mask_values(
             mask, num_classes=segset.num_classes, ignore_index=segset.ignore_index
         )
@@ -279,7 +322,7 @@ class SegDataset(torch.utils.data.Dataset):
         mask_path = self.segset.mask_paths[index]
         with Image.open(image_path) as im:
             image = np.asarray(im.convert("RGB"))
-        mask = read_mask(mask_path)
+        mask = read_set_mask(self.segset, mask_path)
         if mask.shape != image.shape[:2]:
             raise _size_error(image_path, mask_path, (image.shape[1], image.shape[0]), mask.shape)
         if self.check_values and (
