@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from bob_cache.commands.common import (
     EXIT_USER_ERROR,
@@ -60,15 +61,17 @@ def datasets(
         return
     from bob_cache.data.catalog import list_datasets, list_kinds
 
-    kinds = [vars(k) for k in list_kinds()]
+    kinds = [dict(vars(k)) for k in list_kinds()]
     sets = [d.to_dict() for d in list_datasets() if task is None or d.task == task.lower()]
     if as_json:
         print_json({"kinds": kinds, "datasets": sets})
         return
+    kinds = [{k: escape(str(v)) for k, v in row.items()} for row in kinds]  # [/train|/val]
     print_table(kinds, ("kind", "syntax", "layout", "example"), title="--data kinds")
     for row in sets:
-        row["counts"] = " / ".join(f"{k} {v:,}" for k, v in row["counts"].items())
-        row["spec"] = row["spec"].replace("ROOT", f"${row['env']}") if row["env"] else row["spec"]
+        counts = " / ".join(f"{k} {v:,}" for k, v in row["counts"].items()) or "not catalogued"
+        spec = row["spec"].replace("ROOT", f"${row['env']}") if row["env"] else row["spec"]
+        row.update(counts=counts, spec=escape(spec), source=escape(row["source"]))
     print_table(
         sets,
         ("name", "task", "spec", "counts", "classes", "source"),

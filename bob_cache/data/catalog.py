@@ -179,7 +179,19 @@ class CountCheck:
 
 
 def check_counts(source: Any, info: DatasetInfo, *, spec: str = "") -> CountCheck:
-    """Compare ``source``'s images per split (and classes) with ``info``'s official counts."""
+    """Compare ``source``'s images per split (and classes) with ``info``'s official counts.
+
+    Raises:
+        DataSourceError: the catalog has no official counts for ``info`` (it lists the splits
+            the copy has).
+    """
+    if not info.counts:
+        found = ", ".join(f"{k} {len(v):,}" for k, v in source.splits.items())
+        raise DataSourceError(
+            f"The catalog has no official per-split counts for {info.name} ({info.note or 'none'}"
+            f"), so the copy cannot be checked against them. It lists: {found}; compare them "
+            f"with {info.source}."
+        )
     names = list(info.counts) + [s for s in source.splits if s not in info.counts]
     splits = [
         SplitCount(

@@ -137,7 +137,7 @@ def _define(name: str, catalog: str, splits: dict[str, dict[str, Any]], files: s
             source=source,
             layout=_layout(adapter),
             note=adapter.note or (NO_VAL_NOTE if adapter.rule is NO_VAL else ""),
-            env=f"{catalog.upper().replace('-', '_')}_ROOT",
+            env=f"{catalog.upper().replace('-', '_')}_DIR",
         )
     )
 

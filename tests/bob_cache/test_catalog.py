@@ -92,3 +92,14 @@ def test_cli_check_of_an_uncatalogued_source_asks_for_the_dataset(cli, image_fol
     result = cli("datasets", "check", "--data", str(image_folder))
     assert result.exit_code == 1
     assert "has no official counts" in result.output and "--dataset NAME" in result.output
+
+
+def test_a_dataset_without_official_counts_is_not_checked_silently() -> None:
+    from bob_cache.errors import DataSourceError
+
+    info = DatasetInfo(
+        name="uncounted", spec="", task="classification", counts={}, classes=None,
+        source="https://example.org", layout="", note="split by id hash",
+    )  # fmt: skip
+    with pytest.raises(DataSourceError, match=r"no official per-split counts.*train 1,078"):
+        check_counts(parse_source("builtin:digits"), info)
