@@ -246,6 +246,14 @@ def test_missing_files_are_named_with_the_fix(tmp_path: Path) -> None:
     pq.write_table(image_table([2], [0]), mixed / "extra.parquet")
     with pytest.raises(DataSourceError, match="which split 'extra.parquet'.*SPLIT-00000-of"):
         parse_source(str(mixed))
+    (mixed / "extra.parquet").unlink()
+    other = image_table([3], [0]).rename_columns(["image", "label"])
+    pq.write_table(other, mixed / "test-00000-of-00001.parquet")
+    with pytest.raises(DataSourceError, match="mixes datasets.*point --data at one of them"):
+        parse_source(str(mixed))
+    (tmp_path / "saved" / "dataset_dict.json").write_text("{not json")
+    with pytest.raises(DataSourceError, match="not readable JSON.*Copy it again"):
+        parse_source(str(tmp_path / "saved"))
 
 
 def test_extracted_parquet_rows_keep_ids_labels_and_class_names(tmp_path: Path) -> None:
