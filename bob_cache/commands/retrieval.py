@@ -310,11 +310,16 @@ def retrieval_eval(
         str | None,
         typer.Option(
             help='Ground truth (JSON {"imlist", "qimlist", "gnd": [{"easy","hard","junk"}]} '
-            "or a revisitop gnd_*.pkl) for --protocol gnd."
+            "or a revisitop gnd_*.pkl) for --protocol gnd (default: the file a "
+            "revisitop:NAME:ROOT set recorded at extraction)."
         ),
     ] = None,
     query_split: Annotated[
-        str | None, typer.Option(help="gnd: split holding the query images (default --split).")
+        str | None,
+        typer.Option(
+            help="gnd: split holding the query images (default: the query split a revisitop "
+            "set recorded, else --split)."
+        ),
     ] = None,
     query_fraction: Annotated[
         float, typer.Option(help="classes: share of each class used as queries.")

@@ -26,7 +26,7 @@ from bob_cache.finetune.seg_data import (
     split_seg_set,
 )
 from bob_cache.finetune.seg_metrics import SegMeter
-from bob_cache.finetune.tasks import FinetuneTask, TaskData, TaskInputs, register_task
+from bob_cache.finetune.tasks import FinetuneTask, TaskData, TaskInputs, register_finetune_task
 
 
 class _TrainPair:
@@ -57,7 +57,12 @@ class _EvalPair:
 
 
 def dataset_name(path: str) -> str:
-    """``shapes/train`` → ``shapes``; a folder not named after a split keeps its own name."""
+    """``shapes/train`` → ``shapes``; a folder not named after a split keeps its own name;
+    ``ade20k:ROOT/train`` → ``ade20k`` (the name extraction gives that source)."""
+    from bob_cache.data.ade20k import PREFIX
+
+    if path.startswith(PREFIX):
+        return PREFIX.rstrip(":")
     folder = Path(path).resolve()
     return folder.parent.name if folder.name in ("train", "val", "test") else folder.name
 
@@ -69,7 +74,7 @@ def _split_rule(inputs: TaskInputs) -> str:
     return "as distributed"
 
 
-@register_task
+@register_finetune_task
 class SemanticTask(FinetuneTask):
     name = "semantic"
     primary = "mIoU"

@@ -167,3 +167,10 @@ def test_finetune_semantic_reads_each_ade20k_split(ade: Path, tmp_path: Path) ->
     present = {["wall", "building", "sky"][v - 1] for v in stored - {0}}  # v is class v - 1
     scored = {k[len("iou_") :] for k in summary.val if k.startswith("iou_")}
     assert present and present <= scored and "other" not in scored
+
+
+def test_a_fine_tune_of_ade20k_is_named_as_extraction_names_it() -> None:
+    from bob_cache.finetune.task_segment import dataset_name
+
+    assert dataset_name("ade20k:/data/ADEChallengeData2016/train") == "ade20k"
+    assert dataset_name("/data/shapes/train") == "shapes"
