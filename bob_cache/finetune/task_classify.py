@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from bob_cache.data.source import DataSource, Sample, parse_source
 from bob_cache.errors import DataSourceError
 from bob_cache.finetune.models import Classifier, Normalized
-from bob_cache.finetune.tasks import FinetuneTask, TaskData, TaskInputs, register_task
+from bob_cache.finetune.tasks import FinetuneTask, TaskData, TaskInputs, register_finetune_task
 from bob_cache.metrics import classification_metrics
 
 
@@ -70,7 +70,7 @@ def relabel(
     return [Sample(s.id, index[source.class_names[s.label]], s.location) for s in rows]
 
 
-@register_task
+@register_finetune_task
 class ClassificationTask(FinetuneTask):
     name = "classification"
     primary = "top1"

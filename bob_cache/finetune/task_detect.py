@@ -20,7 +20,7 @@ from bob_cache.finetune.coco_data import (
 from bob_cache.finetune.coco_eval import evaluate_coco, results_for, to_coco_results, write_results
 from bob_cache.finetune.models import create_detector
 from bob_cache.finetune.pyramid import PyramidBody
-from bob_cache.finetune.tasks import FinetuneTask, TaskData, TaskInputs, register_task
+from bob_cache.finetune.tasks import FinetuneTask, TaskData, TaskInputs, register_finetune_task
 
 
 def random_flip(image: torch.Tensor, target: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -36,7 +36,7 @@ def dataset_name(path: str) -> str:
     return folder.name or Path(path).stem
 
 
-@register_task
+@register_finetune_task
 class DetectionTask(FinetuneTask):
     name = "detection"
     primary = "bbox_AP"
@@ -119,7 +119,7 @@ class DetectionTask(FinetuneTask):
         return evaluate_coco(cocoset.coco, results, iou_types=self.iou_types)
 
 
-@register_task
+@register_finetune_task
 class InstanceTask(DetectionTask):
     name = "instance"
     primary = "segm_AP"

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from bob_cache.errors import DataNotFoundError, SpecError, did_you_mean
+from bob_cache.registry import Registry
 
 MODES = ("finetune", "frozen", "random-init")
 
@@ -126,13 +127,13 @@ class FinetuneTask(ABC):
 
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # builtin:, s3://; not C:\\ (one letter)
-_TASKS: dict[str, FinetuneTask] = {}
+TASKS: Registry[FinetuneTask] = Registry("fine-tuning task", error=SpecError)
 _TASK_MODULES = ("task_classify", "task_detect", "task_segment")
 
 
-def register_task(cls: type[FinetuneTask]) -> type[FinetuneTask]:
+def register_finetune_task(cls: type[FinetuneTask]) -> type[FinetuneTask]:
     """Class decorator: register a fine-tuning task under its ``name``."""
-    _TASKS[cls.name] = cls()
+    TASKS.register(cls.name, cls())
     return cls
 
 
@@ -140,12 +141,7 @@ def get_task(name: str) -> FinetuneTask:
     """The task called ``name``."""
     for module in _TASK_MODULES:
         importlib.import_module(f"bob_cache.finetune.{module}")
-    if name not in _TASKS:
-        raise SpecError(
-            f"Unknown fine-tuning task '{name}'.{did_you_mean(name, _TASKS)} "
-            f"Expected one of: {', '.join(_TASKS)}."
-        )
-    return _TASKS[name]
+    return TASKS.get(name)
 
 
 def parse_mode(mode: str) -> str:

@@ -19,7 +19,7 @@ from bob_cache.ranking.tasks import (
     assign_tasks,
     get_task,
     list_tasks,
-    register_task,
+    register_ranking_task,
     resolve_primary_metrics,
 )
 from bob_cache.ranking.zscores import (
@@ -46,7 +46,7 @@ __all__ = [
     "latest_runs",
     "list_tasks",
     "rank_backbones",
-    "register_task",
+    "register_ranking_task",
     "resolve_backbone_info",
     "resolve_primary_metrics",
     "scale_analysis",

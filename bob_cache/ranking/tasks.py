@@ -3,7 +3,7 @@
 A task kind registers a rule (a vectorised test over result rows) and its primary metrics
 (the first of them that a dataset reports is the one ranked). Rules are tried in
 registration order; a row's own non-empty ``task`` value wins over every rule. Later stages
-(ood, finetune) add their kinds with :func:`register_task`; nothing here changes.
+(ood, finetune) add their kinds with :func:`register_ranking_task`; nothing here changes.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from bob_cache.errors import SpecError
+from bob_cache.registry import Registry
 
 RowTest = Callable[[pd.DataFrame], pd.Series]
 # `K-shot` and `F-fraction` settings as the probe stage names them (F formatted with :g).
@@ -29,25 +30,22 @@ class TaskKind:
     primary: tuple[str, ...]
 
 
-_TASKS: dict[str, TaskKind] = {}
+TASKS: Registry[TaskKind] = Registry("task")
 
 
-def register_task(name: str, matches: RowTest, *, primary: Sequence[str]) -> TaskKind:
+def register_ranking_task(name: str, matches: RowTest, *, primary: Sequence[str]) -> TaskKind:
     """Add a task kind; ``matches(frame)`` returns a boolean Series over the rows."""
-    if name in _TASKS:
-        raise ValueError(f"Task '{name}' is already registered")
-    _TASKS[name] = TaskKind(name, matches, tuple(primary))
-    return _TASKS[name]
+    return TASKS.register(name, TaskKind(name, matches, tuple(primary)))
 
 
 def get_task(name: str) -> TaskKind | None:
     """The registered task kind called ``name``, or None."""
-    return _TASKS.get(name)
+    return TASKS.get(name) if name in TASKS else None
 
 
 def list_tasks() -> list[str]:
     """Names of the registered task kinds, in registration (and report) order."""
-    return list(_TASKS)
+    return TASKS.names()
 
 
 # Stages whose rows are never a ranked task, whatever their method or ``task`` value:
@@ -59,7 +57,7 @@ def assign_tasks(frame: pd.DataFrame) -> pd.Series:
     """The task of every row: its own ``task`` value, else the first matching rule, else ``""``
     (always ``""`` for rows of :data:`UNRANKED_STAGES`)."""
     task = pd.Series("", index=frame.index, dtype=object)
-    for kind in _TASKS.values():
+    for kind in TASKS.values():
         free = task == ""
         task[free & kind.matches(frame).fillna(False).astype(bool)] = kind.name
     if "task" in frame:
@@ -100,7 +98,7 @@ def _candidates(task: str, overrides: Mapping[str, str | Sequence[str]]) -> tupl
         if not metrics:
             raise SpecError(f"The primary metric of task '{task}' is empty; name one, e.g. top1.")
         return metrics
-    kind = _TASKS.get(task)
+    kind = get_task(task)
     return kind.primary if kind else ()
 
 
@@ -142,21 +140,21 @@ def _is_ood_detection(f: pd.DataFrame) -> pd.Series:
 
 
 # top1 ranks classification; multi-label sets report no top1, so their ROC-AUC is used.
-register_task("linear", _is_linear, primary=("top1", "roc_auc"))
-register_task("few-shot", _is_few_shot, primary=("top1", "roc_auc"))
-register_task("knn", _is_knn, primary=("top1", "roc_auc"))
-register_task("retrieval", _is_retrieval, primary=("map", "mAP"))
+register_ranking_task("linear", _is_linear, primary=("top1", "roc_auc"))
+register_ranking_task("few-shot", _is_few_shot, primary=("top1", "roc_auc"))
+register_ranking_task("knn", _is_knn, primary=("top1", "roc_auc"))
+register_ranking_task("retrieval", _is_retrieval, primary=("map", "mAP"))
 # OOD generalization: top-1 on each shift set (the mean over shifts would count twice);
 # OOD detection: AUROC per detector and detect set (higher = better, as z-scores assume).
-register_task("ood", _is_ood_shift, primary=("top1",))
-register_task("ood-detection", _is_ood_detection, primary=("auroc",))
+register_ranking_task("ood", _is_ood_shift, primary=("top1",))
+register_ranking_task("ood-detection", _is_ood_detection, primary=("auroc",))
 
 
 def _is_dense(f: pd.DataFrame) -> pd.Series:
     return (_column(f, "stage") == "probe") & (_column(f, "method") == "dense-linear")
 
 
-register_task("dense", _is_dense, primary=("mIoU",))
+register_ranking_task("dense", _is_dense, primary=("mIoU",))
 
 
 def _never(f: pd.DataFrame) -> pd.Series:
@@ -164,7 +162,7 @@ def _never(f: pd.DataFrame) -> pd.Series:
 
 
 # Fine-tuning rows name their task themselves (only the chosen model's reported split).
-register_task("finetune-classification", _never, primary=("top1",))
-register_task("finetune-detection", _never, primary=("bbox_AP",))
-register_task("finetune-instance", _never, primary=("segm_AP", "bbox_AP"))
-register_task("finetune-semantic", _never, primary=("mIoU",))
+register_ranking_task("finetune-classification", _never, primary=("top1",))
+register_ranking_task("finetune-detection", _never, primary=("bbox_AP",))
+register_ranking_task("finetune-instance", _never, primary=("segm_AP", "bbox_AP"))
+register_ranking_task("finetune-semantic", _never, primary=("mIoU",))

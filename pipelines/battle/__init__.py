@@ -20,7 +20,7 @@ from bob_cache.pipelines.battle.claims import JOB_CLAIMS
 from bob_cache.pipelines.battle.execute import Outcome, ProgressHandler, execute
 from bob_cache.pipelines.battle.failures import FailureLog, new_run_id
 from bob_cache.pipelines.battle.plan import Job, Plan, plan_battle, store_exists
-from bob_cache.pipelines.battle.tasks import TaskKind, list_tasks, register_task
+from bob_cache.pipelines.battle.tasks import TaskKind, list_tasks, register_battle_task
 from bob_cache.pipelines.cluster import dask_client
 from bob_cache.pipelines.registry import register_stage
 from bob_cache.stores.claims import release_held
@@ -35,7 +35,7 @@ __all__ = [
     "TaskKind",
     "battle",
     "load_battle_suite",
-    "register_task",
+    "register_battle_task",
 ]
 DEFAULT_STORE = "bob-store"
 METADATA_FILE = "backbones-{suite}.json"

@@ -1,7 +1,7 @@
 """The battle's task registry: each task kind says how to check its options, which stage
 runs it on one feature set, and which results-table rows mean it is done.
 
-Kinds register with :func:`register_task`; the planner only ever looks them up, so a new
+Kinds register with :func:`register_battle_task`; the planner only ever looks them up, so a new
 stage (ood, finetune, dense) adds a kind without touching the planner.
 """
 
@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bob_cache.config import GRID
 from bob_cache.errors import SpecError, did_you_mean
+from bob_cache.registry import Registry
 from bob_cache.suite import DatasetSpec
 
 
@@ -78,25 +79,21 @@ class TaskKind(ABC):
         return ()
 
 
-_TASKS: dict[str, TaskKind] = {}
+TASKS: Registry[TaskKind] = Registry("task kind", error=SpecError)
 
 
-def register_task(kind: type[TaskKind]) -> type[TaskKind]:
+def register_battle_task(kind: type[TaskKind]) -> type[TaskKind]:
     """Class decorator: register a task kind under its ``name``."""
-    _TASKS[kind.name] = kind()
+    TASKS.register(kind.name, kind())
     return kind
 
 
 def get_task(name: str) -> TaskKind:
-    if name not in _TASKS:
-        raise SpecError(
-            f"Unknown task kind '{name}'.{did_you_mean(name, _TASKS)} Known: {', '.join(_TASKS)}."
-        )
-    return _TASKS[name]
+    return TASKS.get(name)
 
 
 def list_tasks() -> dict[str, TaskKind]:
-    return dict(_TASKS)
+    return dict(TASKS.items())
 
 
 class _Options(BaseModel):
@@ -130,7 +127,7 @@ class _ProbeKind(TaskKind):
         """ProbeConfig fields for this kind."""
 
 
-@register_task
+@register_battle_task
 class LinearTask(_ProbeKind):
     """Linear probe on the full training split (C chosen on val, refit on train + val)."""
 
@@ -149,7 +146,7 @@ class LinearTask(_ProbeKind):
         return options.recipe
 
 
-@register_task
+@register_battle_task
 class KnnTask(_ProbeKind):
     """Weighted kNN on the full training split."""
 
@@ -166,7 +163,7 @@ class KnnTask(_ProbeKind):
         return "k=" + ",".join(map(str, options.k))
 
 
-@register_task
+@register_battle_task
 class FewShotTask(_ProbeKind):
     """Few-shot subsets of train (k per class or a fraction), linear and/or kNN."""
 
@@ -201,7 +198,7 @@ class FewShotTask(_ProbeKind):
         return f"{','.join(parts)} × {len(options.seeds)} seeds"
 
 
-@register_task
+@register_battle_task
 class RetrievalTask(TaskKind):
     """Retrieval mAP and precision@k: the classes protocol, or gnd when the dataset has one."""
 
@@ -239,7 +236,7 @@ def _message(error: Any, model: type[BaseModel]) -> str:
     return str(error["msg"]).removeprefix("Value error, ")
 
 
-@register_task
+@register_battle_task
 class OODTask(TaskKind):
     """Generalization on the dataset's shift sets and detection of its detect sets."""
 
@@ -330,7 +327,7 @@ _FINETUNE_DATA = {
 }  # fmt: skip
 
 
-@register_task
+@register_battle_task
 class FinetuneTask(TaskKind):
     """Fine-tuning (classification, detection, instance or semantic segmentation) with an lr
     sweep; runs on the datasets of the matching kind, one run folder per backbone."""
@@ -385,7 +382,7 @@ class FinetuneTask(TaskKind):
         return f"{options.task} {options.mode} lr={','.join(f'{v:g}' for v in options.lr)}"
 
 
-@register_task
+@register_battle_task
 class DenseTask(TaskKind):
     """The dense linear probe (semantic segmentation from per-patch features) on a
     segmentation folder's dense grids, extracted for it with ``--dense``."""
@@ -422,7 +419,7 @@ class DenseTask(TaskKind):
         return f"dense-linear, {options.epochs} epochs"
 
 
-@register_task
+@register_battle_task
 class TransferabilityTask(TaskKind):
     """Transferability estimates (LogME, H-score, LEEP, NCE, kNN-LOO) of the training split:
     cheap predictions beside the measured tasks, never ranked themselves."""

@@ -17,7 +17,7 @@ from bob_cache.ranking import (
     assign_tasks,
     get_size_class,
     rank_backbones,
-    register_task,
+    register_ranking_task,
     resolve_backbone_info,
 )
 from bob_cache.ranking import tasks as task_registry
@@ -86,15 +86,15 @@ def test_each_row_gets_its_task_and_an_own_task_wins() -> None:
 
 
 def test_a_new_task_kind_registers_without_editing_the_rules(monkeypatch) -> None:
-    monkeypatch.setattr(task_registry, "_TASKS", dict(task_registry._TASKS))
-    register_task("panoptic", lambda f: f["stage"] == "panoptic", primary=("pq",))
+    monkeypatch.setattr(task_registry, "TASKS", task_registry.TASKS.copy())
+    register_ranking_task("panoptic", lambda f: f["stage"] == "panoptic", primary=("pq",))
     frame = pd.DataFrame([row(b, "d", "fpn", "full", v, stage="panoptic", metric="pq")
                           for b, v in (("a", 0.9), ("b", 0.7), ("c", 0.8))])  # fmt: skip
     ranking = rank_backbones(frame, metadata=META)
     assert ranking.task_names == ["panoptic"]
     assert list(ranking.overall["backbone"]) == ["a", "c", "b"]
     with pytest.raises(ValueError, match="already registered"):
-        register_task("panoptic", lambda f: f["stage"] == "panoptic", primary=("pq",))
+        register_ranking_task("panoptic", lambda f: f["stage"] == "panoptic", primary=("pq",))
 
 
 def test_ood_rows_rank_by_shift_top1_and_detection_auroc() -> None:
