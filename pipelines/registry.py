@@ -6,10 +6,11 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from bob_cache.errors import BobCacheError, did_you_mean
+from bob_cache.errors import BobCacheError
+from bob_cache.registry import Registry
 
 Stage = Callable[..., Any]
-_STAGES: dict[str, Stage] = {}
+STAGES: Registry[Stage] = Registry("stage", error=BobCacheError)
 # Stage modules register themselves on import; a lookup imports only the module of the stage
 # it names (``retrieval-eval`` lives in ``retrieval_eval``), so `import bob_cache` and each
 # command stay light (torch, faiss and zarr load only when a stage that needs them runs).
@@ -28,26 +29,18 @@ def _load_stages(*names: str) -> None:
 
 def register_stage(name: str) -> Callable[[Stage], Stage]:
     """Decorator: register a stage entry point under ``name``."""
-
-    def wrap(fn: Stage) -> Stage:
-        _STAGES[name] = fn
-        return fn
-
-    return wrap
+    return STAGES.register(name)
 
 
 def get_stage(name: str) -> Stage:
     """The stage called ``name``."""
     _load_stages(name)
-    if name not in _STAGES:
+    if name not in STAGES:
         _load_stages()  # an unknown name: list them all
-        raise BobCacheError(
-            f"Unknown stage '{name}'.{did_you_mean(name, _STAGES)} Known: {', '.join(_STAGES)}."
-        )
-    return _STAGES[name]
+    return STAGES.get(name)
 
 
 def list_stages() -> list[str]:
     """Names of the registered stages."""
     _load_stages()
-    return sorted(_STAGES)
+    return sorted(STAGES)

@@ -17,20 +17,17 @@ from bob_cache.data.catalog import DatasetInfo, register_dataset
 from bob_cache.data.source import DataSource, Sample, SplitRule, content_digest, register_source
 from bob_cache.data.splits import SplitFractions
 from bob_cache.errors import DataNotFoundError, did_you_mean
+from bob_cache.registry import Registry
 
-_BUILTINS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray, list[str]]]] = {}
+Loader = Callable[[], tuple[np.ndarray, np.ndarray, list[str]]]
+BUILTINS: Registry[Loader] = Registry("built-in dataset", error=DataNotFoundError)
 PREFIX = "builtin:"
 DATASETS_BUILTIN = ("digits",)  # catalogued with official counts
 
 
-def register_builtin(name: str) -> Callable:
+def register_builtin(name: str) -> Callable[[Loader], Loader]:
     """Decorator: register a function returning ``(uint8 images, labels, class_names)``."""
-
-    def wrap(fn: Callable) -> Callable:
-        _BUILTINS[name] = fn
-        return fn
-
-    return wrap
+    return BUILTINS.register(name)
 
 
 @register_builtin("digits")
@@ -98,13 +95,13 @@ def load_builtin(
     from sklearn.model_selection import train_test_split
 
     key = spec[len(PREFIX) :]
-    if key not in _BUILTINS:
-        known = [PREFIX + k for k in _BUILTINS]
+    if key not in BUILTINS:  # named as written: builtin:NAME
+        known = [PREFIX + k for k in BUILTINS]
         raise DataNotFoundError(
             f"Unknown built-in dataset '{spec}'.{did_you_mean(spec, known)} "
             f"Available: {', '.join(known)}."
         )
-    images, labels, class_names = _BUILTINS[key]()
+    images, labels, class_names = BUILTINS.get(key)()
     rows = np.arange(len(labels))
     train, rest = train_test_split(rows, test_size=0.4, stratify=labels, random_state=0)
     val, test = train_test_split(rest, test_size=0.5, stratify=labels[rest], random_state=0)

@@ -35,6 +35,7 @@ from PIL import Image
 from bob_cache.data import corruption_filters as F
 from bob_cache.errors import BobCacheError, did_you_mean
 from bob_cache.hashing import stable_hash
+from bob_cache.registry import Registry
 
 # Bump when any corruption's output changes: it is part of a shifted copy's identity.
 CORRUPTIONS_VERSION = 1
@@ -77,7 +78,9 @@ class Corruption:
         }
 
 
-_CORRUPTIONS: dict[str, Corruption] = {}
+CORRUPTIONS: Registry[Corruption] = Registry(
+    "corruption", hint="See `bob-cache corruptions`.", error=UnknownCorruptionError
+)
 
 
 def register_corruption(
@@ -95,7 +98,7 @@ def register_corruption(
         raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
 
     def wrap(fn: CorruptionFn) -> CorruptionFn:
-        _CORRUPTIONS[name] = Corruption(name, family, fn, random, min_side)
+        CORRUPTIONS.register(name, Corruption(name, family, fn, random, min_side))
         return fn
 
     return wrap
@@ -108,19 +111,19 @@ def list_corruptions(family: str | None = None) -> list[str]:
             f"Unknown corruption family '{family}'.{did_you_mean(family, FAMILIES)} "
             f"Families: {', '.join(FAMILIES)}."
         )
-    ordered = sorted(_CORRUPTIONS.values(), key=lambda c: FAMILIES.index(c.family))
+    ordered = sorted(CORRUPTIONS.values(), key=lambda c: FAMILIES.index(c.family))
     return [c.name for c in ordered if family is None or c.family == family]
 
 
 def get_corruption(name: str) -> Corruption:
     """The corruption called ``name``."""
-    if name not in _CORRUPTIONS:
+    if name not in CORRUPTIONS:  # the message also names families, common and all
         raise UnknownCorruptionError(
             f"Unknown corruption '{name}'.{did_you_mean(name, _selectors())} Valid names: "
             f"{', '.join(list_corruptions())}; or a family ({', '.join(FAMILIES)}), '{COMMON}' or "
             f"'{ALL}'. See `bob-cache corruptions`."
         )
-    return _CORRUPTIONS[name]
+    return CORRUPTIONS.get(name)
 
 
 def parse_corruptions(text: str | Iterable[str]) -> tuple[str, ...]:
@@ -180,7 +183,7 @@ def _severity_message(what: str) -> str:
 
 
 def _selectors() -> list[str]:
-    return [*_CORRUPTIONS, *FAMILIES, COMMON, ALL]
+    return [*CORRUPTIONS, *FAMILIES, COMMON, ALL]
 
 
 def corruption_rng(seed: int, name: str, severity: int, sample_id: str) -> np.random.Generator:

@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 from bob_cache.errors import DataSourceError, SpecError, did_you_mean
 from bob_cache.hashing import stable_hash
 from bob_cache.progress import progress_bar
+from bob_cache.registry import Registry
 
 # Bump when any image, mask or annotation changes: it names the generator in each COCO "info".
 SYNTH_VERSION = 1
@@ -160,17 +161,16 @@ def _check_int(name: str, value: Any, *, low: int, high: int | None = None, fix:
 
 # --- styles -------------------------------------------------------------------------------------
 
-_STYLES: dict[str, SynthStyle] = {}
+STYLES: Registry[SynthStyle] = Registry("synth-shapes style", error=SpecError)
 
 
 def register_synth_style(style: SynthStyle) -> SynthStyle:
-    """Add ``style`` to the registry under its name (replacing one of the same name)."""
-    _STYLES[style.name] = style
-    return style
+    """Add ``style`` to the registry under its name."""
+    return STYLES.register(style.name, style)
 
 
 def list_synth_styles() -> list[str]:
-    return sorted(_STYLES)
+    return sorted(STYLES)
 
 
 def get_synth_style(name: str) -> SynthStyle:
@@ -180,10 +180,10 @@ def get_synth_style(name: str) -> SynthStyle:
         SpecError: no style of that name (the message lists the known ones).
     """
     try:
-        return _STYLES[name]
-    except (KeyError, TypeError):
+        return STYLES.get(name)
+    except (SpecError, TypeError):
         known = ", ".join(f"'{s}'" for s in list_synth_styles())
-        hint = did_you_mean(str(name), _STYLES)
+        hint = did_you_mean(str(name), STYLES)
         raise SpecError(
             f"Unknown synth-shapes style {name!r}.{hint} Known styles: {known}; "
             f"use e.g. --style {list_synth_styles()[0]}."

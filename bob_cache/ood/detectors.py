@@ -19,11 +19,12 @@ import numpy as np
 
 from bob_cache.errors import DetectorError, UnknownDetectorError, did_you_mean
 from bob_cache.ood.blocks import BlockSource, LinearHead, check_features, is_reiterable, parse_head
+from bob_cache.registry import Registry
 
 State = dict[str, Any]  # values: np.ndarray, int, float
 D = TypeVar("D", bound="Detector")
 
-_DETECTORS: dict[str, type[Detector]] = {}
+DETECTORS: Registry[type[Detector]] = Registry("OOD detector", error=UnknownDetectorError)
 
 
 class Detector(abc.ABC):
@@ -121,25 +122,24 @@ def register_detector(name: str) -> Callable[[type[D]], type[D]]:
 
     def wrap(cls: type[D]) -> type[D]:
         cls.name = name
-        _DETECTORS[name] = cls
-        return cls
+        return DETECTORS.register(name, cls)
 
     return wrap
 
 
 def list_detectors() -> list[str]:
     """Registered detector names, sorted."""
-    return sorted(_DETECTORS)
+    return sorted(DETECTORS)
 
 
 def get_detector_class(name: str) -> type[Detector]:
     """The detector class registered as ``name``."""
-    if name not in _DETECTORS:
+    if name not in DETECTORS:  # listed sorted, as `list_detectors` gives them
         raise UnknownDetectorError(
-            f"Unknown OOD detector '{name}'.{did_you_mean(name, _DETECTORS)} "
+            f"Unknown OOD detector '{name}'.{did_you_mean(name, DETECTORS)} "
             f"Expected one of: {', '.join(list_detectors())}."
         )
-    return _DETECTORS[name]
+    return DETECTORS.get(name)
 
 
 def create_detector(name: str, **options: Any) -> Detector:

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bob_cache.errors import SpecError, did_you_mean
+from bob_cache.errors import SpecError
+from bob_cache.registry import Registry
 
 METRICS = ("cosine", "l2")
 
@@ -67,7 +68,9 @@ def pq_subquantizers(dim: int, bytes_per_vector: float) -> int | None:
 
 _ID_BYTES = 8
 _NPROBE_SWEEP = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512)
-_KINDS: dict[str, IndexKind] = {}
+KINDS: Registry[IndexKind] = Registry(
+    "index kind", hint="Or pass auto: the fastest that fits the memory budget.", error=SpecError
+)
 
 
 def _check_sq(dim: int, params: dict[str, Any]) -> str | None:
@@ -87,8 +90,7 @@ def _check_pq(dim: int, params: dict[str, Any]) -> str | None:
 
 
 def register_kind(kind: IndexKind) -> IndexKind:
-    _KINDS[kind.name] = kind
-    return kind
+    return KINDS.register(kind.name, kind)
 
 
 register_kind(
@@ -149,16 +151,11 @@ register_kind(
 
 def get_kind(name: str) -> IndexKind:
     """The index kind called ``name``."""
-    if name not in _KINDS:
-        raise SpecError(
-            f"Unknown index kind '{name}'.{did_you_mean(name, _KINDS)} Expected auto or one of "
-            f"{', '.join(_KINDS)}."
-        )
-    return _KINDS[name]
+    return KINDS.get(name)
 
 
 def list_kinds() -> list[str]:
-    return list(_KINDS)
+    return KINDS.names()
 
 
 def parse_metric(metric: str) -> str:

@@ -18,13 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from bob_cache.errors import SpecError, did_you_mean
+from bob_cache.errors import SpecError
 from bob_cache.ood.blocks import LinearHead
+from bob_cache.registry import Registry
 from bob_cache.transfer.moments import ClassMoments
 from bob_cache.transfer.rows import LabelledRows
 
 E = TypeVar("E", bound="Estimator")
-_ESTIMATORS: dict[str, type[Estimator]] = {}
+ESTIMATORS: Registry[type[Estimator]] = Registry("transferability method", error=SpecError)
 
 
 @dataclass(frozen=True)
@@ -110,25 +111,19 @@ def register_estimator(name: str) -> Callable[[type[E]], type[E]]:
 
     def wrap(cls: type[E]) -> type[E]:
         cls.name = name
-        _ESTIMATORS[name] = cls
-        return cls
+        return ESTIMATORS.register(name, cls)
 
     return wrap
 
 
 def list_estimators() -> list[str]:
     """Registered estimator names, in registration order."""
-    return list(_ESTIMATORS)
+    return ESTIMATORS.names()
 
 
 def get_estimator_class(name: str) -> type[Estimator]:
     """The estimator class registered as ``name``."""
-    if name not in _ESTIMATORS:
-        raise SpecError(
-            f"Unknown transferability method '{name}'.{did_you_mean(name, _ESTIMATORS)} "
-            f"Expected one of: {', '.join(_ESTIMATORS)}."
-        )
-    return _ESTIMATORS[name]
+    return ESTIMATORS.get(name)
 
 
 def create_estimator(name: str, **options: Any) -> Estimator:
