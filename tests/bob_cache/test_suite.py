@@ -142,8 +142,14 @@ def test_the_bob_suite_loads_once_its_locations_are_set(
             target.mkdir()
         monkeypatch.setenv(name, str(target))
     suite = load_battle_suite(root)
-    assert len(suite.backbones) >= 30 and len(suite.datasets) == 6
-    assert {t.kind for t in suite.tasks} == {"linear", "knn", "few-shot", "retrieval"}
+    assert len(suite.backbones) >= 30 and len(suite.datasets) == 10
+    assert {t.kind for t in suite.tasks} == {"linear", "knn", "few-shot", "retrieval", "ood"}
+    data = {d.name: d.data for d in suite.datasets}
+    assert data["cifar100"] == f"torchvision:CIFAR100:{tmp_path / 'CIFAR100_DIR'}"
+    assert data["imagenet-r"] == f"imagenet-r:{tmp_path / 'IMAGENET_R_DIR'}"
+    assert data["roxford5k"].startswith("revisitop:roxford5k:")
+    imagenet = next(d for d in suite.datasets if d.name == "imagenet")
+    assert imagenet.shift == ("imagenet-v2", "imagenet-r", "imagenet-a", "imagenet-sketch")
 
 
 def test_a_backbones_metadata_is_never_resolved_as_a_path(
