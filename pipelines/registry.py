@@ -16,7 +16,7 @@ STAGES: Registry[Stage] = Registry("stage", error=BobCacheError)
 # command stay light (torch, faiss and zarr load only when a stage that needs them runs).
 _STAGE_NAMES = (
     "extract", "probe", "predict", "index", "query", "retrieval-eval", "ood", "battle", "report",
-    "shift", "finetune", "dense-probe", "transferability",
+    "shift", "finetune", "dense-probe", "transferability", "export",
 )  # fmt: skip
 
 

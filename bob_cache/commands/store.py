@@ -1,4 +1,4 @@
-"""The store family: ``ls``, ``info`` and ``verify`` of a feature store."""
+"""The store family: ``ls``, ``info``, ``verify`` and ``export`` of a feature store."""
 
 from __future__ import annotations
 
@@ -9,8 +9,13 @@ import typer
 
 from bob_cache.commands.common import (
     FEATURE_SET_COLUMNS,
+    BackboneOpt,
+    DatasetOpt,
+    FeatureOpt,
     JsonOpt,
+    QuietOpt,
     StoreArg,
+    StoreOpt,
     err,
     handle_errors,
     out,
@@ -143,6 +148,52 @@ def verify(
         raise typer.Exit(1)
 
 
+@handle_errors
+def export(
+    dataset: DatasetOpt,
+    backbone: BackboneOpt,
+    out_dir: Annotated[str, typer.Option("--out", help="Folder to write the files into.")],
+    store: StoreOpt = "bob-store",
+    feature: FeatureOpt = None,
+    split: Annotated[str, typer.Option(help="Split to export.")] = "train",
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="npy: img_emb/img_emb_0000.npy + metadata/metadata_0000.parquet (embedding_reader"
+            "'s numpy layout, clip-retrieval's output); parquet: emb/emb_0000.parquet with an "
+            "embedding column.",
+        ),
+    ] = "npy",
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="float16 or float32 (default: float16 for npy, float32 for parquet)."),
+    ] = None,
+    rows_per_file: Annotated[int, typer.Option(help="Most rows in one file.")] = 1_000_000,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a feature set as the embedding files autofaiss and clip-retrieval read (valid rows
+    in row order, with id, label and row beside them); rerunning finishes or skips it."""
+    from bob_cache.pipelines import get_stage
+    from bob_cache.pipelines.export import ExportConfig
+
+    require_existing_store(store)
+    config = ExportConfig(
+        store=store, dataset=dataset, backbone=backbone, out=out_dir, feature=feature,
+        split=split, format=fmt, dtype=dtype, rows_per_file=rows_per_file, quiet=quiet or as_json,
+    )  # fmt: skip
+    summary = get_stage("export")(config)
+    if as_json:
+        print_json(summary.to_dict())
+        return
+    what = "up to date" if summary.action == "up-to-date" else f"in {summary.seconds:.1f} s"
+    out.print(
+        f"{summary.group}: {summary.rows:,} rows × {summary.dim} ({summary.dtype}) in "
+        f"{len(summary.files)} {summary.format} file(s) under {summary.out} ({what})."
+    )
+
+
 def register(app: typer.Typer) -> None:
     """Add the store family's commands to ``app``."""
     app.command(name="ls", epilog="Example: bob-cache ls ./bob-store --json")(list_sets)
@@ -150,3 +201,7 @@ def register(app: typer.Typer) -> None:
         epilog="Example: bob-cache info ./bob-store digits/train/resnet18.tv_in1k/3f2a9c1b7d4e"
     )(info)
     app.command(epilog="Example: bob-cache verify ./bob-store --repair")(verify)
+    app.command(
+        epilog="Example: bob-cache export --store ./bob-store --dataset digits --backbone "
+        "resnet18 --out ./digits-emb --format npy"
+    )(export)
