@@ -25,9 +25,7 @@ the tar order, so each ``--part`` (store shards ``s mod N``) reads only its rows
 
 from __future__ import annotations
 
-import glob
 import io
-import itertools
 import json
 import logging
 import os
@@ -40,6 +38,7 @@ from typing import Any
 from PIL import Image
 
 from bob_cache.data.images import IMAGE_EXTENSIONS, open_image_file
+from bob_cache.data.shard_files import Shard, filesystem, list_shards, read_range, tar_members
 from bob_cache.data.source import (
     AS_DISTRIBUTED,
     DataSource,
@@ -59,9 +58,6 @@ SPLIT_WORDS = {"train": "train", "val": "val", "valid": "val", "validation": "va
 _IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 _COMPRESSED = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 _OPTIONS = re.compile(r"^[a-z]+=[^&]*(&[a-z]+=[^&]*)*$")
-_BRACES = re.compile(r"(\{[^{}]*\})")
-_RANGE = re.compile(r"^\{(-?\d+)\.\.(-?\d+)\}$")
-_PLAIN = (b"0", b"\0", b"1", b"2", b"3", b"4", b"5", b"6")  # files, links, devices, dirs
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # WebDataset's base_plus_ext
 
 
@@ -82,17 +78,6 @@ class ShardSpec:
         options["label"] = None if self.label == "auto" else self.label
         query = "&".join(f"{k}={v}" for k, v in options.items() if v)
         return PREFIX + self.pattern + (f"?{query}" if query else "")
-
-
-@dataclass(frozen=True)
-class Shard:
-    """One tar file: its path or URL, its name relative to the set's root, its size, and its
-    version (mtime or ETag: a rewritten shard is listed again)."""
-
-    url: str
-    name: str
-    size: int
-    version: str = ""
 
 
 @dataclass
@@ -149,7 +134,7 @@ def load_webdataset(
 ) -> WebDatasetSource:
     """List the samples of every shard the pattern names (see the module docstring)."""
     parsed = parse_shard_spec(spec)
-    shards = list_shards(parsed)
+    shards = list_shards(parsed.pattern)
     entries, skipped = _list_entries(parsed, shards)
     mode = _resolve_label_mode(parsed.label, entries)
     raw = [_raw_label(mode, e) for e in entries]
@@ -217,101 +202,6 @@ def _split_options(spec: str) -> tuple[str, str]:
     return (head, tail) if sep and _OPTIONS.match(tail) else (spec, "")
 
 
-def expand_braces(pattern: str) -> list[str]:
-    """``a{00..02}b{x,y}`` → ``a00bx, a00by, a01bx, ...`` (no nesting; zero padding kept)."""
-    parts = _BRACES.split(pattern)
-    choices = [_brace_choices(p) if i % 2 else [p] for i, p in enumerate(parts)]
-    return ["".join(combo) for combo in itertools.product(*choices)]
-
-
-def _brace_choices(group: str) -> list[str]:
-    ranged = _RANGE.match(group)
-    if ranged:
-        a, b = ranged.groups()
-        padded = any(len(x.lstrip("-")) > 1 and x.lstrip("-").startswith("0") for x in (a, b))
-        width = max(len(a), len(b)) if padded else 0
-        lo, hi = int(a), int(b)
-        step = 1 if hi >= lo else -1
-        return [str(i).zfill(width) for i in range(lo, hi + step, step)]
-    inner = group[1:-1]
-    return inner.split(",") if "," in inner else [group]
-
-
-def list_shards(spec: ShardSpec) -> list[Shard]:
-    """Every shard the pattern names, in order, with its size; all must exist."""
-    paths = expand_braces(spec.pattern)
-    fs = _filesystem(spec.pattern)
-    scheme = spec.pattern.split("://")[0] + "://" if fs else ""
-    found: list[tuple[str, tuple[int, str]]] = []
-    missing: list[str] = []
-    for path in paths:
-        if glob.has_magic(path):
-            matched = sorted(fs.glob(path)) if fs else sorted(glob.glob(path))
-            found += [(_full(scheme, m), _stat(fs, m)) for m in matched]
-            continue
-        try:
-            found.append((path, _stat(fs, path)))
-        except FileNotFoundError:
-            missing.append(path)
-    if missing:
-        raise DataNotFoundError(
-            f"{len(missing)} of the {len(paths)} shards named by '{spec.pattern}' do not exist, "
-            f"e.g. {', '.join(missing[:3])}. Check the range against the file names (written "
-            "{00000..00127}, with their zero padding) and the folder or bucket."
-        )
-    if not found:
-        raise DataNotFoundError(
-            f"The shard pattern '{spec.pattern}' matches no file. Expected WebDataset .tar "
-            "files; check the folder or bucket and the pattern (a glob, or a brace range "
-            "written {00000..00127} with the zero padding of the file names)."
-        )
-    root = posixpath.commonpath([posixpath.dirname(p.split("://")[-1]) for p, _ in found])
-    return [
-        Shard(p, posixpath.relpath(p.split("://")[-1], root or "/").removesuffix(".tar"), *stat)
-        for p, stat in found
-    ]
-
-
-def _full(scheme: str, path: str) -> str:
-    return path if not scheme or path.startswith(scheme) else scheme + path
-
-
-def _filesystem(url: str) -> Any:
-    """The fsspec filesystem of a URL (None for a local path)."""
-    if "://" not in url or url.startswith("file://"):
-        return None
-    import fsspec
-
-    return fsspec.core.url_to_fs(url)[0]
-
-
-def _stat(fs: Any, path: str) -> tuple[int, str]:
-    """Size and version (mtime or ETag) of a shard; raises FileNotFoundError."""
-    if fs is None:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(path)
-        stat = os.stat(path)
-        return stat.st_size, str(stat.st_mtime_ns)
-    info = fs.info(path)
-    return int(info["size"]), str(info.get("ETag") or info.get("mtime") or "")
-
-
-def read_range(url: str, offset: int, size: int) -> bytes:
-    """``size`` bytes of ``url`` from ``offset`` (a pread, or a ranged GET); short data raises."""
-    fs = _filesystem(url)
-    if fs is None:
-        fd = os.open(url, os.O_RDONLY)
-        try:
-            data = os.pread(fd, size, offset)
-        finally:
-            os.close(fd)
-    else:
-        data = fs.cat_file(url, start=offset, end=offset + size)
-    if len(data) != size:
-        raise OSError(f"tar member at byte {offset} of '{url}' is cut short (truncated shard)")
-    return data
-
-
 @dataclass(frozen=True)
 class Entry:
     """One sample of a shard: key, image member's data offset and size, label payloads."""
@@ -363,10 +253,10 @@ def _index_shard(shard: Shard, *, image: str | None, wanted: tuple[str, ...]) ->
     """Read one tar's headers (and its label members): its entries and keys without image."""
     groups: dict[str, dict[str, tuple[int, int]]] = {}
     payloads: dict[str, dict[str, bytes]] = {}
-    fs = _filesystem(shard.url)
+    fs = filesystem(shard.url)
     try:
         with fs.open(shard.url, "rb") if fs else open(shard.url, "rb") as raw:
-            for name, offset, size in _tar_members(raw):
+            for name, offset, size in tar_members(raw):
                 match = _KEY.match(name)
                 if not match or posixpath.basename(name).startswith("."):
                     continue
@@ -395,39 +285,6 @@ def _index_shard(shard: Shard, *, image: str | None, wanted: tuple[str, ...]) ->
         offset, size = members[ext]
         entries.append(Entry(shard, key, offset, size, payloads.get(key, {})))
     return entries, skipped
-
-
-def _tar_members(raw: Any) -> list[tuple[str, int, int]]:
-    """``(name, data offset, size)`` of every regular file in a tar. Plain ustar headers (what
-    WebDataset writers make) are read here, some 30× faster than :mod:`tarfile`, which reads
-    any tar that has other headers (long names, pax, sparse files) or a bad checksum."""
-    found, pos = [], 0
-    while True:
-        raw.seek(pos)
-        block = raw.read(512)
-        if block == bytes(512):
-            return found
-        flag = block[156:157]
-        if len(block) < 512 or flag not in _PLAIN or block[124] & 0x80 or not _checksum_ok(block):
-            break
-        name = block[:100].split(b"\0", 1)[0]
-        if block[257:263] == b"ustar\0" and block[345] != 0:
-            name = block[345:500].split(b"\0", 1)[0] + b"/" + name
-        size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-        if flag in (b"0", b"\0"):
-            found.append((name.decode("utf-8", "surrogateescape"), pos + 512, size))
-        pos += 512 + -(-size // 512) * 512
-    raw.seek(0)
-    with tarfile.open(fileobj=raw, mode="r:") as tar:
-        return [(i.name, i.offset_data, i.size) for i in tar if i.isfile()]
-
-
-def _checksum_ok(block: bytes) -> bool:
-    try:
-        stored = int(block[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
-    except ValueError:
-        return False
-    return stored == sum(block) - sum(block[148:156]) + 256  # the field counts as spaces
 
 
 def _pick_image(members: dict[str, tuple[int, int]], image: str | None) -> str | None:
@@ -526,7 +383,7 @@ def _label_indices(
 
 
 def _read_class_names(location: str) -> list[str]:
-    fs = _filesystem(location)
+    fs = filesystem(location)
     try:
         with fs.open(location, "rt") if fs else open(os.path.expanduser(location)) as f:
             return [line.strip() for line in f if line.strip()]

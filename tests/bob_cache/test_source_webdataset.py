@@ -22,7 +22,8 @@ from PIL import Image
 
 from bob_cache.data import parse_source
 from bob_cache.data.images import decode_sample
-from bob_cache.data.webdataset import WebDatasetSource, expand_braces, read_range
+from bob_cache.data.shard_files import expand_braces, read_range
+from bob_cache.data.webdataset import WebDatasetSource
 from bob_cache.errors import AnnotationError, DataNotFoundError, DataSourceError
 
 Member = dict[str, bytes | str]
