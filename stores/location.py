@@ -10,7 +10,7 @@ import contextlib
 import errno
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,26 @@ def open_zarr_store(
             )
     else:
         _check_writable(path, location)
-    return LocalStore(path, read_only=read_only)
+    return KeyedLocalStore(path.resolve(), read_only=read_only)
+
+
+class KeyedLocalStore(LocalStore):
+    """zarr's LocalStore with its listings' keys taken relative to the root.
+
+    zarr 3.1's ``list``/``list_prefix`` strip the root by string replacement, which also cuts
+    every later occurrence: a store at ``st`` lists ``.../digest/c/0`` as ``.../digec/0`` (and
+    one at ``test`` mangles every ``test`` split), so a committed object would read as missing.
+    """
+
+    async def list(self) -> AsyncIterator[str]:
+        for p in list(self.root.rglob("*")):
+            if p.is_file():
+                yield p.relative_to(self.root).as_posix()
+
+    async def list_prefix(self, prefix: str) -> AsyncIterator[str]:
+        for p in (self.root / prefix.rstrip("/")).rglob("*"):
+            if p.is_file():
+                yield p.relative_to(self.root).as_posix()
 
 
 def _check_writable(path: Path, location: StoreLike) -> None:
