@@ -109,26 +109,37 @@ def merge_to_disk(trained: bytes, parts: Iterable[bytes], folder: Path, *, name:
             remove_leftovers(folder, STAGE_PREFIX)  # what a merge killed at its end left
             return folder
         stage = start_staging(folder)  # removes what a killed merge left behind
-        index = _trained_ivf(faiss, trained)
-        names, digests = _write_parts(faiss, index, parts, stage)
-        _check_free_space(faiss, names, stage)
-        _merge_ondisk(faiss, index, names, stage / LISTS_FILE)
-        crash_point("ondisk-merge")
-        ondisk = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
-        lists = ondisk.filename = str((folder / LISTS_FILE).absolute())  # where it is read
-        data = faiss.serialize_index(index)
-        ntotal, dim = int(index.ntotal), int(index.d)
-        del index, ondisk  # unmaps the lists: their pages are flushed by the fsync below
-        for path in names:
-            path.unlink()
-        (stage / INDEX_FILE).write_bytes(data.tobytes())
-        marker = _marker(name, stage, digests, ntotal=ntotal, dim=dim, lists=lists)
-        (stage / MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")
-        for path in (stage / INDEX_FILE, stage / LISTS_FILE, stage / MARKER):
-            _fsync(path)
-        crash_point("ondisk-write")
-        _commit(stage, folder)
+        try:
+            _merge_in(faiss, stage, trained, parts, folder=folder, name=name)
+        except Exception:  # an error, not a kill: the staging folder goes now
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
     return folder
+
+
+def _merge_in(
+    faiss: Any, stage: Path, trained: bytes, parts: Iterable[bytes], *, folder: Path, name: str
+) -> None:
+    """Merge in ``stage`` and commit to ``folder`` (see :func:`merge_to_disk`)."""
+    index = _trained_ivf(faiss, trained)
+    names, digests = _write_parts(faiss, index, parts, stage)
+    _check_free_space(faiss, names, stage)
+    _merge_ondisk(faiss, index, names, stage / LISTS_FILE)
+    crash_point("ondisk-merge")
+    ondisk = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    lists = ondisk.filename = str((folder / LISTS_FILE).absolute())  # where it is read
+    data = faiss.serialize_index(index)
+    ntotal, dim = int(index.ntotal), int(index.d)
+    del index, ondisk  # unmaps the lists: their pages are flushed by the fsync below
+    for path in names:
+        path.unlink()
+    (stage / INDEX_FILE).write_bytes(data.tobytes())
+    marker = _marker(name, stage, digests, ntotal=ntotal, dim=dim, lists=lists)
+    (stage / MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")
+    for path in (stage / INDEX_FILE, stage / LISTS_FILE, stage / MARKER):
+        _fsync(path)
+    crash_point("ondisk-write")
+    _commit(stage, folder)
 
 
 def _merge_ondisk(faiss: Any, index: Any, parts: list[Path], ivfdata: Path) -> None:

@@ -219,6 +219,7 @@ def test_parts_of_another_trained_index_are_refused_before_merging(
         merge_to_disk(trained, [parts[0], stranger, parts[2]], folder, name="k")
     assert isinstance(err.value, IndexMismatchError)
     assert not (folder / MARKER).exists() and not (folder / LISTS_FILE).exists()
+    assert not list(folder.glob(f"{STAGE_PREFIX}*"))  # nor its staging folder
 
 
 def test_a_populated_or_non_ivf_trained_index_is_refused(
@@ -328,6 +329,7 @@ def test_a_full_disk_while_writing_parts_is_reported_and_a_rerun_finishes(
         mp.setattr(Path, "write_bytes", full_disk)
         merge_to_disk(*pq, folder, name="k")
     assert not is_complete(folder) and not (folder / LISTS_FILE).exists()
+    assert not list(folder.glob(f"{STAGE_PREFIX}*"))  # the failed run's part files went too
     merge_to_disk(*pq, folder, name="k")
     assert open_on_disk(folder).ntotal == 2400
     assert not list(folder.glob(f"{STAGE_PREFIX}*"))
