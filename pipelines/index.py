@@ -4,7 +4,9 @@ Build → resolve the kind (``auto`` picks by size and ``--max-memory``), train 
 sample when the kind needs it, add every committed shard streamed from the store, then tune
 the search parameter for ``--target-recall`` against exact search on held-out rows and store
 the index with the recall it measured. Update → add only the committed shards the index does
-not cover yet, re-measure, store.
+not cover yet, re-measure, store. With ``--shards N`` (or when ``auto`` finds no index that
+fits ``--max-memory`` whole) an IVF index is built in parts, in this process or on Dask
+(``--local-cluster``/``--scheduler``): see :mod:`bob_cache.pipelines.index_sharded`.
 """
 
 from __future__ import annotations
@@ -65,15 +67,38 @@ class IndexConfig:
     seed: int = 0
     quiet: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)
+    shards: int | None = None  # build in this many parts (update: new parts to add)
+    local_cluster: int | None = None  # run the parts on a LocalCluster of this many workers
+    scheduler: str | None = None  # or on the Dask cluster at this address
 
     def __post_init__(self) -> None:
         parse_metric(self.metric)
         if self.kind != "auto":
             get_kind(self.kind)
+        self._check_parts()
         if not 0 < self.target_recall <= 1:
             raise SpecError(f"--target-recall must be in (0, 1], got {self.target_recall}.")
         if self.k < 1:
             raise SpecError(f"-k must be at least 1, got {self.k}.")
+
+    def _check_parts(self) -> None:
+        if self.shards is not None and self.shards < 1:
+            raise SpecError(f"--shards must be at least 1, got {self.shards}.")
+        if self.local_cluster is not None and self.local_cluster < 1:
+            raise SpecError(f"--local-cluster must be at least 1, got {self.local_cluster}.")
+        if self.local_cluster and self.scheduler:
+            raise SpecError("Pass --local-cluster or --scheduler, not both.")
+        if (self.local_cluster or self.scheduler) and self.shards is None and not self.update:
+            raise SpecError(
+                "--local-cluster and --scheduler run a build in parts: add --shards N (e.g. "
+                "--shards 2 per worker)."
+            )
+        if self.shards is not None and self.kind in ("flat", "hnsw"):
+            raise SpecError(
+                f"--shards builds an IVF index in parts, but --kind {self.kind} has no "
+                "inverted lists to split. Use --kind ivf, ivfsq or ivfpq (or auto), or drop "
+                "--shards."
+            )
 
 
 @dataclass
@@ -87,6 +112,7 @@ class IndexSummary:
     pending_rows: int = 0
     sweep: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # e.g. a training sample capped to memory
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,22 +139,32 @@ def _build(config: IndexConfig, fs: FeatureSet) -> IndexSummary:
         raise SpecError(
             f"Feature set '{fs.path}' has no committed rows yet. Run `bob-cache extract` first."
         )
+    if config.shards is not None and config.shards > len(shards):
+        raise SpecError(
+            f"--shards {config.shards} asks for more parts than the {len(shards)} committed "
+            f"shards of '{fs.path}' (a part holds one store shard or more). Pass --shards "
+            f"{len(shards)} or fewer."
+        )
     max_memory = parse_memory(config.max_memory)
     choice = resolve_kind(
         config.kind, fs.n_rows, fs.dim, max_memory=max_memory, params=config.params,
-        target_recall=config.target_recall,
+        target_recall=config.target_recall, shards=config.shards, max_shards=len(shards),
     )  # fmt: skip
     name = config.name or (choice.kind.name if config.kind != "auto" else "auto")
     if index_exists(fs, name) and not config.force:
         record = get_record(fs, name)
         prune_versions(fs, record)  # what a killed build of this name left behind
         return IndexSummary(fs.path, "exists", record.to_dict())
+    if choice.shards is not None:
+        from bob_cache.pipelines.index_sharded import build_sharded
+
+        return build_sharded(config, fs, choice, name=name, generations=generations)
     started = time.perf_counter()
     index = faiss_ops.create_index(choice.kind, fs.dim, config.metric, choice.params)
     index = _maybe_gpu(index, choice.kind, choice.params, config.gpu)
     if not index.is_trained:
-        n_train = min(MAX_TRAIN_ROWS, TRAIN_ROWS_PER_LIST * choice.params.get("nlist", 1) * 4)
-        x, _ = sample_rows(fs, shards, max(n_train, 10_000), config.metric, seed=config.seed)
+        n_train = training_rows(choice.params)
+        x, _ = sample_rows(fs, shards, n_train, config.metric, seed=config.seed)
         index.train(x)
     added, tuning = _add_and_tune(index, fs, shards, shards, choice.kind, config)
     record = IndexRecord(
@@ -145,8 +181,25 @@ def _build(config: IndexConfig, fs: FeatureSet) -> IndexSummary:
     return IndexSummary(fs.path, "built", record.to_dict(), added, sweep=tuning.sweep)
 
 
+def training_rows(params: dict[str, Any]) -> int:
+    """Rows an IVF kind trains on: :data:`TRAIN_ROWS_PER_LIST` × 4 per list, between 10,000
+    and :data:`MAX_TRAIN_ROWS`."""
+    return max(min(MAX_TRAIN_ROWS, TRAIN_ROWS_PER_LIST * params.get("nlist", 1) * 4), 10_000)
+
+
 def _update(config: IndexConfig, fs: FeatureSet) -> IndexSummary:
     record = get_record(fs, config.name)
+    if record.layout == "sharded":
+        from bob_cache.pipelines.index_sharded import update_sharded
+
+        return update_sharded(config, fs, record)
+    if config.shards is not None or config.local_cluster or config.scheduler:
+        raise SpecError(
+            f"Index '{record.name}' of '{fs.path}' was built in one piece; --shards, "
+            "--local-cluster and --scheduler apply to an index built in parts. Drop them, or "
+            f"rebuild it in parts with `bob-cache index build ... --name {record.name} --shards "
+            "N --force`."
+        )
     generations = fs.generations()
     pending = check_index(fs, record)
     if not pending:

@@ -26,6 +26,7 @@ from bob_cache.errors import (
     IndexMismatchError,
     IndexNotFoundError,
     StaleIndexError,
+    StoreError,
 )
 from bob_cache.stores import feature_set as feature_set_module
 from bob_cache.stores.checksums import checksummed
@@ -37,6 +38,10 @@ INDEX_GROUP = "indexes"
 VERSION_SEP = "~"
 INDEX_FORMAT = 1
 _CHUNK_BYTES = 64 * 2**20
+
+
+class ShardedLayoutError(StoreError, ValueError):
+    """A sharded index was opened as one blob (:func:`index_reader`)."""
 
 
 @dataclass
@@ -67,6 +72,8 @@ class IndexRecord:
     created: str = ""
     format: int = INDEX_FORMAT
     key: str = ""  # the group holding this version (``name~version``; ``name`` before)
+    layout: str = "single"  # single: one ``data`` blob; sharded: ``trained`` + ``parts/<k>``
+    parts: list[dict[str, Any]] = field(default_factory=list)  # sharded: each part's commit
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,11 +89,7 @@ def index_writer(fs: FeatureSet, record: IndexRecord) -> Iterator[Callable[[byte
         parent = fs.group.require_group(INDEX_GROUP)
         record.key = f"{record.name}{VERSION_SEP}{uuid.uuid4().hex[:12]}"
         group = parent.create_group(record.key)
-        array = group.create_array(
-            "data", shape=(0,), dtype="uint8", chunks=(_CHUNK_BYTES,),
-            compressors=checksummed([]), dimension_names=("byte",),
-        )  # fmt: skip
-        sink = _ChunkSink(array)
+        sink = _ChunkSink(blob_array(group, "data"))
         yield sink
         sink.close()
         feature_set_module.crash_point("index-data")
@@ -96,11 +99,30 @@ def index_writer(fs: FeatureSet, record: IndexRecord) -> Iterator[Callable[[byte
         prune_versions(fs, record)
 
 
-class _ChunkSink:
-    """Buffers writes and appends whole chunks to a growing 1-D ``uint8`` array."""
+def blob_array(group: zarr.Group, name: str) -> Callable[[int], zarr.Array]:
+    """``create(chunk_bytes) → array``: a new, empty 1-D ``uint8`` array ``name`` in
+    ``group``, crc32c per chunk (what :class:`_ChunkSink` writes into)."""
 
-    def __init__(self, array: zarr.Array) -> None:
-        self.array, self.buffer, self.total = array, bytearray(), 0
+    def create(chunk_bytes: int) -> zarr.Array:
+        return group.create_array(
+            name, shape=(0,), dtype="uint8", chunks=(max(chunk_bytes, 1),),
+            compressors=checksummed([]), dimension_names=("byte",),
+        )  # fmt: skip
+
+    return create
+
+
+class _ChunkSink:
+    """Buffers writes and appends whole chunks to a growing 1-D ``uint8`` array.
+
+    The array is created at the first chunk, or at :meth:`close` when everything written is
+    smaller than one chunk: then its chunk is exactly that size (zarr pads the last chunk to
+    the chunk size, so a small index would otherwise take :data:`_CHUNK_BYTES` of storage).
+    """
+
+    def __init__(self, create: Callable[[int], zarr.Array]) -> None:
+        self.create, self.array = create, None
+        self.buffer, self.total = bytearray(), 0
 
     def __call__(self, data: bytes) -> int:
         self.buffer += data
@@ -114,11 +136,15 @@ class _ChunkSink:
         return len(data)
 
     def close(self) -> None:
+        if self.array is None:
+            self.array = self.create(len(self.buffer))
         if self.buffer:
             self._append(memoryview(self.buffer))
             self.buffer = bytearray()
 
     def _append(self, data: memoryview) -> None:
+        if self.array is None:
+            self.array = self.create(_CHUNK_BYTES)
         self.array.append(np.frombuffer(data, dtype=np.uint8))
         self.total += len(data)
 
@@ -177,8 +203,18 @@ def index_reader(fs: FeatureSet, record: IndexRecord) -> Callable[[int], bytes]:
     memory at a time (``b""`` at the end).
 
     A chunk that fails its crc32c or does not decode raises :class:`DamagedDataError`
-    naming the index, the chunk and the rebuild (never a codec's own error).
+    naming the index, the chunk and the rebuild (never a codec's own error). A sharded index
+    (``record.layout == "sharded"``) has no single blob: it raises
+    :class:`ShardedLayoutError` (read it with :mod:`bob_cache.stores.index_parts`).
     """
+    if record.layout != "single":
+        raise ShardedLayoutError(
+            f"Index '{record.name}' of '{fs.path}' is stored in {len(record.parts)} parts "
+            "(built with --shards); it is read through bob_cache.stores.index_parts, not as "
+            "one blob. If this command cannot read it yet, rebuild it in one piece with "
+            f"`bob-cache index build ... --kind {record.kind} --name {record.name} --force` "
+            "(without --shards)."
+        )
     array = fs.group[f"{INDEX_GROUP}/{record.key or record.name}/data"]
     return _ChunkSource(array, lambda chunk, why: index_damage(fs, record, chunk, why))
 

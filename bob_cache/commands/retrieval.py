@@ -36,6 +36,29 @@ WeightsOpt = Annotated[
 MetricOpt = Annotated[str, typer.Option(help="cosine or l2.")]
 RESULT_COLUMNS = ("query", "rank", "id", "class", "score")
 INDEX_COLUMNS = ("name", "kind", "metric", "rows", "search_param", "search_value", "recall")
+IndexShardsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--shards",
+        help="Build an IVF index (ivf, ivfsq, ivfpq) in N parts, each a contiguous range of "
+        "the store's shards, written and committed beside the set (a rerun finishes a killed "
+        "build). Update: the parts the new shards are split into.",
+    ),
+]
+IndexSchedulerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--scheduler",
+        help="tcp://HOST:PORT of a running Dask cluster that computes the parts (its workers "
+        "must reach the store).",
+    ),
+]
+IndexLocalClusterOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--local-cluster", help="Compute the parts on a Dask LocalCluster of N processes."
+    ),
+]
 
 
 @handle_errors
@@ -70,6 +93,9 @@ def index_build(
         typer.Option("--gpu/--no-gpu", help="faiss-gpu (default: when it sees a GPU)."),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild an existing index.")] = False,
+    shards: IndexShardsOpt = None,
+    local_cluster: IndexLocalClusterOpt = None,
+    scheduler: IndexSchedulerOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -83,7 +109,8 @@ def index_build(
         store=store, dataset=dataset, backbone=backbone, feature=feature, split=split,
         kind=kind, metric=metric, max_memory=max_memory, target_recall=target_recall, k=k,
         name=name, params={p: v for p, v in params.items() if v is not None}, gpu=gpu,
-        force=force, quiet=quiet or as_json,
+        force=force, quiet=quiet or as_json, shards=shards, local_cluster=local_cluster,
+        scheduler=scheduler,
     )  # fmt: skip
     _print_index(get_stage("index")(config), as_json)
 
@@ -96,6 +123,9 @@ def index_update(
     feature: FeatureOpt = None,
     split: SplitOpt = "train",
     index: IndexNameOpt = None,
+    shards: IndexShardsOpt = None,
+    local_cluster: IndexLocalClusterOpt = None,
+    scheduler: IndexSchedulerOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -106,7 +136,8 @@ def index_update(
     require_existing_store(store)  # the index stage opens the store for writing
     config = IndexConfig(
         store=store, dataset=dataset, backbone=backbone, feature=feature, split=split,
-        name=index, update=True, quiet=quiet or as_json,
+        name=index, update=True, quiet=quiet or as_json, shards=shards,
+        local_cluster=local_cluster, scheduler=scheduler,
     )  # fmt: skip
     _print_index(get_stage("index")(config), as_json)
 
