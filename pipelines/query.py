@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from bob_cache.errors import InvalidRowError, QueryError, UnknownIdError, did_you_mean
+from bob_cache.pipelines.query_index import index_cache_folder, load_index, open_reranker
 from bob_cache.pipelines.registry import register_stage
 from bob_cache.pipelines.selection import select_feature_sets
 from bob_cache.provenance import utc_now
@@ -45,13 +46,13 @@ from bob_cache.retrieval.query_inputs import (
     image_size,
     parse_vectors,
 )
+from bob_cache.retrieval.rerank import check_rerank
 from bob_cache.retrieval.vectors import read_rows
 from bob_cache.stores import FeatureSet, open_store
 from bob_cache.stores.index_store import (
     IndexRecord,
     check_index,
     get_record,
-    index_reader,
     list_indexes,
 )
 
@@ -106,13 +107,23 @@ class QueryConfig:
     weights: str | None = None
     device: str = "cpu"
     storage_options: dict[str, Any] = field(default_factory=dict)
+    rerank: int | None = None  # rescore the index's top K exactly from the float16 vectors
+    index_cache: str | None = None  # where sharded indexes are merged to disk (default: ondisk)
+
+    def __post_init__(self) -> None:
+        if self.rerank is not None and self.rerank < 1:
+            raise QueryError(f"--rerank must be at least 1, got {self.rerank}.")
 
 
 class Searcher:
     """An opened feature set + index. Thread-safe: searches and forwards run on one thread.
 
     ``exact``: the set has no built index; ``index`` is an in-memory flat index of its
-    committed rows, built at open (exact neighbours, memory of 4·D bytes per row).
+    committed rows, built at open (exact neighbours, memory of 4·D bytes per row). A sharded
+    index is merged once into on-disk inverted lists in the local index cache and searched
+    memory-mapped (:mod:`bob_cache.retrieval.ondisk`); ``config.rerank`` rescores each query's
+    top K candidates exactly from a float16 copy of the vectors beside it
+    (:mod:`bob_cache.retrieval.rerank`).
     """
 
     def __init__(
@@ -138,6 +149,9 @@ class Searcher:
         self._lock = threading.RLock()
         self._decode_lock = threading.Lock()
         self.observe: Callable[[str, float], None] | None = None  # (phase, seconds): metrics
+        self.on_disk = record.layout == "sharded"
+        self.index_folder = index_cache_folder(fs, record.key, config) if self.on_disk else None
+        self.reranker = open_reranker(fs, record, config) if config.rerank else None
 
     @contextmanager
     def _phase(self, name: str) -> Iterator[None]:
@@ -160,8 +174,7 @@ class Searcher:
         if config.index is None and not list_indexes(fs):
             return cls._open_exact(fs, config)
         record = get_record(fs, config.index)
-        index = faiss_ops.read_index(index_reader(fs, record))
-        return cls(fs, record, index, config=config)
+        return cls(fs, record, load_index(fs, record, config), config=config)
 
     @classmethod
     def _open_exact(cls, fs: FeatureSet, config: QueryConfig) -> Searcher:
@@ -304,10 +317,17 @@ class Searcher:
         """
         slices = [x[i : i + SEARCH_SLICE] for i in range(0, max(len(x), 1), SEARCH_SLICE)]
         with self._phase("search"):
-            parts = [on_compute_thread(faiss_ops.search, self.index, part, k) for part in slices]
+            parts = [on_compute_thread(self._search_slice, part, k) for part in slices]
         if len(parts) == 1:
             return parts[0]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _search_slice(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The index's top ``k`` (or its top ``--rerank`` K rescored exactly to the best k)."""
+        if self.reranker is None:
+            return faiss_ops.search(self.index, x, k)
+        candidates = max(int(self.config.rerank or k), k)  # by id asks k + 1 (itself dropped)
+        return self.reranker.search(self.index, x, k=k, candidates=candidates)
 
     def _embed(
         self,
@@ -352,6 +372,7 @@ class Searcher:
     def _check_k(self, k: int, *, extra: int = 0) -> None:
         if k < 1:
             raise QueryError(f"-k must be at least 1, got {k}.")
+        check_rerank(self.config.rerank, k)
         if self.n_indexed - extra < 1:
             raise QueryError(
                 f"'{self.fs.path}' has {self.n_indexed} searchable rows, too few to answer. "

@@ -129,6 +129,7 @@ def create_app(
             "status": "damaged" if damage else "ok", **({"damage": damage} if damage else {}),
             "feature_set": searcher.fs.path, "index": searcher.index_name,
             "kind": searcher.index_kind, "metric": r.metric, "rows": searcher.n_indexed,
+            "on_disk": searcher.on_disk, "rerank": searcher.config.rerank,
             "dim": searcher.fs.dim, "recall": r.recall,
             "backbone": searcher.fs.attrs["backbone"].get("slug"),
             "image_queries": model_error is None, "pending_shards": len(searcher.pending_shards),

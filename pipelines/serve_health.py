@@ -55,7 +55,9 @@ class Integrity:
         fs = self.searcher.fs
         try:
             check_intact(fs)
-            if not self.searcher.exact:
+            if self.searcher.index_folder is not None:  # served from the local merged copy
+                check_disk_index(self.searcher.index_folder)
+            elif not self.searcher.exact:
                 check_index_objects(fs, self.searcher.record)
         except DamagedDataError as exc:
             return _restart(str(exc))
@@ -82,6 +84,20 @@ def check_index_objects(fs: Any, record: Any) -> None:
     missing = [i for i in range(n_chunks) if f"{prefix}{i}" not in found]
     if missing:
         raise index_damage(fs, record, ", ".join(map(str, missing[:5])), "is missing")
+
+
+def check_disk_index(folder: Any) -> None:
+    """Refuse a merged on-disk index whose files went missing or changed size.
+
+    Raises:
+        DamagedDataError: naming the folder and the fix.
+    """
+    from bob_cache.retrieval.ondisk import OnDiskIndexError, read_marker
+
+    try:
+        read_marker(folder)
+    except OnDiskIndexError as exc:
+        raise DamagedDataError(str(exc)) from exc
 
 
 def _restart(message: str) -> str:

@@ -34,6 +34,21 @@ WeightsOpt = Annotated[
     str | None, typer.Option(help="Checkpoint, when the recorded weights file moved.")
 ]
 MetricOpt = Annotated[str, typer.Option(help="cosine or l2.")]
+RerankOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Rescore the index's top K candidates exactly from the stored float16 vectors "
+        "(a copy kept in the index cache), so recall is not capped by the code size. K ≥ k."
+    ),
+]
+IndexCacheOpt = Annotated[
+    str | None,
+    typer.Option(
+        envvar="BOB_CACHE_INDEX_CACHE",
+        help="Local folder where sharded indexes are merged to disk and --rerank's vectors "
+        "kept (default ~/.cache/bob-cache/indexes).",
+    ),
+]
 RESULT_COLUMNS = ("query", "rank", "id", "class", "score")
 INDEX_COLUMNS = ("name", "kind", "metric", "rows", "search_param", "search_value", "recall")
 IndexShardsOpt = Annotated[
@@ -212,6 +227,8 @@ def query(
     index: IndexNameOpt = None,
     weights: WeightsOpt = None,
     device: DeviceOpt = "cpu",
+    rerank: RerankOpt = None,
+    index_cache: IndexCacheOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Find the nearest stored images to query images, stored ids or vectors."""
@@ -225,9 +242,11 @@ def query(
             f"Pass exactly one of --image, --id or --vectors (got {', '.join(given) or 'none'})."
         )
     require_existing_store(store)
-    searcher = get_stage("query")(
-        QueryConfig(store, dataset, backbone, feature, split, index, weights, device)
-    )
+    config = QueryConfig(
+        store, dataset, backbone, feature, split, index, weights, device,
+        rerank=rerank, index_cache=index_cache,
+    )  # fmt: skip
+    searcher = get_stage("query")(config)
     if image:
         table = searcher.search_images([str(p) for p in image], k)
         names = [str(p) for p in image]
@@ -301,6 +320,8 @@ def serve(
         Path | None,
         typer.Option(help="Where the images are now, if moved (the search page's thumbnails)."),
     ] = None,
+    rerank: RerankOpt = None,
+    index_cache: IndexCacheOpt = None,
 ) -> None:
     """Serve nearest-neighbour queries over HTTP: JSON endpoints and a search page at /."""
     require("serve", "The query service")
@@ -310,9 +331,11 @@ def serve(
     from bob_cache.pipelines.serve import serve as run_server
 
     require_existing_store(store)
-    searcher = get_stage("query")(
-        QueryConfig(store, dataset, backbone, feature, split, index, weights, device)
-    )
+    config = QueryConfig(
+        store, dataset, backbone, feature, split, index, weights, device,
+        rerank=rerank, index_cache=index_cache,
+    )  # fmt: skip
+    searcher = get_stage("query")(config)
     err.print(
         f"Serving {searcher.fs.path} ({searcher.index_kind}, {searcher.n_indexed} rows) "
         f"on http://{host}:{port} — search page at /, GET /health, "
