@@ -62,6 +62,7 @@ import resource
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -70,6 +71,11 @@ import numpy as np
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--vectors", help="float32 (N, D) .npy database vectors (build only)")
+    p.add_argument(
+        "--embeddings",
+        help="a folder of .npy files (float16 or float32; e.g. `bob-cache export`'s img_emb/), "
+        "read by embedding_reader, instead of --vectors (build only)",
+    )
     p.add_argument("--queries", required=True, help="float32 (nq, D) .npy queries")
     p.add_argument("--truth", required=True, help="int64 (nq, >=k) .npy exact neighbour ids")
     p.add_argument("--max-memory", help="autofaiss max_index_memory_usage, e.g. 4GB (build only)")
@@ -110,8 +116,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--curve", help="comma-separated search-parameter values: measure, no build")
     p.add_argument("--stop-recall", type=float, default=0.999, help="--curve stops after this")
     args = p.parse_args(argv)
-    if not args.curve and not (args.vectors and args.max_memory and args.metric):
-        p.error("a build needs --vectors, --max-memory and --metric")
+    if not args.curve and not (
+        (args.vectors or args.embeddings) and args.max_memory and args.metric
+    ):
+        p.error("a build needs --vectors (or --embeddings), --max-memory and --metric")
     return args
 
 
@@ -195,20 +203,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     os.makedirs(tmp, exist_ok=True)
     tempfile.tempdir = tmp
 
-    vectors = np.load(args.vectors, mmap_mode="r")
     queries = np.ascontiguousarray(np.load(args.queries), dtype=np.float32)
     truth = np.load(args.truth)
-    if vectors.dtype != np.float32 or vectors.ndim != 2:
-        raise SystemExit(f"--vectors must be float32 (N, D), got {vectors.dtype} {vectors.shape}")
-    if queries.shape[1] != vectors.shape[1]:
-        raise SystemExit(f"queries dim {queries.shape[1]} != vectors dim {vectors.shape[1]}")
+    if args.embeddings:  # a folder of .npy files, as autofaiss reads them
+        files = sorted(Path(args.embeddings).glob("*.npy"))
+        shapes = [np.load(f, mmap_mode="r").shape for f in files]
+        n, d = sum(s[0] for s in shapes), shapes[0][1]
+        vectors = None
+    else:
+        vectors = np.load(args.vectors, mmap_mode="r")
+        if vectors.dtype != np.float32 or vectors.ndim != 2:
+            raise SystemExit(
+                f"--vectors must be float32 (N, D), got {vectors.dtype} {vectors.shape}"
+            )
+        n, d = vectors.shape
+    if queries.shape[1] != d:
+        raise SystemExit(f"queries dim {queries.shape[1]} != vectors dim {d}")
     if truth.shape[0] != queries.shape[0] or truth.shape[1] < args.k:
         raise SystemExit(f"truth shape {truth.shape} does not match {queries.shape[0]} queries x k")
-    n, d = vectors.shape
     print(f"vectors {n} x {d}, queries {len(queries)}, k {args.k}", file=sys.stderr)
 
     faiss.omp_set_num_threads(args.threads)
-    if args.feed == "folder":
+    if args.embeddings:
+        embeddings: Any = str(Path(args.embeddings).resolve())
+    elif args.feed == "folder":
         feed_dir = os.path.join(workdir, "embeddings")
         os.makedirs(feed_dir, exist_ok=True)
         link = os.path.join(feed_dir, "vectors.npy")
