@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 # extras in pyproject.toml and the imports of the shipped code in step).
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "serve": ("fastapi", "uvicorn", "python_multipart", "orjson", "prometheus_client"),
-    "battle": ("distributed", "dask", "yaml", "pydantic", "psutil", "threadpoolctl"),
+    "battle": ("distributed", "dask", "yaml", "pydantic", "threadpoolctl"),
     "finetune": ("pycocotools",),
     "report": ("matplotlib", "jinja2"),
     "s3": ("s3fs",),
