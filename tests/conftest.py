@@ -7,11 +7,14 @@ scikit-learn's digits; models are timm test models with random weights.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -159,3 +162,45 @@ def photo_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     assert done.returncode == 0, done.stderr
     build_index(IndexConfig(str(store), "photos", "test_resnet", kind="flat", quiet=True))
     return store, photos
+
+
+@pytest.fixture(scope="module")
+def s3_server() -> Iterator[dict[str, Any]]:
+    """A real S3-compatible server (moto) on loopback with bucket ``bob``; its fsspec options."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    boto3.client(
+        "s3",
+        endpoint_url=url,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    ).create_bucket(Bucket="bob")
+    yield {
+        "endpoint_url": url,
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"region_name": "us-east-1"},
+    }
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server: dict, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The usual AWS_* environment pointing at ``s3_server``, and a fresh ``s3://bob/...``
+    prefix (what users set for stores, results and shards)."""
+    import s3fs
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server["endpoint_url"])
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec caches by options, not by environment
+    yield f"s3://bob/{uuid.uuid4().hex[:8]}"
+    s3fs.S3FileSystem.clear_instance_cache()

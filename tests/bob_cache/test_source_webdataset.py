@@ -11,8 +11,6 @@ import io
 import json
 import logging
 import tarfile
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -260,38 +258,6 @@ def test_a_corrupt_member_lists_but_decodes_as_an_invalid_row(tmp_path: Path) ->
     url, offset, _ = rows[2].location
     with pytest.raises(OSError, match="cut short"):
         read_range(url, offset, 10**9)
-
-
-@pytest.fixture(scope="module")
-def s3_server() -> Iterator[dict[str, Any]]:
-    """A moto S3 server on loopback (as tests/stores/conftest.py's) with bucket ``bob``."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    client = boto3.client("s3", endpoint_url=url, aws_access_key_id="testing",
-                          aws_secret_access_key="testing", region_name="us-east-1")  # fmt: skip
-    client.create_bucket(Bucket="bob")
-    yield {"endpoint_url": url}
-    server.stop()
-
-
-@pytest.fixture
-def s3_env(s3_server: dict, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """The store's way to reach S3: the usual AWS_* environment, read by s3fs."""
-    import s3fs
-
-    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                        ("AWS_DEFAULT_REGION", "us-east-1"),
-                        ("AWS_ENDPOINT_URL", s3_server["endpoint_url"])):  # fmt: skip
-        monkeypatch.setenv(name, value)
-    s3fs.S3FileSystem.clear_instance_cache()
-    yield f"s3://bob/{uuid.uuid4().hex[:8]}"
-    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def test_s3_shards_read_in_place_equal_the_local_ones(shards: Path, s3_env: str) -> None:

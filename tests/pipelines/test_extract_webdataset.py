@@ -16,7 +16,6 @@ from bob_cache.pipelines.extract import extract
 from bob_cache.stores import feature_set as feature_set_module
 from bob_cache.stores import open_store
 from bob_cache.stores.feature_set import ROW_ARRAYS
-from tests.bob_cache import test_source_webdataset as wds
 from tests.bob_cache.test_source_webdataset import direct_read, jpeg, laion_sample, write_shard
 from tests.conftest import TINY
 
@@ -27,9 +26,6 @@ OPTIONS = {
 }  # fmt: skip
 N_SHARDS, PER_SHARD = 3, 6
 BROKEN = "000010002"  # a truncated JPEG member
-
-
-s3_server, s3_env = wds.s3_server, wds.s3_env  # the moto S3 fixtures
 
 
 class Killed(BaseException):

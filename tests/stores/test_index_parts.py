@@ -3,8 +3,6 @@ the reading API the serving side uses, damage named with the rebuild, and an S3 
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -120,29 +118,16 @@ def test_a_damaged_part_names_the_rebuild(tmp_path: Path) -> None:
         index_parts.load_merged_in_memory(fs, get_record(fs, None))
 
 
-@pytest.fixture
-def s3_url(s3_server: dict, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    import s3fs
-
-    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                        ("AWS_DEFAULT_REGION", "us-east-1"),
-                        ("AWS_ENDPOINT_URL", s3_server["endpoint_url"])):  # fmt: skip
-        monkeypatch.setenv(name, value)
-    s3fs.S3FileSystem.clear_instance_cache()
-    yield f"s3://bob/{uuid.uuid4().hex[:8]}"
-    s3fs.S3FileSystem.clear_instance_cache()
-
-
-def test_s3_round_trip_on_dask(s3_url: str) -> None:
+def test_s3_round_trip_on_dask(s3_env: str) -> None:
     """Parts written to S3 by a Dask worker (which opens the store itself) merge into the
     index a single build holds."""
     from distributed import LocalCluster
 
-    make_store(s3_url, n=640)  # 5 shards
-    build_index(cfg(s3_url, name="one"))
+    make_store(s3_env, n=640)  # 5 shards
+    build_index(cfg(s3_env, name="one"))
     with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster:
-        build_index(cfg(s3_url, shards=2, name="dask", scheduler=cluster.scheduler_address))
-    fs = open_store(s3_url).get(PATH)
+        build_index(cfg(s3_env, shards=2, name="dask", scheduler=cluster.scheduler_address))
+    fs = open_store(s3_env).get(PATH)
     record = get_record(fs, "dask")
     assert record.layout == "sharded" and [p["plan"]["shards"] for p in record.parts[:2]] == [
         [0, 1], [2, 3, 4]]  # fmt: skip

@@ -6,8 +6,6 @@ credentials are wrong."""
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,19 +13,6 @@ import pytest
 from bob_cache.errors import StoreError
 from bob_cache.stores.results import ResultsTable
 from tests.conftest import TINY
-
-
-@pytest.fixture
-def s3_env(s3_server: dict, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    import s3fs
-
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server["endpoint_url"])
-    s3fs.S3FileSystem.clear_instance_cache()  # fsspec caches by options, not by environment
-    yield f"s3://bob/{uuid.uuid4().hex[:8]}"
-    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def test_results_table_round_trip_and_concurrent_appends(s3_env: str) -> None:
