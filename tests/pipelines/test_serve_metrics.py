@@ -3,26 +3,13 @@ Prometheus client's own parser."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bob_cache.pipelines.query import QueryConfig, Searcher
-from bob_cache.pipelines.serve import create_app
 from bob_cache.pipelines.serve_metrics import endpoint_of
-from tests.loadtest import serve_in_thread
+from tests.pipelines import test_serve
 
-
-@pytest.fixture(scope="module")
-def server(photo_store: tuple[Path, Path]) -> Iterator[tuple[str, Searcher, Path]]:
-    store, photos = photo_store
-    searcher = Searcher.open(QueryConfig(str(store), "photos", "test_resnet"))
-    app = create_app(searcher, max_upload_mb=0.05, max_batch=4)
-    with serve_in_thread(app) as url:
-        yield url, searcher, photos
+server = test_serve.server  # the service over loopback (its own instance in this module)
 
 
 def scrape(url: str) -> dict[str, list]:
