@@ -14,12 +14,10 @@ import pytest
 from bob_cache.config import ExtractConfig
 from bob_cache.pipelines.extract import extract
 from bob_cache.stores import feature_set as feature_set_module
-from bob_cache.stores import open_store
-from bob_cache.stores.feature_set import ROW_ARRAYS
 from tests.bob_cache.test_source_webdataset import direct_read, jpeg, laion_sample, write_shard
 from tests.conftest import TINY
+from tests.pipelines.test_many_writers import assert_same, the_set
 
-ARRAYS = ("features", *ROW_ARRAYS)
 OPTIONS = {
     "backbone": "test_resnet", "random_init": True, "image_size": 32, "workers": 0,
     "batch_size": 4, "shard_rows": 4, "chunk_rows": 2, "quiet": True,
@@ -53,18 +51,6 @@ def spec(tars: Path) -> str:
 
 def run(data: str, store: Path, **kwargs: object) -> object:
     return extract(ExtractConfig(store=str(store), data=data, **{**OPTIONS, **kwargs}))
-
-
-def the_set(store: Path):
-    (fs,) = open_store(store).feature_sets()
-    return fs
-
-
-def assert_same(a: Path, b: Path) -> None:
-    fa, fb = the_set(a), the_set(b)
-    assert fa.path == fb.path and fa.complete and fb.complete
-    for name in ARRAYS:
-        np.testing.assert_array_equal(fa.array(name)[:], fb.array(name)[:], err_msg=name)
 
 
 @pytest.fixture(scope="module")
