@@ -173,8 +173,8 @@ def _build(config: IndexConfig, fs: FeatureSet) -> IndexSummary:
         shards=shards, generations={str(s): generations[s] for s in shards}, rows=added,
         dim=fs.dim, search_param=choice.kind.search_param,
         search_value=tuning.value, recall=tuning.recall, target_recall=config.target_recall,
-        recall_k=config.k, recall_queries=tuning.queries, reason=choice.reason,
-        versions=_versions(), created=utc_now(),
+        recall_k=config.k, recall_queries=tuning.queries, rerank=tuning.rerank,
+        reason=choice.reason, versions=_versions(), created=utc_now(),
     )  # fmt: skip
     record.build_seconds = round(time.perf_counter() - started, 3)
     _store(fs, record, index)
@@ -216,6 +216,7 @@ def _update(config: IndexConfig, fs: FeatureSet) -> IndexSummary:
     record.generations = {str(s): generations[s] for s in shards}
     record.search_value, record.recall = tuning.value, tuning.recall
     record.recall_queries, record.versions, record.created = tuning.queries, _versions(), utc_now()
+    record.rerank = tuning.rerank
     record.build_seconds = round(record.build_seconds + time.perf_counter() - started, 3)
     _store(fs, record, index)
     return IndexSummary(fs.path, "updated", record.to_dict(), added, sweep=tuning.sweep)

@@ -52,7 +52,7 @@ from bob_cache.pipelines.index import (
 )
 from bob_cache.progress import progress_bar
 from bob_cache.provenance import utc_now
-from bob_cache.retrieval import faiss_ops
+from bob_cache.retrieval import faiss_ops, ivf_lists
 from bob_cache.retrieval.auto import Choice, parse_memory
 from bob_cache.retrieval.kinds import IndexKind, get_kind
 from bob_cache.retrieval.vectors import read_rows, sample_rows, shard_vectors
@@ -107,7 +107,8 @@ def build_sharded(
         shards=shards, generations=build["generations"], rows=sum(c["rows"] for c in commits),
         dim=fs.dim, search_param=choice.kind.search_param, search_value=tuning.value,
         recall=tuning.recall, target_recall=config.target_recall, recall_k=config.k,
-        recall_queries=tuning.queries, reason=choice.reason, versions=_versions(),
+        recall_queries=tuning.queries, rerank=tuning.rerank, reason=choice.reason,
+        versions=_versions(),
         created=utc_now(), key=key, layout="sharded", parts=commits,
         bytes=int((trained or {}).get("bytes", 0)) + sum(c["bytes"] for c in commits),
     )  # fmt: skip
@@ -146,6 +147,7 @@ def update_sharded(config: IndexConfig, fs: FeatureSet, record: IndexRecord) -> 
     record.generations = {str(s): generations[s] for s in shards}
     record.search_value, record.recall = tuning.value, tuning.recall
     record.recall_queries, record.versions, record.created = tuning.queries, _versions(), utc_now()
+    record.rerank = tuning.rerank
     record.bytes += sum(c["bytes"] for c in new)
     record.build_seconds = round(record.build_seconds + time.perf_counter() - started, 3)
     index_parts.commit_record(fs, record)
@@ -285,10 +287,12 @@ def write_part(fs: FeatureSet, key: str, plan: dict[str, Any], *, metric: str) -
             if len(ids):
                 index.add_with_ids(x, ids)
     commit = {"part": plan["part"], "plan": plan, "rows": int(index.ntotal)}
-    return index_parts.write_blob(
-        fs, parts, name, lambda sink: faiss_ops.write_index(index, sink), commit=commit,
-        step="index-part",
-    )  # fmt: skip
+
+    def write(sink: index_parts.Sink) -> None:  # the lists alone: every part shares the rest
+        with ivf_lists.without_quantizer(index):
+            faiss_ops.write_index(index, sink)
+
+    return index_parts.write_blob(fs, parts, name, write, commit=commit, step="index-part")
 
 
 def run_part(task: PartTask) -> dict[str, Any]:
@@ -388,12 +392,16 @@ def tune_over_parts(
     """
     import faiss
 
-    kk = k + 1 if own is not None else k
+    depths = faiss_ops.rerank_depths(kind, k, fs.n_rows)
+    kk = max([k, *depths]) + (1 if own is not None else 0)
     values: list[int] = []
     heaps: dict[int, Any] = {}
     seconds: dict[int, float] = {}
+    trained = index_parts.load_blob(fs, key, index_parts.TRAINED)
     for part in parts:
-        index = index_parts.load_blob(fs, key, index_parts.part_path(part))
+        stored = index_parts.load_blob(fs, key, index_parts.part_path(part), ivf_lists.read_flags())
+        index = ivf_lists.with_quantizer(stored, trained)
+        del stored
         if not values:
             nlist = faiss.extract_index_ivf(index).nlist
             values = [v for v in kind.sweep if v <= nlist] or [kind.sweep[0]]
@@ -407,7 +415,7 @@ def tune_over_parts(
             seconds[value] += time.perf_counter() - started
             heaps[value].add_result(scores, ids)
         del index
-    return _pick(values, heaps, seconds, truth, k=k, target=target, own=own)
+    return _pick(values, heaps, seconds, truth, k=k, target=target, own=own, depths=depths)
 
 
 def _pick(
@@ -419,18 +427,23 @@ def _pick(
     k: int,
     target: float,
     own: np.ndarray | None,
+    depths: list[int],
 ) -> faiss_ops.Tuning:
-    """The smallest value whose merged results reach ``target`` recall@k (else the best)."""
-    rows: list[dict[str, float]] = []
+    """The smallest value whose merged results reach ``target`` recall@k (else the best), and
+    per re-ranking depth the same for its candidates (see :func:`faiss_ops.tune`)."""
+    rows: list[dict[str, Any]] = []
     for value in values:
         heaps[value].finalize()
-        found = heaps[value].I if own is None else drop_self(heaps[value].I, own, k)
-        recall = faiss_ops.recall_at_k(found, truth, k)
-        qps = len(truth) / max(seconds[value], 1e-9)
-        rows.append({"value": value, "recall": recall, "qps": qps})
-        if recall >= target:
-            return faiss_ops.Tuning(value, recall, target, True, rows)
+        deepest = max([k, *depths])
+        found = heaps[value].I if own is None else drop_self(heaps[value].I, own, deepest)
+        rows.append(faiss_ops.sweep_row(value, found, truth, k, depths, seconds[value]))
+        if rows[-1]["recall"] >= target:
+            break
     if not rows:
         return faiss_ops.Tuning(None, 1.0, target, True, rows)
-    best = max(rows, key=lambda r: r["recall"])
-    return faiss_ops.Tuning(int(best["value"]), best["recall"], target, False, rows)
+    reached = rows[-1]["recall"] >= target
+    best = rows[-1] if reached else max(rows, key=lambda r: r["recall"])
+    return faiss_ops.Tuning(
+        int(best["value"]), best["recall"], target, reached, rows,
+        rerank=faiss_ops.pick_rerank(rows, target),
+    )  # fmt: skip

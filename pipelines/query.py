@@ -138,7 +138,8 @@ class Searcher:
         self.fs, self.record, self.index, self.config = fs, record, index, config
         self.exact = exact
         self.pending_shards = [] if exact else check_index(fs, record)
-        faiss_ops.set_search_param(index, get_kind(record.kind), record.search_value)
+        self.search_value, self.expected_recall = self._search_setting(record, config)
+        faiss_ops.set_search_param(index, get_kind(record.kind), self.search_value)
         self.ids = fs.array("ids")[:]
         self.labels = fs.array("labels")[:]
         self.valid = fs.array("valid")[:]
@@ -152,6 +153,16 @@ class Searcher:
         self.on_disk = record.layout == "sharded"
         self.index_folder = index_cache_folder(fs, record.key, config) if self.on_disk else None
         self.reranker = open_reranker(fs, record, config) if config.rerank else None
+
+    @staticmethod
+    def _search_setting(record: IndexRecord, config: QueryConfig) -> tuple[int | None, float]:
+        """The search parameter's value and the recall@k it was measured to give: the one
+        tuned for ``--rerank``'s depth when the index has one (the top K candidates then
+        hold the target share of the true top k), else the k-level one."""
+        tuned = faiss_ops.rerank_value(record.rerank, config.rerank) if config.rerank else None
+        if tuned is None:
+            return record.search_value, record.recall
+        return int(tuned["value"]), float(tuned["recall"])
 
     @contextmanager
     def _phase(self, name: str) -> Iterator[None]:
@@ -207,7 +218,7 @@ class Searcher:
     def note(self) -> str | None:
         """What a user should know about how queries are answered (None: nothing)."""
         if not self.exact:
-            return None
+            return rerank_shortfall(self.record, self.config.rerank)
         return (
             f"No index is built for '{self.fs.path}': searching its {self.n_indexed} stored "
             f"rows exactly ({EXACT_METRIC}, in memory). Build one with `bob-cache index build` "
@@ -461,6 +472,26 @@ def _record(s: Searcher, i: int, row: int, score: float, label: Any) -> dict[str
     label = int(label)
     return {"rank": i + 1, "row": row, "id": str(s.ids[row]), "label": label,
             "class": s.class_name(label), "score": score}  # fmt: skip
+
+
+def rerank_shortfall(record: IndexRecord, depth: int | None) -> str | None:
+    """Why ``--rerank depth`` falls short of the index's recall target, and the depth that
+    reached it when the index was tuned (None: it does not fall short, or was not tuned)."""
+    tuned = faiss_ops.rerank_value(record.rerank, depth) if depth else None
+    if tuned is None or tuned["reached"]:
+        return None
+    deeper = sorted((int(d), t) for d, t in record.rerank.items() if t["reached"])
+    fix = (
+        f"--rerank {deeper[0][0]} reached {deeper[0][1]['recall']:.3f}."
+        if deeper
+        else "No tuned depth reached it: rebuild the index with larger codes (--pq-bytes)."
+    )
+    return (
+        f"With --rerank {depth}, the top candidates held {tuned['recall']:.3f} of the true top "
+        f"{record.recall_k} when the index was tuned ({record.search_param}="
+        f"{tuned['value']}; target {record.target_recall}): the codes rank some true "
+        f"neighbours lower than that. {fix}"
+    )
 
 
 @register_stage("query")

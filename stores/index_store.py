@@ -65,6 +65,7 @@ class IndexRecord:
     target_recall: float = 1.0
     recall_k: int = 10
     recall_queries: int = 0
+    rerank: dict[str, dict[str, Any]] = field(default_factory=dict)  # per --rerank depth
     bytes: int = 0
     build_seconds: float = 0.0
     reason: str = ""

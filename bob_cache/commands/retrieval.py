@@ -207,6 +207,13 @@ def _print_index(summary: Any, as_json: bool) -> None:
             f"(target {r['target_recall']}){reached}",
             highlight=False,
         )
+    if r.get("rerank"):
+        depths = ", ".join(
+            f"{depth}: {r['search_param']}={t['value']} ({t['recall']:.3f}"
+            f"{'' if t['reached'] else ', below target'})"
+            for depth, t in r["rerank"].items()
+        )
+        out.print(f"  with --rerank K, recall@{r['recall_k']} by K: {depths}", highlight=False)
     if r.get("reason") and r["reason"] != "requested":
         out.print(f"  auto: {r['reason']}", highlight=False)
 

@@ -165,11 +165,11 @@ def write_index(index: Any, sink: Callable[[bytes], int]) -> None:
     faiss.write_index(to_cpu(index), faiss.PyCallbackIOWriter(sink, _IO_BLOCK))
 
 
-def read_index(source: Callable[[int], bytes]) -> Any:
-    """An index read from ``source(n) → bytes`` in blocks."""
+def read_index(source: Callable[[int], bytes], flags: int = 0) -> Any:
+    """An index read from ``source(n) → bytes`` in blocks (``flags``: FAISS's ``IO_FLAG_*``)."""
     faiss = import_faiss()
 
-    return faiss.read_index(faiss.PyCallbackIOReader(source, _IO_BLOCK))
+    return faiss.read_index(faiss.PyCallbackIOReader(source, _IO_BLOCK), flags)
 
 
 def exact_neighbours(
@@ -201,16 +201,86 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     return float(np.mean(hits)) if hits else 1.0
 
 
+def candidate_recall(found: np.ndarray, truth: np.ndarray, k: int, depth: int) -> float:
+    """Mean share of each query's true top-``k`` ids among ``found``'s top ``depth``: the
+    recall@k an exact re-ranking of those ``depth`` candidates reaches."""
+    hits = [
+        len(set(f[:depth][f[:depth] >= 0].tolist()) & set(t[:k][t[:k] >= 0].tolist()))
+        / max(1, int((t[:k] >= 0).sum()))
+        for f, t in zip(found, truth, strict=True)
+    ]
+    return float(np.mean(hits)) if hits else 1.0
+
+
+# Re-ranking depths (--rerank K) the search parameter is also tuned for: nprobe kinds only (an
+# HNSW search widens itself to K, so its k-level value already serves any K).
+RERANK_DEPTHS = (20, 50, 100, 200, 500, 1000)
+
+
+def rerank_depths(kind: IndexKind, k: int, rows: int) -> list[int]:
+    """The :data:`RERANK_DEPTHS` tuned for ``kind`` at recall@``k`` over ``rows`` rows."""
+    if kind.search_param != "nprobe":
+        return []
+    return [d for d in RERANK_DEPTHS if k < d <= rows]
+
+
 @dataclass
 class Tuning:
-    """The search parameter chosen for a target recall, and the sweep that chose it."""
+    """The search parameter chosen for a target recall, and the sweep that chose it.
+
+    ``rerank``: for each re-ranking depth K (as a string), the smallest value whose top K
+    candidates hold ``target`` of the true top k (``value``, ``recall``; else the cheapest
+    value of the best plateau, see :func:`pick_rerank`), so ``--rerank K`` searches only as
+    wide as it needs.
+    """
 
     value: int | None
     recall: float
     target: float
     reached: bool
-    sweep: list[dict[str, float]] = field(default_factory=list)
+    sweep: list[dict[str, Any]] = field(default_factory=list)
     queries: int = 0
+    rerank: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def sweep_row(
+    value: int, found: np.ndarray, truth: np.ndarray, k: int, depths: list[int], seconds: float
+) -> dict[str, Any]:
+    """One sweep value's recall@k, q/s, and (``depths``) candidate recall per re-rank depth."""
+    row: dict[str, Any] = {"value": value, "recall": recall_at_k(found, truth, k),
+                           "qps": len(truth) / max(seconds, 1e-9)}  # fmt: skip
+    if depths:
+        row["candidates"] = {str(d): candidate_recall(found, truth, k, d) for d in depths}
+    return row
+
+
+PLATEAU = 0.005  # recall an unreached depth gives up for the cheapest value of its plateau
+
+
+def pick_rerank(rows: list[dict[str, Any]], target: float) -> dict[str, dict[str, Any]]:
+    """Per depth: the smallest swept value whose candidate recall reaches ``target``; else
+    the smallest within :data:`PLATEAU` of the best (past it, more lists cost time and no
+    longer help: the codes, not the lists, keep the rest out). ``reached`` says which."""
+    depths = rows[0].get("candidates", {}) if rows else {}
+    out: dict[str, dict[str, Any]] = {}
+    for depth in depths:
+        scored = [(r["value"], r["candidates"][depth]) for r in rows]
+        hit = next(((v, c) for v, c in scored if c >= target), None)
+        if hit is None:
+            best = max(c for _, c in scored)
+            hit_or_plateau = next((v, c) for v, c in scored if c >= best - PLATEAU)
+        else:
+            hit_or_plateau = hit
+        value, recall = hit_or_plateau
+        out[depth] = {"value": int(value), "recall": float(recall), "reached": hit is not None}
+    return out
+
+
+def rerank_value(rerank: dict[str, dict[str, Any]], depth: int) -> dict[str, Any] | None:
+    """The tuned entry for ``--rerank depth``: the deepest tuned depth ≤ it (its candidate
+    recall is at most what ``depth`` candidates hold), or None below every tuned depth."""
+    fitting = [d for d in rerank if int(d) <= depth]
+    return rerank[max(fitting, key=int)] if fitting else None
 
 
 def tune(
@@ -223,7 +293,10 @@ def tune(
     target: float,
     search: Callable[[np.ndarray, int], np.ndarray] | None = None,
 ) -> Tuning:
-    """Smallest sweep value whose recall@k on ``queries`` reaches ``target`` (else the best).
+    """Smallest sweep value whose recall@k on ``queries`` reaches ``target`` (else the best),
+    and for nprobe kinds the same per re-ranking depth (:data:`RERANK_DEPTHS`; each value's
+    search then returns the deepest depth's candidates, and its q/s is for that search).
+    The sweep stops once recall@k reaches ``target``: every depth has reached it by then.
 
     ``search(queries, k) → ids`` defaults to ``index.search``; the index stage passes one
     that leaves each query's own row out.
@@ -233,19 +306,20 @@ def tune(
         return Tuning(None, 1.0, target, True)
     limit = _param_limit(index, kind)
     values = [v for v in kind.sweep if v <= limit] or [kind.sweep[0]]
-    rows: list[dict[str, float]] = []
+    depths = rerank_depths(kind, k, int(index.ntotal))
+    rows: list[dict[str, Any]] = []
     for value in values:
         set_search_param(index, kind, value)
         started = time.perf_counter()
-        found = search(queries, k)
-        seconds = time.perf_counter() - started
-        recall = recall_at_k(found, truth, k)
-        rows.append({"value": value, "recall": recall, "qps": len(queries) / max(seconds, 1e-9)})
-        if recall >= target:
-            return Tuning(value, recall, target, True, rows)
-    best = max(rows, key=lambda r: r["recall"])
+        found = search(queries, max([k, *depths]))
+        rows.append(sweep_row(value, found, truth, k, depths, time.perf_counter() - started))
+        if rows[-1]["recall"] >= target:
+            break
+    reached = rows[-1]["recall"] >= target
+    best = rows[-1] if reached else max(rows, key=lambda r: r["recall"])
     set_search_param(index, kind, int(best["value"]))
-    return Tuning(int(best["value"]), best["recall"], target, False, rows)
+    rerank = pick_rerank(rows, target)
+    return Tuning(int(best["value"]), best["recall"], target, reached, rows, rerank=rerank)
 
 
 def _param_limit(index: Any, kind: IndexKind) -> int:
