@@ -9,7 +9,9 @@ Inside the version group ``indexes/<name>~<version>`` (see :mod:`index_store`):
 - ``trained``: the trained, empty FAISS index (coarse quantizer and codebooks), serialized
   as a chunked ``uint8`` array (crc32c per chunk, like ``data`` of a single index).
 - ``parts/<k>``: the trained index with part ``k``'s rows added (a contiguous range of store
-  shards, or the rows held out for tuning), serialized the same way.
+  shards, or the rows held out for tuning), serialized the same way but with an empty coarse
+  quantizer in place of the trained one, which every part shares
+  (:mod:`bob_cache.retrieval.ivf_lists`; parts of earlier builds hold it and read as well).
 - each blob's ``commit`` attribute, written after its bytes: what it holds (its ``plan``: the
   store shards and their generations, or the row numbers), ``rows`` and ``bytes``. A blob
   without one is a killed writer's: nobody reads it, and the next writer of it deletes it.
@@ -19,7 +21,8 @@ Inside the version group ``indexes/<name>~<version>`` (see :mod:`index_store`):
 Reading (for query/serve and the on-disk merge): :func:`trained_reader` and
 :func:`part_reader` stream one blob (``read(n) → bytes``, for ``faiss.PyCallbackIOReader``),
 :func:`read_trained` and :func:`iter_parts` give whole blobs' bytes (one part in memory at a
-time, e.g. for ``faiss.deserialize_index``), :func:`load_part` one part as a FAISS index, and
+time, e.g. for ``faiss.deserialize_index``), :func:`load_trained` the trained index,
+:func:`load_part` one part as a FAISS index (its lists in a copy of the trained index), and
 :func:`load_merged_in_memory` the whole index in memory (parts merged into the trained index
 with ``merge_from``), for small sharded indexes.
 """
@@ -187,11 +190,20 @@ def part_numbers(record: IndexRecord) -> list[int]:
     return [int(p["part"]) for p in record.parts]
 
 
-def load_part(fs: FeatureSet, record: IndexRecord, part: int) -> Any:
-    """Part ``part`` as a FAISS index (the trained index with that part's rows)."""
+def load_part(fs: FeatureSet, record: IndexRecord, part: int, trained: Any) -> Any:
+    """Part ``part`` as a FAISS index: its lists in a copy of ``trained`` (the empty trained
+    index, e.g. from :func:`load_trained`)."""
+    from bob_cache.retrieval import faiss_ops, ivf_lists
+
+    stored = faiss_ops.read_index(part_reader(fs, record, part), ivf_lists.read_flags())
+    return ivf_lists.with_quantizer(stored, trained)
+
+
+def load_trained(fs: FeatureSet, record: IndexRecord) -> Any:
+    """The trained, empty index of a sharded ``record`` as a FAISS index."""
     from bob_cache.retrieval import faiss_ops
 
-    return faiss_ops.read_index(part_reader(fs, record, part))
+    return faiss_ops.read_index(trained_reader(fs, record))
 
 
 def part_path(part: int) -> str:
@@ -205,11 +217,9 @@ def load_merged_in_memory(fs: FeatureSet, record: IndexRecord) -> Any:
     Equal to the index a single-process build of the same parts would hold. Memory is the
     whole index: for indexes too large for that, serve the parts from disk instead.
     """
-    from bob_cache.retrieval import faiss_ops
-
-    index = faiss_ops.read_index(trained_reader(fs, record))
+    index, template = load_trained(fs, record), load_trained(fs, record)
     for part in part_numbers(record):
-        index.merge_from(load_part(fs, record, part), 0)
+        index.merge_from(load_part(fs, record, part, template), 0)
     return index
 
 
@@ -236,11 +246,12 @@ def blob_reader(
     return _ChunkSource(fs.group[full], damaged)
 
 
-def load_blob(fs: FeatureSet, key: str, path: str) -> Any:
-    """Blob ``path`` of version ``key`` as a FAISS index."""
+def load_blob(fs: FeatureSet, key: str, path: str, flags: int = 0) -> Any:
+    """Blob ``path`` of version ``key`` as a FAISS index (as stored: a part holds its lists
+    alone, see :mod:`bob_cache.retrieval.ivf_lists`)."""
     from bob_cache.retrieval import faiss_ops
 
-    return faiss_ops.read_index(blob_reader(fs, key, path))
+    return faiss_ops.read_index(blob_reader(fs, key, path), flags)
 
 
 def _build_damage(fs: FeatureSet, key: str, chunks: str, why: str) -> DamagedDataError:

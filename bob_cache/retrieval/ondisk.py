@@ -149,7 +149,7 @@ def _merge_ondisk(faiss: Any, index: Any, parts: list[Path], ivfdata: Path) -> N
     disk space of the deleted part files) stay held until the process exits; here the parts
     stay owned and alive until ``merge_from_multiple`` has copied them.
     """
-    opened = [faiss.read_index(str(p), faiss.IO_FLAG_MMAP) for p in parts]
+    opened = [faiss.read_index(str(p), _part_flags(faiss)) for p in parts]
     lists = faiss.InvertedListsPtrVector()
     for part in opened:
         lists.push_back(faiss.extract_index_ivf(part).invlists)
@@ -192,7 +192,7 @@ def _write_parts(
     for i, part in enumerate(parts):
         path = stage / f"part-{i:05d}.faiss"
         path.write_bytes(part)
-        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
+        index = faiss.read_index(str(path), _part_flags(faiss))
         _check_part(faiss, index, expected, i)
         digests.append({"sha256": hashlib.sha256(part).hexdigest(), "rows": int(index.ntotal)})
         names.append(path)
@@ -203,18 +203,30 @@ def _write_parts(
     return names, digests
 
 
+def _part_flags(faiss: Any) -> int:
+    """Parts are memory-mapped, and IVF-PQ's precomputed table (made from the quantizer,
+    which a part stored as lists alone lacks) is not computed for them."""
+    return int(faiss.IO_FLAG_MMAP | faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE)
+
+
 def _fingerprint(faiss: Any, index: Any) -> dict[str, Any]:
-    """What a part must share with the trained index: layout and every trained array."""
-    ivf = faiss.extract_index_ivf(index)
-    trained = [faiss.serialize_index(ivf.quantizer)]
+    """What a part must share with the trained index: layout and every trained array (the
+    coarse quantizer too, unless the part was stored as its lists alone: see
+    :mod:`bob_cache.retrieval.ivf_lists`)."""
+    from bob_cache.retrieval.ivf_lists import is_lists_only
+
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))  # IndexIVFPQ, not IndexIVF
+    codebooks = []
     if isinstance(ivf, faiss.IndexIVFPQ):
-        trained.append(faiss.vector_to_array(ivf.pq.centroids))
+        codebooks.append(faiss.vector_to_array(ivf.pq.centroids))
     if isinstance(ivf, faiss.IndexIVFScalarQuantizer):
-        trained.append(faiss.vector_to_array(ivf.sq.trained))
-    digest = hashlib.sha256(b"".join(np.asarray(a).tobytes() for a in trained)).hexdigest()
+        codebooks.append(faiss.vector_to_array(ivf.sq.trained))
+    codes = hashlib.sha256(b"".join(np.asarray(a).tobytes() for a in codebooks)).hexdigest()
+    quantizer = None if is_lists_only(index) else faiss.serialize_index(ivf.quantizer)
     return {
         "type": type(ivf).__name__, "dim": int(ivf.d), "nlist": int(ivf.nlist),
-        "code size": int(ivf.code_size), "metric": int(ivf.metric_type), "training": digest,
+        "code size": int(ivf.code_size), "metric": int(ivf.metric_type), "training": codes,
+        "quantizer": None if quantizer is None else hashlib.sha256(quantizer).hexdigest(),
     }  # fmt: skip
 
 
@@ -227,8 +239,10 @@ def _check_part(faiss: Any, index: Any, expected: dict[str, Any], i: int) -> Non
             "the trained index."
         ) from exc
     for key, want in expected.items():
+        if key == "quantizer" and found[key] is None:
+            continue  # stored as its lists alone: the trained index brings the quantizer
         if found[key] != want:
-            what = "trained quantizer or codes" if key == "training" else key
+            what = {"training": "trained codebooks", "quantizer": "coarse quantizer"}.get(key, key)
             raise PartMismatchError(
                 f"Part {i} does not fit the trained index: its {what} is {found[key]}, "
                 f"expected {want}. Every part must be built by adding vectors to a copy of "
@@ -241,7 +255,7 @@ def _check_free_space(faiss: Any, parts: list[Path], stage: Path) -> None:
     them through a memory map, where a full disk is a SIGBUS, not an error."""
     need = 0
     for path in parts:
-        ivf = faiss.extract_index_ivf(faiss.read_index(str(path), faiss.IO_FLAG_MMAP))
+        ivf = faiss.extract_index_ivf(faiss.read_index(str(path), _part_flags(faiss)))
         need += int(ivf.ntotal) * (int(ivf.code_size) + 8)  # codes + int64 ids
     free = _free_bytes(stage)
     if need * _HEADROOM > free:

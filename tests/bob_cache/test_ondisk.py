@@ -23,6 +23,7 @@ import pytest
 
 from bob_cache.errors import IndexMismatchError, StoreFullError
 from bob_cache.retrieval import ondisk
+from bob_cache.retrieval.ivf_lists import is_lists_only, with_quantizer, without_quantizer
 from bob_cache.retrieval.ondisk import (
     INDEX_FILE,
     LISTS_FILE,
@@ -199,7 +200,8 @@ def test_a_truncated_lists_file_is_refused_before_it_is_mapped(
     [
         ("IVF32,PQ8x4np", "nlist is 32, expected 16"),
         ("IVF16,PQ4x4np", "code size is 2, expected 4"),
-        ("IVF16,PQ8x4np", "trained quantizer or codes"),  # same shapes, trained on other data
+        ("IVF16,PQ8x4np", "trained codebooks"),  # same shapes, trained on other data
+        ("slim", "trained codebooks"),  # the same, stored as its lists alone
         ("dim", "dim is 16, expected 32"),
     ],
 )
@@ -212,14 +214,56 @@ def test_parts_of_another_trained_index_are_refused_before_merging(
         other_trained = trained_bytes("IVF16,PQ8x4np", x)
     else:
         x = clustered(2400, seed=7)
-        other_trained = trained_bytes(other, x)
-    stranger = faiss.serialize_index(populated(other_trained, x, 0, 700)).tobytes()
+        other_trained = trained_bytes("IVF16,PQ8x4np" if other == "slim" else other, x)
+    stranger_index = populated(other_trained, x, 0, 700)
+    if other == "slim":
+        with without_quantizer(stranger_index):
+            stranger = faiss.serialize_index(stranger_index).tobytes()
+    else:
+        stranger = faiss.serialize_index(stranger_index).tobytes()
     folder = tmp_path / "ix"
     with pytest.raises(PartMismatchError, match=f"Part 1 .*{what}.*rebuild the parts") as err:
         merge_to_disk(trained, [parts[0], stranger, parts[2]], folder, name="k")
     assert isinstance(err.value, IndexMismatchError)
     assert not (folder / MARKER).exists() and not (folder / LISTS_FILE).exists()
     assert not list(folder.glob(f"{STAGE_PREFIX}*"))  # nor its staging folder
+
+
+@pytest.mark.parametrize("metric", [faiss.METRIC_L2, faiss.METRIC_INNER_PRODUCT])
+def test_parts_stored_as_their_lists_alone_answer_as_whole_parts(
+    tmp_path: Path, data: np.ndarray, metric: int
+) -> None:
+    """A part serialized without its coarse quantizer (the sharded build's format) is smaller
+    by the quantizer, merges on disk into the same index, and read back into a copy of the
+    trained index answers as the whole part does (L2: IVF-PQ's precomputed table too)."""
+    trained = trained_bytes("IVF64,PQ8x4np", data, metric=metric)
+    whole, slim = [], []
+    for a, b in BOUNDS:
+        index = populated(trained, data, a, b)
+        whole.append(faiss.serialize_index(index).tobytes())
+        with without_quantizer(index):
+            slim.append(faiss.serialize_index(index).tobytes())
+        assert faiss.extract_index_ivf(index).quantizer.ntotal == 64  # put back afterwards
+    empty = populated(trained, data, 0, 0)  # kept alive while its quantizer is read
+    quantizer = len(faiss.serialize_index(faiss.extract_index_ivf(empty).quantizer))
+    for w, s in zip(whole, slim, strict=True):
+        assert len(w) - len(s) >= quantizer - 64  # the quantizer's floats are gone
+    q = clustered(30, seed=3)
+    a = open_on_disk(merge_to_disk(trained, whole, tmp_path / "whole", name="k"))
+    b = open_on_disk(merge_to_disk(trained, slim, tmp_path / "slim", name="k"))
+    np.testing.assert_array_equal(answers(a, q)[1], answers(b, q)[1])
+    template = faiss.deserialize_index(np.frombuffer(trained, np.uint8))
+    flags = faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE
+    read = faiss.deserialize_index(np.frombuffer(slim[1], np.uint8), flags)
+    assert is_lists_only(read)
+    part = with_quantizer(read, template)
+    del read  # the copy owns the lists now
+    expected = populated(trained, data, *BOUNDS[1])
+    np.testing.assert_array_equal(answers(part, q)[1], answers(expected, q)[1])
+    np.testing.assert_allclose(answers(part, q)[0], answers(expected, q)[0], rtol=1e-5)
+    assert template.ntotal == 0  # cloned, not changed
+    old = faiss.deserialize_index(np.frombuffer(whole[1], np.uint8), flags)
+    assert with_quantizer(old, template) is old  # a part stored whole is read as it is
 
 
 def test_a_populated_or_non_ivf_trained_index_is_refused(

@@ -19,10 +19,15 @@ import pytest
 from bob_cache.errors import SpecError
 from bob_cache.pipelines.index import IndexConfig, build_index
 from bob_cache.pipelines.query import QueryConfig, Searcher
-from bob_cache.retrieval import faiss_ops
+from bob_cache.retrieval import faiss_ops, ivf_lists
 from bob_cache.retrieval.auto import parse_memory, resolve_kind
 from bob_cache.stores import open_store
-from bob_cache.stores.index_parts import load_merged_in_memory, part_commits
+from bob_cache.stores.index_parts import (
+    load_merged_in_memory,
+    part_commits,
+    part_numbers,
+    part_reader,
+)
 from bob_cache.stores.index_store import (
     INDEX_GROUP,
     check_index,
@@ -117,6 +122,10 @@ def test_a_sharded_build_equals_a_single_build(reference: tuple[Path, Any]) -> N
     assert len(parts.parts[-1]["plan"]["rows"]) == 150  # the held-out rows, added last
     assert sum(p["rows"] for p in parts.parts) == parts.rows
     assert_same_index(single, load(store, "parts"))
+    assert parts.rerank == one.rerank  # tuned per re-ranking depth the same way
+    for part in part_numbers(parts):  # stored as lists alone: `trained` holds the quantizer
+        stored = faiss_ops.read_index(part_reader(fs, parts, part), ivf_lists.read_flags())
+        assert ivf_lists.is_lists_only(stored), part
 
 
 def test_a_two_worker_local_cluster_builds_the_same_index(
