@@ -187,7 +187,8 @@ def step_bob_build(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     record = summary["record"]
     return {**run, "command": " ".join(cmd[2:]), "nprobe": record["search_value"],
             "tuned_recall": record["recall"], "index_bytes": record["bytes"],
-            "parts": len(record.get("parts") or []), "notes": summary.get("notes")}  # fmt: skip
+            "parts": len(record.get("parts") or []), "notes": summary.get("notes"),
+            "rerank_tuning": record.get("rerank")}  # fmt: skip
 
 
 def step_bob_search(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -210,6 +211,7 @@ def step_bob_search(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
         out[name] = {
             "first_open_seconds": round(first, 2), "open_seconds": round(again, 3),
+            "search_value": s.search_value, "tuned_recall": round(s.expected_recall, 4),
             "recall_at_10": round(recall(s.search(q, K).rows, truth), 4),
             "qps_batch1": qps(search, q, 1), f"qps_batch{BATCH}": qps(search, q, BATCH),
         }  # fmt: skip

@@ -370,8 +370,26 @@ def run_curve(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _positional_opq() -> None:
+    """autofaiss 2.18.0 calls ``faiss.OPQMatrix(d, M=..., d2=...)``, which the SWIG bindings
+    of faiss ≥ 1.8 refuse (no keyword arguments); it picks OPQ for sets above a few million
+    rows. Pass the same arguments positionally (the constructor is ``OPQMatrix(d, M, d2)``)."""
+    import faiss
+
+    opq = faiss.OPQMatrix
+    if getattr(opq, "positional_shim", False):
+        return
+
+    def positional(d: int = 0, M: int = 1, d2: int = -1) -> Any:
+        return opq(d, M, d2)
+
+    positional.positional_shim = True  # type: ignore[attr-defined]
+    faiss.OPQMatrix = positional
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _positional_opq()
     # Everything but the final JSON goes to stderr, including C-level prints from faiss:
     # point fd 1 at stderr while running, restore it for the result.
     sys.stdout.flush()
