@@ -10,19 +10,34 @@ environment unless started with, e.g., ``DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVI
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from bob_cache.errors import BobCacheError
 from bob_cache.extras import require
 
+logger = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 10
 INTERRUPT_GRACE_S = 5  # how long Ctrl-C waits for running local tasks to stop
 
 
 class SchedulerError(BobCacheError, ConnectionError):
     """The Dask scheduler named by --scheduler does not answer, or cannot run the jobs."""
+
+
+def task_result(future: Any, failed: Callable[[str], None]) -> Any | None:
+    """``future``'s result. A user error (:class:`BobCacheError`: bad data, a refused resume)
+    raises with its message; any other failure is passed to ``failed`` as a one-line reason
+    (its traceback logged at debug level) and gives None, for the caller to redo locally."""
+    try:
+        return future.result()
+    except BobCacheError:
+        raise
+    except Exception as exc:
+        failed(" ".join(f"{type(exc).__name__}: {exc}".split()))
+        logger.debug("Traceback of the failed task:", exc_info=exc)
+        return None
 
 
 @contextmanager

@@ -22,8 +22,7 @@ from dataclasses import replace
 from typing import Any
 
 from bob_cache.config import ExtractConfig, without_loaders_in_daemon
-from bob_cache.errors import BobCacheError
-from bob_cache.pipelines.cluster import SchedulerError, dask_client
+from bob_cache.pipelines.cluster import SchedulerError, dask_client, task_result
 
 PARTS_PER_WORKER = 1
 logger = logging.getLogger(__name__)
@@ -131,18 +130,10 @@ def _torch_threads() -> int:
 def _result(future: Any, *, part: tuple[int, int]) -> dict[str, Any] | None:
     """A part's summary; a user error (bad data, refused resume) ends the run with its message,
     any other failure is logged and leaves the part's shards to the final pass."""
-    try:
-        return future.result()
-    except BobCacheError:
-        raise
-    except Exception as exc:
-        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
-        logger.warning(
-            "Extraction part %d/%d failed on the cluster (%s); its missing shards are computed "
-            "in this process after the other parts.", *part, reason,
-        )  # fmt: skip
-        logger.debug("Traceback of part %d/%d:", *part, exc_info=exc)
-        return None
+    return task_result(future, lambda reason: logger.warning(
+        "Extraction part %d/%d failed on the cluster (%s); its missing shards are computed "
+        "in this process after the other parts.", *part, reason,
+    ))  # fmt: skip
 
 
 def _has_cuda() -> bool:

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from bob_cache.errors import BobCacheError, SpecError
+from bob_cache.errors import SpecError
 from bob_cache.pipelines.index import (
     MIN_HELD_OUT,
     IndexConfig,
@@ -306,7 +306,7 @@ def _on_cluster(
 ) -> dict[int, dict[str, Any]]:
     """Run ``plans`` as Dask tasks; returns the commits of those that finished (a part that
     failed for good is logged and left to this process)."""
-    from bob_cache.pipelines.cluster import dask_client
+    from bob_cache.pipelines.cluster import dask_client, task_result
 
     location = config.store if "://" in config.store else str(Path(config.store).resolve())
     token = uuid.uuid4().hex[:8]
@@ -321,16 +321,12 @@ def _on_cluster(
             for p in plans
         }  # fmt: skip
         for part, future in futures.items():
-            try:
-                done[part] = future.result()
-            except BobCacheError:
-                raise
-            except Exception as exc:
-                reason = " ".join(f"{type(exc).__name__}: {exc}".split())
-                logger.warning(
-                    "Index part %d failed on the cluster (%s); it is computed in this "
-                    "process after the others.", part, reason,
-                )  # fmt: skip
+            commit = task_result(future, lambda reason, part=part: logger.warning(
+                "Index part %d failed on the cluster (%s); it is computed in this process "
+                "after the others.", part, reason,
+            ))  # fmt: skip
+            if commit is not None:
+                done[part] = commit
     return done
 
 
@@ -432,18 +428,13 @@ def _pick(
     """The smallest value whose merged results reach ``target`` recall@k (else the best), and
     per re-ranking depth the same for its candidates (see :func:`faiss_ops.tune`)."""
     rows: list[dict[str, Any]] = []
+    deepest = max([k, *depths])
     for value in values:
         heaps[value].finalize()
-        deepest = max([k, *depths])
         found = heaps[value].I if own is None else drop_self(heaps[value].I, own, deepest)
         rows.append(faiss_ops.sweep_row(value, found, truth, k, depths, seconds[value]))
         if rows[-1]["recall"] >= target:
             break
     if not rows:
         return faiss_ops.Tuning(None, 1.0, target, True, rows)
-    reached = rows[-1]["recall"] >= target
-    best = rows[-1] if reached else max(rows, key=lambda r: r["recall"])
-    return faiss_ops.Tuning(
-        int(best["value"]), best["recall"], target, reached, rows,
-        rerank=faiss_ops.pick_rerank(rows, target),
-    )  # fmt: skip
+    return faiss_ops.tuning_of(rows, target)

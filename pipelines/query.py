@@ -139,6 +139,7 @@ class Searcher:
         self.exact = exact
         self.pending_shards = [] if exact else check_index(fs, record)
         self.search_value, self.expected_recall = self._search_setting(record, config)
+        self._rerank_note = None if exact else rerank_shortfall(record, config.rerank)
         faiss_ops.set_search_param(index, get_kind(record.kind), self.search_value)
         self.ids = fs.array("ids")[:]
         self.labels = fs.array("labels")[:]
@@ -218,7 +219,7 @@ class Searcher:
     def note(self) -> str | None:
         """What a user should know about how queries are answered (None: nothing)."""
         if not self.exact:
-            return rerank_shortfall(self.record, self.config.rerank)
+            return self._rerank_note  # every answer carries it: worked out once, at open
         return (
             f"No index is built for '{self.fs.path}': searching its {self.n_indexed} stored "
             f"rows exactly ({EXACT_METRIC}, in memory). Build one with `bob-cache index build` "

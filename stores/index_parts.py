@@ -217,7 +217,10 @@ def load_merged_in_memory(fs: FeatureSet, record: IndexRecord) -> Any:
     Equal to the index a single-process build of the same parts would hold. Memory is the
     whole index: for indexes too large for that, serve the parts from disk instead.
     """
-    index, template = load_trained(fs, record), load_trained(fs, record)
+    from bob_cache.extras import import_faiss
+
+    index = load_trained(fs, record)
+    template = import_faiss().clone_index(index)  # stays empty: each part's lists go in a copy
     for part in part_numbers(record):
         index.merge_from(load_part(fs, record, part, template), 0)
     return index

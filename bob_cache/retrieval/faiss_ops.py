@@ -193,12 +193,7 @@ def exact_neighbours(
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     """Mean share of each query's true top-``k`` ids that ``found`` returned in its top ``k``."""
-    hits = [
-        len(set(f[:k][f[:k] >= 0].tolist()) & set(t[:k][t[:k] >= 0].tolist()))
-        / max(1, int((t[:k] >= 0).sum()))
-        for f, t in zip(found, truth, strict=True)
-    ]
-    return float(np.mean(hits)) if hits else 1.0
+    return candidate_recall(found, truth, k, k)
 
 
 def candidate_recall(found: np.ndarray, truth: np.ndarray, k: int, depth: int) -> float:
@@ -252,6 +247,15 @@ def sweep_row(
     if depths:
         row["candidates"] = {str(d): candidate_recall(found, truth, k, d) for d in depths}
     return row
+
+
+def tuning_of(rows: list[dict[str, Any]], target: float) -> Tuning:
+    """The sweep's pick (its last row when that reached ``target``, else its best) and the
+    re-ranking depths' picks."""
+    reached = rows[-1]["recall"] >= target
+    best = rows[-1] if reached else max(rows, key=lambda r: r["recall"])
+    rerank = pick_rerank(rows, target)
+    return Tuning(int(best["value"]), best["recall"], target, reached, rows, rerank=rerank)
 
 
 PLATEAU = 0.005  # recall an unreached depth gives up for the cheapest value of its plateau
@@ -315,11 +319,9 @@ def tune(
         rows.append(sweep_row(value, found, truth, k, depths, time.perf_counter() - started))
         if rows[-1]["recall"] >= target:
             break
-    reached = rows[-1]["recall"] >= target
-    best = rows[-1] if reached else max(rows, key=lambda r: r["recall"])
-    set_search_param(index, kind, int(best["value"]))
-    rerank = pick_rerank(rows, target)
-    return Tuning(int(best["value"]), best["recall"], target, reached, rows, rerank=rerank)
+    tuning = tuning_of(rows, target)
+    set_search_param(index, kind, tuning.value)
+    return tuning
 
 
 def _param_limit(index: Any, kind: IndexKind) -> int:
