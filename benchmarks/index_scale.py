@@ -66,6 +66,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--serve-queries", type=int, default=500)
     p.add_argument("--work", type=Path, default=None)
     p.add_argument("--fresh", action="store_true")
+    p.add_argument("--only", nargs="+", choices=list(STEPS), default=None,
+                   help="rerun these steps (figures replaced), skip the rest")  # fmt: skip
     return p.parse_args()
 
 
@@ -290,7 +292,7 @@ def main() -> None:
     done_file = work / "steps.json"
     done = json.loads(done_file.read_text()) if done_file.exists() else {}
     for name, step in STEPS.items():
-        if name in done:
+        if (name in done and not args.only) or (args.only and name not in args.only):
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {name} ...", file=sys.stderr, flush=True)
         done[name] = step(args, work)

