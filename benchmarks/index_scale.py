@@ -13,12 +13,15 @@ Steps (each kept in ``<work>/steps.json`` and skipped when rerun; ``--fresh`` st
    --shards N --local-cluster W --max-memory B`` in a child, wall time and peak RSS of the
    whole process tree (the workers included) polled with psutil; 4. ``bob-search``: the first
    ``query`` open (merge to disk) and a second (open only), recall@10 and q/s at batch 1 and
-   256 without and with ``--rerank``; 5. ``export``: ``bob-cache export`` (npy, float16);
+   256 without and with ``--rerank``, after the mapped files are paged in as ``serve`` does
+   (``Searcher.warmer``); 5. ``export``: ``bob-cache export`` (npy, float16);
    6. ``autofaiss``: ``benchmarks/peers/autofaiss_run.py --embeddings <export>/img_emb`` in its
    venv (``benchmarks/peers/setup_autofaiss.sh``) with ``--max-memory B``, wall and peak RSS
    polled the same way, recall@10 and q/s at its own search parameters; 7. ``serve``:
-   ``bob-cache serve`` over the sharded index with ``--rerank``, p50/p99 of single-vector
-   queries from one client.
+   ``bob-cache serve`` over the sharded index with ``--rerank``, once ``/health`` says its
+   mapped files are paged in, p50/p99 of single-vector queries from one client.
+
+``--only STEP ...`` reruns those steps (their earlier figures replaced) and skips the rest.
 
     python benchmarks/index_scale.py --rows 1000000                 # ~30 min on 2 cores
     python benchmarks/index_scale.py --rows 10000000 --nlist 4096   # the size
@@ -207,6 +210,8 @@ def step_bob_search(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         started = time.perf_counter()
         s = Searcher.open(QueryConfig(str(work / "store"), DATASET, BACKBONE, **base, **extra))
         again = time.perf_counter() - started
+        warmer = s.warmer().start()  # as `serve` does: the mapped files paged in, if they fit
+        warmer.wait()
 
         def search(x: np.ndarray, k: int, s: Any = s) -> Any:
             return s.search(x, k)
@@ -214,6 +219,7 @@ def step_bob_search(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         out[name] = {
             "first_open_seconds": round(first, 2), "open_seconds": round(again, 3),
             "search_value": s.search_value, "tuned_recall": round(s.expected_recall, 4),
+            "warm": warmer.status(),
             "recall_at_10": round(recall(s.search(q, K).rows, truth), 4),
             "qps_batch1": qps(search, q, 1), f"qps_batch{BATCH}": qps(search, q, BATCH),
         }  # fmt: skip
@@ -256,12 +262,15 @@ def step_serve(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
+        health: dict[str, Any] = {}
+        for _ in range(1200):  # up, and its mapped files paged in (GET /health: warm)
             try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                health = httpx.get(f"{url}/health", timeout=1).json()
+                if health["warm"]["state"] != "warming":
                     break
             except httpx.HTTPError:
-                time.sleep(0.5)
+                pass
+            time.sleep(0.5)
         q = np.load(work / "queries.npy")
         times = []
         with httpx.Client() as client:
@@ -275,7 +284,9 @@ def step_serve(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         server.wait()
     ms = np.asarray(times[10:]) * 1000
     return {"p50_ms": round(float(np.percentile(ms, 50)), 2),
-            "p99_ms": round(float(np.percentile(ms, 99)), 2), "queries": len(ms)}  # fmt: skip
+            "p99_ms": round(float(np.percentile(ms, 99)), 2), "queries": len(ms),
+            "rerank": args.rerank, "search_value": health.get("search_value"),
+            "warm": health.get("warm")}  # fmt: skip
 
 
 STEPS = {"data": step_data, "truth": step_truth, "bob-build": step_bob_build,

@@ -34,7 +34,7 @@ from bob_cache.pipelines.query_index import index_cache_folder, load_index, open
 from bob_cache.pipelines.registry import register_stage
 from bob_cache.pipelines.selection import select_feature_sets
 from bob_cache.provenance import utc_now
-from bob_cache.retrieval import faiss_ops
+from bob_cache.retrieval import coarse, faiss_ops, ondisk
 from bob_cache.retrieval.exact import EXACT_METRIC, exact_index
 from bob_cache.retrieval.kinds import get_kind
 from bob_cache.retrieval.query_inputs import (
@@ -48,6 +48,7 @@ from bob_cache.retrieval.query_inputs import (
 )
 from bob_cache.retrieval.rerank import check_rerank
 from bob_cache.retrieval.vectors import read_rows
+from bob_cache.retrieval.warm import Warmer
 from bob_cache.stores import FeatureSet, open_store
 from bob_cache.stores.index_store import (
     IndexRecord,
@@ -141,6 +142,7 @@ class Searcher:
         self.search_value, self.expected_recall = self._search_setting(record, config)
         self._rerank_note = None if exact else rerank_shortfall(record, config.rerank)
         faiss_ops.set_search_param(index, get_kind(record.kind), self.search_value)
+        self.coarse_graph = not exact and coarse.use_graph(index)  # many lists: HNSW finds them
         self.ids = fs.array("ids")[:]
         self.labels = fs.array("labels")[:]
         self.valid = fs.array("valid")[:]
@@ -225,6 +227,13 @@ class Searcher:
             f"rows exactly ({EXACT_METRIC}, in memory). Build one with `bob-cache index build` "
             "for faster queries on large sets."
         )
+
+    def warmer(self, *, available: int | None = None) -> Warmer:
+        """A :class:`~bob_cache.retrieval.warm.Warmer` (not started) for this searcher's
+        memory-mapped files: the on-disk inverted lists and the ``--rerank`` vector copy."""
+        regions = [ondisk.mapped_lists(self.index) if self.on_disk else None]
+        regions.append(self.reranker.mapped() if self.reranker is not None else None)
+        return Warmer([r for r in regions if r is not None], available=available)
 
     # --- queries: Hits (arrays, the lean path the server uses) -------------------------------
     def search(self, vectors: np.ndarray | Sequence[Sequence[float]], k: int = 10) -> Hits:

@@ -32,8 +32,8 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,7 @@ def create_app(
     load_model: bool = True,
     images_root: str | Path | None = None,
     health_ttl: float = HEALTH_TTL,
+    warm: bool = True,
 ) -> FastAPI:
     """A FastAPI app answering nearest-neighbour queries against ``searcher``.
 
@@ -96,8 +97,21 @@ def create_app(
         images_root: the folder the images are in now, when they moved since extraction
             (default: the one in the feature set's provenance).
         health_ttl: seconds between two checks that the stored set and index are intact.
+        warm: page the memory-mapped index files in while the service runs, when they fit
+            in memory (:mod:`bob_cache.retrieval.warm`; ``/health`` shows how far).
     """
-    app = FastAPI(title="bob-cache query service", version="1")
+    warmer = searcher.warmer()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if warm:
+            warmer.start()
+        else:
+            warmer.off("--no-warm: pages are read from disk as queries first touch them")
+        yield
+        warmer.stop()
+
+    app = FastAPI(title="bob-cache query service", version="1", lifespan=lifespan)
     upload = Limit(int(max_upload_mb * 2**20), "(--max-upload-mb)")
     pixels = {
         "max_image_pixels": int(max_image_mp * 1e6),
@@ -132,10 +146,11 @@ def create_app(
             "on_disk": searcher.on_disk, "rerank": searcher.config.rerank,
             "dim": searcher.fs.dim, "recall": searcher.expected_recall,
             "search_param": r.search_param, "search_value": searcher.search_value,
+            "coarse_graph": searcher.coarse_graph,
             "backbone": searcher.fs.attrs["backbone"].get("slug"),
             "image_queries": model_error is None, "pending_shards": len(searcher.pending_shards),
             "max_batch": max_batch, "max_json_bytes": json_limit.bytes,
-            "thumbnails": thumbs.available, **_note(searcher),
+            "thumbnails": thumbs.available, "warm": warmer.status(), **_note(searcher),
             **({"thumbnails_note": thumbs.problem} if thumbs.problem else {}),
         })  # fmt: skip
 
@@ -353,6 +368,7 @@ def serve(
     max_image_mp: float = DEFAULT_MAX_IMAGE_MP,
     max_request_mp: float = DEFAULT_MAX_REQUEST_MP,
     images_root: str | Path | None = None,
+    warm: bool = True,
 ) -> None:
     """Run the service with uvicorn until interrupted."""
     import uvicorn
@@ -360,5 +376,6 @@ def serve(
     app = create_app(
         searcher, max_upload_mb=max_upload_mb, max_batch=max_batch,
         max_image_mp=max_image_mp, max_request_mp=max_request_mp, images_root=images_root,
+        warm=warm,
     )  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -329,6 +329,13 @@ def serve(
     ] = None,
     rerank: RerankOpt = None,
     index_cache: IndexCacheOpt = None,
+    warm: Annotated[
+        bool,
+        typer.Option(
+            help="Page the memory-mapped index files (on-disk lists, the --rerank vectors) "
+            "in while serving, when they fit in memory: the first queries then skip the disk."
+        ),
+    ] = True,
 ) -> None:
     """Serve nearest-neighbour queries over HTTP: JSON endpoints and a search page at /."""
     require("serve", "The query service")
@@ -350,13 +357,31 @@ def serve(
         highlight=False,
     )
     _print_notes(searcher)
+    _print_warm_plan(searcher, warm)
     problem = thumbnail_problem(searcher.fs.attrs.get("dataset", {}), images_root)
     if problem:
         err.print(f"  note: {problem}", highlight=False)
     run_server(
         searcher, host=host, port=port, max_upload_mb=max_upload_mb, max_batch=max_batch,
         max_image_mp=max_image_mp, max_request_mp=max_request_mp, images_root=images_root,
+        warm=warm,
     )  # fmt: skip
+
+
+def _print_warm_plan(searcher: Any, warm: bool) -> None:
+    """Say whether the mapped index files will be paged in while serving, and why not."""
+    warmer = searcher.warmer()
+    if not warmer.regions or not warm:
+        return
+    reason = warmer.plan()
+    if reason:
+        err.print(f"  note: not warming: {reason}", highlight=False)
+    else:
+        err.print(
+            f"  Paging in {warmer.total / 1e9:.1f} GB of memory-mapped index files in the "
+            "background (GET /health: warm); queries are answered meanwhile.",
+            highlight=False,
+        )
 
 
 @handle_errors

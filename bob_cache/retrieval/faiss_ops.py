@@ -209,7 +209,7 @@ def candidate_recall(found: np.ndarray, truth: np.ndarray, k: int, depth: int) -
 
 # Re-ranking depths (--rerank K) the search parameter is also tuned for: nprobe kinds only (an
 # HNSW search widens itself to K, so its k-level value already serves any K).
-RERANK_DEPTHS = (20, 50, 100, 200, 500, 1000)
+RERANK_DEPTHS = (20, 50, 100, 200, 300, 500, 1000)
 
 
 def rerank_depths(kind: IndexKind, k: int, rows: int) -> list[int]:

@@ -36,6 +36,7 @@ import numpy as np
 from bob_cache.errors import IndexMismatchError, StoreError, StoreFullError
 from bob_cache.extras import import_faiss
 from bob_cache.provenance import utc_now
+from bob_cache.retrieval.warm import Region
 from bob_cache.stores.atomic import (
     STAGE_PREFIX,
     crash_point,
@@ -379,6 +380,17 @@ def open_on_disk(folder: Path) -> Any:
             f"{_REBUILD}."
         )
     return index
+
+
+def mapped_lists(index: Any) -> Region | None:
+    """The memory-mapped inverted lists of an index from :func:`open_on_disk` (None when its
+    lists are in memory), for :class:`~bob_cache.retrieval.warm.Warmer`."""
+    faiss = import_faiss()
+    ivf = faiss.try_extract_index_ivf(index)
+    lists = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None else None
+    if not isinstance(lists, faiss.OnDiskInvertedLists) or lists.ptr is None:
+        return None
+    return Region(lists.filename, int(lists.ptr), int(lists.totsize), owner=index)
 
 
 # --- small helpers ------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import numpy as np
 from bob_cache.errors import FeatureOverflowError, QueryError, StoreError
 from bob_cache.retrieval.faiss_ops import prepare
 from bob_cache.retrieval.kinds import parse_metric
+from bob_cache.retrieval.warm import Region
 from bob_cache.stores.atomic import crash_point, full_disk_is_reported, temporary_name
 
 VECTORS_FILE = "vectors.npy"
@@ -124,6 +125,10 @@ class Reranker:
     @property
     def dim(self) -> int:
         return int(self.vectors.shape[1])
+
+    def mapped(self) -> Region:
+        """The mapped rows, for :class:`~bob_cache.retrieval.warm.Warmer`."""
+        return Region(str(self.path), self._rows.ctypes.data, self._rows.nbytes, owner=self)
 
     def rerank(
         self, queries: np.ndarray, candidates: np.ndarray, k: int

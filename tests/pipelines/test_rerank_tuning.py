@@ -69,9 +69,17 @@ def test_each_depth_takes_the_smallest_value_that_reaches_the_target() -> None:
 
 
 def test_depths_are_tuned_for_nprobe_kinds_only() -> None:
-    assert faiss_ops.rerank_depths(get_kind("ivfpq"), 10, 1497) == [20, 50, 100, 200, 500, 1000]
+    assert faiss_ops.rerank_depths(get_kind("ivfpq"), 10, 1497) == [
+        20,
+        50,
+        100,
+        200,
+        300,
+        500,
+        1000,
+    ]
     assert faiss_ops.rerank_depths(get_kind("ivfpq"), 10, 120) == [20, 50, 100]
-    assert faiss_ops.rerank_depths(get_kind("ivfpq"), 100, 10**6) == [200, 500, 1000]
+    assert faiss_ops.rerank_depths(get_kind("ivfpq"), 100, 10**6) == [200, 300, 500, 1000]
     assert faiss_ops.rerank_depths(get_kind("hnsw"), 10, 10**6) == []  # it widens itself to K
 
 
@@ -96,7 +104,7 @@ def test_the_build_records_a_value_per_depth_and_parts_agree(capped: Path) -> No
     fs = open_store(capped).get(PATH)
     one, parts = get_record(fs, "one"), get_record(fs, "parts")
     assert one.recall < 0.8  # the codes cap recall@10: the k-level value is the best of a poor lot
-    assert set(one.rerank) == {"20", "50", "100", "200", "500", "1000"}
+    assert set(one.rerank) == {"20", "50", "100", "200", "300", "500", "1000"}
     assert one.rerank == parts.rerank  # the same lists, the same held-out rows, the same sweep
     assert one.rerank["100"]["reached"] and one.rerank["100"]["recall"] >= 0.95
     assert one.rerank["100"]["value"] < one.search_value  # fewer lists suffice with re-ranking
