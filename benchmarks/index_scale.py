@@ -129,6 +129,35 @@ def qps(search: Any, queries: np.ndarray, batch: int, seconds: float = 5.0) -> f
     return round(n / (time.perf_counter() - started), 1)
 
 
+def qps_median(search: Any, queries: np.ndarray, batch: int, windows: int = 3) -> float:
+    """The median of ``windows`` 3-second :func:`qps` windows (this VM's speed drifts)."""
+    return float(np.median([qps(search, queries, batch, 3.0) for _ in range(windows)]))
+
+
+def coarse_ab(
+    s: Any, config: Any, q: np.ndarray, truth: np.ndarray, rounds: int = 3
+) -> dict[str, Any]:
+    """Batch-1 q/s through the coarse graph against the flat quantizer, windows interleaved."""
+    from bob_cache.pipelines.query import Searcher
+    from bob_cache.retrieval import coarse
+
+    saved, coarse.MIN_LISTS = coarse.MIN_LISTS, 1 << 62
+    try:
+        flat = Searcher.open(config)
+    finally:
+        coarse.MIN_LISTS = saved
+    flat.warmer().start().wait()
+    graph_qps, flat_qps = [], []
+    for _ in range(rounds):
+        graph_qps.append(qps(lambda x, k: s.search(x, k), q, 1, 3.0))
+        flat_qps.append(qps(lambda x, k: flat.search(x, k), q, 1, 3.0))
+    g, f = float(np.median(graph_qps)), float(np.median(flat_qps))
+    return {"graph_qps_batch1": g, "flat_qps_batch1": f, "ratio": round(g / f, 3),
+            "graph_recall": round(recall(s.search(q, K).rows, truth), 4),
+            "flat_recall": round(recall(flat.search(q, K).rows, truth), 4),
+            "windows": {"graph": graph_qps, "flat": flat_qps}}  # fmt: skip
+
+
 # --- steps -----------------------------------------------------------------------------------
 def step_data(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from bob_cache.stores import FeatureSetRequest, open_store, resolve_layout
@@ -208,7 +237,8 @@ def step_bob_search(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         s = Searcher.open(QueryConfig(str(work / "store"), DATASET, BACKBONE, **base, **extra))
         first = time.perf_counter() - started
         started = time.perf_counter()
-        s = Searcher.open(QueryConfig(str(work / "store"), DATASET, BACKBONE, **base, **extra))
+        config = QueryConfig(str(work / "store"), DATASET, BACKBONE, **base, **extra)
+        s = Searcher.open(config)
         again = time.perf_counter() - started
         warmer = s.warmer().start()  # as `serve` does: the mapped files paged in, if they fit
         warmer.wait()
@@ -220,9 +250,13 @@ def step_bob_search(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "first_open_seconds": round(first, 2), "open_seconds": round(again, 3),
             "search_value": s.search_value, "tuned_recall": round(s.expected_recall, 4),
             "warm": warmer.status(),
+            "coarse_graph": s.coarse_graph,
             "recall_at_10": round(recall(s.search(q, K).rows, truth), 4),
-            "qps_batch1": qps(search, q, 1), f"qps_batch{BATCH}": qps(search, q, BATCH),
+            "qps_batch1": qps_median(search, q, 1),
+            f"qps_batch{BATCH}": qps_median(search, q, BATCH),
         }  # fmt: skip
+        if s.coarse_graph and name == "rerank":
+            out[name]["coarse_ab"] = coarse_ab(s, config, q, truth)
     out["rerank_k"] = args.rerank
     return out
 
