@@ -370,6 +370,8 @@ def serve(
 
 def _print_warm_plan(searcher: Any, warm: bool) -> None:
     """Say whether the mapped index files will be paged in while serving, and why not."""
+    from bob_cache.retrieval.warm import size_text
+
     warmer = searcher.warmer()
     if not warmer.regions or not warm:
         return
@@ -378,7 +380,7 @@ def _print_warm_plan(searcher: Any, warm: bool) -> None:
         err.print(f"  note: not warming: {reason}", highlight=False)
     else:
         err.print(
-            f"  Paging in {warmer.total / 1e9:.1f} GB of memory-mapped index files in the "
+            f"  Paging in {size_text(warmer.total)} of memory-mapped index files in the "
             "background (GET /health: warm); queries are answered meanwhile.",
             highlight=False,
         )

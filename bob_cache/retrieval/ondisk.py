@@ -36,7 +36,7 @@ import numpy as np
 from bob_cache.errors import IndexMismatchError, StoreError, StoreFullError
 from bob_cache.extras import import_faiss
 from bob_cache.provenance import utc_now
-from bob_cache.retrieval.warm import Region
+from bob_cache.retrieval.warm import Region, size_text
 from bob_cache.stores.atomic import (
     STAGE_PREFIX,
     crash_point,
@@ -261,18 +261,10 @@ def _check_free_space(faiss: Any, parts: list[Path], stage: Path) -> None:
     free = _free_bytes(stage)
     if need * _HEADROOM > free:
         raise StoreFullError(
-            f"Merging needs {_size(need)} free on {stage.parent} and {_size(free)} are. "
+            f"Merging needs {size_text(need)} free on {stage.parent} and {size_text(free)} are. "
             "Nothing was left under the index's final names. Free some space, or point "
             f"${CACHE_ENV} at a larger disk, then run the same command again."
         )
-
-
-def _size(n: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def _free_bytes(path: Path) -> int:

@@ -64,9 +64,10 @@ class Warmer:
             return "nothing is memory-mapped (an in-memory index)"
         if self.total > FIT * self.available:
             return (
-                f"the mapped files ({_gb(self.total)}) exceed {FIT:.0%} of the memory available "
-                f"at start ({_gb(self.available)}): served from disk, so the first queries read "
-                "their pages. Free memory or add it, then restart, to keep them in memory."
+                f"the mapped files ({size_text(self.total)}) exceed {FIT:.0%} of the memory "
+                f"available at start ({size_text(self.available)}): served from disk, so the "
+                "first queries read their pages. Free memory or add it, then restart, to keep "
+                "them in memory."
             )
         return None
 
@@ -102,7 +103,8 @@ class Warmer:
         """What ``/health`` shows: state, bytes paged in of the total, seconds, reason."""
         out = {"state": self.state, "bytes": self.total, "done_bytes": self.done}
         out["seconds"] = round(self.seconds, 1)
-        out["how"] = "page tables" if self.advice == MADV_POPULATE_READ else "read-ahead"
+        if self.state not in ("idle", "skipped", "off"):
+            out["how"] = "page tables" if self.advice == MADV_POPULATE_READ else "read-ahead"
         return {**out, "reason": self.reason} if self.reason else out
 
     def _run(self) -> None:
@@ -151,5 +153,10 @@ def _checked(code: int, region: Region) -> None:
         raise OSError(code, f"madvise on {region.name}: {os.strerror(code)}")
 
 
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.1f} GB"
+def size_text(n: float) -> str:
+    """``n`` bytes for people: ``512 bytes``, ``1.6 MiB``, ``15.0 GiB``."""
+    for unit in ("bytes", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"

@@ -57,7 +57,8 @@ def test_an_in_memory_index_and_a_set_too_big_for_memory_are_skipped_with_the_re
     big = searcher(sharded, tmp_path / "cache", rerank=50).warmer(available=10_000)
     big.start()
     assert big.state == "skipped" and big.done == 0
-    assert "exceed 80% of the memory available" in big.reason and "restart" in big.reason
+    assert "exceed 80% of the memory" in big.reason and "restart" in big.reason
+    assert "(9.8 KiB)" in big.reason and "how" not in big.status()
     plain = Warmer([]).start()
     assert plain.state == "skipped" and "in-memory index" in plain.reason
 
@@ -117,4 +118,10 @@ def test_the_service_warms_at_start_and_health_shows_it(
         assert state["state"] == "warm" and state["done_bytes"] == state["bytes"] > 0
     with serve_in_thread(create_app(s, load_model=False, health_ttl=0, warm=False)) as url:
         state = httpx.get(f"{url}/health").json()["warm"]
-        assert state["state"] == "off" and "--no-warm" in state["reason"]
+        assert state["state"] == "off" and "--no-warm" in state["reason"] and "how" not in state
+
+
+def test_sizes_are_written_for_people() -> None:
+    assert [warm.size_text(n) for n in (512, 1_636_800, 16_080_000_000)] == [
+        "512 bytes", "1.6 MiB", "15.0 GiB",
+    ]  # fmt: skip
