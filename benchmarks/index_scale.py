@@ -305,6 +305,8 @@ def step_serve(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
+        else:
+            raise RuntimeError(f"serve did not finish warming in 10 minutes: {health}")
         q = np.load(work / "queries.npy")
         times = []
         with httpx.Client() as client:

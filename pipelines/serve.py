@@ -56,6 +56,7 @@ from bob_cache.pipelines.body_limit import BodyLimit, Limit
 from bob_cache.pipelines.query import Searcher
 from bob_cache.pipelines.serve_health import HEALTH_TTL, Integrity
 from bob_cache.pipelines.serve_metrics import MetricsMiddleware, ServiceMetrics
+from bob_cache.retrieval.warm import Warmer
 
 DEFAULT_MAX_UPLOAD_MB = 20.0
 DEFAULT_MAX_BATCH = 256
@@ -80,6 +81,7 @@ def create_app(
     images_root: str | Path | None = None,
     health_ttl: float = HEALTH_TTL,
     warm: bool = True,
+    warmer: Warmer | None = None,
 ) -> FastAPI:
     """A FastAPI app answering nearest-neighbour queries against ``searcher``.
 
@@ -99,8 +101,10 @@ def create_app(
         health_ttl: seconds between two checks that the stored set and index are intact.
         warm: page the memory-mapped index files in while the service runs, when they fit
             in memory (:mod:`bob_cache.retrieval.warm`; ``/health`` shows how far).
+        warmer: the :class:`~bob_cache.retrieval.warm.Warmer` to run (default: a new one
+            from ``searcher``; the command line passes the one whose plan it printed).
     """
-    warmer = searcher.warmer()
+    warmer = warmer or searcher.warmer()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -108,8 +112,10 @@ def create_app(
             warmer.start()
         else:
             warmer.off("--no-warm: pages are read from disk as queries first touch them")
-        yield
-        warmer.stop()
+        try:
+            yield
+        finally:
+            warmer.stop()
 
     app = FastAPI(title="bob-cache query service", version="1", lifespan=lifespan)
     upload = Limit(int(max_upload_mb * 2**20), "(--max-upload-mb)")
@@ -369,6 +375,7 @@ def serve(
     max_request_mp: float = DEFAULT_MAX_REQUEST_MP,
     images_root: str | Path | None = None,
     warm: bool = True,
+    warmer: Warmer | None = None,
 ) -> None:
     """Run the service with uvicorn until interrupted."""
     import uvicorn
@@ -376,6 +383,6 @@ def serve(
     app = create_app(
         searcher, max_upload_mb=max_upload_mb, max_batch=max_batch,
         max_image_mp=max_image_mp, max_request_mp=max_request_mp, images_root=images_root,
-        warm=warm,
+        warm=warm, warmer=warmer,
     )  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -25,6 +25,9 @@ from bob_cache.commands.common import (
     require_existing_store,
 )
 from bob_cache.extras import require
+
+if TYPE_CHECKING:
+    from bob_cache.retrieval.warm import Warmer
 
 SplitOpt = Annotated[str, typer.Option(help="Split that forms the searchable database.")]
 IndexNameOpt = Annotated[
@@ -357,23 +360,24 @@ def serve(
         highlight=False,
     )
     _print_notes(searcher)
-    _print_warm_plan(searcher, warm)
+    warmer = searcher.warmer()
+    if warm:
+        _print_warm_plan(warmer)
     problem = thumbnail_problem(searcher.fs.attrs.get("dataset", {}), images_root)
     if problem:
         err.print(f"  note: {problem}", highlight=False)
     run_server(
         searcher, host=host, port=port, max_upload_mb=max_upload_mb, max_batch=max_batch,
         max_image_mp=max_image_mp, max_request_mp=max_request_mp, images_root=images_root,
-        warm=warm,
+        warm=warm, warmer=warmer,
     )  # fmt: skip
 
 
-def _print_warm_plan(searcher: Any, warm: bool) -> None:
+def _print_warm_plan(warmer: Warmer) -> None:
     """Say whether the mapped index files will be paged in while serving, and why not."""
-    from bob_cache.retrieval.warm import size_text
+    from bob_cache.units import size_text
 
-    warmer = searcher.warmer()
-    if not warmer.regions or not warm:
+    if not warmer.regions:
         return
     reason = warmer.plan()
     if reason:

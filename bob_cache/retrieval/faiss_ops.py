@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from bob_cache.extras import import_faiss
+from bob_cache.retrieval import coarse
 from bob_cache.retrieval.kinds import IndexKind
 
 
@@ -72,6 +73,7 @@ def set_search_param(index: Any, kind: IndexKind, value: int | None) -> None:
         faiss.GpuParameterSpace().set_index_parameter(index, kind.search_param, value)
     else:
         faiss.ParameterSpace().set_index_parameter(index, kind.search_param, value)
+        coarse.follow(index)  # a graph over the centroids searches as wide as nprobe asks
 
 
 # Exact search of at most this many queries goes through BLAS matrix-vector products: FAISS

@@ -36,7 +36,7 @@ import numpy as np
 from bob_cache.errors import IndexMismatchError, StoreError, StoreFullError
 from bob_cache.extras import import_faiss
 from bob_cache.provenance import utc_now
-from bob_cache.retrieval.warm import Region, size_text
+from bob_cache.retrieval.warm import Region
 from bob_cache.stores.atomic import (
     STAGE_PREFIX,
     crash_point,
@@ -44,6 +44,7 @@ from bob_cache.stores.atomic import (
     remove_leftovers,
     start_staging,
 )
+from bob_cache.units import size_text
 
 CACHE_ENV = "BOB_CACHE_INDEX_CACHE"
 INDEX_FILE = "index.faiss"

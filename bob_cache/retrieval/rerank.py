@@ -24,7 +24,7 @@ from bob_cache.retrieval.warm import Region
 from bob_cache.stores.atomic import crash_point, full_disk_is_reported, temporary_name
 
 VECTORS_FILE = "vectors.npy"
-_SLICE = 64  # queries rescored together (bounds the gathered block at 64·K·D floats)
+_SLICE = 64  # queries rescored together (bounds their gathered rows at 64·K·D floats)
 TORCH_GRAIN = 32_000  # elements: below at::internal::GRAIN_SIZE (32,768), copies stay serial
 
 

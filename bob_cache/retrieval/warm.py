@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import mmap
 import os
 import threading
@@ -25,10 +26,13 @@ from typing import Any
 
 import psutil
 
+from bob_cache.units import size_text
+
 MADV_WILLNEED = 3
 MADV_POPULATE_READ = 22  # Linux 5.14
 CHUNK = 64 << 20  # bytes paged in per call (the stop flag is checked between calls)
 FIT = 0.8  # share of the available memory the mapped files may take to be warmed
+HOW = {MADV_POPULATE_READ: "page tables", MADV_WILLNEED: "read-ahead"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class Warmer:
         self.seconds = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._started: float | None = None
 
     def plan(self) -> str | None:
         """Why :meth:`start` would not page anything in (None: it would)."""
@@ -72,7 +77,10 @@ class Warmer:
         return None
 
     def start(self) -> Warmer:
-        """Begin paging in (or record why not: see :meth:`plan`); returns ``self``."""
+        """Begin paging in (or record why not: see :meth:`plan`); returns ``self``. Only the
+        first call acts."""
+        if self.state != "idle":
+            return self
         reason = self.plan()
         if reason is not None:
             self.state, self.reason = "skipped", reason
@@ -102,13 +110,14 @@ class Warmer:
     def status(self) -> dict[str, Any]:
         """What ``/health`` shows: state, bytes paged in of the total, seconds, reason."""
         out = {"state": self.state, "bytes": self.total, "done_bytes": self.done}
-        out["seconds"] = round(self.seconds, 1)
+        running = self.state == "warming" and self._started is not None
+        out["seconds"] = round(time.monotonic() - self._started if running else self.seconds, 1)
         if self.state not in ("idle", "skipped", "off"):
-            out["how"] = "page tables" if self.advice == MADV_POPULATE_READ else "read-ahead"
+            out["how"] = HOW[self.advice]
         return {**out, "reason": self.reason} if self.reason else out
 
     def _run(self) -> None:
-        started = time.monotonic()
+        started = self._started = time.monotonic()
         try:
             for region in self.regions:
                 self._page_in(region)
@@ -116,8 +125,12 @@ class Warmer:
                     self.state = "stopped"
                     return
             self.state = "warm"
-        except OSError as exc:
-            self.state, self.reason = "failed", f"paging in failed ({exc}); served from disk"
+        except Exception as exc:  # any failure: the service goes on serving from disk
+            self.state = "failed"
+            self.reason = (
+                f"paging in failed ({exc}): served from disk, pages read as queries touch them. "
+                "Check the files named, or pass --no-warm."
+            )
         finally:
             self.seconds = time.monotonic() - started
 
@@ -137,13 +150,16 @@ class Warmer:
             self.done += at + length - max(at, region.address)
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+@functools.cache
+def _libc_madvise() -> Any:
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return madvise
 
 
 def _madvise(address: int, length: int, advice: int) -> int:
     """``madvise``; 0 or the errno it failed with (ctypes releases the GIL meanwhile)."""
-    if _libc.madvise(address, length, advice) == 0:
+    if _libc_madvise()(address, length, advice) == 0:
         return 0
     return ctypes.get_errno()
 
@@ -151,12 +167,3 @@ def _madvise(address: int, length: int, advice: int) -> int:
 def _checked(code: int, region: Region) -> None:
     if code:
         raise OSError(code, f"madvise on {region.name}: {os.strerror(code)}")
-
-
-def size_text(n: float) -> str:
-    """``n`` bytes for people: ``512 bytes``, ``1.6 MiB``, ``15.0 GiB``."""
-    for unit in ("bytes", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"

@@ -40,8 +40,10 @@ def test_the_graph_finds_the_flat_quantizers_lists_and_answers(data) -> None:
     flat, graphed = built(x), built(x)
     assert coarse.use_graph(graphed, min_lists=64)
     ivf = faiss.extract_index_ivf(graphed)
-    assert isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSWFlat)
-    assert faiss.downcast_index(ivf.quantizer).hnsw.efSearch == coarse.EF_MIN
+    graph = faiss.downcast_index(ivf.quantizer)
+    assert isinstance(graph, faiss.IndexHNSWFlat) and graph.hnsw.efSearch == coarse.EF_MIN
+    assert not ivf.own_fields  # the graph is the Python proxy's, kept by the index
+    assert any(type(o) is faiss.IndexHNSWFlat for o in graphed.referenced_objects)
     want = faiss.extract_index_ivf(flat).quantizer.search(q, 8)[1]
     got = ivf.quantizer.search(q, 8)[1]
     same_lists = np.mean([set(a) == set(b) for a, b in zip(want, got, strict=True)])
@@ -89,3 +91,22 @@ def test_a_searcher_over_many_lists_uses_the_graph_with_the_same_answers(
     assert graphed.coarse_graph
     q = queries(sharded)
     np.testing.assert_array_equal(graphed.search(q, 10).rows, plain.search(q, 10).rows)
+
+
+def test_an_index_read_from_bytes_swaps_once_and_efsearch_follows_nprobe(data) -> None:
+    from bob_cache.retrieval import faiss_ops
+    from bob_cache.retrieval.kinds import get_kind
+
+    x, q = data
+    index = faiss.deserialize_index(faiss.serialize_index(built(x)))  # owned by C++ inside
+    want = index.search(q, 10)[1]
+    assert coarse.use_graph(index, min_lists=64)
+    gc.collect()  # the flat quantizer, handed to Python, is freed here: nothing points at it
+    faiss_ops.set_search_param(index, get_kind("ivfpq"), 200)
+    ivf = faiss.extract_index_ivf(index)
+    assert ivf.nprobe == 200 and faiss.downcast_index(ivf.quantizer).hnsw.efSearch == 400
+    faiss_ops.set_search_param(index, get_kind("ivfpq"), 8)
+    assert faiss.downcast_index(ivf.quantizer).hnsw.efSearch == coarse.EF_MIN
+    assert np.mean(np.all(index.search(q, 10)[1] == want, axis=1)) >= 0.99
+    del index, ivf
+    gc.collect()

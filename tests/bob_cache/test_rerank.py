@@ -172,3 +172,18 @@ def test_a_kill_or_a_full_disk_leaves_no_file_and_a_rerun_writes_it(
     assert not list(tmp_path.iterdir())
     write_vector_file([x], path, n=10, dim=D)
     np.testing.assert_array_equal(np.load(path), x.astype(np.float16))
+
+
+def test_fewer_candidates_than_k_are_padded_and_a_zero_row_scores_zero(tmp_path: Path) -> None:
+    rows = clustered(20, seed=9).astype(np.float16)
+    rows[3] = 0
+    path = write_vector_file(blocks(rows), tmp_path / VECTORS_FILE, n=20, dim=D)
+    q = clustered(2, seed=10)
+    candidates = np.array([[3, 4, 5, 6], [7, 8, -1, 3]])
+    for metric, worst in (("cosine", -np.inf), ("l2", np.inf)):
+        scores, ids = Reranker(path, metric=metric).rerank(q, candidates, 6)
+        assert ids.shape == (2, 6) and (ids[:, 4:] == -1).all() and (scores[:, 4:] == worst).all()
+        assert ids[1, 3] == -1 and np.isfinite(scores[:, :3]).all()
+        zero = scores[0][ids[0] == 3][0]
+        want = 0.0 if metric == "cosine" else float((q[0] ** 2).sum())
+        np.testing.assert_allclose(zero, want, rtol=1e-5, atol=1e-6)

@@ -87,6 +87,23 @@ def test_warming_stops_between_chunks_and_a_failed_madvise_is_reported(
     failed = Warmer([region], available=1 << 40).start()
     assert not failed.wait(10) and failed.state == "failed"
     assert "madvise on anonymous" in failed.reason and "served from disk" in failed.reason
+    assert "--no-warm" in failed.reason
+
+    def broken(*a: object) -> int:
+        raise ValueError("not an OSError")
+
+    monkeypatch.setattr(warm, "_madvise", broken)
+    other = Warmer([region], available=1 << 40).start()
+    assert not other.wait(10) and other.state == "failed" and "not an OSError" in other.reason
+
+
+def test_a_second_start_does_not_page_in_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    block = mmap.mmap(-1, 4 * mmap.PAGESIZE)
+    address = np.frombuffer(block, np.uint8).ctypes.data
+    region = Region("anonymous", address, 4 * mmap.PAGESIZE, owner=block)
+    w = Warmer([region], available=1 << 40)
+    assert w.start().start().wait(10) and w.start().state == "warm"
+    assert w.done == w.total
 
 
 def test_an_older_kernel_gets_read_ahead_instead(monkeypatch: pytest.MonkeyPatch) -> None:
