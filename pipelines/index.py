@@ -11,6 +11,7 @@ fits ``--max-memory`` whole) an IVF index is built in parts, in this process or 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,8 @@ from bob_cache.stores.index_store import (
     index_writer,
     prune_versions,
 )
+
+logger = logging.getLogger(__name__)
 
 TRAIN_ROWS_PER_LIST = 64
 MAX_TRAIN_ROWS = 300_000
@@ -162,10 +165,13 @@ def _build(config: IndexConfig, fs: FeatureSet) -> IndexSummary:
     started = time.perf_counter()
     index = faiss_ops.create_index(choice.kind, fs.dim, config.metric, choice.params)
     index = _maybe_gpu(index, choice.kind, choice.params, config.gpu)
+    notes: list[str] = []
     if not index.is_trained:
         n_train = training_rows(choice.params)
         x, _ = sample_rows(fs, shards, n_train, config.metric, seed=config.seed)
-        index.train(x)
+        notes = faiss_ops.train(index, x)
+        for note in notes:
+            logger.warning("%s", note)
     added, tuning = _add_and_tune(index, fs, shards, shards, choice.kind, config)
     record = IndexRecord(
         name=name, kind=choice.kind.name, metric=config.metric, params=choice.params,
@@ -178,7 +184,7 @@ def _build(config: IndexConfig, fs: FeatureSet) -> IndexSummary:
     )  # fmt: skip
     record.build_seconds = round(time.perf_counter() - started, 3)
     _store(fs, record, index)
-    return IndexSummary(fs.path, "built", record.to_dict(), added, sweep=tuning.sweep)
+    return IndexSummary(fs.path, "built", record.to_dict(), added, sweep=tuning.sweep, notes=notes)
 
 
 def training_rows(params: dict[str, Any]) -> int:

@@ -94,7 +94,7 @@ def build_sharded(
         "generations": {str(s): generations[s] for s in shards},
     }  # fmt: skip
     key = index_parts.find_version(fs, name, build) or index_parts.create_version(fs, name, build)
-    _ensure_trained(config, fs, key, choice, n_train=n_train, shards=shards)
+    notes += _ensure_trained(config, fs, key, choice, n_train=n_train, shards=shards)
     queries, held = _held_out(fs, shards, config)
     plans = plan_parts(fs, shards, int(choice.shards or 1), generations, held, base=0)
     commits = run_parts(config, fs, key, plans)
@@ -196,20 +196,24 @@ def _training_rows(params: dict[str, Any], dim: int, max_memory: str | None) -> 
 
 def _ensure_trained(
     config: IndexConfig, fs: FeatureSet, key: str, choice: Choice, *, n_train: int, shards: list
-) -> None:
-    """Train on the sample and store the empty index as blob ``trained`` (once)."""
+) -> list[str]:
+    """Train on the sample and store the empty index as blob ``trained`` (once); the notes
+    :func:`faiss_ops.train` gave (a sample small for the index)."""
     group = index_parts.version_group(fs, key)
     if index_parts.blob_commit(group, index_parts.TRAINED) is not None:
-        return
+        return []
     index = faiss_ops.create_index(choice.kind, fs.dim, config.metric, choice.params)
     index = _maybe_gpu(index, choice.kind, choice.params, config.gpu)
     x, _ = sample_rows(fs, shards, n_train, config.metric, seed=config.seed)
-    index.train(x)
+    notes = faiss_ops.train(index, x)
     del x
+    for note in notes:
+        logger.warning("%s", note)
     index_parts.write_blob(
         fs, group, index_parts.TRAINED, lambda sink: faiss_ops.write_index(index, sink),
         commit={"rows": n_train}, step="index-trained",
     )  # fmt: skip
+    return notes
 
 
 # --- parts ----------------------------------------------------------------------------------
