@@ -140,7 +140,13 @@ class Searcher:
         self.exact = exact
         self.pending_shards = [] if exact else check_index(fs, record)
         self.search_value, self.expected_recall = self._search_setting(record, config)
-        self._rerank_note = None if exact else rerank_shortfall(record, config.rerank)
+        scores_exact = exact or get_kind(record.kind).exact
+        self.rerank_depth = None if scores_exact else config.rerank  # None: no re-ranking
+        self._rerank_note = (
+            rerank_ignored(config.rerank, EXACT_KIND if exact else record.kind)
+            if scores_exact and config.rerank
+            else rerank_shortfall(record, self.rerank_depth)
+        )
         faiss_ops.set_search_param(index, get_kind(record.kind), self.search_value)
         self.coarse_graph = not exact and coarse.use_graph(index)  # many lists: HNSW finds them
         self.ids = fs.array("ids")[:]
@@ -155,14 +161,15 @@ class Searcher:
         self.observe: Callable[[str, float], None] | None = None  # (phase, seconds): metrics
         self.on_disk = record.layout == "sharded"
         self.index_folder = index_cache_folder(fs, record.key, config) if self.on_disk else None
-        self.reranker = open_reranker(fs, record, config) if config.rerank else None
+        self.reranker = open_reranker(fs, record, config) if self.rerank_depth else None
 
     @staticmethod
     def _search_setting(record: IndexRecord, config: QueryConfig) -> tuple[int | None, float]:
         """The search parameter's value and the recall@k it was measured to give: the one
         tuned for ``--rerank``'s depth when the index has one (the top K candidates then
         hold the target share of the true top k), else the k-level one."""
-        tuned = faiss_ops.rerank_value(record.rerank, config.rerank) if config.rerank else None
+        depth = None if get_kind(record.kind).exact else config.rerank
+        tuned = faiss_ops.rerank_value(record.rerank, depth) if depth else None
         if tuned is None:
             return record.search_value, record.recall
         return int(tuned["value"]), float(tuned["recall"])
@@ -220,13 +227,14 @@ class Searcher:
     @property
     def note(self) -> str | None:
         """What a user should know about how queries are answered (None: nothing)."""
-        if not self.exact:
-            return self._rerank_note  # every answer carries it: worked out once, at open
-        return (
-            f"No index is built for '{self.fs.path}': searching its {self.n_indexed} stored "
-            f"rows exactly ({EXACT_METRIC}, in memory). Build one with `bob-cache index build` "
-            "for faster queries on large sets."
-        )
+        notes = [self._rerank_note]  # every answer carries it: worked out once, at open
+        if self.exact:
+            notes.append(
+                f"No index is built for '{self.fs.path}': searching its {self.n_indexed} stored "
+                f"rows exactly ({EXACT_METRIC}, in memory). Build one with `bob-cache index "
+                "build` for faster queries on large sets."
+            )
+        return " ".join(n for n in notes if n) or None
 
     def warmer(self, *, available: int | None = None) -> Warmer:
         """A :class:`~bob_cache.retrieval.warm.Warmer` (not started) for this searcher's
@@ -347,7 +355,7 @@ class Searcher:
         """The index's top ``k`` (or its top ``--rerank`` K rescored exactly to the best k)."""
         if self.reranker is None:
             return faiss_ops.search(self.index, x, k)
-        candidates = max(int(self.config.rerank or k), k)  # by id asks k + 1 (itself dropped)
+        candidates = max(int(self.rerank_depth or k), k)  # by id asks k + 1 (itself dropped)
         return self.reranker.search(self.index, x, k=k, candidates=candidates)
 
     def _embed(
@@ -393,7 +401,7 @@ class Searcher:
     def _check_k(self, k: int, *, extra: int = 0) -> None:
         if k < 1:
             raise QueryError(f"-k must be at least 1, got {k}.")
-        check_rerank(self.config.rerank, k)
+        check_rerank(self.rerank_depth, k)
         if self.n_indexed - extra < 1:
             raise QueryError(
                 f"'{self.fs.path}' has {self.n_indexed} searchable rows, too few to answer. "
@@ -501,6 +509,15 @@ def rerank_shortfall(record: IndexRecord, depth: int | None) -> str | None:
         f"{record.recall_k} when the index was tuned ({record.search_param}="
         f"{tuned['value']}; target {record.target_recall}): the codes rank some true "
         f"neighbours lower than that. {fix}"
+    )
+
+
+def rerank_ignored(depth: int, kind: str) -> str:
+    """Why ``--rerank depth`` does nothing on an index that already scores exactly."""
+    return (
+        f"--rerank {depth} is ignored: the index is exact ({kind}), so its scores already are "
+        "the exact ones. Drop --rerank, or use it with an approximate index (ivf, ivfsq, "
+        "ivfpq, hnsw)."
     )
 
 

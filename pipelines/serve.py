@@ -149,7 +149,7 @@ def create_app(
             "status": "damaged" if damage else "ok", **({"damage": damage} if damage else {}),
             "feature_set": searcher.fs.path, "index": searcher.index_name,
             "kind": searcher.index_kind, "metric": r.metric, "rows": searcher.n_indexed,
-            "on_disk": searcher.on_disk, "rerank": searcher.config.rerank,
+            "on_disk": searcher.on_disk, "rerank": searcher.rerank_depth,
             "dim": searcher.fs.dim, "recall": searcher.expected_recall,
             "search_param": r.search_param, "search_value": searcher.search_value,
             "coarse_graph": searcher.coarse_graph,

@@ -178,3 +178,24 @@ def test_a_depth_short_of_the_target_names_the_depth_that_reached_it(capped: Pat
     with serve_in_thread(create_app(searcher, load_model=False, health_ttl=0)) as url:
         answer = httpx.post(f"{url}/query/vector", json={"vectors": [[0.1] * 16], "k": 5})
     assert answer.status_code == 200 and answer.json()["note"] == searcher.note
+
+
+@pytest.mark.parametrize("index", ["flat", None])  # a flat index; no index (exact search)
+def test_rerank_on_an_exact_index_is_ignored_with_a_note(tmp_path: Path, index: str | None) -> None:
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((300, 16)).astype(np.float32)
+    store = tmp_path / "s"
+    write_feature_sets(store, {"train": (x, rng.integers(0, 3, 300))})
+    if index:
+        build_index(cfg(store, kind=index, name=index))
+    cache = tmp_path / "cache"
+    config = QueryConfig(str(store), "toy", "model", index=index, rerank=5, index_cache=str(cache))
+    searcher = Searcher.open(config)  # --rerank 5 < k=10 is no error either: it does nothing
+    assert searcher.reranker is None and searcher.rerank_depth is None
+    assert "--rerank 5 is ignored: the index is exact" in (searcher.note or "")
+    plain = Searcher.open(QueryConfig(str(store), "toy", "model", index=index))
+    q = queries(store, n=20)
+    assert np.array_equal(searcher.search(q, 10).rows, plain.search(q, 10).rows)
+    assert not cache.exists() or not any(cache.rglob("*"))  # no float16 copy of the set written
+    with serve_in_thread(create_app(searcher, load_model=False, health_ttl=0)) as url:
+        assert httpx.get(f"{url}/health", timeout=30).json()["rerank"] is None
