@@ -11,7 +11,6 @@ fits ``--max-memory`` whole) an IVF index is built in parts, in this process or 
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -39,8 +38,6 @@ from bob_cache.stores.index_store import (
     index_writer,
     prune_versions,
 )
-
-logger = logging.getLogger(__name__)
 
 TRAIN_ROWS_PER_LIST = 64
 MAX_TRAIN_ROWS = 300_000
@@ -170,8 +167,6 @@ def _build(config: IndexConfig, fs: FeatureSet) -> IndexSummary:
         n_train = training_rows(choice.params)
         x, _ = sample_rows(fs, shards, n_train, config.metric, seed=config.seed)
         notes = faiss_ops.train(index, x)
-        for note in notes:
-            logger.warning("%s", note)
     added, tuning = _add_and_tune(index, fs, shards, shards, choice.kind, config)
     record = IndexRecord(
         name=name, kind=choice.kind.name, metric=config.metric, params=choice.params,

@@ -207,8 +207,6 @@ def _ensure_trained(
     x, _ = sample_rows(fs, shards, n_train, config.metric, seed=config.seed)
     notes = faiss_ops.train(index, x)
     del x
-    for note in notes:
-        logger.warning("%s", note)
     index_parts.write_blob(
         fs, group, index_parts.TRAINED, lambda sink: faiss_ops.write_index(index, sink),
         commit={"rows": n_train}, step="index-trained",

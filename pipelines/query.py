@@ -139,9 +139,9 @@ class Searcher:
         self.fs, self.record, self.index, self.config = fs, record, index, config
         self.exact = exact
         self.pending_shards = [] if exact else check_index(fs, record)
-        self.search_value, self.expected_recall = self._search_setting(record, config)
         scores_exact = exact or get_kind(record.kind).exact
         self.rerank_depth = None if scores_exact else config.rerank  # None: no re-ranking
+        self.search_value, self.expected_recall = self._search_setting(record, self.rerank_depth)
         self._rerank_note = (
             rerank_ignored(config.rerank, EXACT_KIND if exact else record.kind)
             if scores_exact and config.rerank
@@ -164,11 +164,10 @@ class Searcher:
         self.reranker = open_reranker(fs, record, config) if self.rerank_depth else None
 
     @staticmethod
-    def _search_setting(record: IndexRecord, config: QueryConfig) -> tuple[int | None, float]:
+    def _search_setting(record: IndexRecord, depth: int | None) -> tuple[int | None, float]:
         """The search parameter's value and the recall@k it was measured to give: the one
-        tuned for ``--rerank``'s depth when the index has one (the top K candidates then
+        tuned for re-ranking ``depth`` when the index has one (the top K candidates then
         hold the target share of the true top k), else the k-level one."""
-        depth = None if get_kind(record.kind).exact else config.rerank
         tuned = faiss_ops.rerank_value(record.rerank, depth) if depth else None
         if tuned is None:
             return record.search_value, record.recall

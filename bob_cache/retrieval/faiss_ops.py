@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import weakref
 from collections.abc import Callable, Iterable
@@ -16,6 +17,8 @@ import numpy as np
 from bob_cache.extras import import_faiss
 from bob_cache.retrieval import coarse
 from bob_cache.retrieval.kinds import IndexKind
+
+logger = logging.getLogger(__name__)
 
 
 def prepare(vectors: np.ndarray, metric: str) -> np.ndarray:
@@ -50,8 +53,9 @@ ROWS_PER_CENTROID = 39
 
 def train(index: Any, x: np.ndarray) -> list[str]:
     """Train ``index`` on ``x``; a sample below FAISS's 39 rows per centroid (the IVF lists, the
-    256 codes of each PQ sub-quantizer) gives one note naming the figures, instead of the
-    warning FAISS prints to stderr once per k-means (64 times for 64-byte codes)."""
+    256 codes of each PQ sub-quantizer) gives one note naming the figures (logged, and
+    returned), instead of the warning FAISS prints to stderr once per k-means (64 times for
+    64-byte codes)."""
     faiss = import_faiss()
 
     wanted, what = 0, []
@@ -68,12 +72,14 @@ def train(index: Any, x: np.ndarray) -> list[str]:
     index.train(x)
     if len(x) >= wanted:
         return []
-    return [
+    note = (
         f"Trained on {len(x):,} rows; FAISS's k-means wants {wanted:,} for this index "
         f"({' and '.join(what)}, {ROWS_PER_CENTROID} rows each), so its codes are coarser "
         "than a larger set would give (the recall measured below says by how much). For a "
         "set this small, --kind auto, flat or hnsw needs no training."
-    ]
+    )
+    logger.warning("%s", note)
+    return [note]
 
 
 def gpu_available() -> bool:
